@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from moe_diff.model import MoEDiffTransformer
+from moe_diff.model import ModelOutput, MoEDiffTransformer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the attention scores held at once
 
@@ -49,14 +49,24 @@ def penalise_repeats(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Ten
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def compiled_decode_step(model: MoEDiffTransformer) -> Callable[..., ModelOutput]:
+    """The model compiled for one-token steps against its KV caches: static shapes, one graph (CUDA graphs
+    on GPU); it compiles again for each new batch size or cache length."""
+    mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else None
+    return torch.compile(model, dynamic=False, fullgraph=True, mode=mode)
+
+
 class Decoder:
     """Next-token logits for a growing batch of sequences, with or without KV caches."""
 
-    def __init__(self, model: MoEDiffTransformer, pad: torch.Tensor, use_cache: bool):
-        self.model, self.pad, self.use_cache = model, pad, use_cache
+    def __init__(self, model: MoEDiffTransformer, pad: torch.Tensor, use_cache: bool, max_length: int,
+                 step: Callable[..., ModelOutput] | None = None,
+                 on_forward: Callable[[ModelOutput], None] | None = None):
+        self.model, self.pad, self.use_cache, self.on_forward = model, pad, use_cache, on_forward
+        self.step = model if step is None else step  # runs the one-token steps against the caches
         self.padded = bool((pad > 0).any())
         if use_cache:
-            model.setup_caches(len(pad), key_start=pad)
+            model.setup_caches(len(pad), key_start=pad, max_length=max_length)
 
     def _inputs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions counted from each row's first real token; without a cache, pads form document 0."""
@@ -71,11 +81,20 @@ class Decoder:
         if not self.use_cache:
             start = max(0, length - self.model.cfg.max_seq_len)  # the longest context one forward takes
             positions, documents = self._inputs(start, length)
-            return self.model(tokens[:, start:], positions, documents).logits[:, -1]
+            return self._seen(self.model(tokens[:, start:], positions, documents))
+        if n_new == 1:  # fresh dense strides, so a compiled step sees the same input layout every time
+            return self._seen(self.step(tokens[:, -1:].clone(memory_format=torch.contiguous_format),
+                                        self._inputs(length - 1, length)[0]))
         for start in range(length - n_new, length, PREFILL_CHUNK):
             stop = min(start + PREFILL_CHUNK, length)
-            logits = self.model(tokens[:, start:stop], self._inputs(start, stop)[0]).logits[:, -1]
+            logits = self._seen(self.model(tokens[:, start:stop], self._inputs(start, stop)[0]))
         return logits
+
+    def _seen(self, out: ModelOutput) -> torch.Tensor:
+        """The last position's logits [B, V], after showing the whole output to `on_forward`."""
+        if self.on_forward is not None:
+            self.on_forward(out)
+        return out.logits[:, -1]
 
     def close(self) -> None:
         if self.use_cache:
@@ -86,19 +105,28 @@ class Decoder:
 def stream(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.Tensor], max_new_tokens: int,
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (), seed: int | None = None,
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield each step's new tokens [B] as they are produced (see `generate` for the arguments)."""
+           use_cache: bool = True, compile: bool = False,
+           on_forward: Callable[[ModelOutput], None] | None = None) -> Iterator[torch.Tensor]:
+    """Yield each step's new tokens [B] as they are produced (see `generate` for the arguments).
+
+    on_forward, if given, sees every forward's ModelOutput (prefill chunks, then one per step), e.g. to
+    record which experts each step chose.
+    """
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
         raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
                          f"{temperature}, top_k={top_k}, top_p={top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the one-token step against the KV cache; it needs use_cache=True")
     tokens, pad = left_pad(prompts)
     generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
     real = torch.arange(tokens.shape[1], device=tokens.device)[None] >= pad[:, None]
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
     finished = torch.zeros(len(pad), dtype=torch.bool, device=tokens.device)
-    decoder, n_new = Decoder(model, pad, use_cache), tokens.shape[1]
+    compiled_step = compiled_decode_step(model) if compile else None
+    decoder = Decoder(model, pad, use_cache, tokens.shape[1] + max_new_tokens, compiled_step, on_forward)
+    n_new = tokens.shape[1]
     was_training = model.training
     model.eval()
     try:
@@ -122,7 +150,7 @@ def stream(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.Ten
 def generate(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.Tensor], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              use_cache: bool = True, repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
-             seed: int | None = None) -> torch.Tensor:
+             seed: int | None = None, compile: bool = False) -> torch.Tensor:
     """The prompts followed by up to `max_new_tokens` new tokens: [B, T + new].
 
     prompts: a [B, T] tensor, or a list of 1-D tensors of different lengths (left-padded with 0;
@@ -131,9 +159,12 @@ def generate(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.T
     repeatable. Generation stops early once every row has produced one of `stop_tokens`; a
     finished row repeats its stop token. With a sliding window the KV cache is a rolling buffer
     of `sliding_window` positions, so memory stays flat however long the generation; without
-    one it holds max_seq_len positions. use_cache=False recomputes the whole context each step.
+    one it holds the prompt and the new tokens (at most max_seq_len positions). use_cache=False
+    recomputes the whole context each step.
+    compile=True runs the decode steps through torch.compile (static shapes; the first call per batch
+    size and length compiles, later ones reuse it).
     """
     tokens, _ = left_pad(prompts)
     new = list(stream(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens,
-                      seed, use_cache))
+                      seed, use_cache, compile))
     return torch.cat([tokens, torch.stack(new, 1)], 1) if new else tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 from moe_diff.config import ModelConfig
 from moe_diff.kernels import attention_op, moe_experts_op
 from moe_diff.kernels.diff_attention import causal_window_mask
+from moe_diff.kernels.moe_experts import moe_experts_gathered
 from moe_diff.kernels.precision import compute_dtype
 
 
@@ -52,7 +54,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Keys and values of past tokens, for generation: a rolling buffer of `window` slots (of
     max_seq_len slots without a window), written in place; each slot remembers which sequence
-    index it holds. k1/k2 and the 2d-wide values of diff attention are stored once per kv group."""
+    index it holds. k1/k2 and the 2d-wide values of diff attention are stored once per kv group.
+    A one-token step has static shapes (it attends over the whole buffer), so it compiles once."""
 
     def __init__(self, batch: int, capacity: int, n_kv_heads: int, head_dim: int, window: int | None,
                  key_start: torch.Tensor, dtype: torch.dtype, device: torch.device):
@@ -62,23 +65,40 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
         self.register_buffer("slot_index", torch.full((capacity,), -1, device=device), persistent=False)
         self.register_buffer("key_start", key_start.to(device), persistent=False)  # [B] first real (unpadded) index
-        self.window, self.length = window, 0
+        self.register_buffer("length", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.window = window
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Past and new keys and values [B, S + T, ...] with the mask [B, T, S + T]; then store the new ones."""
-        capacity, n_new = self.k.shape[1], k.shape[1]
-        filled = min(self.length, capacity)  # slots are written in order, so the first `filled` are in use
-        new_index = torch.arange(self.length, self.length + n_new, device=k.device)
+        """Past and new keys and values [B, S, ...] with the mask [B, T, S]; the new ones are stored."""
+        return self._step(k, v) if k.shape[1] == 1 else self._chunk(k, v)
+
+    def _mask(self, new_index: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+        """[B, T, S]: causal and window rule, padding hidden; a padding query sees itself (no empty softmax row)."""
+        visible = causal_window_mask(new_index, key_index, self.window) & (key_index >= 0)
+        return (visible[None] & (key_index >= self.key_start[:, None, None])) | (key_index == new_index[:, None])[None]
+
+    def _step(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write one token, then attend over the whole buffer: the slot it overwrites left the window."""
+        new_index = self.length.clone()[None]  # not a view: the counter moves on below
+        slot = new_index % self.k.shape[1]
+        self.k.index_copy_(1, slot, k)
+        self.v.index_copy_(1, slot, v)
+        self.slot_index.index_copy_(0, slot, new_index)
+        self.length.add_(1)
+        return self.k, self.v, self._mask(new_index, self.slot_index)
+
+    def _chunk(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attend over the cached and the new keys, then store the new ones (the chunk may exceed the buffer)."""
+        capacity, n_new, length = self.k.shape[1], k.shape[1], int(self.length)
+        filled = min(length, capacity)  # slots are written in order, so the first `filled` are in use
+        new_index = torch.arange(length, length + n_new, device=k.device)
         key_index = torch.cat([self.slot_index[:filled], new_index])
-        visible = causal_window_mask(new_index, key_index, self.window)  # [T, S + T]
-        # padding is hidden from every query; a padding query sees itself, so no softmax row is empty
-        mask = (visible[None] & (key_index >= self.key_start[:, None, None])) | (key_index == new_index[:, None])[None]
         keys, values = torch.cat([self.k[:, :filled], k], 1), torch.cat([self.v[:, :filled], v], 1)
         kept = slice(max(0, n_new - capacity), n_new)  # a chunk longer than the buffer keeps its tail
         slots = new_index[kept] % capacity
         self.k[:, slots], self.v[:, slots], self.slot_index[slots] = k[:, kept], v[:, kept], new_index[kept]
-        self.length += n_new
-        return keys, values, mask
+        self.length.add_(n_new)
+        return keys, values, self._mask(new_index, key_index)
 
 
 class Attention(nn.Module):
@@ -190,7 +210,10 @@ class Experts(nn.Module):
         self.compute = moe_experts_op(cfg.moe_backend)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.compute(x, expert_ids, weights, self.w1, self.w2, self.w3)
+        # a compiled decode step (no more (token, slot) pairs than experts) reads just the chosen experts
+        few = torch.compiler.is_compiling() and expert_ids.numel() <= self.w1.shape[0]
+        compute = moe_experts_gathered if few else self.compute
+        return compute(x, expert_ids, weights, self.w1, self.w2, self.w3)
 
 
 @dataclass
@@ -221,20 +244,27 @@ def router_losses(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     return load_balance, z_loss
 
 
+class Router(nn.Linear):
+    """Expert scores [N, E], computed in float32 (or wider) whatever the activation dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x.dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype))
+
+
 class MoE(nn.Module):
     """Router (softmax over all experts, top-k, renormalised) and sparse experts."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k = cfg.top_k
-        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.gate = Router(cfg.dim, cfg.n_experts, bias=False)
         self.experts = Experts(cfg)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        dtype = compute_dtype(x.dtype)
-        routing = route(F.linear(flat.to(dtype), self.gate.weight.to(dtype)), self.top_k)  # [N, E]
+        routing = route(self.gate(flat), self.top_k)
         out = self.experts(flat, routing.expert_ids, routing.weights)
         return out.view(B, T, D), routing
 
@@ -254,13 +284,38 @@ class Block(nn.Module):
         return h + moe_out, routing
 
 
-@dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
-    aux_loss: torch.Tensor  # sum over layers of the weighted router losses
-    router_logits: list[torch.Tensor]  # per layer [N, E]
-    load_balance_loss: torch.Tensor  # unweighted, summed over layers
-    z_loss: torch.Tensor  # unweighted, summed over layers
+    """Logits, and the router losses computed from the layers' routings when first read (never at decode)."""
+
+    def __init__(self, logits: torch.Tensor, routings: list[Routing], cfg: ModelConfig):
+        self.logits = logits  # [B, T, V]
+        self.routings = routings
+        self._cfg = cfg
+
+    @property
+    def router_logits(self) -> list[torch.Tensor]:
+        """Per layer [N, E] in the compute dtype."""
+        return [routing.logits for routing in self.routings]
+
+    @cached_property
+    def _losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        per_layer = [router_losses(routing) for routing in self.routings]
+        return sum(lb for lb, _ in per_layer), sum(z for _, z in per_layer)
+
+    @property
+    def load_balance_loss(self) -> torch.Tensor:
+        """Unweighted, summed over layers."""
+        return self._losses[0]
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """Unweighted, summed over layers."""
+        return self._losses[1]
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum over layers of the weighted router losses."""
+        return self._cfg.router_aux_loss_coef * self.load_balance_loss + self._cfg.router_z_loss_coef * self.z_loss
 
 
 class MoEDiffTransformer(nn.Module):
@@ -291,10 +346,12 @@ class MoEDiffTransformer(nn.Module):
             else:
                 nn.init.normal_(param, mean=0.0, std=0.02)
 
-    def setup_caches(self, batch_size: int, key_start: torch.Tensor | None = None) -> None:
-        """Allocate each layer's KV cache; key_start [B] hides a left-padded row's first key_start tokens."""
+    def setup_caches(self, batch_size: int, key_start: torch.Tensor | None = None,
+                     max_length: int | None = None) -> None:
+        """Allocate each layer's KV cache: min(sliding_window, max_length) slots, or max_length without a
+        window (default max_seq_len); key_start [B] hides a left-padded row's first key_start tokens."""
         cfg, weight = self.cfg, self.tok_embeddings.weight
-        capacity = cfg.sliding_window or cfg.max_seq_len
+        capacity = min(cfg.sliding_window or cfg.max_seq_len, max_length or cfg.max_seq_len)
         key_start = torch.zeros(batch_size, dtype=torch.long) if key_start is None else key_start
         for block in self.layers:
             block.attention.kv_cache = KVCache(batch_size, capacity, cfg.n_kv_heads, cfg.resolved_head_dim,
@@ -312,16 +369,11 @@ class MoEDiffTransformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta,
                                 self.tok_embeddings.weight.dtype)
         h = self.tok_embeddings(tokens)
-        router_logits, load_balance, z_loss = [], 0.0, 0.0
+        routings = []
         for layer in self.layers:
             h, routing = layer(h, cos, sin, document_ids)
-            layer_load_balance, layer_z_loss = router_losses(routing)
-            router_logits.append(routing.logits)
-            load_balance = load_balance + layer_load_balance
-            z_loss = z_loss + layer_z_loss
-        aux_loss = self.cfg.router_aux_loss_coef * load_balance + self.cfg.router_z_loss_coef * z_loss
-        logits = self.output(self.norm(h))
-        return ModelOutput(logits, aux_loss, router_logits, load_balance, z_loss)
+            routings.append(routing)
+        return ModelOutput(self.output(self.norm(h)), routings, self.cfg)
 
     def _check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor | None,
                       document_ids: torch.Tensor | None) -> torch.Tensor:

@@ -58,13 +58,23 @@ def test_chunked_prefill_of_a_prompt_longer_than_window_and_chunk(monkeypatch: p
     assert torch.equal(generate(model, tokens, 8), generate(model, tokens, 8, use_cache=False))
 
 
+def test_compiled_decode_steps_generate_the_same_tokens() -> None:
+    """Static-shape steps over the whole rolling buffer, the experts gathered: one graph, same greedy tokens."""
+    model = decisive_model("diff", window=4).float()
+    prompts = [prompt(2, seed=2), prompt(6, seed=6)]
+    outputs = []
+    compiled = torch.stack(list(stream(model, prompts, 9, compile=True, on_forward=outputs.append)), 1)
+    assert torch.equal(compiled, generate(model, prompts, 9)[:, -9:])
+    assert len(outputs) == 9 and all(out.logits.shape == (2, 1, 50) for out in outputs[1:])  # prefill, then steps
+
+
 def test_rolling_cache_memory_is_flat_in_generated_length() -> None:
     model = decisive_model("diff_v2", window=4, max_seq_len=16)
     sizes = []
     original = model.setup_caches
 
-    def record(batch_size, key_start=None):
-        original(batch_size, key_start)
+    def record(batch_size, key_start=None, max_length=None):
+        original(batch_size, key_start, max_length)
         sizes.append([block.attention.kv_cache.k.shape for block in model.layers])
 
     model.setup_caches = record

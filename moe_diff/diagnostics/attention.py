@@ -33,11 +33,11 @@ def layer_maps(module: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch
     if isinstance(module, DiffAttention):
         B, T, _, d = q.shape
         q, k = q.view(B, T, -1, 2, d), k.view(B, T, -1, 2, d)
-        first = attention_probs(q[..., 0, :], k[..., 0, :], module.window, document_ids)
-        second = attention_probs(q[..., 1, :], k[..., 1, :], module.window, document_ids)
+        first = attention_probs(q[..., 0, :], k[..., 0, :], module.window, document_ids).flatten(1, 2)
+        second = attention_probs(q[..., 1, :], k[..., 1, :], module.window, document_ids).flatten(1, 2)
         lam = module.lambda_value()
         return LayerMaps(first - lam * second, first, second, lam)
-    probs = attention_probs(q, k, module.window, document_ids)
+    probs = attention_probs(q, k, module.window, document_ids).flatten(1, 2)  # [B, Hq, T, T]
     if isinstance(module, DiffV2Attention):
         lam = module.lambda_value(x)  # [B, T, H]
         first, second = probs[:, 0::2], probs[:, 1::2]

@@ -33,15 +33,16 @@ def attention_mask(n_tokens: int, window: int | None, device: torch.device,
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, window: int | None,
                     document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) with GQA, in the compute dtype: [B, Hq, Tq, Tk]."""
-    # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]
+    """softmax(q k^T / sqrt(d) + mask) with GQA, in the compute dtype: [B, Hk, Hq/Hk, Tq, Tk]."""
+    # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]; query head j = h * (Hq/Hk) + i reads kv head h (no copies of k)
     dtype = compute_dtype(q.dtype)
-    k = k.to(dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k) * q.shape[-1] ** -0.5
+    batch, n_queries, n_query_heads, head_dim = q.shape
+    q = q.to(dtype).view(batch, n_queries, k.shape[2], n_query_heads // k.shape[2], head_dim)
+    scores = torch.einsum("bqhid,bkhd->bhiqk", q, k.to(dtype)) * head_dim ** -0.5
     if mask is None:
-        mask = attention_mask(q.shape[1], window, q.device, document_ids)
+        mask = attention_mask(n_queries, window, q.device, document_ids)
     if mask.dim() == 3:
-        mask = mask[:, None]  # [B, 1, T, T], shared by the heads
+        mask = mask[:, None, None]  # [B, 1, 1, Tq, Tk], shared by the heads
     return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 
@@ -50,8 +51,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
     """softmax(q k^T / sqrt(d) + mask) v with GQA, in the compute dtype (not cast back)."""
     # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
     probs = attention_probs(q, k, window, document_ids, mask)
-    v = v.to(probs.dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return torch.einsum("bhiqk,bkhd->bqhid", probs, v.to(probs.dtype)).flatten(2, 3)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,

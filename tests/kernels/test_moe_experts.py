@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_diff.kernels.moe_experts import moe_experts_grouped_mm, moe_experts_reference
+from moe_diff.kernels.moe_experts import moe_experts_gathered, moe_experts_grouped_mm, moe_experts_reference
 
 
 def test_weighted_sum_of_chosen_experts_including_idle_ones() -> None:
@@ -24,6 +24,18 @@ def test_weighted_sum_of_chosen_experts_including_idle_ones() -> None:
     w1.requires_grad_()
     moe_experts_reference(x, ids, weights, w1, w2, w3).sum().backward()
     assert torch.all(w1.grad[3] == 0) and w1.grad[:3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_gathered_experts_for_decode_equal_the_reference(n: int) -> None:
+    torch.manual_seed(n)
+    dim, ffn, experts = 6, 10, 4
+    x = torch.randn(n, dim, dtype=torch.float64)
+    w1, w3 = (torch.randn(experts, ffn, dim, dtype=torch.float64) for _ in range(2))
+    w2 = torch.randn(experts, dim, ffn, dtype=torch.float64)
+    ids, weights = torch.stack([torch.randperm(experts)[:2] for _ in range(n)]), torch.rand(n, 2, dtype=torch.float64)
+    torch.testing.assert_close(moe_experts_gathered(x, ids, weights, w1, w2, w3),
+                               moe_experts_reference(x, ids, weights, w1, w2, w3), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
