@@ -9,16 +9,20 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from moe_diff import checkpoint, costs, interop, train_checkpoint
+from moe_diff import bench, checkpoint, costs, interop, train_checkpoint
+from moe_diff.bench import report as bench_report
+from moe_diff.bench.routing import ROUTING_MODES
 from moe_diff.config import ATTENTION_MODES, ConfigError, DataConfig, ModelConfig, load_config
 from moe_diff.data import load_tokenizer, tokenize_corpus
 from moe_diff.diagnostics import diagnose
 from moe_diff.diagnostics.collect import trace_sequences
 from moe_diff.diagnostics.trace import save_trace
 from moe_diff.generation import stream
+from moe_diff.model import MoEDiffTransformer
 from moe_diff.plots import plot_metrics
 from moe_diff.smoke import forward_check
 from moe_diff.train import TrainingError, train
@@ -178,6 +182,41 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_model(args: argparse.Namespace) -> MoEDiffTransformer:
+    """Random weights at a config's shapes (seeded), or a checkpoint's weights."""
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    source = Path(args.source)
+    if source.suffix in (".yaml", ".yml"):
+        cfg = load_config(source, args.overrides).model
+        torch.manual_seed(args.seed)
+        return MoEDiffTransformer(cfg).to(device=device, dtype=dtype)
+    if args.overrides:
+        raise ValueError("dotlist overrides apply to a YAML config, not to a checkpoint")
+    return checkpoint.load(train_checkpoint.resolve(source)[0], dtype=dtype).to(device)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    model = _bench_model(args)
+    systems = args.systems or [s for s in bench.SYSTEMS if s != "transformers" or model.cfg.attention == "standard"]
+    settings = bench.BenchSettings(args.batch, args.prompt, args.new_tokens, args.routing, args.compile, systems,
+                                   args.seed)
+    settings.check(model)
+    runs = len(systems) * len(args.batch) * len(args.prompt)
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[label]}"), console=console) as progress:
+        task = progress.add_task("bench", total=runs, label="copy bandwidth")
+        done = []
+
+        def advance(label: str) -> None:
+            progress.update(task, completed=len(done), label=label)
+            done.append(label)
+
+        results = bench.run_bench(model, settings, advance)
+        progress.update(task, completed=runs, label="done")
+    console.out(bench_report.markdown(results), highlight=False)
+    console.print("wrote " + ", ".join(str(path) for path in bench_report.write(results, Path(args.out))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-diff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--seq-len", type=int, default=256, help="sequence length of the routed windows")
     diag.set_defaults(run=run_diagnose)
 
+    bench_cmd = commands.add_parser("bench", help="time prefill and decode beside transformers' Mixtral and a dense "
+                                    "model of the same active size")
+    bench_cmd.add_argument("source", help="a YAML config (random weights at its shapes) or a checkpoint/run directory")
+    bench_cmd.add_argument("overrides", nargs="*", help="dotlist overrides for a config, e.g. model.n_layers=2")
+    bench_cmd.add_argument("--out", required=True, help="output path without suffix: writes .json, .md and .png")
+    bench_cmd.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes")
+    bench_cmd.add_argument("--prompt", type=int, nargs="+", default=[32, 512], help="prompt lengths in tokens")
+    bench_cmd.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
+    bench_cmd.add_argument("--routing", choices=ROUTING_MODES, default="own",
+                           help="the model's own routing, or forced uniform or Zipf-skewed expert choices")
+    bench_cmd.add_argument("--systems", nargs="+", choices=bench.SYSTEMS, default=None,
+                           help="what to time (default: all that apply; transformers needs standard attention)")
+    bench_cmd.add_argument("--compile", action="store_true", help="compile this project's decode steps")
+    bench_cmd.add_argument("--dtype", choices=DTYPES, default="float32")
+    bench_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench_cmd.add_argument("--seed", type=int, default=0, help="seeds the random weights and prompts")
+    bench_cmd.set_defaults(run=run_bench)
+
     convert = commands.add_parser("convert", help="Mixtral directory <-> moe-diff checkpoint")
     convert.add_argument("src", help="a Hugging Face Mixtral directory or a moe-diff checkpoint")
     convert.add_argument("dst", help="new directory to write (the other format)")
@@ -248,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("seq_len", "tokens", "max_new_tokens"):
+    for flag in ("seq_len", "tokens", "max_new_tokens", "new_tokens"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             errors.print(f"[red]error:[/] --{flag.replace('_', '-')} must be a positive integer")
             return 2

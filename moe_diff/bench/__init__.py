@@ -1,0 +1,150 @@
+"""`moe-diff bench`: prefill and decode of this project's model timed apart, beside transformers' Mixtral on
+the same weights and a dense model with the same active parameters, at several batch sizes and prompt lengths."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_diff.bench.measure import decode_step_bytes, memory_bandwidth, peak_memory, percentile, reset_peak_memory
+from moe_diff.bench.routing import ROUTING_MODES, ZIPF_EXPONENT
+from moe_diff.bench.systems import Timing, build_systems
+from moe_diff.config import ModelConfig
+from moe_diff.model import MoEDiffTransformer
+
+SYSTEMS = ("moe-diff", "transformers", "dense")
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    prompt_lengths: list[int] = field(default_factory=lambda: [32, 512])
+    new_tokens: int = 64  # per generation; the first is the prefill's, the others give the inter-token gaps
+    routing: str = "own"  # see moe_diff.bench.routing
+    compile: bool = False  # compile this project's decode steps (compile time is reported apart)
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    seed: int = 0
+
+    def check(self, model: MoEDiffTransformer) -> None:
+        """Clear errors naming the setting and what it allows."""
+        cfg = model.cfg
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise ValueError(f"prompt lengths must be positive integers, got {self.prompt_lengths}")
+        if self.new_tokens < 2:
+            raise ValueError(f"new_tokens must be >= 2 (inter-token latency needs two tokens), got {self.new_tokens}")
+        if max(self.prompt_lengths) + self.new_tokens > cfg.max_seq_len:
+            raise ValueError(f"prompt length {max(self.prompt_lengths)} + new_tokens {self.new_tokens} exceeds the "
+                             f"model's max_seq_len {cfg.max_seq_len}")
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
+        unknown = [name for name in self.systems if name not in SYSTEMS]
+        if unknown or not self.systems:
+            raise ValueError(f"systems must be some of {', '.join(SYSTEMS)}, got {self.systems}")
+        if "transformers" in self.systems and cfg.attention != "standard":
+            raise ValueError(f"the transformers comparison runs Mixtral, which has standard attention; this model "
+                             f"has attention={cfg.attention!r} (leave 'transformers' out of the systems)")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device, library versions and the source commit, stored beside the numbers."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                    platform.processor() or "cpu")
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip() or None
+    return {"device": device.type, "device_name": name, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "versions": versions, "commit": commit}
+
+
+def summarise(system: str, cfg: ModelConfig, element_size: int, batch: int, prompt_length: int, warmup_s: float,
+              timing: Timing, peak_bandwidth: float, peak_bytes: int | None) -> dict[str, Any]:
+    """One run's row: latencies, tokens/s, memory, and the bytes each decode step must read as a share of the
+    measured peak bandwidth (step s feeds position prompt_length + s, which sees min(that + 1, window) keys)."""
+    window = cfg.sliding_window or cfg.max_seq_len
+    step_bytes = [decode_step_bytes(cfg, batch, min(prompt_length + step + 1, window), experts, element_size)
+                  for step, experts in enumerate(timing.experts_read)]
+    mean_itl = sum(timing.itls) / len(timing.itls)
+    bytes_per_step = sum(step_bytes) / len(step_bytes)
+    return {
+        "system": system, "batch": batch, "prompt_length": prompt_length, "new_tokens": len(timing.itls) + 1,
+        "warmup_s": warmup_s, "ttft_s": timing.ttft, "prefill_tokens_per_s": batch * prompt_length / timing.ttft,
+        "itl_p50_s": percentile(timing.itls, 50), "itl_p90_s": percentile(timing.itls, 90),
+        "itl_p99_s": percentile(timing.itls, 99), "itl_mean_s": mean_itl, "decode_tokens_per_s": batch / mean_itl,
+        "experts_read_per_step": sum(timing.experts_read) / len(timing.experts_read),
+        "bytes_per_step": bytes_per_step, "bandwidth_bytes_per_s": bytes_per_step / mean_itl,
+        "bandwidth_share": bytes_per_step / mean_itl / peak_bandwidth, "peak_memory_bytes": peak_bytes,
+    }
+
+
+def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
+              advance: Callable[[str], None] = lambda label: None) -> dict[str, Any]:
+    """Time every system at every (prompt length, batch size): one warm-up generation (which compiles, when
+    asked), then one timed generation of `new_tokens` tokens; `advance` is called before each run."""
+    settings.check(model)
+    device, element_size = model.tok_embeddings.weight.device, model.tok_embeddings.weight.element_size()
+    bandwidth = memory_bandwidth(device)
+    results: dict[str, Any] = {
+        "environment": environment(device), "settings": asdict(settings), "model": asdict(model.cfg),
+        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+        "routing": settings.routing, "zipf_exponent": ZIPF_EXPONENT if settings.routing == "zipf" else None,
+        "bandwidth_bytes_per_s": bandwidth, "peak_memory_kind": "cuda_allocated" if device.type == "cuda"
+        else "process_peak_rss", "runs": [],
+    }
+    generator = torch.Generator().manual_seed(settings.seed)
+    systems = build_systems(model, settings.systems, settings.routing, settings.compile)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=256, cache_size_limit=256):
+            for system in systems:
+                for prompt_length in settings.prompt_lengths:
+                    for batch in settings.batch_sizes:
+                        advance(f"{system.name} batch {batch} prompt {prompt_length}")
+                        prompts = torch.randint(1, model.cfg.vocab_size, (batch, prompt_length),
+                                                generator=generator).to(device)
+                        warmup = system.run(prompts, settings.new_tokens)
+                        reset_peak_memory(device)
+                        timing = system.run(prompts, settings.new_tokens)
+                        results["runs"].append(summarise(
+                            system.name, system.cfg, element_size, batch, prompt_length,
+                            warmup.ttft + sum(warmup.itls), timing, bandwidth["peak"], peak_memory(device)))
+    finally:
+        for system in systems:
+            system.close()
+    results["speedups"] = speedups(results["runs"])
+    return results
+
+
+def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """moe-diff's decode and prefill tokens/s over each other system's, per batch size and prompt length."""
+    by_key = {(r["system"], r["batch"], r["prompt_length"]): r for r in runs}
+    rows = []
+    for (system, batch, prompt_length), ours in by_key.items():
+        if system != "moe-diff":
+            continue
+        for other in SYSTEMS[1:]:
+            theirs = by_key.get((other, batch, prompt_length))
+            if theirs:
+                rows.append({"versus": other, "batch": batch, "prompt_length": prompt_length,
+                             "decode": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
+                             "prefill": ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]})
+    return rows
