@@ -17,7 +17,7 @@ from torch import nn
 from moe_diff.config import ModelConfig
 from moe_diff.kernels import attention_op, moe_experts_op
 from moe_diff.kernels.diff_attention import causal_window_mask
-from moe_diff.kernels.moe_experts import moe_experts_gathered
+from moe_diff.kernels.moe_experts import moe_experts_gathered, moe_experts_loop_op
 from moe_diff.kernels.precision import compute_dtype
 
 
@@ -210,9 +210,10 @@ class Experts(nn.Module):
         self.compute = moe_experts_op(cfg.moe_backend)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # a compiled decode step (no more (token, slot) pairs than experts) reads just the chosen experts
-        few = torch.compiler.is_compiling() and expert_ids.numel() <= self.w1.shape[0]
-        compute = moe_experts_gathered if few else self.compute
+        compute = self.compute
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # compiled decode, static shapes: a few tokens gather their experts' weights, more loop in one op
+            compute = moe_experts_gathered if expert_ids.numel() <= self.w1.shape[0] else moe_experts_loop_op
         return compute(x, expert_ids, weights, self.w1, self.w2, self.w3)
 
 

@@ -58,14 +58,16 @@ def test_chunked_prefill_of_a_prompt_longer_than_window_and_chunk(monkeypatch: p
     assert torch.equal(generate(model, tokens, 8), generate(model, tokens, 8, use_cache=False))
 
 
-def test_compiled_decode_steps_generate_the_same_tokens() -> None:
-    """Static-shape steps over the whole rolling buffer, the experts gathered: one graph, same greedy tokens."""
+@pytest.mark.parametrize("rows", [2, 3])
+def test_compiled_decode_steps_generate_the_same_tokens(rows: int) -> None:
+    """Static-shape steps over the whole rolling buffer: one graph, same greedy tokens. Two rows gather their
+    experts' weights (4 (token, slot) pairs for 4 experts); three call the expert loop as one operator."""
     model = decisive_model("diff", window=4).float()
-    prompts = [prompt(2, seed=2), prompt(6, seed=6)]
+    prompts = [prompt(2 + 4 * row, seed=row) for row in range(rows)]
     outputs = []
     compiled = torch.stack(list(stream(model, prompts, 9, compile=True, on_forward=outputs.append)), 1)
     assert torch.equal(compiled, generate(model, prompts, 9)[:, -9:])
-    assert len(outputs) == 9 and all(out.logits.shape == (2, 1, 50) for out in outputs[1:])  # prefill, then steps
+    assert len(outputs) == 9 and all(out.logits.shape == (rows, 1, 50) for out in outputs[1:])  # prefill, steps
 
 
 def test_rolling_cache_memory_is_flat_in_generated_length() -> None:

@@ -20,6 +20,19 @@ def moe_experts_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: to
     return out
 
 
+@torch.library.custom_op("moe_diff::experts_loop", mutates_args=())
+def moe_experts_loop_op(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                        w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """The reference as one opaque operator, so a compiled inference graph calls it whole (no autograd)."""
+    return moe_experts_reference(x, expert_ids, weights, w1, w2, w3)
+
+
+@moe_experts_loop_op.register_fake
+def _(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+      w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 def moe_experts_gathered(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                          w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """The same for a handful of tokens with static shapes (compiled decode, as gpt-fast does it): each
