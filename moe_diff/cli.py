@@ -168,7 +168,7 @@ def run_generate(args: argparse.Namespace) -> int:
     new_ids, shown = [], ""
     for step in stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_tokens=args.stop,
-                       seed=args.seed):
+                       seed=args.seed, compile=args.compile):
         new_ids.append(int(step[0]))
         text = tokenizer.decode(new_ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", type=int, nargs="*", default=[], help="token ids that end the generation")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the run's)")
+    gen.add_argument("--compile", action="store_true", help="compile the decode step (pays off for long outputs)")
     gen.add_argument("--trace", default=None, help="write the routing of prompt and continuation to this file")
     gen.set_defaults(run=run_generate)
 
