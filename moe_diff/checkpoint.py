@@ -43,6 +43,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.attention == "diff_v2":
             shapes[p + "attention.lambda_proj.weight"] = (cfg.n_heads, D)
         shapes[p + "ffn_norm.weight"] = (D,)
+        if cfg.expert_bias_rate:
+            shapes[p + "moe.expert_bias"] = (E,)
         shapes[p + "moe.gate.weight"] = (E, D)
         shapes[p + "moe.experts.w1"] = (E, Fd, D)
         shapes[p + "moe.experts.w2"] = (E, D, Fd)

@@ -42,6 +42,9 @@ class ModelConfig:
     moe_backend: str = "reference"
     router_aux_loss_coef: float = 0.02
     router_z_loss_coef: float = 0.001
+    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * top_k / E) of N
+    router_jitter: float = 0.0  # training only: router input times uniform(1 - j, 1 + j) (Switch Transformer)
+    expert_bias_rate: float = 0.0  # > 0: aux-loss-free balancing, a selection bias moved this much per step
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -179,6 +182,12 @@ def _validate_model(cfg: ModelConfig) -> None:
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
         if not _is_number(getattr(cfg, name)) or getattr(cfg, name) < 0:
             _fail(f"model.{name}", getattr(cfg, name), "a finite number >= 0")
+    if cfg.capacity_factor is not None and (not _is_number(cfg.capacity_factor) or cfg.capacity_factor <= 0):
+        _fail("model.capacity_factor", cfg.capacity_factor, "null (dropless) or a number > 0")
+    if not _is_number(cfg.router_jitter) or not 0 <= cfg.router_jitter < 1:
+        _fail("model.router_jitter", cfg.router_jitter, "a number in [0, 1)")
+    if not _is_number(cfg.expert_bias_rate) or cfg.expert_bias_rate < 0:
+        _fail("model.expert_bias_rate", cfg.expert_bias_rate, "a finite number >= 0 (0 turns the bias off)")
     if not isinstance(cfg.tie_embeddings, bool):
         _fail("model.tie_embeddings", cfg.tie_embeddings, "true or false")
     for name, allowed in (("attention", ATTENTION_MODES), ("attn_backend", ATTN_BACKENDS),

@@ -223,14 +223,39 @@ class Routing:
 
     logits: torch.Tensor  # [N, E], compute dtype
     probs: torch.Tensor  # [N, E], softmax over all experts
-    expert_ids: torch.Tensor  # [N, K], by decreasing probability
-    weights: torch.Tensor  # [N, K], renormalised over the chosen K
+    expert_ids: torch.Tensor  # [N, K], the chosen experts
+    weights: torch.Tensor  # [N, K], renormalised over the chosen K; 0 where capacity dropped the assignment
+    counts: torch.Tensor  # [E] assignments each expert computes (after drops)
+    dropped: torch.Tensor  # 0-dim: assignments dropped for capacity
 
 
-def route(logits: torch.Tensor, top_k: int) -> Routing:
+def within_capacity(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """[N, K] True where the assignment fits its expert's capacity: every token's first choice comes before
+    any second choice (GShard's order), and tokens in order within a choice."""
+    n_tokens, top_k = expert_ids.shape
+    slot_major = expert_ids.t().flatten()  # [K*N]
+    order = slot_major.argsort(stable=True)
+    counts = torch.bincount(slot_major, minlength=n_experts)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - starts[slot_major[order]]
+    return (rank < capacity).view(top_k, n_tokens).t()
+
+
+def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+          capacity_factor: float | None = None) -> Routing:
+    """Softmax over all experts, top-k (of probs + bias: the bias only selects), weights renormalised."""
     probs = logits.softmax(dim=-1)
-    top_probs, expert_ids = probs.topk(top_k, dim=-1)
-    return Routing(logits, probs, expert_ids, top_probs / top_probs.sum(-1, keepdim=True))
+    expert_ids = (probs if bias is None else probs + bias).topk(top_k, dim=-1).indices
+    chosen = probs.gather(-1, expert_ids)
+    weights = chosen / chosen.sum(-1, keepdim=True)
+    n_experts, kept = probs.shape[-1], None
+    if capacity_factor is not None:
+        kept = within_capacity(expert_ids, n_experts, math.ceil(capacity_factor * expert_ids.numel() / n_experts))
+        weights = weights * kept
+    counted = expert_ids.flatten() if kept is None else expert_ids[kept]
+    counts = torch.bincount(counted, minlength=n_experts)
+    return Routing(logits, probs, expert_ids, weights, counts, expert_ids.numel() - counts.sum())
 
 
 def router_losses(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +264,7 @@ def router_losses(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     ids = routing.expert_ids.flatten()
     counts = torch.zeros(n_experts, dtype=routing.probs.dtype, device=ids.device)
     counts.index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
-    fraction = counts / ids.numel()  # f_e: share of the N*K (token, slot) assignments
+    fraction = counts / ids.numel()  # f_e: share of the N*K (token, slot) choices
     load_balance = n_experts * (fraction * routing.probs.mean(0)).sum()
     z_loss = torch.logsumexp(routing.logits, dim=-1).square().mean()
     return load_balance, z_loss
@@ -258,16 +283,31 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.top_k = cfg.top_k
+        self.top_k, self.capacity_factor, self.jitter = cfg.top_k, cfg.capacity_factor, cfg.router_jitter
         self.gate = Router(cfg.dim, cfg.n_experts, bias=False)
         self.experts = Experts(cfg)
+        self.bias_rate = cfg.expert_bias_rate
+        if self.bias_rate:  # aux-loss-free balancing (DeepSeek-V3): a bias that only selects, moved by the load
+            self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        routing = route(self.gate(flat), self.top_k)
+        scores_input = flat
+        if self.training and self.jitter:
+            scores_input = flat * torch.empty_like(flat).uniform_(1 - self.jitter, 1 + self.jitter)
+        bias = self.expert_bias if self.bias_rate else None
+        routing = route(self.gate(scores_input), self.top_k, bias, self.capacity_factor)
         out = self.experts(flat, routing.expert_ids, routing.weights)
         return out.view(B, T, D), routing
+
+    @torch.no_grad()
+    def update_expert_bias(self, load: torch.Tensor) -> None:
+        """Raise the bias of experts whose load [E] (assignments since the last update) is below the mean,
+        lower the others'. Called once per optimizer step with the whole step's load, so it does not depend
+        on how the step was split into micro-batches."""
+        load = load.to(self.expert_bias.dtype)
+        self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
 
 
 class Block(nn.Module):
@@ -346,6 +386,13 @@ class MoEDiffTransformer(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
             else:
                 nn.init.normal_(param, mean=0.0, std=0.02)
+
+    def update_expert_biases(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing step for every layer, from the per-layer load [L, E] of one optimizer step
+        (the sum of `routing.counts` over its micro-batches); nothing when expert_bias_rate is 0."""
+        if self.cfg.expert_bias_rate:
+            for block, layer_load in zip(self.layers, load, strict=True):
+                block.moe.update_expert_bias(layer_load)
 
     def setup_caches(self, batch_size: int, key_start: torch.Tensor | None = None,
                      max_length: int | None = None) -> None:

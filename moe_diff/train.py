@@ -218,6 +218,7 @@ class Trainer:
         batch = make_batch(self.train_windows, self.sampler.next_indices()).to(self.device)
         micro_size = t.batch_size // t.grad_accum
         totals = torch.zeros(4, device=self.device)  # loss, aux, load balance, z
+        load = torch.zeros(self.cfg.model.n_layers, self.cfg.model.n_experts, device=self.device)
         probe = LambdaProbe(self.model)
         for i in range(t.grad_accum):
             micro = batch.slice(i * micro_size, (i + 1) * micro_size)
@@ -227,9 +228,13 @@ class Trainer:
             loss = cross_entropy(out.logits, micro.targets)
             ((loss + out.aux_loss) / t.grad_accum).backward()
             totals += torch.stack([loss, out.aux_loss, out.load_balance_loss, out.z_loss]).detach() / t.grad_accum
+            load += torch.stack([routing.counts for routing in out.routings])
         loss, aux, load_balance, z_loss = totals.tolist()
         record: dict[str, Any] = {"loss": loss, "aux_loss": aux, "load_balance_loss": load_balance,
                                   "z_loss": z_loss, "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.cfg.model.capacity_factor is not None:
+            assignments = batch.tokens.numel() * self.cfg.model.top_k * self.cfg.model.n_layers
+            record["dropped_fraction"] = 1 - load.sum().item() / assignments
         if not math.isfinite(loss + aux):
             self.optimizer.zero_grad(set_to_none=True)
             return record | {"skipped": True}
@@ -237,6 +242,7 @@ class Trainer:
         record["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_expert_biases(load)
         if details:
             record |= layer_summary(out.router_logits, self.cfg.model.top_k)
             if probe.values:

@@ -1,0 +1,126 @@
+"""Routing options: capacity with drops, router jitter, aux-loss-free expert bias, and the per-layer counts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import final_weights, small_config  # tests/ is on the path
+
+from moe_diff.config import ConfigError, ModelConfig
+from moe_diff.metrics import read_metrics
+from moe_diff.model import MoE, MoEDiffTransformer, route, within_capacity
+from moe_diff.train import train
+
+
+def moe_layer(**overrides) -> MoE:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=12, n_experts=4,
+                      top_k=2, **overrides)
+    layer = MoE(cfg).double()
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0, 0.5)
+    return layer
+
+
+def brute_force_kept(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """First choices of all tokens in order, then second choices: an expert takes assignments while it has room."""
+    kept, taken = torch.zeros_like(expert_ids, dtype=torch.bool), [0] * n_experts
+    for slot in range(expert_ids.shape[1]):
+        for token in range(expert_ids.shape[0]):
+            expert = int(expert_ids[token, slot])
+            if taken[expert] < capacity:
+                kept[token, slot], taken[expert] = True, taken[expert] + 1
+    return kept
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 3, 7])
+def test_capacity_keeps_first_choices_first_and_tokens_in_order(capacity: int) -> None:
+    ids = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(t))[:2] for t in range(13)])
+    ids[:6, 0] = 2  # one crowded expert
+    assert torch.equal(within_capacity(ids, 5, capacity), brute_force_kept(ids, 5, capacity))
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
+def test_dropped_assignments_contribute_nothing_and_are_counted(capacity_factor: float) -> None:
+    layer = moe_layer(capacity_factor=capacity_factor)
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    out, routing = layer(x)
+    capacity = -(-int(capacity_factor * 18 * 2) // 4)  # ceil(cf * N * K / E)
+    kept = brute_force_kept(routing.expert_ids, 4, capacity)
+    flat, w = x.reshape(18, 8), layer.experts
+    expected = torch.zeros_like(flat)
+    for t in range(18):
+        chosen = routing.probs[t, routing.expert_ids[t]]
+        for s, e in enumerate(routing.expert_ids[t].tolist()):
+            if kept[t, s]:
+                h = F.silu(w.w1[e] @ flat[t]) * (w.w3[e] @ flat[t])
+                expected[t] += chosen[s] / chosen.sum() * (w.w2[e] @ h)
+    torch.testing.assert_close(out.reshape(18, 8), expected, rtol=0, atol=1e-12)
+    assert int(routing.dropped) == int((~kept).sum()) and routing.counts.max() <= capacity
+    assert torch.equal(routing.counts, torch.bincount(routing.expert_ids[kept], minlength=4))
+
+
+def test_a_roomy_capacity_equals_dropless() -> None:
+    x = torch.randn(1, 10, 8, dtype=torch.float64)
+    out, routing = moe_layer(capacity_factor=4.0)(x)
+    dropless, reference = moe_layer()(x)
+    torch.testing.assert_close(out, dropless, rtol=0, atol=0)
+    assert int(routing.dropped) == 0 and torch.equal(routing.counts, reference.counts)
+
+
+def test_jitter_perturbs_the_router_input_only_while_training() -> None:
+    x = torch.randn(1, 64, 8, dtype=torch.float64)
+    plain, jittered = moe_layer(), moe_layer(router_jitter=0.5)
+    jittered.eval()
+    assert torch.equal(jittered(x)[0], plain(x)[0])
+    jittered.train()
+    torch.manual_seed(1)
+    logits = jittered(x)[1].logits
+    assert not torch.allclose(logits, plain(x)[1].logits)
+
+
+def test_expert_bias_selects_but_does_not_weigh() -> None:
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.0, 0.0, 10.0], dtype=torch.float64)
+    routing = route(logits, 2, bias)
+    assert bool((routing.expert_ids == 3).any(-1).all())  # everybody picks the favoured expert
+    probs = logits.softmax(-1)
+    chosen = probs.gather(-1, routing.expert_ids)
+    torch.testing.assert_close(routing.weights, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_expert_bias_moves_against_the_load() -> None:
+    model = MoEDiffTransformer(ModelConfig(vocab_size=16, dim=8, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=8,
+                                           n_experts=4, expert_bias_rate=0.1))
+    model.update_expert_biases(torch.tensor([[5, 1, 1, 1], [2, 2, 2, 2]]))
+    torch.testing.assert_close(model.layers[0].moe.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+    assert torch.equal(model.layers[1].moe.expert_bias, torch.zeros(4))
+    assert "layers.0.moe.expert_bias" in model.state_dict()
+
+
+def test_expert_bias_update_is_the_same_with_gradient_accumulation(tmp_path: Path) -> None:
+    settings = ("model.expert_bias_rate=0.01", "train.max_steps=1", "train.batch_size=8")
+    train(small_config(tmp_path / "one", *settings))
+    train(small_config(tmp_path / "four", *settings, "train.grad_accum=4"))
+    one, four = final_weights(tmp_path / "one"), final_weights(tmp_path / "four")
+    for layer in range(2):
+        key = f"layers.{layer}.moe.expert_bias"
+        assert torch.equal(one[key], four[key]) and one[key].abs().sum() > 0
+
+
+def test_capacity_training_logs_the_dropped_fraction(tmp_path: Path) -> None:
+    train(small_config(tmp_path, "model.capacity_factor=0.5", "train.max_steps=2"))
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "dropped_fraction" in r]
+    assert records and all(0.5 <= r["dropped_fraction"] < 1 for r in records)  # half the room: at least half dropped
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("capacity_factor", 0, "model.capacity_factor=0"),
+    ("router_jitter", 1.0, "model.router_jitter=1.0"),
+    ("expert_bias_rate", -1.0, "model.expert_bias_rate=-1.0"),
+])
+def test_bad_routing_options_are_named(field: str, value: float, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        ModelConfig(**{field: value})
