@@ -198,10 +198,10 @@ def _bench_model(args: argparse.Namespace) -> MoEDiffTransformer:
 def run_bench(args: argparse.Namespace) -> int:
     model = _bench_model(args)
     systems = args.systems or [s for s in bench.SYSTEMS if s != "transformers" or model.cfg.attention == "standard"]
-    settings = bench.BenchSettings(args.batch, args.prompt, args.new_tokens, args.routing, args.compile, systems,
-                                   args.seed)
+    settings = bench.BenchSettings(args.batch, args.prompt, args.new_tokens, args.routing, args.compile,
+                                   args.repeats, systems, args.seed)
     settings.check(model)
-    runs = len(systems) * len(args.batch) * len(args.prompt)
+    runs = len(systems) * len(args.batch) * len(args.prompt) * (1 + args.repeats)
     with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[label]}"), console=console) as progress:
         task = progress.add_task("bench", total=runs, label="copy bandwidth")
         done = []
@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--systems", nargs="+", choices=bench.SYSTEMS, default=None,
                            help="what to time (default: all that apply; transformers needs standard attention)")
     bench_cmd.add_argument("--compile", action="store_true", help="compile this project's decode steps")
+    bench_cmd.add_argument("--repeats", type=int, default=3,
+                           help="timed generations per system and shape, taken in turns with the other systems")
     bench_cmd.add_argument("--dtype", choices=DTYPES, default="float32")
     bench_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench_cmd.add_argument("--seed", type=int, default=0, help="seeds the random weights and prompts")

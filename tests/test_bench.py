@@ -55,10 +55,10 @@ def test_every_system_runs_and_forced_routing_reaches_transformers_too() -> None
     settings = BenchSettings(batch_sizes=[1, 3], prompt_lengths=[4, 12], new_tokens=5, routing="zipf")
     labels = []
     results = run_bench(model, settings, labels.append)
-    assert len(results["runs"]) == len(labels) == 3 * 2 * 2
+    assert len(results["runs"]) == 3 * 2 * 2 and len(labels) == 3 * 2 * 2 * (1 + settings.repeats)
     runs = {(r["system"], r["batch"], r["prompt_length"]): r for r in results["runs"]}
     for (system, batch, prompt_length), row in runs.items():
-        assert row["new_tokens"] == 5 and 0 < row["itl_p50_s"] <= row["itl_p90_s"] <= row["itl_p99_s"]
+        assert row["gaps_timed"] == 3 * 4 and 0 < row["itl_p50_s"] <= row["itl_p90_s"] <= row["itl_p99_s"]
         assert row["decode_tokens_per_s"] == pytest.approx(batch / row["itl_mean_s"])
         assert row["bandwidth_share"] > 0 and row["bytes_per_step"] > 0
         layers = model.cfg.n_layers
@@ -76,7 +76,7 @@ def test_every_system_runs_and_forced_routing_reaches_transformers_too() -> None
 def test_bench_command_writes_json_markdown_and_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "results" / "tiny"
     argv = ["bench", str(CONFIGS / "tiny.yaml"), "model.n_layers=1", "model.dim=64", "--batch", "2",
-            "--prompt", "3", "--new-tokens", "3", "--routing", "uniform", "--out", str(out)]
+            "--prompt", "3", "--new-tokens", "3", "--routing", "uniform", "--repeats", "1", "--out", str(out)]
     assert main(argv) == 0
     results = json.loads(out.with_suffix(".json").read_text())
     assert [r["system"] for r in results["runs"]] == ["moe-diff", "dense"]  # diff attention: no Mixtral twin
@@ -90,6 +90,7 @@ def test_bench_command_writes_json_markdown_and_png(tmp_path: Path, capsys: pyte
     (["--batch", "0"], "batch sizes must be positive"),
     (["--prompt", "600"], "exceeds the model's max_seq_len 512"),
     (["--new-tokens", "1"], "new_tokens must be >= 2"),
+    (["--repeats", "0"], "repeats must be >= 1"),
 ])
 def test_bench_refuses_bad_settings(extra: list[str], needle: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ class BenchSettings:
     new_tokens: int = 64  # per generation; the first is the prefill's, the others give the inter-token gaps
     routing: str = "own"  # see moe_diff.bench.routing
     compile: bool = False  # compile this project's decode steps (compile time is reported apart)
+    repeats: int = 3  # timed generations per system and shape, taken in turns with the other systems
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     seed: int = 0
 
@@ -39,6 +41,8 @@ class BenchSettings:
             raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
             raise ValueError(f"prompt lengths must be positive integers, got {self.prompt_lengths}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.new_tokens < 2:
             raise ValueError(f"new_tokens must be >= 2 (inter-token latency needs two tokens), got {self.new_tokens}")
         if max(self.prompt_lengths) + self.new_tokens > cfg.max_seq_len:
@@ -87,24 +91,49 @@ def summarise(system: str, cfg: ModelConfig, element_size: int, batch: int, prom
     mean_itl = sum(timing.itls) / len(timing.itls)
     bytes_per_step = sum(step_bytes) / len(step_bytes)
     return {
-        "system": system, "batch": batch, "prompt_length": prompt_length, "new_tokens": len(timing.itls) + 1,
+        "system": system, "batch": batch, "prompt_length": prompt_length,
         "warmup_s": warmup_s, "ttft_s": timing.ttft, "prefill_tokens_per_s": batch * prompt_length / timing.ttft,
         "itl_p50_s": percentile(timing.itls, 50), "itl_p90_s": percentile(timing.itls, 90),
-        "itl_p99_s": percentile(timing.itls, 99), "itl_mean_s": mean_itl, "decode_tokens_per_s": batch / mean_itl,
+        "itl_p99_s": percentile(timing.itls, 99), "itl_mean_s": mean_itl, "gaps_timed": len(timing.itls),
+        "decode_tokens_per_s": batch / mean_itl,
         "experts_read_per_step": sum(timing.experts_read) / len(timing.experts_read),
         "bytes_per_step": bytes_per_step, "bandwidth_bytes_per_s": bytes_per_step / mean_itl,
         "bandwidth_share": bytes_per_step / mean_itl / peak_bandwidth, "peak_memory_bytes": peak_bytes,
     }
 
 
+def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, advance: Callable[[str], None],
+                 element_size: int, peak_bandwidth: float) -> list[dict[str, Any]]:
+    """Warm every system up on the prompts, then time them in turn, `repeats` rounds, so that a drift in the
+    machine's speed touches all of them alike; each system's rounds are pooled into one row."""
+    batch, prompt_length = prompts.shape
+    device, label = prompts.device, f"batch {batch} prompt {prompt_length}"
+    warmup_s, timings, peaks = {}, {s.name: [] for s in systems}, {s.name: [] for s in systems}
+    for system in systems:
+        advance(f"{system.name} {label} (warm-up)")
+        start = time.perf_counter()
+        system.run(prompts, settings.new_tokens)
+        warmup_s[system.name] = time.perf_counter() - start
+    for _ in range(settings.repeats):
+        for system in systems:
+            advance(f"{system.name} {label}")
+            reset_peak_memory(device)
+            timings[system.name].append(system.run(prompts, settings.new_tokens))
+            peaks[system.name].append(peak_memory(device))
+    return [summarise(s.name, s.cfg, element_size, batch, prompt_length, warmup_s[s.name],
+                      Timing.pooled(timings[s.name]), peak_bandwidth,
+                      None if None in peaks[s.name] else max(peaks[s.name])) for s in systems]
+
+
 def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
               advance: Callable[[str], None] = lambda label: None) -> dict[str, Any]:
-    """Time every system at every (prompt length, batch size): one warm-up generation (which compiles, when
-    asked), then one timed generation of `new_tokens` tokens; `advance` is called before each run."""
+    """Time every system at every (prompt length, batch size): a warm-up generation (which compiles, when
+    asked), then `repeats` timed generations of `new_tokens` tokens; `advance` is called before each run."""
     settings.check(model)
     device, element_size = model.tok_embeddings.weight.device, model.tok_embeddings.weight.element_size()
     bandwidth = memory_bandwidth(device)
     results: dict[str, Any] = {
+        "new_tokens": settings.new_tokens,
         "environment": environment(device), "settings": asdict(settings), "model": asdict(model.cfg),
         "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
         "routing": settings.routing, "zipf_exponent": ZIPF_EXPONENT if settings.routing == "zipf" else None,
@@ -115,18 +144,12 @@ def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
     systems = build_systems(model, settings.systems, settings.routing, settings.compile)
     try:
         with torch._dynamo.config.patch(recompile_limit=256, cache_size_limit=256):
-            for system in systems:
-                for prompt_length in settings.prompt_lengths:
-                    for batch in settings.batch_sizes:
-                        advance(f"{system.name} batch {batch} prompt {prompt_length}")
-                        prompts = torch.randint(1, model.cfg.vocab_size, (batch, prompt_length),
-                                                generator=generator).to(device)
-                        warmup = system.run(prompts, settings.new_tokens)
-                        reset_peak_memory(device)
-                        timing = system.run(prompts, settings.new_tokens)
-                        results["runs"].append(summarise(
-                            system.name, system.cfg, element_size, batch, prompt_length,
-                            warmup.ttft + sum(warmup.itls), timing, bandwidth["peak"], peak_memory(device)))
+            for prompt_length in settings.prompt_lengths:
+                for batch in settings.batch_sizes:
+                    prompts = torch.randint(1, model.cfg.vocab_size, (batch, prompt_length),
+                                            generator=generator).to(device)
+                    results["runs"] += time_systems(systems, prompts, settings, advance, element_size,
+                                                    bandwidth["peak"])
     finally:
         for system in systems:
             system.close()

@@ -30,6 +30,13 @@ class Timing:
     experts_read: list[int]
 
     @classmethod
+    def pooled(cls, timings: list[Timing]) -> Timing:
+        """Several generations as one: the median time to first token, all the gaps and all the steps."""
+        ttfts = sorted(t.ttft for t in timings)
+        return cls(ttfts[len(ttfts) // 2], [g for t in timings for g in t.itls],
+                   [e for t in timings for e in t.experts_read])
+
+    @classmethod
     def from_stamps(cls, start: float, stamps: list[float], experts_read: list[int]) -> Timing:
         """From the start time and the time each new token arrived."""
         return cls(stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)], experts_read)
