@@ -13,7 +13,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 ATTENTION_MODES = ("diff", "diff_v2", "standard")
 ATTN_BACKENDS = ("reference",)
-MOE_BACKENDS = ("reference", "grouped_mm")
+MOE_BACKENDS = ("reference", "grouped_mm", "megablocks")
 
 
 class ConfigError(ValueError):

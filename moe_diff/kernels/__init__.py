@@ -3,12 +3,18 @@
 from collections.abc import Callable
 from typing import NamedTuple
 
+from moe_diff.config import ConfigError
 from moe_diff.kernels.diff_attention import (
     attention_reference,
     diff_attention_reference,
     diff_v2_attention_reference,
 )
-from moe_diff.kernels.moe_experts import moe_experts_grouped_mm, moe_experts_reference
+from moe_diff.kernels.moe_experts import (
+    megablocks_gmm,
+    moe_experts_grouped_mm,
+    moe_experts_megablocks,
+    moe_experts_reference,
+)
 
 
 class AttentionOps(NamedTuple):
@@ -27,6 +33,7 @@ ATTENTION_BACKENDS: dict[str, AttentionOps] = {
 MOE_BACKENDS: dict[str, Callable] = {
     "reference": moe_experts_reference,
     "grouped_mm": moe_experts_grouped_mm,
+    "megablocks": moe_experts_megablocks,
 }
 
 
@@ -36,4 +43,10 @@ def attention_op(backend: str, mode: str) -> Callable:
 
 
 def moe_experts_op(backend: str) -> Callable:
+    """The experts function of `backend`; an optional backend that is not installed fails here, at construction."""
+    if backend == "megablocks":
+        try:
+            megablocks_gmm()
+        except ImportError as error:
+            raise ConfigError(f"model.moe_backend='megablocks' is not available here: {error}") from None
     return MOE_BACKENDS[backend]

@@ -1,5 +1,8 @@
 """Sparse SwiGLU experts: each token's output is the weighted sum of its top-k experts."""
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -68,22 +71,77 @@ class GroupedLinear(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+class ExpertSorted(NamedTuple):
+    """The (token, slot) pairs of a layer sorted by expert (stable: token order within each expert)."""
+
+    rows: torch.Tensor  # [N*K, D] each pair's token activations, expert-major
+    order: torch.Tensor  # [N*K] the flat pair index (token * K + slot) of each sorted row
+    counts: torch.Tensor  # [E] rows per expert
+
+
+def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int) -> ExpertSorted:
+    """Gather by a permutation of the pairs (never by token index), so the backward has no colliding writes."""
+    flat = expert_ids.flatten()
+    order = flat.argsort(stable=True)
+    pairs = x[:, None].expand(-1, expert_ids.shape[1], -1).reshape(-1, x.shape[1])  # [N*K, D] token-major
+    return ExpertSorted(pairs[order], order, torch.bincount(flat, minlength=n_experts))
+
+
+def combine_sorted(ys: torch.Tensor, sorted_pairs: ExpertSorted, weights: torch.Tensor) -> torch.Tensor:
+    """[N, D]: each token's weighted expert outputs summed over its K slots in slot order (no atomics, so
+    bitwise repeatable on every device)."""
+    inverse = torch.empty_like(sorted_pairs.order)
+    inverse[sorted_pairs.order] = torch.arange(len(inverse), device=inverse.device)
+    n_tokens, top_k = weights.shape
+    per_slot = ys[inverse].view(n_tokens, top_k, -1) * weights[..., None].to(ys.dtype)
+    return per_slot.sum(1)
+
+
+def swiglu_sorted(sorted_pairs: ExpertSorted, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                  linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The experts' SwiGLU over expert-sorted rows, with `linear(rows, weight [E, out, in])` a grouped GEMM."""
+    rows = sorted_pairs.rows
+    return linear(F.silu(linear(rows, w1)) * linear(rows, w3), w2)
+
+
 def moe_experts_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                            w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """The same as the reference with three grouped GEMMs over the (token, slot) pairs sorted by expert.
 
-    Experts that receive no token form empty groups (zero gradient); nothing waits on the host.
+    Experts that receive no token form empty groups (zero gradient); nothing waits on the host; outputs and
+    gradients are bitwise repeatable (see combine_sorted).
     """
     if x.dtype not in GROUPED_MM_DTYPES:
         raise ValueError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {x.dtype}; use "
                          "moe_backend='reference' for float64")
-    n_experts, top_k = w1.shape[0], expert_ids.shape[1]
-    flat = expert_ids.flatten()
-    order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, in token order within each
-    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offs = counts.cumsum(0).to(torch.int32)
-    rows = order // top_k
-    xs = x[rows]  # [N*K, D] expert-major
-    hidden = F.silu(GroupedLinear.apply(xs, w1, offs)) * GroupedLinear.apply(xs, w3, offs)
-    ys = GroupedLinear.apply(hidden, w2, offs) * weights.flatten()[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, rows, ys)
+    sorted_pairs = sort_by_expert(x, expert_ids, w1.shape[0])
+    offs = sorted_pairs.counts.cumsum(0).to(torch.int32)
+    ys = swiglu_sorted(sorted_pairs, w1, w2, w3, lambda rows, w: GroupedLinear.apply(rows, w, offs))
+    return combine_sorted(ys, sorted_pairs, weights)
+
+
+MEGABLOCKS_MISSING = ("moe_backend='megablocks' needs MegaBlocks with its grouped_gemm CUDA extension; install "
+                      "it on a CUDA machine with pip install 'moe-diff[megablocks]' (see the README), or use "
+                      "moe_backend='grouped_mm'")
+
+
+def megablocks_gmm() -> Callable:
+    """MegaBlocks' grouped GEMM, gmm(rows, weights [E, ...], batch_sizes on the host, trans_b)."""
+    try:
+        from megablocks import grouped_gemm_util
+    except ImportError as error:
+        raise ImportError(MEGABLOCKS_MISSING) from error
+    if not grouped_gemm_util.grouped_gemm_is_available():
+        raise ImportError(MEGABLOCKS_MISSING)
+    return grouped_gemm_util.ops.gmm
+
+
+def moe_experts_megablocks(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                           w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """The same through MegaBlocks' grouped GEMM (CUDA, bf16/fp16). Its group sizes live on the host, so
+    each layer waits for the router, as MegaBlocks' own dMoE does."""
+    gmm = megablocks_gmm()
+    sorted_pairs = sort_by_expert(x, expert_ids, w1.shape[0])
+    batch_sizes = sorted_pairs.counts.cpu()
+    ys = swiglu_sorted(sorted_pairs, w1, w2, w3, lambda rows, w: gmm(rows, w, batch_sizes, trans_b=True))
+    return combine_sorted(ys, sorted_pairs, weights)

@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_diff.kernels.moe_experts import moe_experts_gathered, moe_experts_grouped_mm, moe_experts_reference
+from moe_diff.kernels.moe_experts import (
+    megablocks_gmm,
+    moe_experts_gathered,
+    moe_experts_grouped_mm,
+    moe_experts_megablocks,
+    moe_experts_reference,
+)
 
 
 def test_weighted_sum_of_chosen_experts_including_idle_ones() -> None:
@@ -58,6 +64,60 @@ def test_grouped_mm_matches_the_reference_in_outputs_and_gradients(top_k: int, d
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, **tolerance)
     assert all(torch.all(g[4] == 0) for g in results[1][2:5])
+
+
+def megablocks_available() -> bool:
+    try:
+        megablocks_gmm()
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not megablocks_available(), reason="needs CUDA and MegaBlocks with its grouped_gemm extension")
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_megablocks_matches_the_reference_on_the_gpu(top_k: int) -> None:
+    torch.manual_seed(top_k)
+    n, dim, ffn, experts = 37, 64, 96, 6
+    tensors = [torch.randn(n, dim), torch.randn(experts, ffn, dim) / 8, torch.randn(experts, dim, ffn) / 8,
+               torch.randn(experts, ffn, dim) / 8, torch.rand(n, top_k)]
+    ids = torch.stack([torch.randperm(experts - 1)[:top_k] for _ in range(n)]).cuda()  # the last expert is idle
+    results = []
+    for op in (moe_experts_reference, moe_experts_megablocks):
+        x, w1, w2, w3, weights = (t.cuda().bfloat16().requires_grad_() for t in tensors)
+        out = op(x, ids, weights, w1, w2, w3)
+        out.float().square().sum().backward()
+        results.append([out, x.grad, w1.grad, w2.grad, w3.grad, weights.grad])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_megablocks_backend_names_what_to_install_when_missing() -> None:
+    if megablocks_available():
+        pytest.skip("MegaBlocks is installed here")
+    from moe_diff.config import ConfigError, ModelConfig
+    from moe_diff.model import MoEDiffTransformer
+
+    with pytest.raises(ConfigError, match=r"model.moe_backend='megablocks'.*pip install 'moe-diff\[megablocks\]'"):
+        MoEDiffTransformer(ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=8,
+                                       moe_backend="megablocks"))
+
+
+def test_grouped_mm_outputs_and_gradients_repeat_bit_for_bit() -> None:
+    """The combine sums each token's slots in a fixed order and no gather backward collides (on GPU too)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    n, dim, ffn, experts = 300, 32, 48, 8
+    tensors = [torch.randn(n, dim), torch.randn(experts, ffn, dim), torch.randn(experts, dim, ffn),
+               torch.randn(experts, ffn, dim), torch.rand(n, 2)]
+    ids = torch.stack([torch.randperm(experts)[:2] for _ in range(n)]).to(device)
+    runs = []
+    for _ in range(2):
+        x, w1, w2, w3, weights = (t.to(device).requires_grad_() for t in tensors)
+        out = moe_experts_grouped_mm(x, ids, weights, w1, w2, w3)
+        out.square().sum().backward()
+        runs.append([out, x.grad, w1.grad, w2.grad, w3.grad, weights.grad])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_grouped_mm_refuses_float64() -> None:
