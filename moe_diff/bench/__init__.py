@@ -30,7 +30,7 @@ class BenchSettings:
     new_tokens: int = 64  # per generation; the first is the prefill's, the others give the inter-token gaps
     routing: str = "own"  # see moe_diff.bench.routing
     compile: bool = False  # compile this project's decode steps (compile time is reported apart)
-    repeats: int = 3  # timed generations per system and shape, taken in turns with the other systems
+    repeats: int = 3  # timed generations per system and shape, after its warm-up
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     seed: int = 0
 
@@ -104,25 +104,25 @@ def summarise(system: str, cfg: ModelConfig, element_size: int, batch: int, prom
 
 def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, advance: Callable[[str], None],
                  element_size: int, peak_bandwidth: float) -> list[dict[str, Any]]:
-    """Warm every system up on the prompts, then time them in turn, `repeats` rounds, so that a drift in the
-    machine's speed touches all of them alike; each system's rounds are pooled into one row."""
+    """Each system in turn: one warm-up generation, then `repeats` timed ones in a row, pooled into one row.
+    (A system's runs stay together: on machines that reclaim idle memory, a model left cold while the others
+    run pays for it again on its next step.)"""
     batch, prompt_length = prompts.shape
-    device, label = prompts.device, f"batch {batch} prompt {prompt_length}"
-    warmup_s, timings, peaks = {}, {s.name: [] for s in systems}, {s.name: [] for s in systems}
+    device, rows = prompts.device, []
     for system in systems:
-        advance(f"{system.name} {label} (warm-up)")
+        label = f"{system.name} batch {batch} prompt {prompt_length}"
+        advance(f"{label} (warm-up)")
         start = time.perf_counter()
         system.run(prompts, settings.new_tokens)
-        warmup_s[system.name] = time.perf_counter() - start
-    for _ in range(settings.repeats):
-        for system in systems:
-            advance(f"{system.name} {label}")
+        warmup_s, timings, peaks = time.perf_counter() - start, [], []
+        for _ in range(settings.repeats):
+            advance(label)
             reset_peak_memory(device)
-            timings[system.name].append(system.run(prompts, settings.new_tokens))
-            peaks[system.name].append(peak_memory(device))
-    return [summarise(s.name, s.cfg, element_size, batch, prompt_length, warmup_s[s.name],
-                      Timing.pooled(timings[s.name]), peak_bandwidth,
-                      None if None in peaks[s.name] else max(peaks[s.name])) for s in systems]
+            timings.append(system.run(prompts, settings.new_tokens))
+            peaks.append(peak_memory(device))
+        rows.append(summarise(system.name, system.cfg, element_size, batch, prompt_length, warmup_s,
+                              Timing.pooled(timings), peak_bandwidth, None if None in peaks else max(peaks)))
+    return rows
 
 
 def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
