@@ -1,10 +1,13 @@
 """Sparse SwiGLU experts: each token's output is the weighted sum of its top-k experts."""
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from moe_diff.kernels import moe_permute
+from moe_diff.kernels.moe_permute import PermutePlan
+from moe_diff.kernels.triton_compat import HAVE_TRITON
 
 
 def moe_experts_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -71,37 +74,24 @@ class GroupedLinear(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-class ExpertSorted(NamedTuple):
-    """The (token, slot) pairs of a layer sorted by expert (stable: token order within each expert)."""
-
-    rows: torch.Tensor  # [N*K, D] each pair's token activations, expert-major
-    order: torch.Tensor  # [N*K] the flat pair index (token * K + slot) of each sorted row
-    counts: torch.Tensor  # [E] rows per expert
-
-
-def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int) -> ExpertSorted:
-    """Gather by a permutation of the pairs (never by token index), so the backward has no colliding writes."""
-    flat = expert_ids.flatten()
-    order = flat.argsort(stable=True)
-    pairs = x[:, None].expand(-1, expert_ids.shape[1], -1).reshape(-1, x.shape[1])  # [N*K, D] token-major
-    return ExpertSorted(pairs[order], order, torch.bincount(flat, minlength=n_experts))
+def permutation_ops(device: torch.device) -> tuple[Callable, Callable, Callable]:
+    """(plan, gather, combine) from moe_permute: the Triton kernels on CUDA where triton imports, their
+    PyTorch references elsewhere. Both sum each token's slots in a fixed order, without atomics."""
+    if device.type == "cuda" and HAVE_TRITON:
+        return moe_permute.permute_plan, moe_permute.gather, moe_permute.combine
+    return moe_permute.permute_plan_reference, moe_permute.gather_reference, moe_permute.combine_reference
 
 
-def combine_sorted(ys: torch.Tensor, sorted_pairs: ExpertSorted, weights: torch.Tensor) -> torch.Tensor:
-    """[N, D]: each token's weighted expert outputs summed over its K slots in slot order (no atomics, so
-    bitwise repeatable on every device)."""
-    inverse = torch.empty_like(sorted_pairs.order)
-    inverse[sorted_pairs.order] = torch.arange(len(inverse), device=inverse.device)
-    n_tokens, top_k = weights.shape
-    per_slot = ys[inverse].view(n_tokens, top_k, -1) * weights[..., None].to(ys.dtype)
-    return per_slot.sum(1)
-
-
-def swiglu_sorted(sorted_pairs: ExpertSorted, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                  linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The experts' SwiGLU over expert-sorted rows, with `linear(rows, weight [E, out, in])` a grouped GEMM."""
-    rows = sorted_pairs.rows
-    return linear(F.silu(linear(rows, w1)) * linear(rows, w3), w2)
+def sorted_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                  w2: torch.Tensor, w3: torch.Tensor,
+                  grouped_linear: Callable[[torch.Tensor, torch.Tensor, PermutePlan], torch.Tensor]) -> torch.Tensor:
+    """Sort the (token, slot) pairs by expert, run the SwiGLU with `grouped_linear(rows, weight [E, out, in],
+    plan)` (a grouped GEMM over the plan's groups) and combine each token's slots back."""
+    plan, gather, combine = permutation_ops(x.device)
+    routed = plan(expert_ids, w1.shape[0])
+    rows = gather(x, routed)  # [N*K, D] expert-major
+    hidden = F.silu(grouped_linear(rows, w1, routed)) * grouped_linear(rows, w3, routed)
+    return combine(grouped_linear(hidden, w2, routed), routed, weights)
 
 
 def moe_experts_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -109,15 +99,13 @@ def moe_experts_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
     """The same as the reference with three grouped GEMMs over the (token, slot) pairs sorted by expert.
 
     Experts that receive no token form empty groups (zero gradient); nothing waits on the host; outputs and
-    gradients are bitwise repeatable (see combine_sorted).
+    gradients are bitwise repeatable (see permutation_ops).
     """
     if x.dtype not in GROUPED_MM_DTYPES:
         raise ValueError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {x.dtype}; use "
                          "moe_backend='reference' for float64")
-    sorted_pairs = sort_by_expert(x, expert_ids, w1.shape[0])
-    offs = sorted_pairs.counts.cumsum(0).to(torch.int32)
-    ys = swiglu_sorted(sorted_pairs, w1, w2, w3, lambda rows, w: GroupedLinear.apply(rows, w, offs))
-    return combine_sorted(ys, sorted_pairs, weights)
+    return sorted_swiglu(x, expert_ids, weights, w1, w2, w3,
+                         lambda rows, w, plan: GroupedLinear.apply(rows, w, plan.offsets))
 
 
 MEGABLOCKS_MISSING = ("moe_backend='megablocks' needs MegaBlocks with its grouped_gemm CUDA extension; install "
@@ -141,7 +129,5 @@ def moe_experts_megablocks(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
     """The same through MegaBlocks' grouped GEMM (CUDA, bf16/fp16). Its group sizes live on the host, so
     each layer waits for the router, as MegaBlocks' own dMoE does."""
     gmm = megablocks_gmm()
-    sorted_pairs = sort_by_expert(x, expert_ids, w1.shape[0])
-    batch_sizes = sorted_pairs.counts.cpu()
-    ys = swiglu_sorted(sorted_pairs, w1, w2, w3, lambda rows, w: gmm(rows, w, batch_sizes, trans_b=True))
-    return combine_sorted(ys, sorted_pairs, weights)
+    return sorted_swiglu(x, expert_ids, weights, w1, w2, w3,
+                         lambda rows, w, plan: gmm(rows, w, plan.counts.cpu(), trans_b=True))
