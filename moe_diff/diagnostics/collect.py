@@ -9,7 +9,7 @@ from rich.progress import track
 
 from moe_diff.data import Batch
 from moe_diff.diagnostics.trace import RoutingTrace
-from moe_diff.model import MoEDiffTransformer, route
+from moe_diff.model import MoEDiffTransformer
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def collect_trace(model: MoEDiffTransformer, batches: Iterable[tuple[Batch, torc
     items = list(batches)
     for batch, documents in (track(items, description="routing") if progress else items):
         out = model(batch.tokens, batch.positions, batch.document_ids)
-        routings = [route(logits, model.cfg.top_k) for logits in out.router_logits]
+        routings = out.routings  # as the model chose: expert bias and capacity drops included
         rows, length = batch.tokens.shape
         parts["tokens"].append(batch.tokens.flatten().cpu())
         parts["positions"].append(batch.positions.flatten().cpu())

@@ -182,7 +182,7 @@ def write_html(stats: dict[str, Any], images: list[Path], out: Path, title: str)
 figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#444}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>{stats['n_tokens']:,} tokens, {stats['n_layers']} layers, {stats['n_experts']} experts, top-{stats['top_k']},
-{stats['capacity']['mode']} ({stats['capacity']['dropped_tokens']} tokens dropped).</p>
+{stats['capacity']['mode']} ({stats['capacity']['dropped_assignments']} (token, slot) assignments dropped).</p>
 <h2>Problems</h2><ul>{flags}</ul>
 <h2>Per layer</h2>
 <p>Max/mean: busiest expert's load over the mean. Entropy: router entropy / ln E. Margin: top-1 minus top-2

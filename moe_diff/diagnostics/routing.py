@@ -155,6 +155,13 @@ def flags(layers: list[dict[str, Any]]) -> list[str]:
     return found
 
 
+def capacity(trace: RoutingTrace) -> dict[str, Any]:
+    """The capacity mode of the traced model and its dropped (token, slot) assignments (their weight is 0)."""
+    factor = trace.header.get("model", {}).get("capacity_factor")
+    mode = "dropless" if factor is None else f"capacity factor {factor}"
+    return {"mode": mode, "dropped_assignments": int((trace.weights == 0).sum())}
+
+
 def routing_stats(trace: RoutingTrace) -> dict[str, Any]:
     """Every statistic of the trace: per layer, across all layers, and the problems found."""
     if trace.header.get("tokenizer") == "byte":
@@ -166,7 +173,7 @@ def routing_stats(trace: RoutingTrace) -> dict[str, Any]:
     all_utilisation = torch.tensor([u for stats in layers for u in stats["utilisation"]])
     return {
         "n_tokens": trace.n_tokens, "n_layers": trace.n_layers, "n_experts": trace.n_experts, "top_k": trace.top_k,
-        "capacity": {"mode": "dropless", "dropped_tokens": 0},
+        "capacity": capacity(trace),
         "utilisation_across_layers": summary(all_utilisation),
         "layers": layers,
         "flags": flags(layers),

@@ -24,6 +24,6 @@ except ImportError:
 
     triton = SimpleNamespace(jit=_Unlaunchable, cdiv=lambda a, b: -(-a // b),
                              next_power_of_2=lambda n: 1 << max(n - 1, 0).bit_length())
-    tl = SimpleNamespace(constexpr=int, float32="float32", float64="float64")
+    tl = SimpleNamespace(constexpr=int, dtype=object, float32="float32", float64="float64")
 
 __all__ = ["HAVE_TRITON", "TRITON_MISSING", "tl", "triton"]

@@ -9,7 +9,9 @@ import torch
 
 from moe_diff import checkpoint
 from moe_diff.config import DataConfig, ModelConfig
+from moe_diff.data import Batch
 from moe_diff.diagnostics import diagnose, load_trace, routing_stats, save_trace
+from moe_diff.diagnostics.collect import collect_trace
 from moe_diff.diagnostics.compare import max_weight_matching
 from moe_diff.diagnostics.trace import RoutingTrace, TraceError
 from moe_diff.model import MoEDiffTransformer, route
@@ -224,3 +226,17 @@ def test_needle_probe_scores_the_planted_value() -> None:
     assert [d["depth"] for d in result["depths"]] == list(DEPTHS) and result["chance"] == 0.2
     assert all(0 <= d["accuracy"] <= 1 and d["value_log_likelihood"] < 0 for d in result["depths"])
     assert result == needle_probe(model, tokenizer, context_tokens=256, trials=2)  # seeded
+
+
+def test_capacity_drops_are_counted_in_the_routing_statistics() -> None:
+    torch.manual_seed(0)
+    model = MoEDiffTransformer(ModelConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=16,
+                                           n_experts=4, top_k=2, capacity_factor=0.5, max_seq_len=16))
+    tokens = torch.randint(0, 32, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    batch = Batch(tokens, tokens, positions, torch.zeros_like(tokens))
+    trace = collect_trace(model, [(batch, torch.zeros_like(tokens))], ["doc"], {"model": vars(model.cfg)})
+    out = model(tokens, positions, torch.zeros_like(tokens))
+    capacity = routing_stats(trace)["capacity"]
+    assert capacity["mode"] == "capacity factor 0.5"
+    assert capacity["dropped_assignments"] == sum(int(r.dropped) for r in out.routings) >= 2 * 32

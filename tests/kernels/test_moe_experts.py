@@ -145,3 +145,29 @@ def test_a_model_with_grouped_mm_experts_equals_the_reference_model() -> None:
     torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
     for got, expected in zip(outputs[1][1], outputs[0][1], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_package_works_without_triton() -> None:
+    """Triton is a GPU extra: without it the package imports, grouped_mm runs on the PyTorch permutation, and
+    launching a Triton kernel names what to install."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["triton"] = None  # as if it were not installed
+import torch
+from moe_diff.config import ModelConfig
+from moe_diff.kernels import moe_permute
+from moe_diff.model import MoEDiffTransformer
+model = MoEDiffTransformer(ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=8,
+                                       moe_backend="grouped_mm"))
+assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 16)
+try:
+    moe_permute.permute_plan(torch.tensor([[0, 1]]), 2)
+except RuntimeError as error:
+    assert "pip install 'moe-diff[gpu]'" in str(error)
+else:
+    raise AssertionError("a Triton kernel launched without Triton")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
