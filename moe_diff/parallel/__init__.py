@@ -1,0 +1,1 @@
+"""Parallelism applied to a finished model from outside; the model file knows nothing of ranks."""

@@ -1,0 +1,69 @@
+"""Expert parallelism: each rank of a process group keeps n_experts / ep of every layer's experts, and the
+(token, slot) pairs travel to their expert's rank and back with all-to-all (uneven splits, counts sent first,
+autograd through both exchanges). No [tokens x experts] tensor is exchanged: only the rows that were routed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+
+from moe_diff.model import Experts, MoEDiffTransformer
+
+
+def _exchange_counts(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """How many rows each rank will send here, for the `send` [ep] rows this rank sends to each rank."""
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    return received
+
+
+def exchange(rows: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """all_to_all_single of rows [sum(send), D] into [sum(recv), D], differentiable (the backward sends back)."""
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, recv, send, group))
+
+
+class ExpertParallelExperts(nn.Module):
+    """A layer's experts sharded over a group: this rank's E/ep experts under the same parameter names."""
+
+    def __init__(self, experts: Experts, group: dist.ProcessGroup):
+        super().__init__()
+        n_experts, n_ranks, rank = experts.w1.shape[0], group.size(), group.rank()
+        local = slice(rank * n_experts // n_ranks, (rank + 1) * n_experts // n_ranks)
+        self.w1, self.w2, self.w3 = (nn.Parameter(w.detach()[local].clone()) for w in (experts.w1, experts.w2,
+                                                                                          experts.w3))
+        self.compute, self.group = experts.compute, group
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Pairs sorted by expert (so by owning rank) are sent, computed here as single-slot tokens, sent back in
+        the same order and combined with the routing weights; a rank may send or receive nothing."""
+        # N tokens, K slots, D dim, L local experts, R ranks in the group
+        n_local, n_ranks, top_k = self.w1.shape[0], self.group.size(), expert_ids.shape[1]
+        flat = expert_ids.flatten()
+        order = flat.argsort(stable=True)
+        send_counts = torch.bincount(flat // n_local, minlength=n_ranks)  # [R] pairs for each rank
+        send, recv = send_counts.tolist(), _exchange_counts(send_counts, self.group).tolist()
+        rows = x[order // top_k]  # [N*K, D] grouped by destination rank
+        received = exchange(rows, recv, send, self.group)
+        local_ids = flat.new_empty(sum(recv))
+        dist.all_to_all_single(local_ids, flat[order] % n_local, recv, send, group=self.group)
+        ones = weights.new_ones(len(local_ids), 1)
+        computed = self.compute(received, local_ids[:, None], ones, self.w1, self.w2, self.w3)
+        # an empty sum that keeps the received rows and every local weight in the graph: a rank that got nothing
+        # still runs the backward exchange (the ranks' collectives must match) and gets zero weight gradients
+        anchor = sum(t.flatten()[:0].sum() for t in (received, self.w1, self.w2, self.w3))
+        computed = computed + anchor
+        returned = exchange(computed, send, recv, self.group)
+        pair_weights = weights.flatten()[order, None].to(returned.dtype)
+        return torch.zeros_like(x).index_add(0, order // top_k, returned * pair_weights)
+
+
+def parallelize_experts(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
+    """Shard every layer's experts over `group` in place: rank r keeps experts [r*E/ep, (r+1)*E/ep)."""
+    if model.cfg.n_experts % group.size():
+        raise ValueError(f"parallel.ep={group.size()} must divide model.n_experts={model.cfg.n_experts}")
+    for block in model.layers:
+        block.moe.experts = ExpertParallelExperts(block.moe.experts, group)
+    return model
