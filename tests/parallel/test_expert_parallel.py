@@ -1,4 +1,4 @@
-"""Expert parallelism over gloo: 2 and 4 processes equal one process in outputs and gradients."""
+"""Expert parallelism over gloo: 2 and 4 processes equal one process in outputs, gradients and training."""
 
 import copy
 import datetime
@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-from moe_diff.config import ModelConfig
+from moe_diff.config import ConfigError, ModelConfig, ParallelConfig
 from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel.dims import ParallelDims, average_gradients
 from moe_diff.parallel.expert_parallel import ExpertParallelExperts, parallelize_experts
 
 CONFIG = dict(vocab_size=48, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, n_experts=4, top_k=2,
@@ -63,3 +65,55 @@ def test_ep_must_divide_the_experts() -> None:
 
     with pytest.raises(ValueError, match="parallel.ep=3 must divide model.n_experts=4"):
         parallelize_experts(MoEDiffTransformer(ModelConfig(**CONFIG)), Group())
+
+
+def train_rank(rank: int, world: int, init_file: str, ep: int, steps: int) -> None:
+    """Optimizer steps with experts over ep ranks and data parallel over the rest, against one process on the
+    whole batch. The load-balancing loss is off: like gradient accumulation, it is computed per rank."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    dims = ParallelDims.from_config(ParallelConfig(ep=ep), world)
+    mesh = dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    full = MoEDiffTransformer(ModelConfig(**CONFIG, router_aux_loss_coef=0.0))
+    sharded = parallelize_experts(copy.deepcopy(full), mesh["ep"].get_group())
+    # SGD with momentum: Adam would divide float32 noise on near-zero gradients by their near-zero size
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9) for model in (full, sharded)]
+    for step in range(steps):
+        tokens = torch.randint(0, 48, (world, 12), generator=torch.Generator().manual_seed(step))
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        out = sharded(inputs[rank:rank + 1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), targets[rank].flatten()) + out.aux_loss
+        loss.backward()
+        average_gradients(sharded, mesh)
+        reference = full(inputs)
+        expected = F.cross_entropy(reference.logits.flatten(0, 1), targets.flatten()) + reference.aux_loss
+        expected.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        torch.testing.assert_close(mean_loss / world, expected.detach(), rtol=1e-5, atol=1e-6)
+    per_rank = CONFIG["n_experts"] // ep
+    shard = mesh["ep"].get_local_rank()
+    reference_params = dict(full.named_parameters())
+    for name, param in sharded.named_parameters():
+        expected = reference_params[name]
+        if ".experts." in name:
+            expected = expected[shard * per_rank:(shard + 1) * per_rank]
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2)])
+def test_expert_and_data_parallel_training_equals_one_process(world: int, ep: int, tmp_path: Path) -> None:
+    mp.spawn(train_rank, args=(world, str(tmp_path / "rendezvous"), ep, 3), nprocs=world)
+
+
+def test_layouts_are_checked_against_the_world_size() -> None:
+    with pytest.raises(ConfigError, match=r"parallel.dp=3 x parallel.tp=1 must equal the world size 4"):
+        ParallelDims.from_config(ParallelConfig(dp=3), 4)
+    with pytest.raises(ConfigError, match="parallel.ep=3 must divide the world size 4"):
+        ParallelDims.from_config(ParallelConfig(ep=3), 4)
+    assert ParallelDims.from_config(ParallelConfig(ep=2), 4) == ParallelDims(4, 1, 2, 4)
