@@ -144,9 +144,6 @@ class DataConfig:
         return [self.source] if isinstance(self.source, str) else list(self.source or [])
 
 
-PARALLEL_BACKENDS = ("auto", "nccl", "gloo")
-
-
 @dataclass
 class ParallelConfig:
     """How a torchrun job splits its processes: dp * tp = world size; ep divides dp * tp and n_experts."""
@@ -154,17 +151,13 @@ class ParallelConfig:
     dp: int | None = None  # None: world size / tp
     tp: int = 1
     ep: int = 1  # experts of every layer sharded over groups of ep consecutive ranks
-    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
-    timeout_s: int = 600  # a collective waiting longer ends the job with an error instead of hanging
 
     def __post_init__(self) -> None:
         if self.dp is not None and (not _is_int(self.dp) or self.dp < 1):
             _fail("parallel.dp", self.dp, "null (inferred from the world size) or a positive integer")
-        for name in ("tp", "ep", "timeout_s"):
+        for name in ("tp", "ep"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 _fail(f"parallel.{name}", getattr(self, name), "a positive integer")
-        if self.backend not in PARALLEL_BACKENDS:
-            _fail("parallel.backend", self.backend, f"one of {', '.join(PARALLEL_BACKENDS)}")
 
 
 @dataclass

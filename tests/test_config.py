@@ -1,5 +1,6 @@
 """Config loading: YAML plus dotlist overrides, and errors that name the field and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,13 @@ def test_missing_file_and_unknown_yaml_key(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("model:\n  dim: 64\n  experts: 4\n")
     with pytest.raises(ConfigError, match="unknown config key 'model.experts'"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["parallel.ep=3"], "parallel.ep=3 is not allowed: a divisor of model.n_experts (8)"),
+    (["parallel.tp=0"], "parallel.tp=0"),
+    (["parallel.dp=0"], "parallel.dp=0"),
+])
+def test_parallel_section_is_checked(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(CONFIGS / "tiny.yaml", overrides)
