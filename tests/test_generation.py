@@ -131,3 +131,14 @@ def test_greedy_tokens_match_transformers_mixtral_generate() -> None:
     expected = hf.generate(tokens, max_new_tokens=15, do_sample=False, attention_mask=torch.ones_like(tokens))
     ours = from_hf_mixtral(hf)
     assert torch.equal(generate(ours, tokens, 15), expected)
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_the_sdpa_backend_equals_the_reference_through_the_whole_model(attention: str) -> None:
+    reference, fused = decisive_model(attention, window=4), decisive_model(attention, window=4, attn_backend="sdpa")
+    tokens = prompt(11)[None].repeat(2, 1)
+    documents = torch.tensor([[0] * 5 + [1] * 6, [0] * 11])
+    torch.testing.assert_close(fused(tokens, document_ids=documents).logits,
+                               reference(tokens, document_ids=documents).logits, rtol=1e-10, atol=1e-10)
+    prompts = [prompt(n, seed=n) for n in (2, 7)]
+    assert torch.equal(generate(fused, prompts, 9), generate(reference, prompts, 9))

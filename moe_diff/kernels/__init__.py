@@ -6,8 +6,11 @@ from typing import NamedTuple
 from moe_diff.config import ConfigError
 from moe_diff.kernels.diff_attention import (
     attention_reference,
+    attention_sdpa,
     diff_attention_reference,
+    diff_attention_sdpa,
     diff_v2_attention_reference,
+    diff_v2_attention_sdpa,
 )
 from moe_diff.kernels.moe_experts import (
     megablocks_gmm,
@@ -28,6 +31,7 @@ class AttentionOps(NamedTuple):
 ATTENTION_BACKENDS: dict[str, AttentionOps] = {
     "reference": AttentionOps(attention_reference, diff_attention_reference,
                               diff_v2_attention_reference),
+    "sdpa": AttentionOps(attention_sdpa, diff_attention_sdpa, diff_v2_attention_sdpa),
 }
 
 MOE_BACKENDS: dict[str, Callable] = {

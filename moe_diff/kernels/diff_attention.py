@@ -7,7 +7,11 @@ sequences, when both carry the same document id. An explicit boolean `mask` [B, 
 replaces that rule (decoding against a KV cache, where keys outnumber queries).
 """
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 
 from moe_diff.kernels.precision import compute_dtype
 
@@ -54,29 +58,53 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
     return torch.einsum("bhiqk,bkhd->bqhid", probs, v.to(probs.dtype)).flatten(2, 3)
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                        document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Standard attention. q: [B, T, Hq, d], k, v: [B, T, Hk, d] -> [B, T, Hq, d]."""
-    return softmax_attention(q, k, v, window, document_ids, mask).to(q.dtype)
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                   document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The same through torch's scaled_dot_product_attention (fused kernels where the shapes allow), GQA without
+    copies; a plain causal mask is passed as is_causal so the fused kernels skip the masked blocks."""
+    # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
+    if mask is None and window is None and document_ids is None:
+        attn_mask, causal = None, True
+    else:
+        if mask is None:
+            mask = attention_mask(q.shape[1], window, q.device, document_ids)
+        attn_mask, causal = (mask[:, None] if mask.dim() == 3 else mask), False
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=attn_mask, is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
-def diff_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
-                             window: int | None, document_ids: torch.Tensor | None = None,
-                             mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(A1 - lam * A2) v. q: [B, T, H, 2, d], k: [B, T, G, 2, d], v: [B, T, G, 2d] -> [B, T, H, 2d]."""
-    out1 = softmax_attention(q[..., 0, :], k[..., 0, :], v, window, document_ids, mask)
-    out2 = softmax_attention(q[..., 1, :], k[..., 1, :], v, window, document_ids, mask)
+def standard_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                       document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Standard attention with `attend` (softmax_attention or sdpa_attention). q: [B, T, Hq, d], k, v: [B, T, Hk, d]
+    -> [B, T, Hq, d]."""
+    return attend(q, k, v, window, document_ids, mask).to(q.dtype)
+
+
+def diff_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+                   window: int | None, document_ids: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(A1 - lam * A2) v as two attentions over the shared 2d-wide values.
+    q: [B, T, H, 2, d], k: [B, T, G, 2, d], v: [B, T, G, 2d] -> [B, T, H, 2d]."""
+    out1 = attend(q[..., 0, :], k[..., 0, :], v, window, document_ids, mask)
+    out2 = attend(q[..., 1, :], k[..., 1, :], v, window, document_ids, mask)
     return (out1 - lam.to(out1.dtype) * out2).to(q.dtype)
 
 
-def diff_v2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
-                                window: int | None, document_ids: torch.Tensor | None = None,
-                                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """attn(q_2h) - lam[..., h] * attn(q_2h+1).
-
-    q: [B, T, 2H, d], k, v: [B, T, Hk, d], lam: [B, T, H] -> [B, T, H, d].
-    """
+def diff_v2_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+                      window: int | None, document_ids: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """attn(q_2h) - lam[..., h] * attn(q_2h+1), one attention over the doubled query heads.
+    q: [B, T, 2H, d], k, v: [B, T, Hk, d], lam: [B, T, H] -> [B, T, H, d]."""
     batch, n_tokens, n_query_heads, head_dim = q.shape
-    out = softmax_attention(q, k, v, window, document_ids, mask)
+    out = attend(q, k, v, window, document_ids, mask)
     out = out.view(batch, n_tokens, n_query_heads // 2, 2, head_dim)
     return (out[..., 0, :] - lam.to(out.dtype)[..., None] * out[..., 1, :]).to(q.dtype)
+
+
+attention_reference = partial(standard_attention, softmax_attention)
+diff_attention_reference = partial(diff_attention, softmax_attention)
+diff_v2_attention_reference = partial(diff_v2_attention, softmax_attention)
+attention_sdpa = partial(standard_attention, sdpa_attention)
+diff_attention_sdpa = partial(diff_attention, sdpa_attention)
+diff_v2_attention_sdpa = partial(diff_v2_attention, sdpa_attention)

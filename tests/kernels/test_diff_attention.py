@@ -92,3 +92,47 @@ def test_bfloat16_inputs_accumulate_in_float32() -> None:
     assert out.dtype == torch.bfloat16
     exact = brute_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), None)
     assert (out.double() - exact).abs().max() < 1e-2
+
+
+def mode_inputs(mode: str, ratio: int, kv_heads: int, n: int, keys: int) -> tuple:
+    """q, k, v, lam of one mode (float64, requiring gradients): n queries against `keys` keys (for diff,
+    kv_heads counts the groups of two)."""
+    d = 4
+    if mode == "diff":
+        shapes = [(2, n, ratio * kv_heads, 2, d), (2, keys, kv_heads, 2, d), (2, keys, kv_heads, 2 * d), ()]
+    elif mode == "diff_v2":
+        shapes = [(2, n, 2 * ratio * kv_heads, d), (2, keys, kv_heads, d), (2, keys, kv_heads, d),
+                  (2, n, ratio * kv_heads)]
+    else:
+        shapes = [(2, n, ratio * kv_heads, d), (2, keys, kv_heads, d), (2, keys, kv_heads, d)]
+    return tuple(torch.randn(shape, dtype=torch.float64).requires_grad_() for shape in shapes)
+
+
+@pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
+@pytest.mark.parametrize(("ratio", "kv_heads", "window"), SHAPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_sdpa_equals_the_reference_in_values_and_gradients(mode: str, ratio: int, kv_heads: int,
+                                                           window: int | None, packed: bool) -> None:
+    torch.manual_seed(ratio + kv_heads)
+    inputs = mode_inputs(mode, ratio, kv_heads, 7, 7)
+    documents = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 2]]) if packed else None
+    results = []
+    for backend in ("reference", "sdpa"):
+        args = [t.detach().clone().requires_grad_() for t in inputs]
+        out = attention_op(backend, mode)(*args, window, documents)
+        out.square().sum().backward()
+        results.append([out] + [a.grad for a in args])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
+def test_sdpa_takes_the_cache_mask(mode: str) -> None:
+    """Fewer queries than keys, with an explicit [B, Tq, Tk] mask, as a KV-cache step passes it."""
+    torch.manual_seed(3)
+    inputs = mode_inputs(mode, 2, 1, 3, 9)
+    mask = torch.rand(2, 3, 9, generator=torch.Generator().manual_seed(0)) > 0.4
+    mask[..., -1] = True  # every query sees at least itself
+    reference = attention_op("reference", mode)(*inputs, None, None, mask)
+    torch.testing.assert_close(attention_op("sdpa", mode)(*inputs, None, None, mask), reference,
+                               rtol=1e-10, atol=1e-10)
