@@ -182,6 +182,9 @@ def to_hf_mixtral(model: nn.Module, directory: str | Path) -> Path:
         raise ValueError(f"only standard-attention models export to Mixtral; this model has "
                          f"attention={model.cfg.attention!r}, which Mixtral cannot represent")
     directory = Path(directory)
+    if model.cfg.expert_bias_rate:
+        raise ValueError("this model selects experts with a learned bias (model.expert_bias_rate > 0), which "
+                         "Mixtral's router cannot represent; exporting would change which experts every token uses")
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; refusing to overwrite it")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in hf_state_dict_from_model(model).items()}

@@ -92,6 +92,12 @@ def test_export_refuses_diff_models_and_non_empty_directories(tmp_path: Path) ->
                                           ffn_dim=8, n_experts=2, top_k=1))
     with pytest.raises(ValueError, match="attention='diff'"):
         to_hf_mixtral(diff, tmp_path / "out")
+    biased = MoEDiffTransformer(ModelConfig(vocab_size=10, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                                            ffn_dim=8, n_experts=2, top_k=1, attention="standard",
+                                            expert_bias_rate=0.01))
+    with pytest.raises(ValueError, match="expert_bias_rate"):
+        to_hf_mixtral(biased, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
