@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 ATTENTION_MODES = ("diff", "diff_v2", "standard")
-ATTN_BACKENDS = ("reference", "sdpa")
+ATTN_BACKENDS = ("reference", "sdpa", "flex")
 MOE_BACKENDS = ("reference", "grouped_mm", "megablocks")
 
 

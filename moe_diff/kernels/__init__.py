@@ -5,10 +5,13 @@ from typing import NamedTuple
 
 from moe_diff.config import ConfigError
 from moe_diff.kernels.diff_attention import (
+    attention_flex,
     attention_reference,
     attention_sdpa,
+    diff_attention_flex,
     diff_attention_reference,
     diff_attention_sdpa,
+    diff_v2_attention_flex,
     diff_v2_attention_reference,
     diff_v2_attention_sdpa,
 )
@@ -32,6 +35,7 @@ ATTENTION_BACKENDS: dict[str, AttentionOps] = {
     "reference": AttentionOps(attention_reference, diff_attention_reference,
                               diff_v2_attention_reference),
     "sdpa": AttentionOps(attention_sdpa, diff_attention_sdpa, diff_v2_attention_sdpa),
+    "flex": AttentionOps(attention_flex, diff_attention_flex, diff_v2_attention_flex),
 }
 
 MOE_BACKENDS: dict[str, Callable] = {

@@ -12,6 +12,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import flex_attention as flex
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from moe_diff.kernels.precision import compute_dtype
 
@@ -74,6 +76,35 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     return out.transpose(1, 2)
 
 
+def flex_attention_mask(q: torch.Tensor, k: torch.Tensor, window: int | None, document_ids: torch.Tensor | None,
+                        mask: torch.Tensor | None) -> BlockMask:
+    """The block mask of the same rule (or of an explicit [B, Tq, Tk] mask) for FlexAttention."""
+    if mask is not None:
+        def allowed(b, h, i, j):
+            return mask[b, i, j]
+    else:
+        def allowed(b, h, i, j):
+            keep = j <= i
+            if window is not None:
+                keep = keep & (j > i - window)
+            if document_ids is not None:
+                keep = keep & (document_ids[b, i] == document_ids[b, j])
+            return keep
+    batch = q.shape[0] if mask is not None or document_ids is not None else None
+    return create_block_mask(allowed, batch, None, q.shape[1], k.shape[1], device=q.device)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                   document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The same through torch's FlexAttention, which skips fully masked blocks (a window's cost stays linear in
+    length); it is fused only under torch.compile (train.compile, or a compiled decode step)."""
+    # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
+    block_mask = flex_attention_mask(q, k, window, document_ids, mask)
+    out = flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                              enable_gqa=True)
+    return out.transpose(1, 2)
+
+
 def standard_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
                        document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Standard attention with `attend` (softmax_attention or sdpa_attention). q: [B, T, Hq, d], k, v: [B, T, Hk, d]
@@ -106,5 +137,8 @@ attention_reference = partial(standard_attention, softmax_attention)
 diff_attention_reference = partial(diff_attention, softmax_attention)
 diff_v2_attention_reference = partial(diff_v2_attention, softmax_attention)
 attention_sdpa = partial(standard_attention, sdpa_attention)
+attention_flex = partial(standard_attention, flex_attention)
+diff_attention_flex = partial(diff_attention, flex_attention)
+diff_v2_attention_flex = partial(diff_v2_attention, flex_attention)
 diff_attention_sdpa = partial(diff_attention, sdpa_attention)
 diff_v2_attention_sdpa = partial(diff_v2_attention, sdpa_attention)

@@ -108,31 +108,36 @@ def mode_inputs(mode: str, ratio: int, kv_heads: int, n: int, keys: int) -> tupl
     return tuple(torch.randn(shape, dtype=torch.float64).requires_grad_() for shape in shapes)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
 @pytest.mark.parametrize(("ratio", "kv_heads", "window"), SHAPES)
 @pytest.mark.parametrize("packed", [False, True])
-def test_sdpa_equals_the_reference_in_values_and_gradients(mode: str, ratio: int, kv_heads: int,
-                                                           window: int | None, packed: bool) -> None:
+def test_fused_backends_equal_the_reference_in_values_and_gradients(backend: str, mode: str, ratio: int,
+                                                                    kv_heads: int, window: int | None,
+                                                                    packed: bool) -> None:
     torch.manual_seed(ratio + kv_heads)
     inputs = mode_inputs(mode, ratio, kv_heads, 7, 7)
     documents = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 2]]) if packed else None
     results = []
-    for backend in ("reference", "sdpa"):
-        args = [t.detach().clone().requires_grad_() for t in inputs]
-        out = attention_op(backend, mode)(*args, window, documents)
-        out.square().sum().backward()
-        results.append([out] + [a.grad for a in args])
+    backward = backend != "flex" or torch.cuda.is_available()  # FlexAttention has no CPU backward
+    for op in (attention_op("reference", mode), attention_op(backend, mode)):
+        args = [t.detach().clone().requires_grad_(backward) for t in inputs]
+        out = op(*args, window, documents)
+        if backward:
+            out.square().sum().backward()
+        results.append([out] + [a.grad for a in args if backward])
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
-def test_sdpa_takes_the_cache_mask(mode: str) -> None:
+def test_fused_backends_take_the_cache_mask(backend: str, mode: str) -> None:
     """Fewer queries than keys, with an explicit [B, Tq, Tk] mask, as a KV-cache step passes it."""
     torch.manual_seed(3)
-    inputs = mode_inputs(mode, 2, 1, 3, 9)
+    inputs = [t.detach() for t in mode_inputs(mode, 2, 1, 3, 9)]
     mask = torch.rand(2, 3, 9, generator=torch.Generator().manual_seed(0)) > 0.4
     mask[..., -1] = True  # every query sees at least itself
     reference = attention_op("reference", mode)(*inputs, None, None, mask)
-    torch.testing.assert_close(attention_op("sdpa", mode)(*inputs, None, None, mask), reference,
+    torch.testing.assert_close(attention_op(backend, mode)(*inputs, None, None, mask), reference,
                                rtol=1e-10, atol=1e-10)
