@@ -24,3 +24,12 @@ def test_moe_layer_benchmark_at_cpu_size(tmp_path: Path, capsys) -> None:
     assert all(r["seconds"] > 0 and r["tflops"] > 0 for r in rows.values())
     assert rows[("dense floor", 512)]["time_over_dense_floor"] == 1.0
     assert "x the dense floor" in capsys.readouterr().out
+
+
+def test_attention_benchmark_at_cpu_size(tmp_path: Path) -> None:
+    out = tmp_path / "attention.json"
+    assert load("attention").main(["--cpu-size", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["case"] for r in rows} >= {"diff / reference", "diff / sdpa", "diff_v2 / sdpa",
+                                         "standard 2x heads / sdpa (yardstick)"}
+    assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in rows)
