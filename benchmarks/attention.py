@@ -10,33 +10,18 @@ FlexAttention runs only on GPUs here (it is fused only when compiled). The Trito
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from moe_diff.bench import environment
+from moe_diff.bench.measure import median_seconds
+from moe_diff.bench.report import write_json
 from moe_diff.kernels import attention_op
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def median_seconds(work: Callable[[], object], device: torch.device, repeats: int) -> float:
-    for _ in range(2):
-        work()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        work()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def keys_per_query(seq: int, window: int | None) -> float:
@@ -116,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows = [row for seq in args.seq for row in measure(seq, args, device)]
     results = {"environment": environment(device), "settings": vars(args), "results": rows}
-    out = Path(args.out or Path(__file__).parent / "results" / f"attention-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    out = write_json(results, Path(args.out or Path(__file__).parent / "results" / f"attention-{device.type}.json"))
     for row in rows:
         print(f"{row['seq']:>6}  {row['case']:<38} {row['forward_s'] * 1e3:9.2f} ms fwd  "
               f"{row['forward_backward_s'] * 1e3:9.2f} ms fwd+bwd  {row['forward_backward_tflops']:.4f} TFLOP/s")

@@ -9,9 +9,7 @@ GEMM would cost with perfectly even, perfectly packed experts.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from moe_diff.bench import environment
+from moe_diff.bench.measure import median_seconds, synchronize
+from moe_diff.bench.report import write_json
 from moe_diff.kernels.moe_experts import (
-    megablocks_gmm,
+    megablocks_available,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
     moe_experts_reference,
@@ -36,34 +36,22 @@ def dense_floor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
 
 def backends(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
     available = {"reference": moe_experts_reference, "grouped_mm": moe_experts_grouped_mm}
-    try:
-        megablocks_gmm()
-        if device.type == "cuda":
-            available["megablocks"] = moe_experts_megablocks
-    except ImportError:
-        pass
+    if megablocks_available() and device.type == "cuda":
+        available["megablocks"] = moe_experts_megablocks
     return available
 
 
 def timed(step: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, int | None]:
     """Median seconds of `step` after two warm-up calls, and its peak extra CUDA memory in bytes."""
-    for _ in range(2):
-        step()
+    step()
+    step()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    seconds = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
+    seconds = median_seconds(step, device, repeats, warmup=0)
     peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-    return sorted(seconds)[len(seconds) // 2], peak
+    return seconds, peak
 
 
 def measure(n_tokens: int, dim: int, ffn: int, n_experts: int, top_k: int, dtype: torch.dtype,
@@ -121,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.repeats)]
     results = {"environment": environment(device), "dim": args.dim, "ffn": args.ffn, "experts": args.experts,
                "top_k": args.top_k, "dtype": args.dtype, "results": rows}
-    out = Path(args.out or Path(__file__).parent / "results" / f"moe-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    out = write_json(results, Path(args.out or Path(__file__).parent / "results" / f"moe-{device.type}.json"))
     for row in rows:
         print(f"{row['tokens']:>6} tokens  {row['backend']:<12} {row['seconds'] * 1e3:9.2f} ms  "
               f"{row['tflops']:8.3f} TFLOP/s  {row['time_over_dense_floor']:5.2f}x the dense floor")

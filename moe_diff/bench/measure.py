@@ -17,15 +17,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_time(work: Callable[[], object], device: torch.device, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first pass also faults the pages in
+def call_times(work: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `work`, after `warmup` untimed ones, the device synchronised."""
+    for _ in range(warmup):
+        work()
+    seconds = []
+    for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
         work()
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def median_seconds(work: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    seconds = sorted(call_times(work, device, repeats, warmup))
+    return seconds[len(seconds) // 2]
 
 
 def memory_bandwidth(device: torch.device, mebibytes: int = 512, repeats: int = 5) -> dict[str, float]:
@@ -34,8 +42,9 @@ def memory_bandwidth(device: torch.device, mebibytes: int = 512, repeats: int = 
     source = torch.ones(mebibytes * 2**20 // 4, device=device)
     target = torch.empty_like(source)
     size = source.numel() * source.element_size()
-    copy = 2 * size / _best_time(lambda: target.copy_(source), device, repeats)
-    read = size / _best_time(source.sum, device, repeats)
+    # the best of the repeats, after a first pass that also faults the pages in
+    copy = 2 * size / min(call_times(lambda: target.copy_(source), device, repeats, warmup=1))
+    read = size / min(call_times(source.sum, device, repeats, warmup=1))
     return {"copy": copy, "read": read, "peak": max(copy, read)}
 
 

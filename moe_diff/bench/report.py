@@ -64,14 +64,19 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    """The results as JSON at `path` (folders made), written under a temporary name first and then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=1) + "\n")
+    partial.replace(path)
+    return path
+
+
 def write(results: dict[str, Any], stem: Path) -> list[Path]:
-    """STEM.json, STEM.md and STEM.png; the JSON is written last, under a temporary name first."""
+    """STEM.json, STEM.md and STEM.png; the JSON is written last."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     table = stem.with_suffix(".md")
     table.write_text(markdown(results))
     picture = plot(results, stem.with_suffix(".png"))
-    data = stem.with_suffix(".json")
-    partial = data.with_suffix(".json.partial")
-    partial.write_text(json.dumps(results, indent=1) + "\n")
-    partial.replace(data)
-    return [data, table, picture]
+    return [write_json(results, stem.with_suffix(".json")), table, picture]

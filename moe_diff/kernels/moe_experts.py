@@ -84,14 +84,16 @@ def permutation_ops(device: torch.device) -> tuple[Callable, Callable, Callable]
 
 def sorted_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
                   w2: torch.Tensor, w3: torch.Tensor,
-                  grouped_linear: Callable[[torch.Tensor, torch.Tensor, PermutePlan], torch.Tensor]) -> torch.Tensor:
-    """Sort the (token, slot) pairs by expert, run the SwiGLU with `grouped_linear(rows, weight [E, out, in],
-    plan)` (a grouped GEMM over the plan's groups) and combine each token's slots back."""
+                  grouped_linear_for: Callable[[PermutePlan], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+                  ) -> torch.Tensor:
+    """Sort the (token, slot) pairs by expert, run the SwiGLU with the grouped GEMM `grouped_linear_for(plan)`
+    (rows, weight [E, out, in]) -> rows @ weight[group]^T, and combine each token's slots back."""
     plan, gather, combine = permutation_ops(x.device)
     routed = plan(expert_ids, w1.shape[0])
+    linear = grouped_linear_for(routed)
     rows = gather(x, routed)  # [N*K, D] expert-major
-    hidden = F.silu(grouped_linear(rows, w1, routed)) * grouped_linear(rows, w3, routed)
-    return combine(grouped_linear(hidden, w2, routed), routed, weights)
+    hidden = F.silu(linear(rows, w1)) * linear(rows, w3)
+    return combine(linear(hidden, w2), routed, weights)
 
 
 def moe_experts_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -105,7 +107,7 @@ def moe_experts_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
         raise ValueError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {x.dtype}; use "
                          "moe_backend='reference' for float64")
     return sorted_swiglu(x, expert_ids, weights, w1, w2, w3,
-                         lambda rows, w, plan: GroupedLinear.apply(rows, w, plan.offsets))
+                         lambda plan: lambda rows, w: GroupedLinear.apply(rows, w, plan.offsets))
 
 
 MEGABLOCKS_MISSING = ("moe_backend='megablocks' needs MegaBlocks with its grouped_gemm CUDA extension; install "
@@ -124,10 +126,23 @@ def megablocks_gmm() -> Callable:
     return grouped_gemm_util.ops.gmm
 
 
+def megablocks_available() -> bool:
+    """Whether the megablocks backend can run here: MegaBlocks with its extension, and a CUDA device."""
+    try:
+        megablocks_gmm()
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def moe_experts_megablocks(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                            w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """The same through MegaBlocks' grouped GEMM (CUDA, bf16/fp16). Its group sizes live on the host, so
     each layer waits for the router, as MegaBlocks' own dMoE does."""
     gmm = megablocks_gmm()
-    return sorted_swiglu(x, expert_ids, weights, w1, w2, w3,
-                         lambda rows, w, plan: gmm(rows, w, plan.counts.cpu(), trans_b=True))
+
+    def grouped_linear_for(plan: PermutePlan) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        batch_sizes = plan.counts.cpu()  # one wait per layer, shared by its three GEMMs
+        return lambda rows, w: gmm(rows, w, batch_sizes, trans_b=True)
+
+    return sorted_swiglu(x, expert_ids, weights, w1, w2, w3, grouped_linear_for)
