@@ -189,7 +189,8 @@ def _bench_model(args: argparse.Namespace) -> MoEDiffTransformer:
     if source.suffix in (".yaml", ".yml"):
         cfg = load_config(source, args.overrides).model
         torch.manual_seed(args.seed)
-        return MoEDiffTransformer(cfg).to(device=device, dtype=dtype)
+        with device:  # initialised where it runs: a multi-GB model need not pass through host memory
+            return MoEDiffTransformer(cfg).to(dtype=dtype)
     if args.overrides:
         raise ValueError("dotlist overrides apply to a YAML config, not to a checkpoint")
     return checkpoint.load(train_checkpoint.resolve(source)[0], dtype=dtype).to(device)

@@ -17,7 +17,7 @@ from torch import nn
 from moe_diff.config import ModelConfig
 from moe_diff.kernels import attention_op, moe_experts_op
 from moe_diff.kernels.diff_attention import causal_window_mask
-from moe_diff.kernels.moe_experts import moe_experts_gathered, moe_experts_loop_op
+from moe_diff.kernels.moe_experts import moe_experts_every, moe_experts_gathered, moe_experts_loop_op
 from moe_diff.kernels.precision import compute_dtype
 
 
@@ -212,8 +212,12 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         compute = self.compute
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            # compiled decode, static shapes: a few tokens gather their experts' weights, more loop in one op
-            compute = moe_experts_gathered if expert_ids.numel() <= self.w1.shape[0] else moe_experts_loop_op
+            # compiled decode, static shapes: a few tokens gather their experts' weights; more run every expert
+            # on CUDA (CUDA graphs cannot capture the loop's host synchronisation), or loop in one op elsewhere
+            if expert_ids.numel() <= self.w1.shape[0]:
+                compute = moe_experts_gathered
+            else:
+                compute = moe_experts_every if x.is_cuda else moe_experts_loop_op
         return compute(x, expert_ids, weights, self.w1, self.w2, self.w3)
 
 

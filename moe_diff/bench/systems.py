@@ -57,15 +57,19 @@ class MoEDiffSystem:
             hook.remove()
 
     def run(self, prompts: torch.Tensor, new_tokens: int) -> Timing:
-        outputs: list[ModelOutput] = []
+        chosen: list[list[torch.Tensor]] = []  # per forward, per layer: copies, as CUDA graphs reuse outputs
+
+        def keep_choices(out: ModelOutput) -> None:
+            chosen.append([routing.expert_ids.clone() for routing in out.routings])
+
         device = prompts.device
         synchronize(device)
         start, stamps = time.perf_counter(), []
-        for _ in stream(self.model, prompts, new_tokens, compile=self.compile, on_forward=outputs.append):
+        for _ in stream(self.model, prompts, new_tokens, compile=self.compile, on_forward=keep_choices):
             synchronize(device)
             stamps.append(time.perf_counter())
-        steps = outputs[math.ceil(prompts.shape[1] / PREFILL_CHUNK):]  # the one-token steps after prefill
-        read = [sum(r.expert_ids.unique().numel() for r in out.routings) for out in steps]
+        steps = chosen[math.ceil(prompts.shape[1] / PREFILL_CHUNK):]  # the one-token steps after prefill
+        read = [sum(ids.unique().numel() for ids in layers) for layers in steps]
         return Timing.from_stamps(start, stamps, read)
 
 

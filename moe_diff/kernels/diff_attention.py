@@ -76,6 +76,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     return out.transpose(1, 2)
 
 
+FLEX_MAX_VALUE_WIDTH = 128
+
+
 def flex_attention_mask(q: torch.Tensor, k: torch.Tensor, window: int | None, document_ids: torch.Tensor | None,
                         mask: torch.Tensor | None) -> BlockMask:
     """The block mask of the same rule (or of an explicit [B, Tq, Tk] mask) for FlexAttention."""
@@ -100,8 +103,10 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     length); it is fused only under torch.compile (train.compile, or a compiled decode step)."""
     # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
     block_mask = flex_attention_mask(q, k, window, document_ids, mask)
-    out = flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                              enable_gqa=True)
+    # diff's 2d-wide values at d = 128 overflow the shared memory of FlexAttention's GPU backward: two halves
+    values = v.split(FLEX_MAX_VALUE_WIDTH, dim=-1) if v.is_cuda else (v,)
+    out = torch.cat([flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), part.transpose(1, 2),
+                                         block_mask=block_mask, enable_gqa=True) for part in values], dim=-1)
     return out.transpose(1, 2)
 
 

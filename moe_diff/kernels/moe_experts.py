@@ -52,6 +52,19 @@ def moe_experts_gathered(x: torch.Tensor, expert_ids: torch.Tensor, weights: tor
     return (out * weights[..., None].to(out.dtype)).sum(1)
 
 
+def moe_experts_every(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                      w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """Every expert over every token, gated by a dense [N, E] matrix that is zero where the expert was not
+    chosen: static shapes and no host synchronisation (CUDA graphs can capture it), each expert's weights read
+    once. For compiled decode steps with more (token, slot) pairs than experts, where a step reads nearly every
+    expert anyway; it does E/K times the needed FLOPs, which a few decode tokens per step can afford."""
+    gates = torch.zeros(x.shape[0], w1.shape[0], dtype=weights.dtype, device=x.device)
+    gates = gates.scatter_add(1, expert_ids, weights)  # [N, E]
+    hidden = F.silu(x @ w1.transpose(1, 2)) * (x @ w3.transpose(1, 2))  # [E, N, F]
+    out = hidden @ w2.transpose(1, 2)  # [E, N, D]
+    return (out * gates.t()[..., None].to(out.dtype)).sum(0)
+
+
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # the private name on older torch
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from moe_diff.kernels.moe_experts import (
     megablocks_available,
+    moe_experts_every,
     moe_experts_gathered,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
@@ -32,16 +33,19 @@ def test_weighted_sum_of_chosen_experts_including_idle_ones() -> None:
     assert torch.all(w1.grad[3] == 0) and w1.grad[:3].abs().sum() > 0
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_gathered_experts_for_decode_equal_the_reference(n: int) -> None:
+@pytest.mark.parametrize("op", [moe_experts_gathered, moe_experts_every])
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_decode_expert_paths_equal_the_reference(op, n: int) -> None:
+    """The static-shape paths of compiled decode steps; with 9 tokens on 5 experts, expert 4 stays idle."""
     torch.manual_seed(n)
-    dim, ffn, experts = 6, 10, 4
+    dim, ffn, experts = 6, 10, 5
     x = torch.randn(n, dim, dtype=torch.float64)
     w1, w3 = (torch.randn(experts, ffn, dim, dtype=torch.float64) for _ in range(2))
     w2 = torch.randn(experts, dim, ffn, dtype=torch.float64)
-    ids, weights = torch.stack([torch.randperm(experts)[:2] for _ in range(n)]), torch.rand(n, 2, dtype=torch.float64)
-    torch.testing.assert_close(moe_experts_gathered(x, ids, weights, w1, w2, w3),
-                               moe_experts_reference(x, ids, weights, w1, w2, w3), rtol=0, atol=1e-12)
+    ids = torch.stack([torch.randperm(experts - 1)[:2] for _ in range(n)])
+    weights = torch.rand(n, 2, dtype=torch.float64)
+    torch.testing.assert_close(op(x, ids, weights, w1, w2, w3), moe_experts_reference(x, ids, weights, w1, w2, w3),
+                               rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
