@@ -1,10 +1,15 @@
 """Differential attention backends timed side by side: forward, backward and both, with TFLOP/s.
 
-GPU (the issue's shapes):  python benchmarks/attention.py --seq 1024 4096 16384 32768 --window 4096
+GPU (the issue's shapes):  python benchmarks/attention.py --seq 1024 4096 16384 32768 --window 4096 --model-step
 CPU (what CI runs):         python benchmarks/attention.py --cpu-size
-Cases: diff V1 through each attention backend (sdpa is the official code's two SDPA calls), standard attention
-with the same parameter count (one SDPA call over 2x heads: the yardstick), and diff V2 through each backend.
-FlexAttention runs only on GPUs here (it is fused only when compiled). The Triton kernel joins when it exists.
+Cases: diff V1 through each backend (sdpa is the official code's two SDPA calls; "sdpa 4 calls" splits the
+2d-wide values so SDPA's flash kernel takes them, its second variant), diff V2 through each backend (sdpa: one
+call over the doubled query heads, then the subtraction), standard attention through the Triton kernel, and
+standard attention with the same parameter count (one SDPA call over 2x heads: the yardstick). FlexAttention
+and the Triton kernel run only on GPUs here (fused only when compiled); the reference only up to
+--reference-max-seq (it materialises the maps). A case that fails records its error and the others go on.
+--model-step also times a whole training step of a MoE model with diff attention against the same model with
+standard attention.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,9 +25,18 @@ import torch
 from moe_diff.bench import environment
 from moe_diff.bench.measure import median_seconds
 from moe_diff.bench.report import write_json
+from moe_diff.config import ModelConfig
 from moe_diff.kernels import attention_op
+from moe_diff.kernels.diff_attention import diff_attention, sdpa_attention
+from moe_diff.model import MoEDiffTransformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sdpa_value_halves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                      document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One map over each half of the values: SDPA's flash kernel needs values as wide as the keys."""
+    return torch.cat([sdpa_attention(q, k, half, window, document_ids, mask) for half in v.chunk(2, dim=-1)], -1)
 
 
 def keys_per_query(seq: int, window: int | None) -> float:
@@ -31,51 +46,106 @@ def keys_per_query(seq: int, window: int | None) -> float:
     return (window * (window + 1) / 2 + (seq - window) * window) / seq
 
 
-def cases(batch: int, seq: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype,
-          device: torch.device) -> dict[str, tuple[Callable, list[torch.Tensor], float]]:
+def backends(device: torch.device, seq: int, reference_max_seq: int) -> list[str]:
+    names = ["reference"] if seq <= reference_max_seq else []
+    return names + (["sdpa", "flex", "triton"] if device.type == "cuda" else ["sdpa"])
+
+
+def cases(batch: int, seq: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype, device: torch.device,
+          reference_max_seq: int) -> dict[str, tuple[Callable, list[torch.Tensor], float]]:
     """name -> (op, inputs, forward FLOPs per attended key summed over heads and queries)."""
     def make(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=dtype, device=device) / 2
 
     lam = torch.tensor(0.5, device=device)
-    found = {}
-    # FlexAttention is fused only when compiled, which works on GPUs; on CPU it would time an unfused fallback
-    for backend in ("reference", "sdpa", "flex") if device.type == "cuda" else ("reference", "sdpa"):
-        diff_inputs = [make(batch, seq, heads, 2, d), make(batch, seq, kv_heads, 2, d),
-                       make(batch, seq, kv_heads, 2 * d), lam]
-        wrap = torch.compile if backend == "flex" else (lambda op: op)
-        found[f"diff / {backend}"] = (wrap(attention_op(backend, "diff")), diff_inputs, 2 * heads * (2 * d + 4 * d))
-        v2_inputs = [make(batch, seq, 4 * heads, d), make(batch, seq, 2 * kv_heads, d),
-                     make(batch, seq, 2 * kv_heads, d), torch.rand(batch, seq, 2 * heads, device=device)]
-        found[f"diff_v2 / {backend}"] = (wrap(attention_op(backend, "diff_v2")), v2_inputs, 4 * heads * 4 * d)
+    diff_inputs = [make(batch, seq, heads, 2, d), make(batch, seq, kv_heads, 2, d), make(batch, seq, kv_heads, 2 * d),
+                   lam]
+    v2_inputs = [make(batch, seq, 4 * heads, d), make(batch, seq, 2 * kv_heads, d), make(batch, seq, 2 * kv_heads, d),
+                 torch.rand(batch, seq, 2 * heads, device=device)]
     yardstick = [make(batch, seq, 2 * heads, d), make(batch, seq, 2 * kv_heads, d), make(batch, seq, 2 * kv_heads, d)]
-    found["standard 2x heads / sdpa (yardstick)"] = (attention_op("sdpa", "standard"), yardstick, 2 * heads * 4 * d)
+    diff_flops, v2_flops, standard_flops = 2 * heads * (2 * d + 4 * d), 4 * heads * 4 * d, 2 * heads * 4 * d
+    found = {}
+    for backend in backends(device, seq, reference_max_seq):
+        wrap = torch.compile if backend == "flex" else (lambda op: op)  # FlexAttention is fused only compiled
+        found[f"diff / {backend}"] = (wrap(attention_op(backend, "diff")), diff_inputs, diff_flops)
+        if backend == "sdpa":
+            found["diff / sdpa 4 calls"] = (partial(diff_attention, sdpa_value_halves), diff_inputs, diff_flops)
+        found[f"diff_v2 / {backend}"] = (wrap(attention_op(backend, "diff_v2")), v2_inputs, v2_flops)
+        if backend == "triton":
+            found["standard 2x heads / triton"] = (attention_op("triton", "standard"), yardstick, standard_flops)
+    found["standard 2x heads / sdpa (yardstick)"] = (attention_op("sdpa", "standard"), yardstick, standard_flops)
     return found
+
+
+def timed_case(op: Callable, inputs: list[torch.Tensor], forward_flops: float, window: int | None,
+               device: torch.device, repeats: int) -> dict:
+    def forward() -> torch.Tensor:
+        return op(*inputs, window)
+
+    def both() -> None:
+        forward().float().square().mean().backward()
+
+    with torch.no_grad():
+        forward_s = median_seconds(forward, device, repeats)
+    trained = [t.requires_grad_() for t in inputs if t.is_floating_point() and t.dim() > 0]
+    try:
+        total = median_seconds(both, device, repeats)
+    finally:
+        for t in trained:
+            t.requires_grad_(False)
+            t.grad = None
+    return {"forward_s": forward_s, "forward_tflops": forward_flops / forward_s / 1e12,
+            "backward_s": total - forward_s, "forward_backward_s": total,
+            "forward_backward_tflops": 3 * forward_flops / total / 1e12}
 
 
 def measure(seq: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     keys = keys_per_query(seq, args.window)
     for name, (op, inputs, flops_per_key) in cases(args.batch, seq, args.heads, args.kv_heads, args.head_dim,
-                                                   DTYPES[args.dtype], device).items():
-        forward_flops = flops_per_key * args.batch * seq * keys
-
-        def forward(op: Callable = op, inputs: list = inputs) -> torch.Tensor:
-            return op(*inputs, args.window)
-
-        def both(forward: Callable = forward) -> None:
-            forward().float().square().mean().backward()
-
-        with torch.no_grad():
-            forward_s = median_seconds(forward, device, args.repeats)
-        trained = [t.requires_grad_() for t in inputs if t.is_floating_point() and t.dim() > 0]
-        total = median_seconds(both, device, args.repeats)
-        for t in trained:
-            t.requires_grad_(False)
-        row = {"case": name, "seq": seq, "forward_s": forward_s, "forward_tflops": forward_flops / forward_s / 1e12,
-               "backward_s": total - forward_s, "forward_backward_s": total,
-               "forward_backward_tflops": 3 * forward_flops / total / 1e12}
+                                                   DTYPES[args.dtype], device, args.reference_max_seq).items():
+        row = {"case": name, "seq": seq}
+        try:
+            row |= timed_case(op, inputs, flops_per_key * args.batch * seq * keys, args.window, device, args.repeats)
+        except (RuntimeError, ValueError) as error:  # one backend's failure (memory, compiler) is a result too
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
+    return rows
+
+
+def model_step(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Tokens/s of a whole forward+backward of a MoE model (dim 2048, 4 layers, 16 heads of 128, 8 experts) with
+    diff attention through the Triton kernel, against standard attention through SDPA and through Triton."""
+    values = dict(vocab_size=32000, dim=2048, n_layers=4, n_heads=16, n_kv_heads=4, head_dim=128, ffn_dim=2048,
+                  n_experts=8, top_k=2, sliding_window=args.window, max_seq_len=args.model_seq,
+                  moe_backend="grouped_mm")
+    tokens = torch.randint(0, 32000, (args.model_batch, args.model_seq), device=device)
+    rows = []
+    pairs = [("standard", "sdpa"), ("diff", "sdpa"), ("diff_v2", "sdpa")]
+    if device.type == "cuda":
+        pairs[1:1] = [("standard", "triton"), ("diff", "triton"), ("diff_v2", "triton")]
+    for attention, backend in pairs:
+        torch.manual_seed(0)
+        with device:
+            model = MoEDiffTransformer(ModelConfig(**values, attention=attention, attn_backend=backend))
+        model.to(DTYPES[args.dtype])
+
+        def step(model: MoEDiffTransformer = model) -> None:
+            out = model(tokens)
+            (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
+
+        seconds = median_seconds(step, device, args.repeats)
+        rows.append({"attention": attention, "attn_backend": backend, "seconds": seconds,
+                     "tokens_per_s": tokens.numel() / seconds})
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    baseline = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["over_standard_sdpa"] = row["tokens_per_s"] / baseline
     return rows
 
 
@@ -90,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reference-max-seq", type=int, default=4096, help="longest seq for the reference")
+    parser.add_argument("--model-step", action="store_true", help="also time whole-model training steps")
+    parser.add_argument("--model-seq", type=int, default=4096)
+    parser.add_argument("--model-batch", type=int, default=2)
     parser.add_argument("--cpu-size", action="store_true", help="seq 128 and 256, 4 heads, head_dim 32, float32")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-DEVICE.json)")
     args = parser.parse_args(argv)
@@ -101,10 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows = [row for seq in args.seq for row in measure(seq, args, device)]
     results = {"environment": environment(device), "settings": vars(args), "results": rows}
+    if args.model_step:
+        results["model_step"] = model_step(args, device)
     out = write_json(results, Path(args.out or Path(__file__).parent / "results" / f"attention-{device.type}.json"))
     for row in rows:
-        print(f"{row['seq']:>6}  {row['case']:<38} {row['forward_s'] * 1e3:9.2f} ms fwd  "
-              f"{row['forward_backward_s'] * 1e3:9.2f} ms fwd+bwd  {row['forward_backward_tflops']:.4f} TFLOP/s")
+        print(f"{row['seq']:>6}  {row['case']:<38} " + (row["error"] if "error" in row else
+              f"{row['forward_s'] * 1e3:9.2f} ms fwd  {row['forward_backward_s'] * 1e3:9.2f} ms fwd+bwd  "
+              f"{row['forward_tflops']:7.1f} / {row['forward_backward_tflops']:7.1f} TFLOP/s"))
+    for row in results.get("model_step", []):
+        print(f"model step  {row['attention']:<9} {row['attn_backend']:<7} {row['tokens_per_s']:10.0f} tok/s  "
+              f"{row['over_standard_sdpa']:.3f}x standard/sdpa")
     print(f"wrote {out}")
     return 0
 

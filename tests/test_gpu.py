@@ -43,7 +43,7 @@ def relative_errors(got: list[torch.Tensor], truth: list[torch.Tensor]) -> torch
 
 @pytest.mark.parametrize("attention", MODES)
 @pytest.mark.parametrize(("attn_backend", "moe_backend"), [("sdpa", "grouped_mm"), ("flex", "grouped_mm"),
-                                                           ("sdpa", "reference")])
+                                                           ("triton", "grouped_mm"), ("sdpa", "reference")])
 def test_fused_backends_equal_the_reference_through_the_model(attention: str, attn_backend: str,
                                                               moe_backend: str) -> None:
     """Loss and every gradient, each as a whole tensor, in float32 (the lambda gradients sum many nearly
@@ -63,9 +63,10 @@ def test_fused_backends_equal_the_reference_through_the_model(attention: str, at
 
 @pytest.mark.parametrize("attention", MODES)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_compiled_cuda_graph_decode_generates_the_eager_tokens(attention: str, rows: int) -> None:
-    """One row gathers its experts' weights inside the graph, three rows call the expert loop operator."""
-    model = cuda_model(attention, decisive=True, attn_backend="sdpa")
+@pytest.mark.parametrize("attn_backend", ["sdpa", "triton"])
+def test_compiled_cuda_graph_decode_generates_the_eager_tokens(attention: str, rows: int, attn_backend: str) -> None:
+    """One row gathers its experts' weights inside the graph, three rows run every expert."""
+    model = cuda_model(attention, decisive=True, attn_backend=attn_backend)
     prompts = [torch.randint(0, 64, (3 + 5 * row,), generator=torch.Generator().manual_seed(row)).cuda()
                for row in range(rows)]
     compiled = torch.stack(list(stream(model, prompts, 12, compile=True)), 1)

@@ -3,6 +3,8 @@
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
+
 from moe_diff.config import ConfigError
 from moe_diff.kernels.diff_attention import (
     attention_flex,
@@ -15,12 +17,18 @@ from moe_diff.kernels.diff_attention import (
     diff_v2_attention_reference,
     diff_v2_attention_sdpa,
 )
+from moe_diff.kernels.diff_flash_attention import (
+    attention_triton,
+    diff_attention_triton,
+    diff_v2_attention_triton,
+)
 from moe_diff.kernels.moe_experts import (
     megablocks_gmm,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
     moe_experts_reference,
 )
+from moe_diff.kernels.triton_compat import HAVE_TRITON, TRITON_MISSING
 
 
 class AttentionOps(NamedTuple):
@@ -36,7 +44,25 @@ ATTENTION_BACKENDS: dict[str, AttentionOps] = {
                               diff_v2_attention_reference),
     "sdpa": AttentionOps(attention_sdpa, diff_attention_sdpa, diff_v2_attention_sdpa),
     "flex": AttentionOps(attention_flex, diff_attention_flex, diff_v2_attention_flex),
+    "triton": AttentionOps(attention_triton, diff_attention_triton, diff_v2_attention_triton),
 }
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def auto_backend(q: torch.Tensor) -> str:
+    """The fastest attention backend for these inputs: the Triton kernel on a GPU, else SDPA."""
+    return "triton" if HAVE_TRITON and q.is_cuda and q.dtype in TRITON_DTYPES else "sdpa"
+
+
+def _auto(mode: str) -> Callable:
+    def attend(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return getattr(ATTENTION_BACKENDS[auto_backend(q)], mode)(q, *args, **kwargs)
+
+    attend.__doc__ = f"{mode} attention through auto_backend(q)"
+    return attend
+
+
+ATTENTION_BACKENDS["auto"] = AttentionOps(_auto("standard"), _auto("diff"), _auto("diff_v2"))
 
 MOE_BACKENDS: dict[str, Callable] = {
     "reference": moe_experts_reference,
@@ -46,7 +72,10 @@ MOE_BACKENDS: dict[str, Callable] = {
 
 
 def attention_op(backend: str, mode: str) -> Callable:
-    """The attention function of `backend` for `mode` ('standard', 'diff' or 'diff_v2')."""
+    """The attention function of `backend` for `mode` ('standard', 'diff' or 'diff_v2'); a backend that is not
+    installed fails here, at construction."""
+    if backend == "triton" and not HAVE_TRITON:
+        raise ConfigError(f"model.attn_backend='triton' is not available here: {TRITON_MISSING}")
     return getattr(ATTENTION_BACKENDS[backend], mode)
 
 
