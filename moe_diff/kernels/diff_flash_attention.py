@@ -276,7 +276,7 @@ INTERPRETER_BLOCKS = (16, 16, 1, 1)
 
 
 def _launch_blocks(kernel: str, value_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    return GPU_BLOCKS[kernel][value_dim > 128] if device.type == "cuda" else INTERPRETER_BLOCKS
+    return GPU_BLOCKS[kernel][1 if value_dim > 128 else 0] if device.type == "cuda" else INTERPRETER_BLOCKS
 
 
 def rule_bounds(n_tokens: int, batch: int, window: int | None, document_ids: torch.Tensor | None,

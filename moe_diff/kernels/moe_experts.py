@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from moe_diff.kernels import moe_permute
 from moe_diff.kernels.moe_permute import PermutePlan
+from moe_diff.kernels.precision import compute_dtype
 from moe_diff.kernels.triton_compat import HAVE_TRITON
 
 
@@ -46,9 +47,15 @@ def moe_experts_gathered(x: torch.Tensor, expert_ids: torch.Tensor, weights: tor
 
     Compiled, the gather fuses into the matmul; eager, it copies N*K expert matrices, so keep N*K small.
     """
-    rows = x[:, None, None, :].expand(-1, expert_ids.shape[1], 1, -1)  # [N, K, 1, D]
-    hidden = F.silu(rows @ w1[expert_ids].transpose(-1, -2)) * (rows @ w3[expert_ids].transpose(-1, -2))
-    out = (hidden @ w2[expert_ids].transpose(-1, -2))[:, :, 0]  # [N, K, D]
+    if x.is_cuda:  # as products and sums, so that inductor reads each gathered weight once, in one fused kernel
+        rows, accumulate = x[:, None, None, :], compute_dtype(x.dtype)  # [N, 1, 1, D]
+        hidden = F.silu((w1[expert_ids] * rows).sum(-1, dtype=accumulate)) * \
+            (w3[expert_ids] * rows).sum(-1, dtype=accumulate)  # [N, K, F]
+        out = (w2[expert_ids] * hidden.to(x.dtype)[:, :, None, :]).sum(-1, dtype=accumulate).to(x.dtype)
+    else:  # on the CPU inductor fuses the gather into its matmul
+        rows = x[:, None, None, :].expand(-1, expert_ids.shape[1], 1, -1)  # [N, K, 1, D]
+        hidden = F.silu(rows @ w1[expert_ids].transpose(-1, -2)) * (rows @ w3[expert_ids].transpose(-1, -2))
+        out = (hidden @ w2[expert_ids].transpose(-1, -2))[:, :, 0]  # [N, K, D]
     return (out * weights[..., None].to(out.dtype)).sum(1)
 
 
