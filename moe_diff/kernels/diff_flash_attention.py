@@ -52,7 +52,7 @@ def _key_range(key_start_row, start_m, n_queries, n_keys, BLOCK_M: tl.constexpr,
 def _online_softmax_step(q, k_ptrs, k_mask, v, allowed, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     """One K/V block of one softmax: scores, running max and sum rescaled, values accumulated (base 2)."""
     k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    s = (tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)  # a compiled caller passes fp64
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
@@ -172,7 +172,7 @@ def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY
             do = tl.load(DO + do_offsets, mask=rows[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
             row_offsets = (batch * n_heads + head) * n_queries + offs_m
             q1 = tl.load(Q1 + q_offsets, mask=q_mask, other=0.0)
-            p1 = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale
+            p1 = (tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)
             p1 = tl.where(allowed, tl.math.exp2(p1 - tl.load(LSE + row_offsets, mask=rows, other=0.0)[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], both maps' dP
             ds1 = p1 * (dp - tl.load(DELTA + row_offsets, mask=rows, other=0.0)[:, None])
@@ -182,7 +182,7 @@ def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY
                 q2 = tl.load(Q2 + q_offsets, mask=q_mask, other=0.0)
                 lam = tl.load(LAM + batch * stride_lb + offs_m * stride_lt + head * stride_lh, mask=rows, other=0.0)
                 lam = lam.to(tl.float32)[:, None]
-                p2 = tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale
+                p2 = (tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)
                 lse2 = tl.load(LSE + plane + row_offsets, mask=rows, other=0.0)
                 p2 = tl.where(allowed, tl.math.exp2(p2 - lse2[:, None]), 0.0)
                 ds2 = -lam * p2 * (dp - tl.load(DELTA + plane + row_offsets, mask=rows, other=0.0)[:, None])
@@ -246,7 +246,7 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
         v_offsets = batch * stride_vb + offs_n[:, None] * stride_vt + group * stride_vh + offs_dv[None, :]
         v = tl.load(V + v_offsets, mask=(offs_n[:, None] < n_keys) & (offs_dv[None, :] < VALUE_DIM), other=0.0)
         k1 = tl.load(K1 + k_offsets, mask=k_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        p1 = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale
+        p1 = (tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)
         p1 = tl.where(allowed, tl.math.exp2(p1 - lse1[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds1 = p1 * (dp - delta1[:, None])
@@ -255,7 +255,7 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
             k2 = k1
             if not SHARED_K:
                 k2 = tl.load(K2 + k_offsets, mask=k_mask, other=0.0)
-            p2 = tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale
+            p2 = (tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)
             p2 = tl.where(allowed, tl.math.exp2(p2 - lse2[:, None]), 0.0)
             ds2 = -lam * p2 * (dp - delta2[:, None])
             dq2 += tl.dot(ds2.to(k2.dtype), k2, input_precision=DOT_PRECISION)
