@@ -68,12 +68,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                     platform.processor() or "cpu")
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    for package in ("transformers", "triton"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            pass  # optional: recorded where installed
     root = Path(__file__).resolve().parents[2]
     commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip() or None
