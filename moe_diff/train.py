@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import resource
 import signal
 import sys
@@ -23,8 +22,9 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from moe_diff import costs, train_checkpoint
+from moe_diff import checkpoint, costs, train_checkpoint
 from moe_diff.checkpoint import CheckpointError, load_model_config
 from moe_diff.config import Config, ConfigError, TrainConfig, load_config
 from moe_diff.data import Batch, BatchSampler, PackedSequences, fixed_batches, load_corpus, load_tokenizer, make_batch
@@ -35,6 +35,7 @@ from moe_diff.generation import generate
 from moe_diff.metrics import MetricsLog, peak_flops
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.optim import build_optimizer, learning_rate, set_learning_rate
+from moe_diff.parallel import runtime
 from moe_diff.probes import LambdaProbe
 from moe_diff.routing_stats import layer_summary
 
@@ -153,12 +154,15 @@ class Trainer:
     """One training run: builds everything from the config, then `run()` steps until done."""
 
     def __init__(self, cfg: Config, console: Console):
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1:  # every rank would train the whole model and write the same out_dir
-            raise ConfigError(f"this job runs in one process; torchrun started {world_size} (WORLD_SIZE). "
-                              "Launch with --nproc_per_node=1 until data/expert/tensor parallelism is configured")
-        self.console = console
-        self.device = resolve_device(cfg.train.device)
+        device = resolve_device(cfg.train.device)
+        self.runtime = runtime.start(cfg.parallel, device)  # one process, or this rank of a torchrun job
+        self.device = self.runtime.device(device)
+        self.console = console if self.runtime.is_main else Console(quiet=True)  # rank 0 speaks for the job
+        console = self.console
+        per_rank, remainder = divmod(cfg.train.batch_size, self.runtime.world_size * cfg.train.grad_accum)
+        if remainder or not per_rank:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.world_size} "
+                              f"ranks x train.grad_accum={cfg.train.grad_accum} micro-batches must divide it")
         resume_from = find_resume_checkpoint(cfg.train, console)
         if resume_from is not None:
             cfg = with_stored_model(cfg, resume_from, console)
@@ -180,11 +184,15 @@ class Trainer:
                                                     t.batch_size)
             self.trace_names = corpus.val_names
 
-        self.model = MoEDiffTransformer(cfg.model).to(self.device)
+        self.model = MoEDiffTransformer(cfg.model).to(self.device)  # the same weights on every rank (seeded)
+        if resume_from is not None:
+            train_checkpoint.load_model(resume_from, self.model)  # whole, so any layout resumes any other
+        self.runtime.parallelize(self.model)
         self.optimizer = build_optimizer(self.model, t)
         self.step, self.nonfinite_streak = 0, 0
         if resume_from is not None:
-            state = train_checkpoint.load(resume_from, self.model, self.optimizer)
+            state = train_checkpoint.load_optimizer(resume_from, self.model, self.optimizer, self.runtime.local,
+                                                    self.runtime.whole)
             self.sampler.load_state_dict(state["sampler"])
             self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
             console.print(f"resumed from {resume_from} at step {self.step}")
@@ -195,18 +203,29 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)
 
     def save(self) -> Path:
+        """Rank 0 writes the whole model and optimizer state (expert shards gathered from their ranks)."""
+        model, whole = self.model, self.runtime.whole
+        if self.runtime.dims.ep > 1:
+            state = {name: whole(name, value) for name, value in checkpoint.model_state_dict(model).items()}
+            model = checkpoint.model_from_state_dict(self.cfg.model, state, "the expert-parallel job")
+        optimizer_state = train_checkpoint.map_moments(get_optimizer_state_dict(self.model, self.optimizer), whole)
         trainer_state = {"sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
-        return train_checkpoint.save(self.out_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                     trainer_state, self.cfg, self.cfg.train.keep_checkpoints)
+        root = self.out_dir / "checkpoints"
+        if self.runtime.is_main:
+            train_checkpoint.save(root, self.step, model, optimizer_state, trainer_state, self.cfg,
+                                  self.cfg.train.keep_checkpoints)
+        self.runtime.barrier()
+        return root / f"step-{self.step}"
 
     def write_trace(self) -> Path:
         """OUT_DIR/traces/step-N.safetensors: how the model routes the fixed validation tokens now."""
         header = {"source": f"train step {self.step}", "tokenizer": self.tokenizer.name, "step": self.step,
                   "model": vars(self.cfg.model)}
         batches = [(batch.to(self.device), documents) for batch, documents in self.trace_batches]
-        trace = collect_trace(self.model, batches, self.trace_names, header)
+        trace = collect_trace(self.model, batches, self.trace_names, header)  # every rank: experts may be sharded
         self.model.train()
-        return save_trace(trace, self.out_dir / "traces" / f"step-{self.step}.safetensors")
+        path = self.out_dir / "traces" / f"step-{self.step}.safetensors"
+        return save_trace(trace, path) if self.runtime.is_main else path
 
     def train_step(self, details: bool) -> dict[str, Any]:
         """Forward and backward over the micro-batches of one global batch, then the optimizer step.
@@ -215,8 +234,10 @@ class Trainer:
         """
         t = self.cfg.train
         set_learning_rate(self.optimizer, learning_rate(self.step, t))
-        batch = make_batch(self.train_windows, self.sampler.next_indices()).to(self.device)
-        micro_size = t.batch_size // t.grad_accum
+        global_batch = make_batch(self.train_windows, self.sampler.next_indices())
+        per_rank = t.batch_size // self.runtime.world_size  # every rank draws the same batch and takes its rows
+        batch = global_batch.slice(self.runtime.rank * per_rank, (self.runtime.rank + 1) * per_rank).to(self.device)
+        micro_size = per_rank // t.grad_accum
         totals = torch.zeros(4, device=self.device)  # loss, aux, load balance, z
         load = torch.zeros(self.cfg.model.n_layers, self.cfg.model.n_experts, device=self.device)
         probe = LambdaProbe(self.model)
@@ -229,17 +250,20 @@ class Trainer:
             ((loss + out.aux_loss) / t.grad_accum).backward()
             totals += torch.stack([loss, out.aux_loss, out.load_balance_loss, out.z_loss]).detach() / t.grad_accum
             load += torch.stack([routing.counts for routing in out.routings])
+        self.runtime.reduce(totals, "mean")
+        self.runtime.reduce(load, "sum")  # the whole batch's expert load, the same on every rank
         loss, aux, load_balance, z_loss = totals.tolist()
         record: dict[str, Any] = {"loss": loss, "aux_loss": aux, "load_balance_loss": load_balance,
                                   "z_loss": z_loss, "lr": self.optimizer.param_groups[0]["lr"]}
         if self.cfg.model.capacity_factor is not None:
-            assignments = batch.tokens.numel() * self.cfg.model.top_k * self.cfg.model.n_layers
+            assignments = global_batch.tokens.numel() * self.cfg.model.top_k * self.cfg.model.n_layers
             record["dropped_fraction"] = 1 - load.sum().item() / assignments
         if not math.isfinite(loss + aux):
             self.optimizer.zero_grad(set_to_none=True)
             return record | {"skipped": True}
+        self.runtime.average_gradients(self.model)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        record["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        record["grad_norm"] = self.runtime.clip_grad_norm(self.model, max_norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_expert_biases(load)
@@ -253,7 +277,7 @@ class Trainer:
         t, start = self.cfg.train, time.perf_counter()
         if self.step >= t.max_steps:
             return self._result(None, None, time.perf_counter() - start, "max_steps already reached")
-        metrics = MetricsLog(self.out_dir, resume_step=self.step)
+        metrics = MetricsLog(self.out_dir, resume_step=self.step) if self.runtime.is_main else None
         tokens_per_step = t.batch_size * t.seq_len
         record: dict[str, Any] = {}
         val_loss, stop_reason = None, "finished"
@@ -269,7 +293,8 @@ class Trainer:
                     self.nonfinite_streak += 1
                     self.console.print(f"[yellow]step {self.step}: non-finite loss {record['loss']}, step skipped "
                                        f"({self.nonfinite_streak} in a row)")
-                    metrics.log({"step": self.step, "loss": None, "skipped": True, "lr": record["lr"]})
+                    if metrics:
+                        metrics.log({"step": self.step, "loss": None, "skipped": True, "lr": record["lr"]})
                     if self.nonfinite_streak >= t.max_nonfinite_steps:
                         raise TrainingError(f"{self.nonfinite_streak} non-finite losses in a row (train."
                                             f"max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr or "
@@ -289,17 +314,19 @@ class Trainer:
                     record |= {"tokens_per_s": tokens_per_s, "peak_memory_bytes": peak_memory_bytes(self.device),
                                "mfu": (tokens_per_s * self.flops_per_token / self.peak_flops
                                        if self.peak_flops else None)}
-                    metrics.log({"step": self.step} | record)
+                    if metrics:
+                        metrics.log({"step": self.step} | record)
                     progress.update(task, loss=record["loss"], tps=tokens_per_s)
                     interval_start, interval_steps = time.perf_counter(), 0
                 progress.update(task, completed=self.step)
-                if stop.signal is not None:
+                if self.runtime.any(stop.signal is not None, self.device):  # every rank stops at the same step
                     stop_reason = "signal"
                     break
                 if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                     self.save()
         saved = self.save()
-        metrics.close()
+        if metrics:
+            metrics.close()
         self.console.print(f"saved {saved} ({stop_reason})")
         return self._result(record.get("loss"), val_loss, time.perf_counter() - start, stop_reason)
 
@@ -342,14 +369,28 @@ class Trainer:
         self.model.train()
 
 
+def collective_failure(error: RuntimeError) -> bool:
+    """A collective that failed (NCCL, and gloo's connection errors) or timed out (gloo says so in words)."""
+    return isinstance(error, torch.distributed.DistError) or "Timed out" in str(error)
+
+
 def train(cfg: Config, console: Console | None = None, summary: bool = False) -> RunResult:
     """Train (or continue training) as the config says; checkpoints and metrics go to train.out_dir."""
     console = console or Console()
     trainer = Trainer(cfg, console)
     Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
-    result = trainer.run()
-    if summary:
-        trainer.print_summary(result)
+    try:
+        result = trainer.run()
+        if summary:
+            trainer.print_summary(result)
+    except RuntimeError as error:
+        if not trainer.runtime.distributed or not collective_failure(error):
+            raise
+        raise TrainingError(f"rank {trainer.runtime.rank}: a collective failed or waited more than "
+                            f"parallel.timeout_s={cfg.parallel.timeout_s} s, so another rank failed or hung "
+                            f"({str(error).splitlines()[0]})") from error
+    finally:
+        trainer.runtime.shutdown()
     return result
 
 

@@ -4,6 +4,8 @@ A checkpoint `OUT_DIR/checkpoints/step-N/` holds:
 - `model/`: the model in the single-file schema (`moe_diff.checkpoint`: config.yaml + safetensors);
 - `optimizer/`: the optimizer state, saved with torch.distributed.checkpoint;
 - `trainer.json`: step, data position, RNG states and counters;
+- `experts.json`: a SHA-256 of every expert of every layer (w1, w2 and w3 rows), checked at load, so that a
+  checkpoint that lost or mixed up the experts of one rank of an expert-parallel job is refused;
 - `config.yaml`: the whole resolved job config;
 - `manifest.json`, written last: size and SHA-256 of every other file. A directory without
   it, or whose files do not match it, is refused.
@@ -20,12 +22,14 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
+from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -36,6 +40,7 @@ from moe_diff.config import Config, DataConfig, to_yaml
 from moe_diff.model import MoEDiffTransformer
 
 MANIFEST = "manifest.json"
+EXPERTS = "experts.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -128,16 +133,50 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
-def save(root: Path, step: int, model: MoEDiffTransformer, optimizer: torch.optim.Optimizer,
+def expert_checksums(model: MoEDiffTransformer) -> dict[str, str]:
+    """'layer L expert E' -> SHA-256 of that expert's w1, w2 and w3 rows (the whole model's)."""
+    table = {}
+    for layer, block in enumerate(model.layers):
+        weights = [w.detach().cpu().contiguous() for w in (block.moe.experts.w1, block.moe.experts.w2,
+                                                           block.moe.experts.w3)]
+        for expert in range(weights[0].shape[0]):
+            digest = hashlib.sha256()
+            for w in weights:
+                digest.update(w[expert].view(torch.uint8).numpy().tobytes())
+            table[f"layer {layer} expert {expert}"] = digest.hexdigest()
+    return table
+
+
+def check_experts(directory: Path, model: MoEDiffTransformer) -> None:
+    """Every expert of every layer is in the checkpoint's table, once, and its weights match it."""
+    path = directory / EXPERTS
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {EXPERTS} (the per-expert checksums): it was not written by "
+                              "this version, or it is incomplete")
+    stored, loaded = json.loads(path.read_text()), expert_checksums(model)
+    missing = sorted(set(loaded) - set(stored))
+    if missing or set(stored) != set(loaded):
+        raise CheckpointError(f"{directory}: the expert table lists {len(stored)} experts, the model has "
+                              f"{len(loaded)} ({', '.join(missing[:4]) or 'different names'} missing)")
+    wrong = [name for name, digest in loaded.items() if stored[name] != digest]
+    if wrong:
+        raise CheckpointError(f"{directory}: {', '.join(wrong[:4])} do not match their checksums "
+                              f"({len(wrong)} experts in all)")
+
+
+def save(root: Path, step: int, model: MoEDiffTransformer, optimizer_state: dict[str, Any],
          trainer_state: dict[str, Any], config: Config, keep: int) -> Path:
-    """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints."""
+    """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints. `model` is the whole
+    model and `optimizer_state` its optimizer's state dict by parameter name (get_optimizer_state_dict's form),
+    as one process holds them; in a job of several processes one rank writes them."""
     final, partial = root / f"step-{step}", root / f".step-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     checkpoint.save(model, partial / "model")
+    (partial / EXPERTS).write_text(json.dumps(expert_checksums(model), indent=1))
     with warnings.catch_warnings():  # single-process saves warn that no process group exists
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=partial / "optimizer")
+        dcp.save({"optimizer": optimizer_state}, checkpoint_id=partial / "optimizer", no_dist=True)
     state = {**trainer_state, "step": step, "rng": _encode_rng()}
     (partial / "trainer.json").write_text(json.dumps(state, indent=1))
     (partial / "config.yaml").write_text(to_yaml(config))
@@ -168,18 +207,33 @@ def newest_valid(root: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def load(directory: Path, model: MoEDiffTransformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states from a verified checkpoint; return trainer.json."""
+def load_model(directory: Path, model: MoEDiffTransformer) -> None:
+    """Verify a checkpoint and copy its weights into the whole (not yet sharded) model."""
     verify(directory)
     checkpoint.load_weights_into(model, directory / "model")
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    check_experts(directory, model)
+
+
+def load_optimizer(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   local: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, value: value,
+                   whole: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, value: value) -> dict[str, Any]:
+    """Restore the optimizer (of a model possibly sharded since: `whole` sizes each moment as saved, `local`
+    takes this process's part) and the RNG states; return trainer.json."""
+    state = map_moments(get_optimizer_state_dict(model, optimizer), whole)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=SafeFileSystemReader(directory / "optimizer"))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        dcp.load({"optimizer": state}, storage_reader=SafeFileSystemReader(directory / "optimizer"), no_dist=True)
+    set_optimizer_state_dict(model, optimizer, map_moments(state, local))
     trainer_state = json.loads((directory / "trainer.json").read_text())
     _restore_rng(trainer_state.pop("rng"))
     return trainer_state
+
+
+def map_moments(state: dict[str, Any], fn: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    """An optimizer state dict (by parameter name) with fn(name, tensor) applied to every per-parameter tensor."""
+    moments = {name: {key: fn(name, value) if torch.is_tensor(value) else value for key, value in entry.items()}
+               for name, entry in state["state"].items()}
+    return {"state": moments, "param_groups": state["param_groups"]}
 
 
 def resolve(path: Path) -> tuple[Path, Path | None, DataConfig | None]:

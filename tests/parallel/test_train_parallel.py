@@ -1,0 +1,148 @@
+"""The training job under torchrun (gloo on CPU): data and expert parallel runs equal one process step for step,
+checkpoints move between layouts, a damaged expert table is refused, and a hung rank ends the job."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from moe_diff import train_checkpoint
+from moe_diff.checkpoint import CheckpointError
+from moe_diff.config import load_config, to_yaml
+from moe_diff.metrics import read_metrics
+from moe_diff.parallel import runtime
+from moe_diff.train import TrainingError, train
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+SETTINGS = ["model.n_layers=2", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
+            "model.ffn_dim=32", "model.n_experts=4", "model.sliding_window=16", "train.seq_len=32",
+            "train.batch_size=4", "train.max_steps=4", "train.warmup_steps=1", "train.log_every=1",
+            "train.eval_every=0", "train.save_every=3", "train.sample_tokens=0", "train.lr=1e-2",
+            "data.val_fraction=0.3"]
+
+
+def corpus(tmp_path: Path) -> str:
+    """A small real corpus: a few of the standard library's own modules."""
+    source = tmp_path / "corpus"
+    source.mkdir(exist_ok=True)
+    for name in ("json/decoder.py", "json/encoder.py", "json/scanner.py", "json/tool.py", "textwrap.py"):
+        shutil.copy(Path(os.__file__).parent / name, source / name.replace("/", "_"))
+    return str(source)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp_path: Path, name: str, processes: int, *overrides: str) -> Path:
+    """`python -m moe_diff.train` in one process, or under torchrun with `processes` ranks."""
+    out = tmp_path / name
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(to_yaml(load_config(CONFIGS / "tiny.yaml", [*SETTINGS, f"data.source={corpus(tmp_path)}"])))
+    args = [str(config), f"train.out_dir={out}", *overrides]
+    launcher = [sys.executable, "-m", "moe_diff.train"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}", "-m", "moe_diff.train"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run([*launcher, *args], capture_output=True, text=True, env=environment, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return out
+
+
+def losses(out: Path) -> list[float]:
+    return [record["loss"] for record in read_metrics(out / "metrics.jsonl")]
+
+
+def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step-{step}" / "model" / "model.safetensors")
+
+
+def assert_close_runs(a: Path, b: Path, step: int) -> None:
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5, abs=1e-6)
+    weights_a, weights_b = weights(a, step), weights(b, step)
+    for name, value in weights_a.items():
+        torch.testing.assert_close(value, weights_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("processes", "ep"), [(2, 1), (2, 2), (4, 2)])
+def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, ep: int) -> None:
+    """Each rank computes the load-balancing loss on its rows, as one process does on each micro-batch, so the
+    single process accumulates as many micro-batches as there are ranks."""
+    single = run(tmp_path, "single", 1, f"train.grad_accum={processes}")
+    parallel = run(tmp_path, "parallel", processes, f"parallel.ep={ep}")
+    assert len(losses(parallel)) == 4
+    assert_close_runs(parallel, single, 4)
+    assert not (parallel / "checkpoints" / "step-4" / "experts.json").read_text() == ""
+
+
+def test_checkpoint_written_at_ep2_resumes_in_one_process_with_the_same_next_loss(tmp_path: Path) -> None:
+    parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(parallel / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
+    run(tmp_path, "resumed", 1, "train.grad_accum=2")
+    assert losses(resumed) == pytest.approx(losses(parallel)[3:], rel=1e-5, abs=1e-6)
+    for name, value in weights(resumed, 4).items():
+        torch.testing.assert_close(value, weights(parallel, 4)[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_checkpoint_with_one_ranks_experts_written_twice_is_refused(tmp_path: Path) -> None:
+    """The experts of rank 1 overwritten with rank 0's, manifest recomputed: only the expert table can tell."""
+    out = run(tmp_path, "parallel", 2, "parallel.ep=2", "train.max_steps=3")
+    step = out / "checkpoints" / "step-3"
+    path = step / "model" / "model.safetensors"
+    state = load_file(path)
+    for name in [n for n in state if ".experts." in n]:
+        state[name] = torch.cat([state[name][:2], state[name][:2]])
+    save_file(state, path, metadata={"format": "pt"})
+    train_checkpoint._write_manifest(step, 3)
+    cfg = load_config(step / "config.yaml", [f"train.out_dir={tmp_path / 'again'}", f"train.resume={step}",
+                                            "parallel.ep=1"])
+    with pytest.raises(CheckpointError, match=r"layer 0 expert 2.*do not match their checksums"):
+        train(cfg)
+
+
+def hanging_rank(rank: int, port: int, config_yaml: str, errors: "mp.Queue") -> None:
+    """Rank 1 joins the job, then stops answering; rank 0 trains and must fail within the timeout."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = load_config(config_yaml, [])
+    if rank == 1:
+        runtime.start(cfg.parallel, torch.device("cpu"))
+        time.sleep(30)
+        return
+    start = time.perf_counter()
+    try:
+        train(cfg)
+        errors.put("no error")
+    except TrainingError as error:
+        errors.put(f"{time.perf_counter() - start:.1f} {error}")
+
+
+def test_a_hung_rank_ends_the_job_with_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "job.yaml"
+    cfg = load_config(CONFIGS / "tiny.yaml", [*SETTINGS, f"data.source={corpus(tmp_path)}", "parallel.timeout_s=3",
+                                              f"train.out_dir={tmp_path / 'out'}"])
+    config.write_text(to_yaml(cfg))
+    context = mp.get_context("spawn")
+    errors = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=hanging_rank, args=(rank, port, str(config), errors)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    message = errors.get(timeout=120)
+    for process in processes:
+        process.kill()
+    seconds, text = message.split(" ", 1)
+    assert "parallel.timeout_s=3" in text and "another rank failed or hung" in text
+    assert float(seconds) < 60
