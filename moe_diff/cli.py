@@ -132,6 +132,23 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """A run's newest checkpoint (or a given one), verified with its expert table, as one file."""
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"destination {dst} exists and is not empty; refusing to overwrite it")
+    model_dir, _, _ = train_checkpoint.resolve(Path(args.source))
+    model = checkpoint.load(model_dir, dtype=DTYPES[args.dtype] if args.dtype else None)
+    if model_dir.name == "model":  # a training checkpoint: its per-expert checksums must hold
+        train_checkpoint.check_experts(model_dir.parent, model)
+    if args.format == "mixtral":
+        interop.to_hf_mixtral(model, dst)
+    else:
+        checkpoint.save(model, dst)
+    console.print(f"exported {model_dir} -> {dst} ({args.format})")
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     train(load_config(args.config, args.overrides), console, summary=True)
     return 0
@@ -304,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="new directory to write (the other format)")
     convert.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
     convert.set_defaults(run=run_convert)
+
+    export = commands.add_parser("export", help="a run or training checkpoint as one checkpoint (or Mixtral)")
+    export.add_argument("source", help="a run directory (its newest valid checkpoint), a step-N or a checkpoint")
+    export.add_argument("dst", help="new directory to write")
+    export.add_argument("--format", choices=("moe-diff", "mixtral"), default="moe-diff",
+                        help="this project's single-file schema, or Hugging Face Mixtral (standard attention)")
+    export.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
+    export.set_defaults(run=run_export)
     return parser
 
 

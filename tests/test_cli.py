@@ -63,7 +63,8 @@ def test_train_tokenize_and_plot_commands(tmp_path: Path, capsys: pytest.Capture
     assert main(["tokenize", str(texts), "--out", str(tmp_path / "tokens.bin")]) == 0
     assert "8 documents" in capsys.readouterr().out
     run = tmp_path / "run"
-    assert main(["train", str(CONFIGS / "tiny.yaml"), "model.n_layers=1", "train.max_steps=3", "train.seq_len=32",
+    assert main(["train", str(CONFIGS / "tiny.yaml"), "model.n_layers=1", "model.attention=standard",
+                 "train.max_steps=3", "train.seq_len=32",
                  "train.batch_size=2", "train.sample_tokens=8", "train.eval_batches=1", f"train.out_dir={run}",
                  f"data.source={tmp_path / 'tokens.bin'}", "data.val_fraction=0.3"]) == 0
     out = " ".join(capsys.readouterr().out.split())
@@ -78,5 +79,13 @@ def test_train_tokenize_and_plot_commands(tmp_path: Path, capsys: pytest.Capture
     trace = load_trace(trace_file)
     assert trace.n_tokens == 4 + 5 and trace.header["source"].startswith("generate")
     assert trace.token_ids[:4].tolist() == list(b"text")
+    assert main(["export", str(run), str(tmp_path / "hf"), "--format", "mixtral"]) == 0
+    import transformers
+
+    tokens = torch.tensor([list(b"text number 3")])
+    ours = checkpoint.load(run / "checkpoints" / "step-3" / "model")
+    theirs = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(theirs(tokens).logits, ours(tokens).logits, rtol=1e-4, atol=1e-4)
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 2  # never over a non-empty directory
     assert main(["train", str(CONFIGS / "tiny.yaml"), "data.source=/nonexistent/*.txt"]) == 2
     assert "matches no file" in capsys.readouterr().err

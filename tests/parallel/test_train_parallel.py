@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from moe_diff import train_checkpoint
+from moe_diff import checkpoint, cli, train_checkpoint
 from moe_diff.checkpoint import CheckpointError
 from moe_diff.config import load_config, to_yaml
 from moe_diff.metrics import read_metrics
@@ -94,6 +94,10 @@ def test_checkpoint_written_at_ep2_resumes_in_one_process_with_the_same_next_los
     assert losses(resumed) == pytest.approx(losses(parallel)[3:], rel=1e-5, abs=1e-6)
     for name, value in weights(resumed, 4).items():
         torch.testing.assert_close(value, weights(parallel, 4)[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the run exported as one checkpoint: its newest step, bit for bit
+    assert cli.main(["export", str(parallel), str(tmp_path / "exported")]) == 0
+    exported = checkpoint.load(tmp_path / "exported").state_dict()
+    assert all(torch.equal(exported[name], value) for name, value in weights(parallel, 4).items())
 
 
 def test_a_checkpoint_with_one_ranks_experts_written_twice_is_refused(tmp_path: Path) -> None:
