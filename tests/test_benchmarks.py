@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -33,3 +35,21 @@ def test_attention_benchmark_at_cpu_size(tmp_path: Path) -> None:
     assert {r["case"] for r in rows} >= {"diff / reference", "diff / sdpa", "diff_v2 / sdpa",
                                          "standard 2x heads / sdpa (yardstick)"}
     assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in rows)
+
+
+def test_parallel_benchmark_at_cpu_size(tmp_path: Path) -> None:
+    """Run as a script: its ranks are spawned processes, which import it by its path."""
+    out = tmp_path / "parallel.json"
+    process = subprocess.run([sys.executable, str(BENCHMARKS / "parallel.py"), "--cpu-size", "--out", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["ranks"] for r in rows] == [1, 2]
+    assert rows[0]["dispatch_overhead"] > 0 and rows[0]["scaling_efficiency"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and 0 < r["exchange_s_per_step"] < r["step_s"] for r in rows)
+    # only routed rows travel: K rows of D floats per token out, the rows computed here back; never tokens x experts
+    tokens_per_rank, dim, top_k, layers = 2 * 64, 64, 2, 2
+    out_bytes = layers * tokens_per_rank * top_k * dim * 4  # float32
+    assert rows[0]["exchange_bytes_per_step_per_rank"] == 2 * out_bytes  # one rank computes all it sends
+    assert out_bytes < rows[1]["exchange_bytes_per_step_per_rank"] < 3 * out_bytes  # the busiest rank's share
+    assert "dispatch overhead" in process.stdout
