@@ -159,10 +159,11 @@ class Trainer:
         self.device = self.runtime.device(device)
         self.console = console if self.runtime.is_main else Console(quiet=True)  # rank 0 speaks for the job
         console = self.console
-        per_rank, remainder = divmod(cfg.train.batch_size, self.runtime.world_size * cfg.train.grad_accum)
+        per_rank, remainder = divmod(cfg.train.batch_size, self.runtime.data_ranks * cfg.train.grad_accum)
         if remainder or not per_rank:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.world_size} "
-                              f"ranks x train.grad_accum={cfg.train.grad_accum} micro-batches must divide it")
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.data_ranks} "
+                              f"data-parallel ranks x train.grad_accum={cfg.train.grad_accum} micro-batches must "
+                              "divide it")
         resume_from = find_resume_checkpoint(cfg.train, console)
         if resume_from is not None:
             cfg = with_stored_model(cfg, resume_from, console)
@@ -205,7 +206,7 @@ class Trainer:
     def save(self) -> Path:
         """Rank 0 writes the whole model and optimizer state (expert shards gathered from their ranks)."""
         model, whole = self.model, self.runtime.whole
-        if self.runtime.dims.ep > 1:
+        if self.runtime.dims.ep > 1 or self.runtime.dims.tp > 1:
             state = {name: whole(name, value) for name, value in checkpoint.model_state_dict(model).items()}
             model = checkpoint.model_from_state_dict(self.cfg.model, state, "the expert-parallel job")
         optimizer_state = train_checkpoint.map_moments(get_optimizer_state_dict(self.model, self.optimizer), whole)
@@ -235,8 +236,9 @@ class Trainer:
         t = self.cfg.train
         set_learning_rate(self.optimizer, learning_rate(self.step, t))
         global_batch = make_batch(self.train_windows, self.sampler.next_indices())
-        per_rank = t.batch_size // self.runtime.world_size  # every rank draws the same batch and takes its rows
-        batch = global_batch.slice(self.runtime.rank * per_rank, (self.runtime.rank + 1) * per_rank).to(self.device)
+        per_rank = t.batch_size // self.runtime.data_ranks  # every rank draws the same batch and takes its rows
+        first = self.runtime.data_rank * per_rank
+        batch = global_batch.slice(first, first + per_rank).to(self.device)
         micro_size = per_rank // t.grad_accum
         totals = torch.zeros(4, device=self.device)  # loss, aux, load balance, z
         load = torch.zeros(self.cfg.model.n_layers, self.cfg.model.n_experts, device=self.device)
@@ -251,7 +253,7 @@ class Trainer:
             totals += torch.stack([loss, out.aux_loss, out.load_balance_loss, out.z_loss]).detach() / t.grad_accum
             load += torch.stack([routing.counts for routing in out.routings])
         self.runtime.reduce(totals, "mean")
-        self.runtime.reduce(load, "sum")  # the whole batch's expert load, the same on every rank
+        self.runtime.reduce(load, "sum", data_parallel=True)  # the whole batch's expert load, on every rank
         loss, aux, load_balance, z_loss = totals.tolist()
         record: dict[str, Any] = {"loss": loss, "aux_loss": aux, "load_balance_loss": load_balance,
                                   "z_loss": z_loss, "lr": self.optimizer.param_groups[0]["lr"]}

@@ -27,24 +27,27 @@ class ParallelDims:
                               "(torchrun --nproc_per_node x nodes)")
         if world_size % cfg.ep:
             raise ConfigError(f"parallel.ep={cfg.ep} must divide the world size {world_size}")
-        if cfg.tp != 1:
-            raise ConfigError(f"parallel.tp={cfg.tp}: tensor parallelism is not available yet; use parallel.tp=1")
+        if cfg.tp > 1 and cfg.ep > 1:
+            raise ConfigError(f"parallel.tp={cfg.tp} with parallel.ep={cfg.ep}: tensor and expert parallelism "
+                              "together are not available yet; use one of them")
         return cls(dp, cfg.tp, cfg.ep, world_size)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """A 2-D mesh: 'ep' groups consecutive ranks that share one layer's experts between them; 'replica'
-        groups the ranks holding the same experts, over which expert gradients are averaged."""
-        return init_device_mesh(device_type, (self.world_size // self.ep, self.ep),
-                                mesh_dim_names=("replica", "ep"))
+        """A 3-D mesh: 'tp' groups consecutive ranks that split every layer's heads and FFNs; 'ep' groups ranks
+        that share one layer's experts between them; 'replica' groups the ranks holding the same parameters,
+        over which gradients are averaged."""
+        return init_device_mesh(device_type, (self.world_size // (self.ep * self.tp), self.ep, self.tp),
+                                mesh_dim_names=("replica", "ep", "tp"))
 
 
 def average_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Data-parallel averaging of every gradient over all ranks: expert shards sum over the ranks that hold the
-    same experts (each shard's gradient already sums its whole ep group's tokens), everything else over all."""
-    world = mesh.size()
-    replicas = mesh["replica"].get_group()
+    """Data-parallel averaging over the ranks that read different rows: with tensor parallelism, over the ranks
+    holding the same shards (the tp group reads the same rows); else expert shards sum over the ranks that hold
+    the same experts (each shard's gradient already sums its whole ep group's tokens), everything else over all."""
+    world, replicas = mesh.size(), mesh["replica"].get_group()
+    tensor_parallel = mesh["tp"].size() > 1
     for name, param in model.named_parameters():
         if param.grad is None:
             continue
-        dist.all_reduce(param.grad, group=replicas if ".experts." in name else None)
-        param.grad.div_(world)
+        dist.all_reduce(param.grad, group=replicas if tensor_parallel or ".experts." in name else None)
+        param.grad.div_(replicas.size() if tensor_parallel else world)

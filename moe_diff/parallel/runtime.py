@@ -18,6 +18,7 @@ from moe_diff.config import ParallelConfig
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel.dims import ParallelDims, average_gradients
 from moe_diff.parallel.expert_parallel import parallelize_experts
+from moe_diff.parallel.tensor_parallel import has_partial_gradient, parallelize_tensor, shard_dim
 
 
 def is_expert_parameter(name: str) -> bool:
@@ -52,49 +53,81 @@ class Runtime:
             return torch.device("cuda", self.local_rank)
         return device
 
+    @property
+    def data_rank(self) -> int:
+        """Which rows of the global batch this rank reads: the ranks of one tp group read the same."""
+        return self.rank // self.dims.tp
+
+    @property
+    def data_ranks(self) -> int:
+        return self.world_size // self.dims.tp
+
     def parallelize(self, model: MoEDiffTransformer) -> MoEDiffTransformer:
-        """Expert parallelism over the mesh's ep groups; the rest of the model stays replicated (data parallel)."""
+        """Tensor parallelism over the tp groups, expert parallelism over the ep groups; the rest of the model
+        stays replicated (data parallel)."""
+        if self.dims.tp > 1:
+            parallelize_tensor(model, self.mesh["tp"].get_group())
         if self.dims.ep > 1:
             parallelize_experts(model, self.mesh["ep"].get_group())
         return model
 
     def average_gradients(self, model: nn.Module) -> None:
-        if self.distributed:
-            average_gradients(model, self.mesh)
+        """Sum the gradients that tensor parallelism left partial over the tp group, then average over the
+        data-parallel ranks."""
+        if not self.distributed:
+            return
+        if self.dims.tp > 1:
+            for name, param in model.named_parameters():
+                if param.grad is not None and has_partial_gradient(name):
+                    dist.all_reduce(param.grad, group=self.mesh["tp"].get_group())
+        average_gradients(model, self.mesh)
+
+    def _shard_group(self, name: str) -> tuple[dist.ProcessGroup, int] | None:
+        """The group a parameter is split over and the dimension, or None when every rank holds it whole."""
+        if self.dims.tp > 1 and (dim := shard_dim(name)) is not None:
+            return self.mesh["tp"].get_group(), dim
+        if self.dims.ep > 1 and is_expert_parameter(name):
+            return self.mesh["ep"].get_group(), 0
+        return None
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip to the gradient norm of the whole model (returned): replicated gradients count once, expert
-        shards are summed over their ep group (after average_gradients every rank holds the same values)."""
-        grads = {True: [], False: []}
+        """Clip to the gradient norm of the whole model (returned): whole gradients count once, split ones are
+        summed over their group (after average_gradients the ranks of a data-parallel group agree)."""
+        grads: dict[object, list[torch.Tensor]] = {}
         for name, param in model.named_parameters():
             if param.grad is not None:
-                grads[is_expert_parameter(name)].append(param.grad)
+                split = self._shard_group(name)
+                grads.setdefault(split[0] if split else None, []).append(param.grad)
         device = next(model.parameters()).device
-        squares = [torch.stack(torch._foreach_norm(g)).float().square().sum() if g else torch.zeros((), device=device)
-                   for g in (grads[True], grads[False])]
-        if self.distributed and self.dims.ep > 1:
-            dist.all_reduce(squares[0], group=self.mesh["ep"].get_group())
-        norm = (squares[0] + squares[1]).sqrt()
+        total = torch.zeros((), device=device)
+        for group, group_grads in grads.items():
+            squares = torch.stack(torch._foreach_norm(group_grads)).float().square().sum()
+            if group is not None:
+                dist.all_reduce(squares, group=group)
+            total = total + squares
+        norm = total.sqrt()
         if math.isfinite(max_norm):
-            torch._foreach_mul_(grads[True] + grads[False], (max_norm / (norm + 1e-6)).clamp(max=1.0))
+            every = [g for group_grads in grads.values() for g in group_grads]
+            torch._foreach_mul_(every, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         return norm
 
     def whole(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """A parameter (or its optimizer moment) as one process holds it: expert shards gathered whole."""
-        if self.dims.ep == 1 or not is_expert_parameter(name) or value.dim() == 0:
-            return value
-        return gather_experts(value, self.mesh["ep"].get_group())
+        """A parameter (or its optimizer moment) as one process holds it: shards gathered whole."""
+        split = self._shard_group(name) if value.dim() else None
+        return value if split is None else gather_shards(value, *split)
 
     def local(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """The inverse of whole(): this rank's rows of a whole expert tensor."""
-        if self.dims.ep == 1 or not is_expert_parameter(name) or value.dim() == 0:
-            return value
-        return shard_experts(value, self.mesh["ep"].get_group())
+        """The inverse of whole(): this rank's block of a whole tensor."""
+        split = self._shard_group(name) if value.dim() else None
+        return value if split is None else keep_shard(value, *split)
 
-    def reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        """The tensor summed ('sum') or averaged ('mean') over every rank, in place; unchanged in one process."""
+    def reduce(self, tensor: torch.Tensor, op: str, data_parallel: bool = False) -> torch.Tensor:
+        """The tensor summed ('sum') or averaged ('mean') over every rank, in place (data_parallel: over one
+        rank per tp group, for counts of rows that a tp group shares); unchanged in one process."""
         if self.distributed:
             dist.all_reduce(tensor)
+            if data_parallel:
+                tensor.div_(self.dims.tp)
             if op == "mean":
                 tensor.div_(self.world_size)
         return tensor
@@ -131,14 +164,14 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
     return Runtime(dims, dist.get_rank(), local_rank, dims.build_mesh(device.type))
 
 
-def gather_experts(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """The whole [E, ...] tensor from each rank's [E/ep, ...] shard, on every rank of the group."""
+def gather_shards(local: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """The whole tensor from each rank's block along `dim`, on every rank of the group."""
     parts = [torch.empty_like(local) for _ in range(group.size())]
     dist.all_gather(parts, local.detach().contiguous(), group=group)
-    return torch.cat(parts)
+    return torch.cat(parts, dim=dim)
 
 
-def shard_experts(full: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's [E/ep, ...] rows of a whole expert tensor (the layout parallelize_experts makes)."""
-    n_local = full.shape[0] // group.size()
-    return full[group.rank() * n_local:(group.rank() + 1) * n_local]
+def keep_shard(full: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """This rank's block along `dim` of a whole tensor (the layout the parallelize functions make)."""
+    size = full.shape[dim] // group.size()
+    return full.narrow(dim, group.rank() * size, size)

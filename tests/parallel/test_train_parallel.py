@@ -68,18 +68,26 @@ def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def assert_close_runs(a: Path, b: Path, step: int) -> None:
+    """Float32 rounding differs with the order of sums across ranks; Adam (lr 1e-2) turns it into weight
+    differences up to ~1e-5 where a gradient is near zero, while a wrong shard or sum moves weights by ~lr."""
     assert losses(a) == pytest.approx(losses(b), rel=1e-5, abs=1e-6)
     weights_a, weights_b = weights(a, step), weights(b, step)
     for name, value in weights_a.items():
-        torch.testing.assert_close(value, weights_b[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(value, weights_b[name], rtol=1e-4, atol=1e-4,
+                                   msg=lambda text, name=name: f"{name}: {text}")
 
 
-@pytest.mark.parametrize(("processes", "ep"), [(2, 1), (2, 2), (4, 2)])
-def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, ep: int) -> None:
-    """Each rank computes the load-balancing loss on its rows, as one process does on each micro-batch, so the
-    single process accumulates as many micro-batches as there are ranks."""
-    single = run(tmp_path, "single", 1, f"train.grad_accum={processes}")
-    parallel = run(tmp_path, "parallel", processes, f"parallel.ep={ep}")
+@pytest.mark.parametrize(("processes", "layout", "data_ranks"), [
+    (2, ["parallel.ep=1"], 2), (2, ["parallel.ep=2"], 2), (4, ["parallel.ep=2"], 4),
+    (2, ["parallel.tp=2", "model.n_kv_heads=4"], 1), (4, ["parallel.tp=2", "model.n_heads=8", "model.n_kv_heads=4",
+                                                          "model.attention=diff_v2"], 2)])
+def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout: list[str], data_ranks: int) -> None:
+    """Each data-parallel rank computes the load-balancing loss on its rows, as one process does on each
+    micro-batch, so the single process accumulates one micro-batch per data-parallel rank (the ranks of a
+    tensor-parallel group share their rows)."""
+    model = [setting for setting in layout if setting.startswith("model.")]
+    single = run(tmp_path, "single", 1, f"train.grad_accum={data_ranks}", *model)
+    parallel = run(tmp_path, "parallel", processes, *layout)
     assert len(losses(parallel)) == 4
     assert_close_runs(parallel, single, 4)
     assert not (parallel / "checkpoints" / "step-4" / "experts.json").read_text() == ""

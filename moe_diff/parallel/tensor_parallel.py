@@ -1,0 +1,101 @@
+"""Tensor parallelism (Megatron style) applied to a finished model: wq, wk, wv (and diff_v2's lambda_proj) split
+by output rows so every rank keeps whole differential heads and kv groups, wo split by input columns, and
+every expert's FFN split along ffn_dim. Activations entering a split region are copied (their gradient is summed
+over the group); the outputs of wo and of the experts are summed over the group. The model's reshapes use -1
+heads, so it runs on its local heads unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_diff.config import ConfigError
+from moe_diff.model import MoEDiffTransformer
+
+# parameter name suffix -> the dimension split over the tensor-parallel group
+SHARD_DIMS = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+              "attention.wo.weight": 1, "attention.lambda_proj.weight": 0,
+              "moe.experts.w1": 1, "moe.experts.w3": 1, "moe.experts.w2": 2}
+# replicated parameters that only the local heads use: their gradients are summed over the group
+PARTIAL_GRADIENTS = ("attention.lambda_q1", "attention.lambda_k1", "attention.lambda_q2", "attention.lambda_k2",
+                     "attention.subln.weight")
+
+
+def shard_dim(name: str) -> int | None:
+    return next((dim for suffix, dim in SHARD_DIMS.items() if name.endswith(suffix)), None)
+
+
+def has_partial_gradient(name: str) -> bool:
+    return name.endswith(PARTIAL_GRADIENTS)
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; the gradient is summed over the group (each rank saw only its part of the use)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """The partial results of the group summed forward; the gradient passes unchanged to each part."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
+    """Whole heads (pairs of them for diff), kv groups and FFN columns on every rank."""
+    cfg = model.cfg
+    pairs = 2 if cfg.attention == "diff" else 1
+    for field, value in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads)):
+        if value % (tp * pairs):
+            raise ConfigError(f"parallel.tp={tp} must split model.{field}={value} into whole "
+                              f"{'differential heads (pairs)' if pairs == 2 else 'heads'} per rank")
+    if cfg.ffn_dim % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide model.ffn_dim={cfg.ffn_dim}")
+
+
+def _keep_shard(module: nn.Module, name: str, dim: int, group: dist.ProcessGroup) -> None:
+    full = getattr(module, name)
+    size = full.shape[dim] // group.size()
+    local = full.detach().narrow(dim, group.rank() * size, size).clone()
+    setattr(module, name, nn.Parameter(local, requires_grad=full.requires_grad))
+
+
+def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
+    """Split every layer's attention and experts over `group` in place (rank r keeps the r-th block of rows
+    or columns named in SHARD_DIMS); everything else stays replicated."""
+    check_tensor_parallel(model, group.size())
+    for block in model.layers:
+        attention, experts = block.attention, block.moe.experts
+        for linear, dim in ((attention.wq, 0), (attention.wk, 0), (attention.wv, 0), (attention.wo, 1)):
+            _keep_shard(linear, "weight", dim, group)
+        if hasattr(attention, "lambda_proj"):
+            _keep_shard(attention.lambda_proj, "weight", 0, group)
+        for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+            _keep_shard(experts, name, dim, group)
+        attention.register_forward_pre_hook(
+            lambda module, args, group=group: (_CopyToGroup.apply(args[0], group), *args[1:]))
+        attention.wo.register_forward_hook(lambda module, args, out, group=group: _SumOverGroup.apply(out, group))
+        experts.register_forward_pre_hook(  # the tokens and their routing weights enter every rank's FFN part
+            lambda module, args, group=group: (_CopyToGroup.apply(args[0], group), args[1],
+                                               _CopyToGroup.apply(args[2], group)))
+        experts.register_forward_hook(lambda module, args, out, group=group: _SumOverGroup.apply(out, group))
+    return model
