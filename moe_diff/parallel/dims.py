@@ -27,9 +27,8 @@ class ParallelDims:
                               "(torchrun --nproc_per_node x nodes)")
         if world_size % cfg.ep:
             raise ConfigError(f"parallel.ep={cfg.ep} must divide the world size {world_size}")
-        if cfg.tp > 1 and cfg.ep > 1:
-            raise ConfigError(f"parallel.tp={cfg.tp} with parallel.ep={cfg.ep}: tensor and expert parallelism "
-                              "together are not available yet; use one of them")
+        if world_size % (cfg.ep * cfg.tp):
+            raise ConfigError(f"parallel.ep={cfg.ep} x parallel.tp={cfg.tp} must divide the world size {world_size}")
         return cls(dp, cfg.tp, cfg.ep, world_size)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
@@ -40,14 +39,15 @@ class ParallelDims:
                                 mesh_dim_names=("replica", "ep", "tp"))
 
 
-def average_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Data-parallel averaging over the ranks that read different rows: with tensor parallelism, over the ranks
-    holding the same shards (the tp group reads the same rows); else expert shards sum over the ranks that hold
-    the same experts (each shard's gradient already sums its whole ep group's tokens), everything else over all."""
-    world, replicas = mesh.size(), mesh["replica"].get_group()
-    tensor_parallel = mesh["tp"].size() > 1
+def average_gradients(model: nn.Module, mesh: DeviceMesh, data_group: dist.ProcessGroup | None = None) -> None:
+    """Data-parallel averaging: expert shards sum over 'replica', the ranks holding the same experts (each
+    shard's gradient already sums its whole ep group's tokens); everything else over `data_group`, the ranks
+    holding the same tensor-parallel shard (None: all ranks); both divided by the number of ranks that read
+    different rows."""
+    replicas = mesh["replica"].get_group()
+    data_ranks = data_group.size() if data_group is not None else mesh.size()
     for name, param in model.named_parameters():
         if param.grad is None:
             continue
-        dist.all_reduce(param.grad, group=replicas if tensor_parallel or ".experts." in name else None)
-        param.grad.div_(replicas.size() if tensor_parallel else world)
+        dist.all_reduce(param.grad, group=replicas if ".experts." in name else data_group)
+        param.grad.div_(data_ranks)

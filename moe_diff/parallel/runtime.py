@@ -33,6 +33,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     mesh: DeviceMesh | None = None
+    data_group: dist.ProcessGroup | None = None  # ranks holding the same tensor-parallel shard (None: all)
 
     @property
     def world_size(self) -> int:
@@ -65,10 +66,10 @@ class Runtime:
     def parallelize(self, model: MoEDiffTransformer) -> MoEDiffTransformer:
         """Tensor parallelism over the tp groups, expert parallelism over the ep groups; the rest of the model
         stays replicated (data parallel)."""
+        if self.dims.ep > 1:  # first, so that the tensor-parallel split applies to the local experts
+            parallelize_experts(model, self.mesh["ep"].get_group())
         if self.dims.tp > 1:
             parallelize_tensor(model, self.mesh["tp"].get_group())
-        if self.dims.ep > 1:
-            parallelize_experts(model, self.mesh["ep"].get_group())
         return model
 
     def average_gradients(self, model: nn.Module) -> None:
@@ -80,29 +81,29 @@ class Runtime:
             for name, param in model.named_parameters():
                 if param.grad is not None and has_partial_gradient(name):
                     dist.all_reduce(param.grad, group=self.mesh["tp"].get_group())
-        average_gradients(model, self.mesh)
+        average_gradients(model, self.mesh, self.data_group)
 
-    def _shard_group(self, name: str) -> tuple[dist.ProcessGroup, int] | None:
-        """The group a parameter is split over and the dimension, or None when every rank holds it whole."""
+    def _splits(self, name: str) -> list[tuple[dist.ProcessGroup, int]]:
+        """The groups a parameter is split over, with the dimension each splits (tensor parallel first)."""
+        splits = []
         if self.dims.tp > 1 and (dim := shard_dim(name)) is not None:
-            return self.mesh["tp"].get_group(), dim
+            splits.append((self.mesh["tp"].get_group(), dim))
         if self.dims.ep > 1 and is_expert_parameter(name):
-            return self.mesh["ep"].get_group(), 0
-        return None
+            splits.append((self.mesh["ep"].get_group(), 0))
+        return splits
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip to the gradient norm of the whole model (returned): whole gradients count once, split ones are
-        summed over their group (after average_gradients the ranks of a data-parallel group agree)."""
-        grads: dict[object, list[torch.Tensor]] = {}
+        summed over their groups (after average_gradients the ranks of a data-parallel group agree)."""
+        grads: dict[tuple, list[torch.Tensor]] = {}
         for name, param in model.named_parameters():
             if param.grad is not None:
-                split = self._shard_group(name)
-                grads.setdefault(split[0] if split else None, []).append(param.grad)
-        device = next(model.parameters()).device
-        total = torch.zeros((), device=device)
-        for group, group_grads in grads.items():
+                groups = tuple(group for group, _ in self._splits(name))
+                grads.setdefault(groups, []).append(param.grad)
+        total = torch.zeros((), device=next(model.parameters()).device)
+        for groups, group_grads in grads.items():
             squares = torch.stack(torch._foreach_norm(group_grads)).float().square().sum()
-            if group is not None:
+            for group in groups:
                 dist.all_reduce(squares, group=group)
             total = total + squares
         norm = total.sqrt()
@@ -113,13 +114,15 @@ class Runtime:
 
     def whole(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """A parameter (or its optimizer moment) as one process holds it: shards gathered whole."""
-        split = self._shard_group(name) if value.dim() else None
-        return value if split is None else gather_shards(value, *split)
+        for group, dim in self._splits(name) if value.dim() else []:
+            value = gather_shards(value, group, dim)
+        return value
 
     def local(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """The inverse of whole(): this rank's block of a whole tensor."""
-        split = self._shard_group(name) if value.dim() else None
-        return value if split is None else keep_shard(value, *split)
+        for group, dim in reversed(self._splits(name)) if value.dim() else []:
+            value = keep_shard(value, group, dim)
+        return value
 
     def reduce(self, tensor: torch.Tensor, op: str, data_parallel: bool = False) -> torch.Tensor:
         """The tensor summed ('sum') or averaged ('mean') over every rank, in place (data_parallel: over one
@@ -161,7 +164,12 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=cfg.timeout_s))
-    return Runtime(dims, dist.get_rank(), local_rank, dims.build_mesh(device.type))
+    mesh = dims.build_mesh(device.type)
+    data_group = None
+    if dims.tp > 1:  # one group per tp index: the ranks that hold the same shards but read different rows
+        data_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(index, world_size, dims.tp)) for index in range(dims.tp)])
+    return Runtime(dims, dist.get_rank(), local_rank, mesh, data_group)
 
 
 def gather_shards(local: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:

@@ -117,3 +117,6 @@ def test_layouts_are_checked_against_the_world_size() -> None:
     with pytest.raises(ConfigError, match="parallel.ep=3 must divide the world size 4"):
         ParallelDims.from_config(ParallelConfig(ep=3), 4)
     assert ParallelDims.from_config(ParallelConfig(ep=2), 4) == ParallelDims(4, 1, 2, 4)
+    with pytest.raises(ConfigError, match="parallel.ep=2 x parallel.tp=2 must divide the world size 2"):
+        ParallelDims.from_config(ParallelConfig(ep=2, tp=2), 2)
+    assert ParallelDims.from_config(ParallelConfig(ep=2, tp=2), 4) == ParallelDims(2, 2, 2, 4)

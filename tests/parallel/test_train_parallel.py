@@ -80,7 +80,8 @@ def assert_close_runs(a: Path, b: Path, step: int) -> None:
 @pytest.mark.parametrize(("processes", "layout", "data_ranks"), [
     (2, ["parallel.ep=1"], 2), (2, ["parallel.ep=2"], 2), (4, ["parallel.ep=2"], 4),
     (2, ["parallel.tp=2", "model.n_kv_heads=4"], 1), (4, ["parallel.tp=2", "model.n_heads=8", "model.n_kv_heads=4",
-                                                          "model.attention=diff_v2"], 2)])
+                                                          "model.attention=diff_v2"], 2),
+    (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"], 2)])
 def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout: list[str], data_ranks: int) -> None:
     """Each data-parallel rank computes the load-balancing loss on its rows, as one process does on each
     micro-batch, so the single process accumulates one micro-batch per data-parallel rank (the ranks of a
@@ -90,18 +91,26 @@ def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout:
     parallel = run(tmp_path, "parallel", processes, *layout)
     assert len(losses(parallel)) == 4
     assert_close_runs(parallel, single, 4)
-    assert not (parallel / "checkpoints" / "step-4" / "experts.json").read_text() == ""
 
 
-def test_checkpoint_written_at_ep2_resumes_in_one_process_with_the_same_next_loss(tmp_path: Path) -> None:
-    parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
-    resumed = tmp_path / "resumed"
+def resumed_from_step_3(tmp_path: Path, source: Path, processes: int, *overrides: str) -> Path:
+    """A new run directory holding `source`'s step-3 checkpoint, run on to step 4."""
+    resumed = tmp_path / f"resumed-{processes}"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(parallel / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
-    run(tmp_path, "resumed", 1, "train.grad_accum=2")
+    shutil.copytree(source / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
+    return run(tmp_path, resumed.name, processes, *overrides)
+
+
+def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path) -> None:
+    """ep=2 in two processes -> one process -> tp=2 x ep=2 in four: each resumed step equals the original."""
+    parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
+    resumed = resumed_from_step_3(tmp_path, parallel, 1, "train.grad_accum=2")
     assert losses(resumed) == pytest.approx(losses(parallel)[3:], rel=1e-5, abs=1e-6)
     for name, value in weights(resumed, 4).items():
-        torch.testing.assert_close(value, weights(parallel, 4)[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(value, weights(parallel, 4)[name], rtol=1e-4, atol=1e-4, msg=name)
+    single = run(tmp_path, "single", 1, "train.grad_accum=2", "model.n_kv_heads=4")
+    sharded = resumed_from_step_3(tmp_path, single, 4, "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4")
+    assert losses(sharded) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
     # the run exported as one checkpoint: its newest step, bit for bit
     assert cli.main(["export", str(parallel), str(tmp_path / "exported")]) == 0
     exported = checkpoint.load(tmp_path / "exported").state_dict()
