@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 ATTENTION_MODES = ("diff", "diff_v2", "standard")
-ATTN_BACKENDS = ("reference", "sdpa", "flex", "triton", "auto")
+ATTN_BACKENDS = ("reference", "sdpa", "flex", "triton", "flash_attn", "auto")
 MOE_BACKENDS = ("reference", "grouped_mm", "megablocks")
 
 

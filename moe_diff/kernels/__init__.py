@@ -22,6 +22,12 @@ from moe_diff.kernels.diff_flash_attention import (
     diff_attention_triton,
     diff_v2_attention_triton,
 )
+from moe_diff.kernels.flash_attn_backend import (
+    attention_flash_attn,
+    diff_attention_flash_attn,
+    diff_v2_attention_flash_attn,
+    flash_attn_module,
+)
 from moe_diff.kernels.moe_experts import (
     megablocks_gmm,
     moe_experts_grouped_mm,
@@ -45,6 +51,7 @@ ATTENTION_BACKENDS: dict[str, AttentionOps] = {
     "sdpa": AttentionOps(attention_sdpa, diff_attention_sdpa, diff_v2_attention_sdpa),
     "flex": AttentionOps(attention_flex, diff_attention_flex, diff_v2_attention_flex),
     "triton": AttentionOps(attention_triton, diff_attention_triton, diff_v2_attention_triton),
+    "flash_attn": AttentionOps(attention_flash_attn, diff_attention_flash_attn, diff_v2_attention_flash_attn),
 }
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -76,6 +83,11 @@ def attention_op(backend: str, mode: str) -> Callable:
     installed fails here, at construction."""
     if backend == "triton" and not HAVE_TRITON:
         raise ConfigError(f"model.attn_backend='triton' is not available here: {TRITON_MISSING}")
+    if backend == "flash_attn":
+        try:
+            flash_attn_module()
+        except ImportError as error:
+            raise ConfigError(f"model.attn_backend='flash_attn' is not available here: {error}") from None
     return getattr(ATTENTION_BACKENDS[backend], mode)
 
 

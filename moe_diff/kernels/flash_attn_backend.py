@@ -1,0 +1,63 @@
+"""The `flash_attn` attention backend: the flash-attn package's kernels (CUDA, fp16/bf16), where it is installed.
+
+Causal attention with the window as flash-attn's `window_size=(W - 1, 0)`; packed documents as variable-length
+sequences (`cu_seqlens`, one per document of each row); GQA natively. flash-attn needs values as wide as the
+keys, so diff's 2d-wide values go through as two halves (the official DIFF code's variant without its patched
+kernel), and diff_v2 is one call over the doubled query heads. An explicit cache mask (decoding against a
+rolling KV cache) is not a flash-attn shape: those steps run through SDPA.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from moe_diff.kernels.diff_attention import diff_attention, diff_v2_attention, sdpa_attention, standard_attention
+
+FLASH_ATTN_MISSING = ("flash-attn is not installed: pip install 'moe-diff[flash-attn]' on a CUDA machine "
+                      "(it builds from source), or use attn_backend='triton' or 'sdpa'")
+
+
+def flash_attn_module():
+    """flash_attn, or ImportError naming what to install."""
+    try:
+        import flash_attn
+    except ImportError:
+        raise ImportError(FLASH_ATTN_MISSING) from None
+    return flash_attn
+
+
+def document_sequences(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32, [sequences + 1]) of the flattened [B*T] tokens, one sequence per run of one document id
+    in a row, and the longest sequence."""
+    batch, n_tokens = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    begin = starts.flatten().nonzero().flatten()
+    cu_seqlens = torch.cat([begin, begin.new_tensor([batch * n_tokens])]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                         document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, T, Hq, d], k: [B, T, Hk, d], v: [B, T, Hk, dv] -> [B, T, Hq, dv], the rule of diff_attention.py."""
+    if mask is not None:  # rolling-cache steps: not a flash-attn layout
+        return sdpa_attention(q, k, v, window, document_ids, mask)
+    flash = flash_attn_module()
+    if v.shape[-1] != q.shape[-1]:  # flash-attn wants values as wide as the keys
+        return torch.cat([flash_attn_attention(q, k, half, window, document_ids) for half in
+                          v.split(q.shape[-1], dim=-1)], dim=-1)
+    window_size = (window - 1, 0) if window is not None else (-1, -1)
+    if document_ids is None:
+        return flash.flash_attn_func(q, k, v, causal=True, window_size=window_size)
+    batch, n_tokens = q.shape[:2]
+    cu_seqlens, longest = document_sequences(document_ids)
+    out = flash.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
+                                       longest, longest, causal=True, window_size=window_size)
+    return out.view(batch, n_tokens, *out.shape[1:])
+
+
+attention_flash_attn = partial(standard_attention, flash_attn_attention)
+diff_attention_flash_attn = partial(diff_attention, flash_attn_attention)
+diff_v2_attention_flash_attn = partial(diff_v2_attention, flash_attn_attention)
