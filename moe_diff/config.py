@@ -56,6 +56,7 @@ class ModelConfig:
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+DATA_PARALLEL = ("allreduce", "ddp")
 
 
 @dataclass
@@ -152,12 +153,15 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1  # experts of every layer sharded over groups of ep consecutive ranks
     timeout_s: float = 600.0  # a collective that waits longer (a rank failed or hung) ends the job with an error
+    data_parallel: str = "allreduce"  # allreduce: after the backward; ddp: DistributedDataParallel, overlapped
 
     def __post_init__(self) -> None:
         if self.dp is not None and (not _is_int(self.dp) or self.dp < 1):
             _fail("parallel.dp", self.dp, "null (inferred from the world size) or a positive integer")
         if not _is_number(self.timeout_s) or self.timeout_s <= 0:
             _fail("parallel.timeout_s", self.timeout_s, "a number of seconds > 0")
+        if self.data_parallel not in DATA_PARALLEL:
+            _fail("parallel.data_parallel", self.data_parallel, f"one of {', '.join(DATA_PARALLEL)}")
         for name in ("tp", "ep"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 _fail(f"parallel.{name}", getattr(self, name), "a positive integer")

@@ -199,7 +199,8 @@ class Trainer:
             console.print(f"resumed from {resume_from} at step {self.step}")
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.data_parallel = self.runtime.wrap(self.model)  # the model itself, or its DDP wrapper
+        self.forward = torch.compile(self.data_parallel) if t.compile else self.data_parallel
         self.flops_per_token = 3 * costs.flops_per_token(cfg.model, t.seq_len).total  # forward + backward
         self.peak_flops = peak_flops(self.device)
 
@@ -246,10 +247,11 @@ class Trainer:
         for i in range(t.grad_accum):
             micro = batch.slice(i * micro_size, (i + 1) * micro_size)
             last = details and i == t.grad_accum - 1
-            with autocast(self.device, t.precision), (probe if last else contextlib.nullcontext()):
-                out = self.forward(micro.tokens, micro.positions, micro.document_ids)
-            loss = cross_entropy(out.logits, micro.targets)
-            ((loss + out.aux_loss) / t.grad_accum).backward()
+            with self.runtime.accumulating(self.data_parallel, last=i == t.grad_accum - 1):
+                with autocast(self.device, t.precision), (probe if last else contextlib.nullcontext()):
+                    out = self.forward(micro.tokens, micro.positions, micro.document_ids)
+                loss = cross_entropy(out.logits, micro.targets)
+                ((loss + out.aux_loss) / t.grad_accum).backward()
             totals += torch.stack([loss, out.aux_loss, out.load_balance_loss, out.z_loss]).detach() / t.grad_accum
             load += torch.stack([routing.counts for routing in out.routings])
         self.runtime.reduce(totals, "mean")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -39,15 +40,16 @@ class ParallelDims:
                                 mesh_dim_names=("replica", "ep", "tp"))
 
 
-def average_gradients(model: nn.Module, mesh: DeviceMesh, data_group: dist.ProcessGroup | None = None) -> None:
+def average_gradients(model: nn.Module, mesh: DeviceMesh, data_group: dist.ProcessGroup | None = None,
+                      only: Callable[[str], bool] = lambda name: True) -> None:
     """Data-parallel averaging: expert shards sum over 'replica', the ranks holding the same experts (each
     shard's gradient already sums its whole ep group's tokens); everything else over `data_group`, the ranks
     holding the same tensor-parallel shard (None: all ranks); both divided by the number of ranks that read
-    different rows."""
+    different rows. `only` picks the parameters by name."""
     replicas = mesh["replica"].get_group()
     data_ranks = data_group.size() if data_group is not None else mesh.size()
     for name, param in model.named_parameters():
-        if param.grad is None:
+        if param.grad is None or not only(name):
             continue
         dist.all_reduce(param.grad, group=replicas if ".experts." in name else data_group)
         param.grad.div_(data_ranks)

@@ -4,6 +4,7 @@ collectives the training loop needs (averaged gradients, the global gradient nor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.config import ParallelConfig
 from moe_diff.model import MoEDiffTransformer
@@ -34,6 +36,7 @@ class Runtime:
     local_rank: int = 0
     mesh: DeviceMesh | None = None
     data_group: dist.ProcessGroup | None = None  # ranks holding the same tensor-parallel shard (None: all)
+    data_parallel: str = "allreduce"
 
     @property
     def world_size(self) -> int:
@@ -72,16 +75,40 @@ class Runtime:
             parallelize_tensor(model, self.mesh["tp"].get_group())
         return model
 
+    @property
+    def ddp(self) -> bool:
+        return self.distributed and self.data_parallel == "ddp"
+
+    def wrap(self, model: MoEDiffTransformer) -> nn.Module:
+        """The module the training step calls: with data_parallel=ddp, DistributedDataParallel over the ranks
+        holding the same shards (it averages gradients in buckets while the backward runs); expert shards are
+        left out of it, to be averaged over their own replicas."""
+        if not self.ddp:
+            return model
+        experts = [name for name, _ in model.named_parameters() if is_expert_parameter(name)]
+        if self.dims.ep > 1:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
+        device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.data_group,
+                                       broadcast_buffers=False)
+
+    def accumulating(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """DDP's no_sync for every micro-batch but the last, so gradients are averaged once per step."""
+        return module.no_sync() if self.ddp and not last else contextlib.nullcontext()
+
     def average_gradients(self, model: nn.Module) -> None:
         """Sum the gradients that tensor parallelism left partial over the tp group, then average over the
-        data-parallel ranks."""
+        data-parallel ranks (with DDP, only the expert shards remain to be averaged)."""
         if not self.distributed:
             return
         if self.dims.tp > 1:
             for name, param in model.named_parameters():
                 if param.grad is not None and has_partial_gradient(name):
                     dist.all_reduce(param.grad, group=self.mesh["tp"].get_group())
-        average_gradients(model, self.mesh, self.data_group)
+        if not self.ddp:
+            average_gradients(model, self.mesh, self.data_group)
+        elif self.dims.ep > 1:
+            average_gradients(model, self.mesh, self.data_group, only=is_expert_parameter)
 
     def _splits(self, name: str) -> list[tuple[dist.ProcessGroup, int]]:
         """The groups a parameter is split over, with the dimension each splits (tensor parallel first)."""
@@ -169,7 +196,7 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
     if dims.tp > 1:  # one group per tp index: the ranks that hold the same shards but read different rows
         data_group, _ = dist.new_subgroups_by_enumeration(
             [list(range(index, world_size, dims.tp)) for index in range(dims.tp)])
-    return Runtime(dims, dist.get_rank(), local_rank, mesh, data_group)
+    return Runtime(dims, dist.get_rank(), local_rank, mesh, data_group, cfg.data_parallel)
 
 
 def gather_shards(local: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
