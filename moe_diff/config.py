@@ -56,7 +56,7 @@ class ModelConfig:
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
-DATA_PARALLEL = ("allreduce", "ddp")
+DATA_PARALLEL = ("allreduce", "ddp", "fsdp")
 
 
 @dataclass
@@ -153,7 +153,7 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1  # experts of every layer sharded over groups of ep consecutive ranks
     timeout_s: float = 600.0  # a collective that waits longer (a rank failed or hung) ends the job with an error
-    data_parallel: str = "allreduce"  # allreduce: after the backward; ddp: DistributedDataParallel, overlapped
+    data_parallel: str = "allreduce"  # after the backward; ddp: DistributedDataParallel; fsdp: FSDP2 (sharded)
 
     def __post_init__(self) -> None:
         if self.dp is not None and (not _is_int(self.dp) or self.dp < 1):

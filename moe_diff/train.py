@@ -189,6 +189,7 @@ class Trainer:
         if resume_from is not None:
             train_checkpoint.load_model(resume_from, self.model)  # whole, so any layout resumes any other
         self.runtime.parallelize(self.model)
+        self.data_parallel = self.runtime.wrap(self.model)  # the model itself (FSDP shards it in place), or DDP
         self.optimizer = build_optimizer(self.model, t)
         self.step, self.nonfinite_streak = 0, 0
         if resume_from is not None:
@@ -199,7 +200,6 @@ class Trainer:
             console.print(f"resumed from {resume_from} at step {self.step}")
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.data_parallel = self.runtime.wrap(self.model)  # the model itself, or its DDP wrapper
         self.forward = torch.compile(self.data_parallel) if t.compile else self.data_parallel
         self.flops_per_token = 3 * costs.flops_per_token(cfg.model, t.seq_len).total  # forward + backward
         self.peak_flops = peak_flops(self.device)
@@ -207,7 +207,7 @@ class Trainer:
     def save(self) -> Path:
         """Rank 0 writes the whole model and optimizer state (expert shards gathered from their ranks)."""
         model, whole = self.model, self.runtime.whole
-        if self.runtime.dims.ep > 1 or self.runtime.dims.tp > 1:
+        if self.runtime.distributed:
             state = {name: whole(name, value) for name, value in checkpoint.model_state_dict(model).items()}
             model = checkpoint.model_from_state_dict(self.cfg.model, state, "the expert-parallel job")
         optimizer_state = train_checkpoint.map_moments(get_optimizer_state_dict(self.model, self.optimizer), whole)

@@ -215,15 +215,21 @@ def load_model(directory: Path, model: MoEDiffTransformer) -> None:
 
 
 def load_optimizer(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   local: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, value: value,
+                   local: Callable[..., torch.Tensor] = lambda name, value, like=None: value,
                    whole: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, value: value) -> dict[str, Any]:
-    """Restore the optimizer (of a model possibly sharded since: `whole` sizes each moment as saved, `local`
-    takes this process's part) and the RNG states; return trainer.json."""
-    state = map_moments(get_optimizer_state_dict(model, optimizer), whole)
+    """Restore the optimizer (of a model possibly sharded since: `whole` sizes each moment as saved, and
+    `local(name, value, like)` takes this process's part, laid out like the current moment `like`) and the RNG
+    states; return trainer.json."""
+    current = get_optimizer_state_dict(model, optimizer)
+    state = map_moments(current, whole)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({"optimizer": state}, storage_reader=SafeFileSystemReader(directory / "optimizer"), no_dist=True)
-    set_optimizer_state_dict(model, optimizer, map_moments(state, local))
+    for name, moments in state["state"].items():
+        for key, value in moments.items():
+            if torch.is_tensor(value):
+                moments[key] = local(name, value, like=current["state"][name][key])
+    set_optimizer_state_dict(model, optimizer, state)
     trainer_state = json.loads((directory / "trainer.json").read_text())
     _restore_rng(trainer_state.pop("rng"))
     return trainer_state

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.config import ParallelConfig
@@ -79,10 +81,25 @@ class Runtime:
     def ddp(self) -> bool:
         return self.distributed and self.data_parallel == "ddp"
 
+    @property
+    def fsdp(self) -> bool:
+        return self.distributed and self.data_parallel == "fsdp"
+
     def wrap(self, model: MoEDiffTransformer) -> nn.Module:
-        """The module the training step calls: with data_parallel=ddp, DistributedDataParallel over the ranks
-        holding the same shards (it averages gradients in buckets while the backward runs); expert shards are
-        left out of it, to be averaged over their own replicas."""
+        """The module the training step calls. ddp: DistributedDataParallel over the ranks holding the same
+        shards (it averages gradients in buckets while the backward runs), expert shards left out of it to be
+        averaged over their own replicas. fsdp: FSDP2 (`fully_shard`) per block and on the whole model over the
+        same ranks, each expert shard over its replicas; parameters, gradients and optimizer states are then
+        split over those ranks. Call before building the optimizer."""
+        if self.fsdp:
+            data_mesh = self.mesh["replica", "ep"]._flatten("data")
+            for block in model.layers:
+                if self.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
+                    fully_shard(block.moe.experts, mesh=self.mesh["replica"])
+                    block.moe.experts.set_gradient_divide_factor(float(self.data_ranks))
+                fully_shard(block, mesh=data_mesh)
+            fully_shard(model, mesh=data_mesh)
+            return model
         if not self.ddp:
             return model
         experts = [name for name, _ in model.named_parameters() if is_expert_parameter(name)]
@@ -93,21 +110,24 @@ class Runtime:
                                        broadcast_buffers=False)
 
     def accumulating(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-        """DDP's no_sync for every micro-batch but the last, so gradients are averaged once per step."""
+        """Gradients averaged once per step: DDP's no_sync, or FSDP's gradient sync, off but for the last
+        micro-batch."""
+        if self.fsdp:
+            module.set_requires_gradient_sync(last)
         return module.no_sync() if self.ddp and not last else contextlib.nullcontext()
 
     def average_gradients(self, model: nn.Module) -> None:
         """Sum the gradients that tensor parallelism left partial over the tp group, then average over the
-        data-parallel ranks (with DDP, only the expert shards remain to be averaged)."""
+        data-parallel ranks (DDP leaves only the expert shards to average; FSDP none)."""
         if not self.distributed:
             return
         if self.dims.tp > 1:
             for name, param in model.named_parameters():
                 if param.grad is not None and has_partial_gradient(name):
-                    dist.all_reduce(param.grad, group=self.mesh["tp"].get_group())
-        if not self.ddp:
+                    dist.all_reduce(local_tensor(param.grad), group=self.mesh["tp"].get_group())
+        if self.data_parallel == "allreduce":
             average_gradients(model, self.mesh, self.data_group)
-        elif self.dims.ep > 1:
+        elif self.ddp and self.dims.ep > 1:
             average_gradients(model, self.mesh, self.data_group, only=is_expert_parameter)
 
     def _splits(self, name: str) -> list[tuple[dist.ProcessGroup, int]]:
@@ -121,12 +141,15 @@ class Runtime:
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip to the gradient norm of the whole model (returned): whole gradients count once, split ones are
-        summed over their groups (after average_gradients the ranks of a data-parallel group agree)."""
+        summed over their groups (after average_gradients the ranks of a data-parallel group agree; FSDP's
+        shards are summed over its mesh)."""
         grads: dict[tuple, list[torch.Tensor]] = {}
         for name, param in model.named_parameters():
             if param.grad is not None:
                 groups = tuple(group for group, _ in self._splits(name))
-                grads.setdefault(groups, []).append(param.grad)
+                if isinstance(param.grad, DTensor):
+                    groups += (param.grad.device_mesh.get_group(),)
+                grads.setdefault(groups, []).append(local_tensor(param.grad))
         total = torch.zeros((), device=next(model.parameters()).device)
         for groups, group_grads in grads.items():
             squares = torch.stack(torch._foreach_norm(group_grads)).float().square().sum()
@@ -141,14 +164,19 @@ class Runtime:
 
     def whole(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """A parameter (or its optimizer moment) as one process holds it: shards gathered whole."""
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
         for group, dim in self._splits(name) if value.dim() else []:
             value = gather_shards(value, group, dim)
         return value
 
-    def local(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """The inverse of whole(): this rank's block of a whole tensor."""
+    def local(self, name: str, value: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The inverse of whole(): this rank's block of a whole tensor (split like `like` when that is one of
+        FSDP's DTensors)."""
         for group, dim in reversed(self._splits(name)) if value.dim() else []:
             value = keep_shard(value, group, dim)
+        if isinstance(like, DTensor):
+            value = distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
         return value
 
     def reduce(self, tensor: torch.Tensor, op: str, data_parallel: bool = False) -> torch.Tensor:
@@ -197,6 +225,11 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
         data_group, _ = dist.new_subgroups_by_enumeration(
             [list(range(index, world_size, dims.tp)) for index in range(dims.tp)])
     return Runtime(dims, dist.get_rank(), local_rank, mesh, data_group, cfg.data_parallel)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (FSDP's parameters and gradients), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def gather_shards(local: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:

@@ -83,7 +83,9 @@ def assert_close_runs(a: Path, b: Path, step: int) -> None:
                                                           "model.attention=diff_v2"], 2),
     (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"], 2),
     (2, ["parallel.data_parallel=ddp", "parallel.ep=2", "train.grad_accum=2"], 4),
-    (4, ["parallel.data_parallel=ddp", "parallel.tp=2", "model.n_kv_heads=4"], 2)])
+    (4, ["parallel.data_parallel=ddp", "parallel.tp=2", "model.n_kv_heads=4"], 2),
+    (2, ["parallel.data_parallel=fsdp", "train.grad_accum=2"], 4),
+    (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"], 2)])
 def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout: list[str], data_ranks: int) -> None:
     """Each data-parallel rank computes the load-balancing loss on its rows, as one process does on each
     micro-batch, so the single process accumulates one micro-batch per data-parallel rank (the ranks of a
@@ -104,7 +106,8 @@ def resumed_from_step_3(tmp_path: Path, source: Path, processes: int, *overrides
 
 
 def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path) -> None:
-    """ep=2 in two processes -> one process -> tp=2 x ep=2 in four: each resumed step equals the original."""
+    """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, and -> FSDP with ep=2 in two: each resumed
+    step equals the original."""
     parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
     resumed = resumed_from_step_3(tmp_path, parallel, 1, "train.grad_accum=2")
     assert losses(resumed) == pytest.approx(losses(parallel)[3:], rel=1e-5, abs=1e-6)
@@ -113,6 +116,11 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     single = run(tmp_path, "single", 1, "train.grad_accum=2", "model.n_kv_heads=4")
     sharded = resumed_from_step_3(tmp_path, single, 4, "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4")
     assert losses(sharded) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
+    fully_sharded = resumed_from_step_3(tmp_path, single, 2, "parallel.data_parallel=fsdp", "parallel.ep=2",
+                                        "model.n_kv_heads=4")
+    assert losses(fully_sharded) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
+    for name, value in weights(fully_sharded, 4).items():
+        torch.testing.assert_close(value, weights(single, 4)[name], rtol=1e-4, atol=1e-4, msg=name)
     # the run exported as one checkpoint: its newest step, bit for bit
     assert cli.main(["export", str(parallel), str(tmp_path / "exported")]) == 0
     exported = checkpoint.load(tmp_path / "exported").state_dict()
