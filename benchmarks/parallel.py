@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from moe_diff.bench import environment
-from moe_diff.bench.measure import synchronize
+from moe_diff.bench.measure import median_seconds, synchronize
 from moe_diff.bench.report import write_json
 from moe_diff.config import ModelConfig
 from moe_diff.model import MoEDiffTransformer
@@ -69,21 +69,17 @@ def time_steps(model: MoEDiffTransformer, tokens: torch.Tensor, device: torch.de
                mesh: object | None, meter: ExchangeMeter | None = None) -> float:
     """Median seconds of a forward+backward (+ gradient averaging) over `steps` steps after one warm-up (the
     meter, if any, counts the timed steps only)."""
-    times = []
-    for step in range(steps + 1):
-        if step == 1 and meter is not None:
-            meter.bytes, meter.seconds = 0, 0.0
-        synchronize(device)
-        start = time.perf_counter()
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
         out = model(tokens)
         (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
         if mesh is not None:
             average_gradients(model, mesh)
-        synchronize(device)
-        if step:
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return sorted(times)[len(times) // 2]
+
+    step()
+    if meter is not None:
+        meter.bytes, meter.seconds = 0, 0.0
+    return median_seconds(step, device, steps, warmup=0)
 
 
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, results: mp.Queue) -> None:

@@ -209,7 +209,7 @@ class Trainer:
         model, whole = self.model, self.runtime.whole
         if self.runtime.distributed:
             state = {name: whole(name, value) for name, value in checkpoint.model_state_dict(model).items()}
-            model = checkpoint.model_from_state_dict(self.cfg.model, state, "the expert-parallel job")
+            model = checkpoint.model_from_state_dict(self.cfg.model, state, "the parallel job's gathered shards")
         optimizer_state = train_checkpoint.map_moments(get_optimizer_state_dict(self.model, self.optimizer), whole)
         trainer_state = {"sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
         root = self.out_dir / "checkpoints"
@@ -246,9 +246,9 @@ class Trainer:
         probe = LambdaProbe(self.model)
         for i in range(t.grad_accum):
             micro = batch.slice(i * micro_size, (i + 1) * micro_size)
-            last = details and i == t.grad_accum - 1
-            with self.runtime.accumulating(self.data_parallel, last=i == t.grad_accum - 1):
-                with autocast(self.device, t.precision), (probe if last else contextlib.nullcontext()):
+            last = i == t.grad_accum - 1
+            with self.runtime.accumulating(self.data_parallel, last):
+                with autocast(self.device, t.precision), (probe if details and last else contextlib.nullcontext()):
                     out = self.forward(micro.tokens, micro.positions, micro.document_ids)
                 loss = cross_entropy(out.logits, micro.targets)
                 ((loss + out.aux_loss) / t.grad_accum).backward()

@@ -5,11 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_diff.config import ConfigError, ParallelConfig
+
+
+def is_expert_parameter(name: str) -> bool:
+    return ".experts." in name
+
+
+def keep_shard(full: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """This rank's block along `dim` of a whole tensor: rank r of the group keeps the r-th of group.size()
+    equal blocks (the layout every parallelize function makes)."""
+    size = full.shape[dim] // group.size()
+    return full.narrow(dim, group.rank() * size, size)
 
 
 @dataclass(frozen=True)
@@ -51,5 +63,5 @@ def average_gradients(model: nn.Module, mesh: DeviceMesh, data_group: dist.Proce
     for name, param in model.named_parameters():
         if param.grad is None or not only(name):
             continue
-        dist.all_reduce(param.grad, group=replicas if ".experts." in name else data_group)
+        dist.all_reduce(param.grad, group=replicas if is_expert_parameter(name) else data_group)
         param.grad.div_(data_ranks)

@@ -11,6 +11,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from moe_diff.model import Experts, MoEDiffTransformer
+from moe_diff.parallel.dims import keep_shard
 
 
 def _exchange_counts(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -30,10 +31,8 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, experts: Experts, group: dist.ProcessGroup):
         super().__init__()
-        n_experts, n_ranks, rank = experts.w1.shape[0], group.size(), group.rank()
-        local = slice(rank * n_experts // n_ranks, (rank + 1) * n_experts // n_ranks)
-        self.w1, self.w2, self.w3 = (nn.Parameter(w.detach()[local].clone()) for w in (experts.w1, experts.w2,
-                                                                                          experts.w3))
+        self.w1, self.w2, self.w3 = (nn.Parameter(keep_shard(w.detach(), group, 0).clone())
+                                     for w in (experts.w1, experts.w2, experts.w3))
         self.compute, self.group = experts.compute, group
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.config import ParallelConfig
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.dims import ParallelDims, average_gradients
+from moe_diff.parallel.dims import ParallelDims, average_gradients, is_expert_parameter, keep_shard
 from moe_diff.parallel.expert_parallel import parallelize_experts
 from moe_diff.parallel.tensor_parallel import has_partial_gradient, parallelize_tensor, shard_dim
-
-
-def is_expert_parameter(name: str) -> bool:
-    return ".experts." in name
 
 
 @dataclass
@@ -54,8 +50,7 @@ class Runtime:
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's GPU (torchrun's LOCAL_RANK) when the job runs on CUDA."""
-        if device.type == "cuda" and self.distributed:
-            torch.cuda.set_device(self.local_rank)
+        if device.type == "cuda" and self.distributed:  # start() made it the current device
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -102,8 +97,8 @@ class Runtime:
             return model
         if not self.ddp:
             return model
-        experts = [name for name, _ in model.named_parameters() if is_expert_parameter(name)]
         if self.dims.ep > 1:
+            experts = [name for name, _ in model.named_parameters() if is_expert_parameter(name)]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
         return DistributedDataParallel(model, device_ids=device_ids, process_group=self.data_group,
@@ -237,9 +232,3 @@ def gather_shards(local: torch.Tensor, group: dist.ProcessGroup, dim: int) -> to
     parts = [torch.empty_like(local) for _ in range(group.size())]
     dist.all_gather(parts, local.detach().contiguous(), group=group)
     return torch.cat(parts, dim=dim)
-
-
-def keep_shard(full: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
-    """This rank's block along `dim` of a whole tensor (the layout the parallelize functions make)."""
-    size = full.shape[dim] // group.size()
-    return full.narrow(dim, group.rank() * size, size)

@@ -13,6 +13,7 @@ from torch import nn
 
 from moe_diff.config import ConfigError
 from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel.dims import keep_shard
 
 # parameter name suffix -> the dimension split over the tensor-parallel group
 SHARD_DIMS = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
@@ -72,25 +73,17 @@ def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
         raise ConfigError(f"parallel.tp={tp} must divide model.ffn_dim={cfg.ffn_dim}")
 
 
-def _keep_shard(module: nn.Module, name: str, dim: int, group: dist.ProcessGroup) -> None:
-    full = getattr(module, name)
-    size = full.shape[dim] // group.size()
-    local = full.detach().narrow(dim, group.rank() * size, size).clone()
-    setattr(module, name, nn.Parameter(local, requires_grad=full.requires_grad))
-
-
 def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
     """Split every layer's attention and experts over `group` in place (rank r keeps the r-th block of rows
     or columns named in SHARD_DIMS); everything else stays replicated."""
     check_tensor_parallel(model, group.size())
     for block in model.layers:
         attention, experts = block.attention, block.moe.experts
-        for linear, dim in ((attention.wq, 0), (attention.wk, 0), (attention.wv, 0), (attention.wo, 1)):
-            _keep_shard(linear, "weight", dim, group)
-        if hasattr(attention, "lambda_proj"):
-            _keep_shard(attention.lambda_proj, "weight", 0, group)
-        for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
-            _keep_shard(experts, name, dim, group)
+        for name, param in list(block.named_parameters()):
+            if (dim := shard_dim(name)) is not None:
+                owner, _, attribute = name.rpartition(".")
+                local = keep_shard(param.detach(), group, dim).clone()
+                setattr(block.get_submodule(owner), attribute, nn.Parameter(local, requires_grad=param.requires_grad))
         attention.register_forward_pre_hook(
             lambda module, args, group=group: (_CopyToGroup.apply(args[0], group), *args[1:]))
         attention.wo.register_forward_hook(lambda module, args, out, group=group: _SumOverGroup.apply(out, group))
