@@ -137,15 +137,13 @@ def run_export(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"destination {dst} exists and is not empty; refusing to overwrite it")
-    model_dir, _, _ = train_checkpoint.resolve(Path(args.source))
-    model = checkpoint.load(model_dir, dtype=DTYPES[args.dtype] if args.dtype else None)
-    if model_dir.name == "model":  # a training checkpoint: its per-expert checksums must hold
-        train_checkpoint.check_experts(model_dir.parent, model)
+    stored = train_checkpoint.open_model(Path(args.source), dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = stored.model
     if args.format == "mixtral":
         interop.to_hf_mixtral(model, dst)
     else:
         checkpoint.save(model, dst)
-    console.print(f"exported {model_dir} -> {dst} ({args.format})")
+    console.print(f"exported {stored.path} -> {dst} ({args.format})")
     return 0
 
 
@@ -175,9 +173,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model_dir, _, run_data = train_checkpoint.resolve(Path(args.checkpoint))
-    model = checkpoint.load(model_dir)
-    tokenizer = load_tokenizer(DataConfig(tokenizer=args.tokenizer) if args.tokenizer else run_data or DataConfig())
+    stored = train_checkpoint.open_model(Path(args.checkpoint))
+    model = stored.model
+    tokenizer = load_tokenizer(DataConfig(tokenizer=args.tokenizer) if args.tokenizer else stored.data or DataConfig())
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
     prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
@@ -194,7 +192,7 @@ def run_generate(args: argparse.Namespace) -> int:
     console.out(tokenizer.decode(new_ids)[len(shown):], highlight=False)
     tokens = torch.cat([prompt, torch.tensor([new_ids], dtype=torch.long)], 1)
     if args.trace:
-        header = {"source": f"generate {model_dir}", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
+        header = {"source": f"generate {stored.path}", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
         console.print(f"wrote {save_trace(trace_sequences(model, tokens, header), args.trace)}")
     return 0
 
@@ -210,7 +208,7 @@ def _bench_model(args: argparse.Namespace) -> MoEDiffTransformer:
             return MoEDiffTransformer(cfg).to(dtype=dtype)
     if args.overrides:
         raise ValueError("dotlist overrides apply to a YAML config, not to a checkpoint")
-    return checkpoint.load(train_checkpoint.resolve(source)[0], dtype=dtype).to(device)
+    return train_checkpoint.open_model(source, dtype=dtype).model.to(device)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import resource
@@ -22,9 +23,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from moe_diff import checkpoint, costs, train_checkpoint
+from moe_diff import costs, train_checkpoint
 from moe_diff.checkpoint import CheckpointError, load_model_config
 from moe_diff.config import Config, ConfigError, TrainConfig, load_config
 from moe_diff.data import Batch, BatchSampler, PackedSequences, fixed_batches, load_corpus, load_tokenizer, make_batch
@@ -100,10 +100,10 @@ def find_resume_checkpoint(cfg: TrainConfig, console: Console) -> Path | None:
 
 def with_stored_model(cfg: Config, checkpoint_dir: Path, console: Console) -> Config:
     """The job config with the checkpoint's model section, which wins over the command line."""
-    stored = load_model_config(checkpoint_dir / "model")
+    stored = load_model_config(checkpoint_dir)
     if stored != cfg.model:
         console.print(f"[yellow]resuming:[/] the model config stored in {checkpoint_dir} replaces the given one")
-    return Config(model=stored, train=cfg.train, data=cfg.data)
+    return dataclasses.replace(cfg, model=stored)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -186,15 +186,12 @@ class Trainer:
             self.trace_names = corpus.val_names
 
         self.model = MoEDiffTransformer(cfg.model).to(self.device)  # the same weights on every rank (seeded)
-        if resume_from is not None:
-            train_checkpoint.load_model(resume_from, self.model)  # whole, so any layout resumes any other
         self.runtime.parallelize(self.model)
         self.data_parallel = self.runtime.wrap(self.model)  # the model itself (FSDP shards it in place), or DDP
         self.optimizer = build_optimizer(self.model, t)
         self.step, self.nonfinite_streak = 0, 0
         if resume_from is not None:
-            state = train_checkpoint.load_optimizer(resume_from, self.model, self.optimizer, self.runtime.local,
-                                                    self.runtime.whole)
+            state = train_checkpoint.load(resume_from, self.model, self.optimizer, self.runtime)
             self.sampler.load_state_dict(state["sampler"])
             self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
             console.print(f"resumed from {resume_from} at step {self.step}")
@@ -205,19 +202,10 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)
 
     def save(self) -> Path:
-        """Rank 0 writes the whole model and optimizer state (expert shards gathered from their ranks)."""
-        model, whole = self.model, self.runtime.whole
-        if self.runtime.distributed:
-            state = {name: whole(name, value) for name, value in checkpoint.model_state_dict(model).items()}
-            model = checkpoint.model_from_state_dict(self.cfg.model, state, "the parallel job's gathered shards")
-        optimizer_state = train_checkpoint.map_moments(get_optimizer_state_dict(self.model, self.optimizer), whole)
+        """Every rank writes the parts of the model and optimizer state it holds."""
         trainer_state = {"sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
-        root = self.out_dir / "checkpoints"
-        if self.runtime.is_main:
-            train_checkpoint.save(root, self.step, model, optimizer_state, trainer_state, self.cfg,
-                                  self.cfg.train.keep_checkpoints)
-        self.runtime.barrier()
-        return root / f"step-{self.step}"
+        return train_checkpoint.save(self.out_dir / "checkpoints", self.step, self.model, self.optimizer,
+                                     self.runtime, trainer_state, self.cfg, self.cfg.train.keep_checkpoints)
 
     def write_trace(self) -> Path:
         """OUT_DIR/traces/step-N.safetensors: how the model routes the fixed validation tokens now."""

@@ -1,21 +1,25 @@
 """Training checkpoints that survive a kill: written aside, verified by a manifest, then renamed.
 
 A checkpoint `OUT_DIR/checkpoints/step-N/` holds:
-- `model/`: the model in the single-file schema (`moe_diff.checkpoint`: config.yaml + safetensors);
-- `optimizer/`: the optimizer state, saved with torch.distributed.checkpoint;
-- `trainer.json`: step, data position, RNG states and counters;
+- `state/`: the model and optimizer state, saved with torch.distributed.checkpoint: every rank writes the pieces
+  it holds (expert, tensor-parallel and FSDP shards placed in the whole tensors, replicated tensors once), and a
+  load reads them into any layout, one process included;
 - `experts.json`: a SHA-256 of every expert of every layer (w1, w2 and w3 rows), checked at load, so that a
   checkpoint that lost or mixed up the experts of one rank of an expert-parallel job is refused;
-- `config.yaml`: the whole resolved job config;
+- `trainer.json`: step, data position, RNG states and counters;
+- `config.yaml`: the whole resolved job config (its model section builds the model);
 - `manifest.json`, written last: size and SHA-256 of every other file. A directory without
   it, or whose files do not match it, is refused.
+Before the manifest is written, the saved metadata must show every tensor covered by its pieces exactly once.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
+import math
 import os
 import pickle
 import random
@@ -23,6 +27,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +36,18 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from moe_diff import checkpoint
 from moe_diff.checkpoint import CheckpointError
 from moe_diff.config import Config, DataConfig, to_yaml
 from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel.runtime import Runtime
 
 MANIFEST = "manifest.json"
 EXPERTS = "experts.json"
+STATE = "state"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -133,58 +140,140 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
-def expert_checksums(model: MoEDiffTransformer) -> dict[str, str]:
-    """'layer L expert E' -> SHA-256 of that expert's w1, w2 and w3 rows (the whole model's)."""
+def expert_checksums(model: MoEDiffTransformer,
+                     held: Callable[[str, torch.Tensor], tuple[torch.Tensor, int]] = lambda name, value: (value, 0),
+                     ) -> dict[str, str]:
+    """'layer L expert E' -> SHA-256 of that expert's w1, w2 and w3 rows, for the experts this process holds:
+    `held(name, weight)` gives them whole and the layer index of the first (Runtime.expert_rows in a job)."""
     table = {}
     for layer, block in enumerate(model.layers):
-        weights = [w.detach().cpu().contiguous() for w in (block.moe.experts.w1, block.moe.experts.w2,
-                                                           block.moe.experts.w3)]
+        held_weights = [held(f"layers.{layer}.moe.experts.{name}", getattr(block.moe.experts, name))
+                        for name in ("w1", "w2", "w3")]
+        first = held_weights[0][1]
+        weights = [w.detach().cpu().contiguous() for w, _ in held_weights]
         for expert in range(weights[0].shape[0]):
             digest = hashlib.sha256()
             for w in weights:
                 digest.update(w[expert].view(torch.uint8).numpy().tobytes())
-            table[f"layer {layer} expert {expert}"] = digest.hexdigest()
+            table[f"layer {layer} expert {first + expert}"] = digest.hexdigest()
     return table
 
 
-def check_experts(directory: Path, model: MoEDiffTransformer) -> None:
-    """Every expert of every layer is in the checkpoint's table, once, and its weights match it."""
+def job_expert_checksums(model: MoEDiffTransformer, runtime: Runtime) -> dict[str, str]:
+    """The whole model's expert table, on every rank, from the experts each rank holds; the ranks that hold the
+    same expert (its replicas) must agree on it, and every expert of every layer must be held somewhere."""
+    table: dict[str, str] = {}
+    for rank, rank_table in enumerate(runtime.gather_objects(expert_checksums(model, runtime.expert_rows))):
+        for name, digest in rank_table.items():
+            if table.setdefault(name, digest) != digest:
+                raise CheckpointError(f"rank {rank} holds different weights for {name} than a lower rank: the "
+                                      "replicas of an expert diverged, so no consistent checkpoint can be written")
+    expected = {f"layer {layer} expert {expert}" for layer in range(model.cfg.n_layers)
+                for expert in range(model.cfg.n_experts)}
+    if set(table) != expected:
+        raise CheckpointError(f"the job holds {len(table)} experts, the model has {len(expected)} "
+                              f"({', '.join(sorted(expected - set(table))[:4])} missing)")
+    return table
+
+
+def check_experts(directory: Path, table: dict[str, str]) -> None:
+    """The checkpoint's expert table lists every expert of `table` (what was loaded), once, with its checksum."""
     path = directory / EXPERTS
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {EXPERTS} (the per-expert checksums): it was not written by "
                               "this version, or it is incomplete")
-    stored, loaded = json.loads(path.read_text()), expert_checksums(model)
-    missing = sorted(set(loaded) - set(stored))
-    if missing or set(stored) != set(loaded):
+    stored = json.loads(path.read_text())
+    if set(stored) != set(table):
+        missing = sorted(set(table) - set(stored))
         raise CheckpointError(f"{directory}: the expert table lists {len(stored)} experts, the model has "
-                              f"{len(loaded)} ({', '.join(missing[:4]) or 'different names'} missing)")
-    wrong = [name for name, digest in loaded.items() if stored[name] != digest]
+                              f"{len(table)} ({', '.join(missing[:4]) or 'different names'} missing)")
+    wrong = [name for name, digest in table.items() if stored[name] != digest]
     if wrong:
         raise CheckpointError(f"{directory}: {', '.join(wrong[:4])} do not match their checksums "
                               f"({len(wrong)} experts in all)")
 
 
-def save(root: Path, step: int, model: MoEDiffTransformer, optimizer_state: dict[str, Any],
-         trainer_state: dict[str, Any], config: Config, keep: int) -> Path:
-    """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints. `model` is the whole
-    model and `optimizer_state` its optimizer's state dict by parameter name (get_optimizer_state_dict's form),
-    as one process holds them; in a job of several processes one rank writes them."""
-    final, partial = root / f"step-{step}", root / f".step-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    checkpoint.save(model, partial / "model")
-    (partial / EXPERTS).write_text(json.dumps(expert_checksums(model), indent=1))
-    with warnings.catch_warnings():  # single-process saves warn that no process group exists
+def check_coverage(metadata: Metadata, source: Path) -> None:
+    """Every saved tensor is covered by its pieces exactly once: none missing (a rank that wrote nothing) and
+    none written twice (two ranks that thought they held the same shard)."""
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        boxes = [(chunk.offsets, chunk.sizes) for chunk in entry.chunks]
+        covered = sum(math.prod(sizes) for _, sizes in boxes)
+        overlap = any(all(a < c + d and c < a + b for a, b, c, d in zip(o1, s1, o2, s2, strict=True))
+                      for (o1, s1), (o2, s2) in itertools.combinations(boxes, 2))
+        if covered != math.prod(entry.size) or overlap:
+            raise CheckpointError(f"{source}: {key} is written as {len(boxes)} pieces covering {covered} of its "
+                                  f"{math.prod(entry.size)} elements{' with overlaps' if overlap else ''}: "
+                                  "a rank's shards are missing or were written twice")
+
+
+def _job_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+               runtime: Runtime) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and optimizer state as torch.distributed.checkpoint sees it, each tensor this rank's piece of
+    the whole one, sharing storage with the live tensors (so that a load writes into them); and the optimizer's
+    own state dict, which those tensors view."""
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    return {"model": {name: runtime.global_view(name, value.detach())
+                      for name, value in checkpoint.model_state_dict(model).items()},
+            "optimizer": map_moments(optimizer_state, runtime.global_view)}, optimizer_state
+
+
+def _quiet_dcp(function: Callable, state: dict[str, Any], distributed: bool, **kwargs: Any) -> None:
+    """dcp.save or dcp.load, over the job's ranks, or in one process without the warning that no group exists."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"optimizer": optimizer_state}, checkpoint_id=partial / "optimizer", no_dist=True)
-    state = {**trainer_state, "step": step, "rng": _encode_rng()}
-    (partial / "trainer.json").write_text(json.dumps(state, indent=1))
-    (partial / "config.yaml").write_text(to_yaml(config))
-    _write_manifest(partial, step)
-    checkpoint.replace_directory(partial, final)  # an older save of this step stays until the swap
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+        function(state, no_dist=not distributed, **kwargs)
+
+
+def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
+         trainer_state: dict[str, Any], config: Config, keep: int) -> Path:
+    """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints. Every rank calls it and
+    writes what it holds; rank 0 writes the rest. A shared filesystem is assumed for jobs over several nodes."""
+    final, partial = root / f"step-{step}", root / f".step-{step}.partial"
+    if runtime.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    runtime.barrier()
+    state, _ = _job_state(model, optimizer, runtime)
+    _quiet_dcp(dcp.save, state, runtime.distributed, checkpoint_id=partial / STATE)
+    table = job_expert_checksums(model, runtime)
+    rng = _encode_rng()
+    if runtime.is_main:
+        check_coverage(SafeFileSystemReader(partial / STATE).read_metadata(), partial)
+        (partial / EXPERTS).write_text(json.dumps(table, indent=1))
+        (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "rng": rng}, indent=1))
+        (partial / "config.yaml").write_text(to_yaml(config))
+        _write_manifest(partial, step)
+        checkpoint.replace_directory(partial, final)  # an older save of this step stays until the swap
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    runtime.barrier()
     return final
+
+
+def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime) -> dict[str, Any]:
+    """Read a (verified) checkpoint into the model and optimizer as this job lays them out, whatever layout
+    wrote it; check the expert table; restore the RNG states; return trainer.json. Every rank calls it."""
+    _old_layout_refused(directory)
+    reader = SafeFileSystemReader(directory / STATE)
+    check_coverage(reader.read_metadata(), directory)
+    state, live_optimizer = _job_state(model, optimizer, runtime)
+    _quiet_dcp(dcp.load, state, runtime.distributed, storage_reader=reader)
+    live_optimizer["param_groups"] = state["optimizer"]["param_groups"]
+    set_optimizer_state_dict(model, optimizer, live_optimizer)
+    check_experts(directory, job_expert_checksums(model, runtime))
+    trainer_state = json.loads((directory / "trainer.json").read_text())
+    _restore_rng(trainer_state.pop("rng"))
+    return trainer_state
+
+
+def map_moments(state: dict[str, Any], fn: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    """An optimizer state dict (by parameter name) with fn(name, tensor) applied to every per-parameter tensor."""
+    moments = {name: {key: fn(name, value) if torch.is_tensor(value) else value for key, value in entry.items()}
+               for name, entry in state["state"].items()}
+    return {"state": moments, "param_groups": state["param_groups"]}
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -207,53 +296,51 @@ def newest_valid(root: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def load_model(directory: Path, model: MoEDiffTransformer) -> None:
-    """Verify a checkpoint and copy its weights into the whole (not yet sharded) model."""
-    verify(directory)
-    checkpoint.load_weights_into(model, directory / "model")
-    check_experts(directory, model)
+@dataclass
+class StoredModel:
+    """A model read from any checkpoint form, with where it came from."""
+
+    model: MoEDiffTransformer
+    path: Path  # the checkpoint directory read
+    run_dir: Path | None = None  # the training run that wrote it
+    data: DataConfig | None = None  # that run's data config
 
 
-def load_optimizer(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   local: Callable[..., torch.Tensor] = lambda name, value, like=None: value,
-                   whole: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, value: value) -> dict[str, Any]:
-    """Restore the optimizer (of a model possibly sharded since: `whole` sizes each moment as saved, and
-    `local(name, value, like)` takes this process's part, laid out like the current moment `like`) and the RNG
-    states; return trainer.json."""
-    current = get_optimizer_state_dict(model, optimizer)
-    state = map_moments(current, whole)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"optimizer": state}, storage_reader=SafeFileSystemReader(directory / "optimizer"), no_dist=True)
-    for name, moments in state["state"].items():
-        for key, value in moments.items():
-            if torch.is_tensor(value):
-                moments[key] = local(name, value, like=current["state"][name][key])
-    set_optimizer_state_dict(model, optimizer, state)
-    trainer_state = json.loads((directory / "trainer.json").read_text())
-    _restore_rng(trainer_state.pop("rng"))
-    return trainer_state
-
-
-def map_moments(state: dict[str, Any], fn: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
-    """An optimizer state dict (by parameter name) with fn(name, tensor) applied to every per-parameter tensor."""
-    moments = {name: {key: fn(name, value) if torch.is_tensor(value) else value for key, value in entry.items()}
-               for name, entry in state["state"].items()}
-    return {"state": moments, "param_groups": state["param_groups"]}
-
-
-def resolve(path: Path) -> tuple[Path, Path | None, DataConfig | None]:
-    """(model directory, run directory or None, the run's data config or None) for any checkpoint form:
-    a `checkpoint.save` directory, a training checkpoint `step-N`, or a run's out_dir (its newest)."""
+def open_model(path: Path, dtype: torch.dtype | None = None) -> StoredModel:
+    """The whole model of a `checkpoint.save` directory, of a training checkpoint `step-N` (whatever layout wrote
+    it; experts checked against its table), or of a run's out_dir (its newest valid checkpoint), in this process."""
     if (path / checkpoint.CONFIG_FILE).is_file() and (path / checkpoint.WEIGHTS_FILE).is_file():
-        return path, None, None
+        return StoredModel(checkpoint.load(path, dtype=dtype), path)
     if (path / "checkpoints").is_dir():
         newest, _ = newest_valid(path / "checkpoints")
         if newest is None:
             raise CheckpointError(f"{path} is a run directory without a valid checkpoint")
         path = newest
-    if (path / "model").is_dir() and (path / "config.yaml").is_file():
-        verify(path)
-        data = yaml.safe_load((path / "config.yaml").read_text()).get("data", {})
-        return path / "model", path.parent.parent, DataConfig(**data)
-    raise CheckpointError(f"{path} is not a checkpoint, a training checkpoint or a run directory")
+    if not (path / STATE).is_dir() or not (path / "config.yaml").is_file():
+        _old_layout_refused(path)
+        raise CheckpointError(f"{path} is not a checkpoint, a training checkpoint or a run directory")
+    verify(path)
+    cfg = checkpoint.load_model_config(path)
+    reader = SafeFileSystemReader(path / STATE)
+    metadata = reader.read_metadata()
+    check_coverage(metadata, path)
+    stored = metadata.state_dict_metadata
+    missing = [f"model.{name}" for name in checkpoint.expected_shapes(cfg) if f"model.{name}" not in stored]
+    if missing:
+        raise CheckpointError(f"{path} does not match its config: {', '.join(missing[:4])} missing")
+    state = {name: torch.empty(shape, dtype=stored[f"model.{name}"].properties.dtype)
+             for name, shape in checkpoint.expected_shapes(cfg).items()}
+    _quiet_dcp(dcp.load, {"model": state}, False, storage_reader=reader)
+    model = checkpoint.model_from_state_dict(cfg, state, str(path / STATE), dtype=None)
+    check_experts(path, expert_checksums(model))
+    if dtype is not None:
+        model = model.to(dtype)
+    data = yaml.safe_load((path / "config.yaml").read_text()).get("data", {})
+    return StoredModel(model, path, path.parent.parent, DataConfig(**data))
+
+
+def _old_layout_refused(path: Path) -> None:
+    if (path / "model").is_dir() and not (path / STATE).is_dir():
+        raise CheckpointError(f"{path} was written by an earlier version (model/ in the single-file schema), "
+                              "which this version does not resume (start a new train.out_dir); its model is "
+                              f"{path / 'model'}, which every other command reads as a checkpoint")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_diff import checkpoint
+from moe_diff import checkpoint, train_checkpoint
 from moe_diff.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -83,7 +83,7 @@ def test_train_tokenize_and_plot_commands(tmp_path: Path, capsys: pytest.Capture
     import transformers
 
     tokens = torch.tensor([list(b"text number 3")])
-    ours = checkpoint.load(run / "checkpoints" / "step-3" / "model")
+    ours = train_checkpoint.open_model(run / "checkpoints" / "step-3").model
     theirs = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf")
     torch.testing.assert_close(theirs(tokens).logits, ours(tokens).logits, rtol=1e-4, atol=1e-4)
     assert main(["export", str(run), str(tmp_path / "hf")]) == 2  # never over a non-empty directory

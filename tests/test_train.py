@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moe_diff import train as train_module
+from moe_diff import train_checkpoint
 from moe_diff.checkpoint import CheckpointError
 from moe_diff.config import load_config
 from moe_diff.data import DataError
@@ -37,10 +38,7 @@ def losses(out_dir: Path) -> list[float]:
 
 
 def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    newest = max((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return load_file(newest / "model" / "model.safetensors")
+    return train_checkpoint.open_model(out_dir).model.state_dict()
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -133,7 +131,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path: Path, monkeypatch: pytest.
 def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path: Path) -> None:
     train(small_config(tmp_path / "whole", "train.max_steps=9"))
     train(small_config(tmp_path / "run", "train.max_steps=6"))
-    newest = tmp_path / "run" / "checkpoints" / "step-6" / "model" / "model.safetensors"
+    newest = tmp_path / "run" / "checkpoints" / "step-6" / "state" / "__0_0.distcp"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))

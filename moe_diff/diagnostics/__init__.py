@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from moe_diff import checkpoint, train_checkpoint
+from moe_diff import train_checkpoint
 from moe_diff.config import DataConfig
 from moe_diff.data import Batch, Corpus, PackedSequences, load_corpus, load_tokenizer, make_batch
 from moe_diff.diagnostics.attention import attention_stats, plot_maps
@@ -66,14 +66,14 @@ def load_target(path: Path, data: DataConfig | None, seq_len: int, max_tokens: i
     """Read a trace file, or run a checkpoint on validation tokens and trace its routing."""
     if path.is_file() and is_trace(path):
         return Target(load_trace(path), data=data)
-    model_dir, run_dir, run_data = train_checkpoint.resolve(path)
-    data = data or run_data or DataConfig()
-    model = checkpoint.load(model_dir).float()
+    stored = train_checkpoint.open_model(path)
+    data = data or stored.data or DataConfig()
+    model = stored.model.float()
     tokenizer = load_tokenizer(data)
     corpus = load_corpus(data, tokenizer)
     batches = validation_batches(corpus, min(seq_len, model.cfg.max_seq_len), max_tokens)
-    header = {"source": f"diagnose {model_dir}", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
-    return Target(collect_trace(model, batches, corpus.val_names, header, progress=True), run_dir, data, model,
+    header = {"source": f"diagnose {stored.path}", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
+    return Target(collect_trace(model, batches, corpus.val_names, header, progress=True), stored.run_dir, data, model,
                   batches)
 
 

@@ -7,22 +7,26 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.config import ParallelConfig
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.dims import ParallelDims, average_gradients, is_expert_parameter, keep_shard
+from moe_diff.parallel.dims import ParallelDims, average_gradients, is_expert_parameter
 from moe_diff.parallel.expert_parallel import parallelize_experts
 from moe_diff.parallel.tensor_parallel import has_partial_gradient, parallelize_tensor, shard_dim
+
+DATA_DIMS = ("replica", "ep")  # FSDP splits the non-expert parameters over these, flattened into one "data"
+FLATTENED = {"data": DATA_DIMS}
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Runtime:
     mesh: DeviceMesh | None = None
     data_group: dist.ProcessGroup | None = None  # ranks holding the same tensor-parallel shard (None: all)
     data_parallel: str = "allreduce"
+    _split_meshes: dict[tuple, DeviceMesh] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -87,7 +92,7 @@ class Runtime:
         same ranks, each expert shard over its replicas; parameters, gradients and optimizer states are then
         split over those ranks. Call before building the optimizer."""
         if self.fsdp:
-            data_mesh = self.mesh["replica", "ep"]._flatten("data")
+            data_mesh = self.mesh[DATA_DIMS]._flatten("data")
             for block in model.layers:
                 if self.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
                     fully_shard(block.moe.experts, mesh=self.mesh["replica"])
@@ -125,13 +130,14 @@ class Runtime:
         elif self.ddp and self.dims.ep > 1:
             average_gradients(model, self.mesh, self.data_group, only=is_expert_parameter)
 
-    def _splits(self, name: str) -> list[tuple[dist.ProcessGroup, int]]:
-        """The groups a parameter is split over, with the dimension each splits (tensor parallel first)."""
+    def _named_splits(self, name: str) -> list[tuple[dist.ProcessGroup, int, str]]:
+        """The mesh dimensions a parameter is split over, outermost first (expert parallelism shards the whole
+        experts that tensor parallelism then splits), with the tensor dimension each splits."""
         splits = []
-        if self.dims.tp > 1 and (dim := shard_dim(name)) is not None:
-            splits.append((self.mesh["tp"].get_group(), dim))
         if self.dims.ep > 1 and is_expert_parameter(name):
-            splits.append((self.mesh["ep"].get_group(), 0))
+            splits.append((self.mesh["ep"].get_group(), 0, "ep"))
+        if self.dims.tp > 1 and (dim := shard_dim(name)) is not None:
+            splits.append((self.mesh["tp"].get_group(), dim, "tp"))
         return splits
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -141,7 +147,7 @@ class Runtime:
         grads: dict[tuple, list[torch.Tensor]] = {}
         for name, param in model.named_parameters():
             if param.grad is not None:
-                groups = tuple(group for group, _ in self._splits(name))
+                groups = tuple(group for group, _, _ in self._named_splits(name))
                 if isinstance(param.grad, DTensor):
                     groups += (param.grad.device_mesh.get_group(),)
                 grads.setdefault(groups, []).append(local_tensor(param.grad))
@@ -157,22 +163,61 @@ class Runtime:
             torch._foreach_mul_(every, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         return norm
 
-    def whole(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """A parameter (or its optimizer moment) as one process holds it: shards gathered whole."""
+    def global_view(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a parameter (or of its optimizer moment) placed in the whole tensor: a DTensor
+        whose global shape is the single-process one, split as expert parallelism (experts), tensor parallelism
+        (SHARD_DIMS) and FSDP (dim 0 of what those leave) split it, outermost first; whole tensors unchanged.
+        torch.distributed.checkpoint writes each piece once and reads any layout into any other through it."""
+        splits = [((group_name,), dim) for group, dim, group_name in self._named_splits(name)] if value.dim() else []
+        shape = list(value.shape)  # an FSDP DTensor's shape is that of the tensor it splits
+        for (group_name,), dim in splits:
+            shape[dim] *= self.mesh.size(self.mesh.mesh_dim_names.index(group_name))
+        if isinstance(value, DTensor):
+            (placement,) = value.placements
+            splits.append((FLATTENED.get(value.device_mesh.mesh_dim_names[0], value.device_mesh.mesh_dim_names),
+                           placement.dim))
+            value = value.to_local()
+        if not splits:
+            return value
+        mesh = self._split_mesh(tuple(names for names, _ in splits))
+        strides = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(value, mesh, [Shard(dim) for _, dim in splits], shape=torch.Size(shape),
+                                  stride=strides)
+
+    def _split_mesh(self, groups: tuple[tuple[str, ...], ...]) -> DeviceMesh:
+        """A mesh of the ranks that share this rank's coordinates outside `groups`, one dimension per group of
+        the job mesh's dimensions (flattened when several), in the given order; no process group is made."""
+        if groups not in self._split_meshes:
+            names, coordinates = list(self.mesh.mesh_dim_names), self.mesh.get_coordinate()
+            chosen = [name for group in groups for name in group]
+            rest = [name for name in names if name not in chosen]
+            ranks = self.mesh.mesh.permute([names.index(name) for name in rest + chosen])
+            ranks = ranks[tuple(coordinates[names.index(name)] for name in rest)]
+            ranks = ranks.reshape([math.prod(self.mesh.size(names.index(name)) for name in group) for group in groups])
+            self._split_meshes[groups] = DeviceMesh(self.mesh.device_type, ranks, _init_backend=False,
+                                                    mesh_dim_names=tuple("_".join(group) for group in groups))
+        return self._split_meshes[groups]
+
+    def expert_rows(self, name: str, value: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A layer's expert weights as this rank holds them, made whole but for expert parallelism (FSDP and
+        tensor-parallel shards gathered), and the index of the first of those experts in the layer."""
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        for group, dim in self._splits(name) if value.dim() else []:
-            value = gather_shards(value, group, dim)
-        return value
+        first = 0
+        for group, dim, group_name in self._named_splits(name):
+            if group_name == "tp":
+                value = gather_shards(value, group, dim)
+            else:
+                first = group.rank() * value.shape[0]
+        return value, first
 
-    def local(self, name: str, value: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-        """The inverse of whole(): this rank's block of a whole tensor (split like `like` when that is one of
-        FSDP's DTensors)."""
-        for group, dim in reversed(self._splits(name)) if value.dim() else []:
-            value = keep_shard(value, group, dim)
-        if isinstance(like, DTensor):
-            value = distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
-        return value
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def reduce(self, tensor: torch.Tensor, op: str, data_parallel: bool = False) -> torch.Tensor:
         """The tensor summed ('sum') or averaged ('mean') over every rank, in place (data_parallel: over one

@@ -2,17 +2,19 @@
 checkpoints move between layouts, a damaged expert table is refused, and a hung rank ends the job."""
 
 import os
+import pickle
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
 from moe_diff import checkpoint, cli, train_checkpoint
 from moe_diff.checkpoint import CheckpointError
@@ -64,7 +66,14 @@ def losses(out: Path) -> list[float]:
 
 
 def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"step-{step}" / "model" / "model.safetensors")
+    return train_checkpoint.open_model(out / "checkpoints" / f"step-{step}").model.state_dict()
+
+
+def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
+    """Which file holds each saved piece of a tensor, by the piece's offsets in the whole tensor."""
+    metadata = train_checkpoint.SafeFileSystemReader(step / "state").read_metadata()
+    return {tuple(index.offset): info.relative_path for index, info in metadata.storage_data.items()
+            if index.fqn == key}
 
 
 def assert_close_runs(a: Path, b: Path, step: int) -> None:
@@ -109,6 +118,10 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, and -> FSDP with ep=2 in two: each resumed
     step equals the original."""
     parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
+    step = parallel / "checkpoints" / "step-3"  # each rank wrote its own experts, and its moments
+    for key in ("model.layers.1.moe.experts.w2", "optimizer.state.layers.1.moe.experts.w2.exp_avg"):
+        assert writers(step, key) == {(0, 0, 0): "__0_0.distcp", (2, 0, 0): "__1_0.distcp"}
+    assert len(writers(step, "model.layers.1.attention.wq.weight")) == 1  # replicated: written once
     resumed = resumed_from_step_3(tmp_path, parallel, 1, "train.grad_accum=2")
     assert losses(resumed) == pytest.approx(losses(parallel)[3:], rel=1e-5, abs=1e-6)
     for name, value in weights(resumed, 4).items():
@@ -116,6 +129,7 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     single = run(tmp_path, "single", 1, "train.grad_accum=2", "model.n_kv_heads=4")
     sharded = resumed_from_step_3(tmp_path, single, 4, "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4")
     assert losses(sharded) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
+    assert len(writers(sharded / "checkpoints" / "step-4", "model.layers.0.moe.experts.w1")) == 4  # 2 x 2 pieces
     fully_sharded = resumed_from_step_3(tmp_path, single, 2, "parallel.data_parallel=fsdp", "parallel.ep=2",
                                         "model.n_kv_heads=4")
     assert losses(fully_sharded) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
@@ -127,20 +141,50 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     assert all(torch.equal(exported[name], value) for name, value in weights(parallel, 4).items())
 
 
-def test_a_checkpoint_with_one_ranks_experts_written_twice_is_refused(tmp_path: Path) -> None:
-    """The experts of rank 1 overwritten with rank 0's, manifest recomputed: only the expert table can tell."""
+def rewritten(step: Path, name: str, change: Callable[[Path], None]) -> Path:
+    """A copy of a checkpoint with `change` applied to its state directory and the manifest recomputed (as a
+    buggy writer would have made it), resumed in one process."""
+    copy = step.parent / name
+    shutil.copytree(step, copy)
+    change(copy / "state")
+    train_checkpoint._write_manifest(copy, 3)
+    return copy
+
+
+def test_checkpoints_with_an_expert_shard_lost_or_duplicated_are_refused(tmp_path: Path) -> None:
+    """Rank 1's expert pieces dropped from the metadata: the coverage check refuses it. Rank 1's experts replaced
+    by rank 0's, every piece present: only the expert table can tell."""
     out = run(tmp_path, "parallel", 2, "parallel.ep=2", "train.max_steps=3")
     step = out / "checkpoints" / "step-3"
-    path = step / "model" / "model.safetensors"
-    state = load_file(path)
-    for name in [n for n in state if ".experts." in n]:
-        state[name] = torch.cat([state[name][:2], state[name][:2]])
-    save_file(state, path, metadata={"format": "pt"})
-    train_checkpoint._write_manifest(step, 3)
-    cfg = load_config(step / "config.yaml", [f"train.out_dir={tmp_path / 'again'}", f"train.resume={step}",
-                                            "parallel.ep=1"])
-    with pytest.raises(CheckpointError, match=r"layer 0 expert 2.*do not match their checksums"):
-        train(cfg)
+
+    def drop_rank_1_experts(state: Path) -> None:
+        metadata = train_checkpoint.SafeFileSystemReader(state).read_metadata()
+        for key, entry in metadata.state_dict_metadata.items():
+            if ".experts." in key and len(entry.size) == 3:
+                entry.chunks = [chunk for chunk in entry.chunks if chunk.offsets[0] == 0]
+        with (state / ".metadata").open("wb") as file:
+            pickle.dump(metadata, file)
+
+    def copy_rank_0_experts(state: Path) -> None:
+        whole = state.parent / "whole.pt"
+        dcp_to_torch_save(state, whole)
+        saved = torch.load(whole, weights_only=False)
+        for name in [n for n in saved["model"] if ".experts." in n]:
+            saved["model"][name][2:] = saved["model"][name][:2]
+        torch.save(saved, whole)
+        shutil.rmtree(state)
+        torch_save_to_dcp(whole, state)
+        whole.unlink()
+
+    for name, change, error in (("lost", drop_rank_1_experts, r"experts.w1 is written as 1 pieces covering"),
+                                ("mixed", copy_rank_0_experts, r"layer 0 expert 2.*do not match their checksums")):
+        copy = rewritten(step, name, change)
+        cfg = load_config(copy / "config.yaml", [f"train.out_dir={tmp_path / name}", f"train.resume={copy}",
+                                                 "parallel.ep=1"])
+        with pytest.raises(CheckpointError, match=error):
+            train(cfg)
+        with pytest.raises(CheckpointError, match=error):
+            train_checkpoint.open_model(copy)
 
 
 def hanging_rank(rank: int, port: int, config_yaml: str, errors: "mp.Queue") -> None:
