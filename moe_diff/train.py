@@ -81,18 +81,18 @@ def enable_activation_checkpointing(model: MoEDiffTransformer) -> None:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
-def find_resume_checkpoint(cfg: TrainConfig, console: Console) -> Path | None:
-    """The checkpoint to continue from (train.resume: auto, never or a path), verified."""
+def find_resume_checkpoint(cfg: TrainConfig, console: Console, job: runtime.Runtime) -> Path | None:
+    """The checkpoint to continue from (train.resume: auto, never or a path), verified by the job's ranks."""
     if cfg.resume == "never":
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume)
         try:
-            train_checkpoint.verify(path)
+            train_checkpoint.verify_in_job(path, job)
         except CheckpointError as error:
             raise CheckpointError(f"train.resume={cfg.resume!r}: {error}") from None
         return path
-    path, skipped = train_checkpoint.newest_valid(Path(cfg.out_dir) / "checkpoints")
+    path, skipped = train_checkpoint.newest_valid(Path(cfg.out_dir) / "checkpoints", job)
     for note in skipped:
         console.print(f"[yellow]skipping checkpoint:[/] {note}")
     return path
@@ -164,7 +164,7 @@ class Trainer:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.data_ranks} "
                               f"data-parallel ranks x train.grad_accum={cfg.train.grad_accum} micro-batches must "
                               "divide it")
-        resume_from = find_resume_checkpoint(cfg.train, console)
+        resume_from = find_resume_checkpoint(cfg.train, console, self.runtime)
         if resume_from is not None:
             cfg = with_stored_model(cfg, resume_from, console)
         self.cfg, t = cfg, cfg.train

@@ -91,9 +91,15 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _write_manifest(directory: Path, step: int) -> None:
-    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _files(directory)}
+def _file_entries(directory: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
+
+
+def _write_manifest(directory: Path, step: int, known: dict[str, dict[str, Any]] | None = None) -> None:
+    """manifest.json for every file of `directory`; `known` entries (hashed elsewhere) are taken as they are."""
+    known = known or {}
+    files = known | _file_entries(directory, [p for p in _files(directory)
+                                              if str(p.relative_to(directory)) not in known])
     tmp = directory / (MANIFEST + ".tmp")
     with tmp.open("w") as file:
         json.dump({"step": step, "files": files}, file, indent=1)
@@ -102,8 +108,9 @@ def _write_manifest(directory: Path, step: int) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def verify(directory: Path) -> int:
-    """The checkpoint's step, after checking every file against the manifest; CheckpointError if not."""
+def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> int:
+    """The checkpoint's step, after checking every file against the manifest; CheckpointError if not. With
+    share=(i, n), every file's size but only the checksums of every n-th file from the i-th."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory} is incomplete: {MANIFEST} is missing (a save was interrupted?)")
@@ -112,12 +119,25 @@ def verify(directory: Path) -> int:
         step, files = int(manifest["step"]), manifest["files"]
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{manifest_path} is malformed: {error}") from None
-    for name, expected in files.items():
+    for index, (name, expected) in enumerate(sorted(files.items())):
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{directory} is damaged: {name} is missing")
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["bytes"] or (
+                index % share[1] == share[0] and _sha256(path) != expected["sha256"]):
             raise CheckpointError(f"{directory} is damaged: {name} does not match its checksum")
+    return step
+
+
+def verify_in_job(directory: Path, runtime: Runtime) -> int:
+    """verify() with the reading of the files split over the job's ranks; every rank raises the same error."""
+    try:
+        step, error = verify(directory, (runtime.rank, runtime.world_size)), None
+    except CheckpointError as failure:
+        step, error = -1, str(failure)
+    errors = [error for error in runtime.gather_objects(error) if error]
+    if errors:
+        raise CheckpointError(errors[0])
     return step
 
 
@@ -240,12 +260,15 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     _quiet_dcp(dcp.save, state, runtime.distributed, checkpoint_id=partial / STATE)
     table = job_expert_checksums(model, runtime)
     rng = _encode_rng()
+    shards = sorted((partial / STATE).glob("*.distcp"))[runtime.rank::runtime.world_size]
+    hashed = {name: entry for entries in runtime.gather_objects(_file_entries(partial, shards))
+              for name, entry in entries.items()}  # each rank reads its share of the files back
     if runtime.is_main:
         check_coverage(SafeFileSystemReader(partial / STATE).read_metadata(), partial)
         (partial / EXPERTS).write_text(json.dumps(table, indent=1))
         (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "rng": rng}, indent=1))
         (partial / "config.yaml").write_text(to_yaml(config))
-        _write_manifest(partial, step)
+        _write_manifest(partial, step, hashed)
         checkpoint.replace_directory(partial, final)  # an older save of this step stays until the swap
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
@@ -284,12 +307,13 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def newest_valid(root: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that verifies, and a note for each newer one that did not."""
+def newest_valid(root: Path, runtime: Runtime | None = None) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies (the job's ranks sharing the reading), and a note for each newer one
+    that did not."""
     skipped = []
     for path in reversed(list_checkpoints(root)):
         try:
-            verify(path)
+            verify_in_job(path, runtime) if runtime is not None else verify(path)
             return path, skipped
         except CheckpointError as error:
             skipped.append(str(error))

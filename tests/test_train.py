@@ -84,10 +84,10 @@ from moe_diff import train_checkpoint
 from moe_diff.config import load_config
 from moe_diff.train import train
 write_manifest = train_checkpoint._write_manifest
-def dying_write(directory, step):
+def dying_write(directory, step, *args):
     if step == 6:  # killed while writing the step-6 checkpoint, after steps 4-6 were logged
         os.kill(os.getpid(), signal.SIGKILL)
-    write_manifest(directory, step)
+    write_manifest(directory, step, *args)
 train_checkpoint._write_manifest = dying_write
 train(load_config(sys.argv[1], sys.argv[2:]))
 """

@@ -1,6 +1,7 @@
 """The training job under torchrun (gloo on CPU): data and expert parallel runs equal one process step for step,
 checkpoints move between layouts, a damaged expert table is refused, and a hung rank ends the job."""
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -185,6 +186,19 @@ def test_checkpoints_with_an_expert_shard_lost_or_duplicated_are_refused(tmp_pat
             train(cfg)
         with pytest.raises(CheckpointError, match=error):
             train_checkpoint.open_model(copy)
+    # a flipped byte in rank 1's file: of two ranks sharing the reading at resume, exactly one finds it
+    damaged = step.parent / "damaged"
+    shutil.copytree(step, damaged)
+    shard = damaged / "state" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    found = []
+    for share in ((0, 2), (1, 2)):
+        with contextlib.suppress(CheckpointError):
+            train_checkpoint.verify(damaged, share)
+            found.append(share)
+    assert len(found) == 1
 
 
 def hanging_rank(rank: int, port: int, config_yaml: str, errors: "mp.Queue") -> None:
