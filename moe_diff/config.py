@@ -154,6 +154,7 @@ class ParallelConfig:
     ep: int = 1  # experts of every layer sharded over groups of ep consecutive ranks
     timeout_s: float = 600.0  # a collective that waits longer (a rank failed or hung) ends the job with an error
     data_parallel: str = "allreduce"  # after the backward; ddp: DistributedDataParallel; fsdp: FSDP2 (sharded)
+    vocab_parallel: bool = False  # with tp > 1: the embedding and output head split by vocabulary rows too
 
     def __post_init__(self) -> None:
         if self.dp is not None and (not _is_int(self.dp) or self.dp < 1):
@@ -162,6 +163,8 @@ class ParallelConfig:
             _fail("parallel.timeout_s", self.timeout_s, "a number of seconds > 0")
         if self.data_parallel not in DATA_PARALLEL:
             _fail("parallel.data_parallel", self.data_parallel, f"one of {', '.join(DATA_PARALLEL)}")
+        if not isinstance(self.vocab_parallel, bool) or (self.vocab_parallel and self.tp == 1):
+            _fail("parallel.vocab_parallel", self.vocab_parallel, "true or false (true only with parallel.tp > 1)")
         for name in ("tp", "ep"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 _fail(f"parallel.{name}", getattr(self, name), "a positive integer")

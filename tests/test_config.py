@@ -96,6 +96,7 @@ def test_missing_file_and_unknown_yaml_key(tmp_path: Path) -> None:
     (["parallel.ep=3"], "parallel.ep=3 is not allowed: a divisor of model.n_experts (8)"),
     (["parallel.tp=0"], "parallel.tp=0"),
     (["parallel.dp=0"], "parallel.dp=0"),
+    (["parallel.vocab_parallel=true"], "parallel.vocab_parallel=True is not allowed: true or false (true only with"),
 ])
 def test_parallel_section_is_checked(overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):

@@ -23,7 +23,7 @@ from moe_diff.config import ParallelConfig
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel.dims import ParallelDims, average_gradients, is_expert_parameter
 from moe_diff.parallel.expert_parallel import parallelize_experts
-from moe_diff.parallel.tensor_parallel import has_partial_gradient, parallelize_tensor, shard_dim
+from moe_diff.parallel.tensor_parallel import has_partial_gradient, parallelize_tensor, parallelize_vocab, shard_dim
 
 DATA_DIMS = ("replica", "ep")  # FSDP splits the non-expert parameters over these, flattened into one "data"
 FLATTENED = {"data": DATA_DIMS}
@@ -39,6 +39,7 @@ class Runtime:
     mesh: DeviceMesh | None = None
     data_group: dist.ProcessGroup | None = None  # ranks holding the same tensor-parallel shard (None: all)
     data_parallel: str = "allreduce"
+    vocab_parallel: bool = False  # the tp groups also split the embedding and output head by vocabulary rows
     _split_meshes: dict[tuple, DeviceMesh] = field(default_factory=dict)
 
     @property
@@ -75,6 +76,8 @@ class Runtime:
             parallelize_experts(model, self.mesh["ep"].get_group())
         if self.dims.tp > 1:
             parallelize_tensor(model, self.mesh["tp"].get_group())
+            if self.vocab_parallel:
+                parallelize_vocab(model, self.mesh["tp"].get_group())
         return model
 
     @property
@@ -136,7 +139,7 @@ class Runtime:
         splits = []
         if self.dims.ep > 1 and is_expert_parameter(name):
             splits.append((self.mesh["ep"].get_group(), 0, "ep"))
-        if self.dims.tp > 1 and (dim := shard_dim(name)) is not None:
+        if self.dims.tp > 1 and (dim := shard_dim(name, self.vocab_parallel)) is not None:
             splits.append((self.mesh["tp"].get_group(), dim, "tp"))
         return splits
 
@@ -264,7 +267,7 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
     if dims.tp > 1:  # one group per tp index: the ranks that hold the same shards but read different rows
         data_group, _ = dist.new_subgroups_by_enumeration(
             [list(range(index, world_size, dims.tp)) for index in range(dims.tp)])
-    return Runtime(dims, dist.get_rank(), local_rank, mesh, data_group, cfg.data_parallel)
+    return Runtime(dims, dist.get_rank(), local_rank, mesh, data_group, cfg.data_parallel, cfg.vocab_parallel)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

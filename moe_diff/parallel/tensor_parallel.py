@@ -2,13 +2,16 @@
 by output rows so every rank keeps whole differential heads and kv groups, wo split by input columns, and
 every expert's FFN split along ffn_dim. Activations entering a split region are copied (their gradient is summed
 over the group); the outputs of wo and of the experts are summed over the group. The model's reshapes use -1
-heads, so it runs on its local heads unchanged.
+heads, so it runs on its local heads unchanged. Optionally (parallel.vocab_parallel) the embedding and output
+head split the vocabulary: each rank looks up its rows (the group sums the lookups) and computes its columns of
+the logits (gathered whole for the loss).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from moe_diff.config import ConfigError
@@ -19,13 +22,15 @@ from moe_diff.parallel.dims import keep_shard
 SHARD_DIMS = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
               "attention.wo.weight": 1, "attention.lambda_proj.weight": 0,
               "moe.experts.w1": 1, "moe.experts.w3": 1, "moe.experts.w2": 2}
+VOCAB_SHARD_DIMS = {"tok_embeddings.weight": 0, "output.weight": 0}
 # replicated parameters that only the local heads use: their gradients are summed over the group
 PARTIAL_GRADIENTS = ("attention.lambda_q1", "attention.lambda_k1", "attention.lambda_q2", "attention.lambda_k2",
                      "attention.subln.weight")
 
 
-def shard_dim(name: str) -> int | None:
-    return next((dim for suffix, dim in SHARD_DIMS.items() if name.endswith(suffix)), None)
+def shard_dim(name: str, vocab_parallel: bool = False) -> int | None:
+    table = SHARD_DIMS | VOCAB_SHARD_DIMS if vocab_parallel else SHARD_DIMS
+    return next((dim for suffix, dim in table.items() if name.endswith(suffix)), None)
 
 
 def has_partial_gradient(name: str) -> bool:
@@ -59,6 +64,51 @@ class _SumOverGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    """The group's parts concatenated along the last dimension; the gradient's own part goes back to each."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of the embedding (the same parameter name); a token outside them looks up zeros and the
+    group's lookups are summed."""
+
+    def __init__(self, embedding: nn.Embedding, group: dist.ProcessGroup):
+        super().__init__()
+        self.weight = nn.Parameter(keep_shard(embedding.weight.detach(), group, 0).clone())
+        self.first_row, self.group = group.rank() * self.weight.shape[0], group
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = tokens - self.first_row
+        outside = (rows < 0) | (rows >= self.weight.shape[0])
+        looked_up = F.embedding(rows.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0)
+        return _SumOverGroup.apply(looked_up, self.group)
+
+
+def parallelize_vocab(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
+    """Split the embedding and the output head (tied or not) by vocabulary rows over `group`, in place."""
+    if model.cfg.vocab_size % group.size():
+        raise ConfigError(f"parallel.vocab_parallel=true needs parallel.tp={group.size()} to divide "
+                          f"model.vocab_size={model.cfg.vocab_size}")
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
+    head = model.output
+    head.weight = (model.tok_embeddings.weight if model.cfg.tie_embeddings
+                   else nn.Parameter(keep_shard(head.weight.detach(), group, 0).clone()))
+    head.register_forward_pre_hook(lambda module, args: (_CopyToGroup.apply(args[0], group),))
+    head.register_forward_hook(lambda module, args, out: _GatherFromGroup.apply(out, group))
+    return model
 
 
 def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:

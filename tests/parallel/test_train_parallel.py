@@ -92,10 +92,12 @@ def assert_close_runs(a: Path, b: Path, step: int) -> None:
     (2, ["parallel.tp=2", "model.n_kv_heads=4"], 1), (4, ["parallel.tp=2", "model.n_heads=8", "model.n_kv_heads=4",
                                                           "model.attention=diff_v2"], 2),
     (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"], 2),
+    (2, ["parallel.tp=2", "parallel.vocab_parallel=true", "model.n_kv_heads=4", "model.tie_embeddings=true"], 1),
     (2, ["parallel.data_parallel=ddp", "parallel.ep=2", "train.grad_accum=2"], 4),
     (4, ["parallel.data_parallel=ddp", "parallel.tp=2", "model.n_kv_heads=4"], 2),
     (2, ["parallel.data_parallel=fsdp", "train.grad_accum=2"], 4),
-    (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"], 2)])
+    (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2", "parallel.vocab_parallel=true",
+         "model.n_kv_heads=4"], 2)])
 def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout: list[str], data_ranks: int) -> None:
     """Each data-parallel rank computes the load-balancing loss on its rows, as one process does on each
     micro-batch, so the single process accumulates one micro-batch per data-parallel rank (the ranks of a
