@@ -363,6 +363,23 @@ class ModelOutput:
         return self._cfg.router_aux_loss_coef * self.load_balance_loss + self._cfg.router_z_loss_coef * self.z_loss
 
 
+@torch.no_grad()
+def init_parameter(name: str, param: torch.Tensor, n_layers: int, generator: torch.Generator | None = None) -> None:
+    """Normal(0, 0.02) weights; residual-output projections scaled by 1/sqrt(2 n_layers); norms at one; lambda as
+    each attention variant starts it."""
+    residual_std = 0.02 / math.sqrt(2 * n_layers)
+    if name.endswith("norm.weight") or name.endswith("subln.weight"):
+        nn.init.ones_(param)
+    elif "lambda_proj" in name:
+        nn.init.zeros_(param)  # lambda starts at sigmoid(0) = 0.5 for every token and head
+    elif ".lambda_" in name:
+        nn.init.normal_(param, mean=0.0, std=0.1, generator=generator)
+    elif name.endswith("wo.weight") or name.endswith("experts.w2"):
+        nn.init.normal_(param, mean=0.0, std=residual_std, generator=generator)
+    else:
+        nn.init.normal_(param, mean=0.0, std=0.02, generator=generator)
+
+
 class MoEDiffTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -377,19 +394,8 @@ class MoEDiffTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, 0.02) weights; residual-output projections scaled by 1/sqrt(2 n_layers)."""
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("subln.weight"):
-                nn.init.ones_(param)
-            elif "lambda_proj" in name:
-                nn.init.zeros_(param)  # lambda starts at sigmoid(0) = 0.5 for every token and head
-            elif ".lambda_" in name:
-                nn.init.normal_(param, mean=0.0, std=0.1)
-            elif name.endswith("wo.weight") or name.endswith("experts.w2"):
-                nn.init.normal_(param, mean=0.0, std=residual_std)
-            else:
-                nn.init.normal_(param, mean=0.0, std=0.02)
+            init_parameter(name, param, self.cfg.n_layers)
 
     def update_expert_biases(self, load: torch.Tensor) -> None:
         """Aux-loss-free balancing step for every layer, from the per-layer load [L, E] of one optimizer step

@@ -185,8 +185,9 @@ class Trainer:
                                                     t.batch_size)
             self.trace_names = corpus.val_names
 
-        self.model = MoEDiffTransformer(cfg.model).to(self.device)  # the same weights on every rank (seeded)
-        self.runtime.parallelize(self.model)
+        with torch.device("meta"):  # shapes only: each rank allocates just its shards
+            self.model = self.runtime.parallelize(MoEDiffTransformer(cfg.model))
+        self.runtime.materialize(self.model, self.device, seed=t.seed if resume_from is None else None)
         self.data_parallel = self.runtime.wrap(self.model)  # the model itself (FSDP shards it in place), or DDP
         self.optimizer = build_optimizer(self.model, t)
         self.step, self.nonfinite_streak = 0, 0

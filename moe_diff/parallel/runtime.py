@@ -20,8 +20,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.config import ParallelConfig
-from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.dims import ParallelDims, average_gradients, is_expert_parameter
+from moe_diff.model import MoEDiffTransformer, init_parameter
+from moe_diff.parallel.dims import ParallelDims, average_gradients, is_expert_parameter, keep_shard
 from moe_diff.parallel.expert_parallel import parallelize_experts
 from moe_diff.parallel.tensor_parallel import has_partial_gradient, parallelize_tensor, parallelize_vocab, shard_dim
 
@@ -79,6 +79,29 @@ class Runtime:
             if self.vocab_parallel:
                 parallelize_vocab(model, self.mesh["tp"].get_group())
         return model
+
+    @torch.no_grad()
+    def materialize(self, model: MoEDiffTransformer, device: torch.device, seed: int | None) -> None:
+        """Allocate a model built on the meta device (and parallelized there) on `device`, so that no rank ever
+        holds the whole model. With a seed, fill it as one process would initialise the whole model: each whole
+        parameter drawn in turn on the CPU, this rank's piece kept; without, leave it for a checkpoint to fill."""
+        model.to_empty(device=device)
+        if model.cfg.tie_embeddings:  # to_empty made the shared parameter two
+            model.output.weight = model.tok_embeddings.weight
+        for buffer in model.buffers():
+            buffer.zero_()  # the expert biases: zero at the start, stored in checkpoints
+        if seed is None:
+            return
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            shape = list(param.shape)
+            for group, dim, _ in self._named_splits(name):
+                shape[dim] *= group.size()
+            whole = torch.empty(shape, dtype=param.dtype)
+            init_parameter(name, whole, model.cfg.n_layers, generator)
+            for group, dim, _ in self._named_splits(name):
+                whole = keep_shard(whole, group, dim)
+            param.copy_(whole)
 
     @property
     def ddp(self) -> bool:
