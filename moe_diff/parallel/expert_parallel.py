@@ -15,10 +15,11 @@ from moe_diff.parallel.dims import keep_shard
 
 
 def _exchange_counts(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """How many rows each rank will send here, for the `send` [ep] rows this rank sends to each rank."""
+    """How many rows each rank will send here for each local expert [ep, L], from the `send` [E] rows this rank
+    sends to each expert of the layer."""
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
-    return received
+    return received.view(group.size(), -1)
 
 
 def exchange(rows: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> torch.Tensor:
@@ -36,18 +37,20 @@ class ExpertParallelExperts(nn.Module):
         self.compute, self.group = experts.compute, group
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Pairs sorted by expert (so by owning rank) are sent, computed here as single-slot tokens, sent back in
-        the same order and combined with the routing weights; a rank may send or receive nothing."""
+        """Pairs sorted by expert (so by owning rank, and by local expert within) are sent, computed here as
+        single-slot tokens, sent back in the same order and combined with the routing weights; a rank may send
+        or receive nothing. The per-expert counts exchanged first tell each rank which expert every received
+        row is for."""
         # N tokens, K slots, D dim, L local experts, R ranks in the group
         n_local, n_ranks, top_k = self.w1.shape[0], self.group.size(), expert_ids.shape[1]
         flat = expert_ids.flatten()
         order = flat.argsort(stable=True)
-        send_counts = torch.bincount(flat // n_local, minlength=n_ranks)  # [R] pairs for each rank
-        send, recv = send_counts.tolist(), _exchange_counts(send_counts, self.group).tolist()
+        send_counts = torch.bincount(flat, minlength=n_local * n_ranks)  # [E] pairs for each expert
+        recv_counts = _exchange_counts(send_counts, self.group)  # [R, L]
+        send, recv = send_counts.view(n_ranks, n_local).sum(1).tolist(), recv_counts.sum(1).tolist()
         rows = x[order // top_k]  # [N*K, D] grouped by destination rank
         received = exchange(rows, recv, send, self.group)
-        local_ids = flat.new_empty(sum(recv))
-        dist.all_to_all_single(local_ids, flat[order] % n_local, recv, send, group=self.group)
+        local_ids = torch.arange(n_local, device=flat.device).repeat(n_ranks).repeat_interleave(recv_counts.flatten())
         ones = weights.new_ones(len(local_ids), 1)
         computed = self.compute(received, local_ids[:, None], ones, self.w1, self.w2, self.w3)
         # an empty sum that keeps the received rows and every local weight in the graph: a rank that got nothing

@@ -94,10 +94,7 @@ class Runtime:
             return
         generator = torch.Generator().manual_seed(seed)
         for name, param in model.named_parameters():
-            shape = list(param.shape)
-            for group, dim, _ in self._named_splits(name):
-                shape[dim] *= group.size()
-            whole = torch.empty(shape, dtype=param.dtype)
+            whole = torch.empty(self._whole_shape(name, param.shape), dtype=param.dtype)
             init_parameter(name, whole, model.cfg.n_layers, generator)
             for group, dim, _ in self._named_splits(name):
                 whole = keep_shard(whole, group, dim)
@@ -166,6 +163,14 @@ class Runtime:
             splits.append((self.mesh["tp"].get_group(), dim, "tp"))
         return splits
 
+    def _whole_shape(self, name: str, shape: torch.Size) -> torch.Size:
+        """The single-process shape of a parameter of which this rank holds `shape` after expert and tensor
+        parallelism."""
+        whole = list(shape)
+        for group, dim, _ in self._named_splits(name):
+            whole[dim] *= group.size()
+        return torch.Size(whole)
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip to the gradient norm of the whole model (returned): whole gradients count once, split ones are
         summed over their groups (after average_gradients the ranks of a data-parallel group agree; FSDP's
@@ -194,10 +199,10 @@ class Runtime:
         whose global shape is the single-process one, split as expert parallelism (experts), tensor parallelism
         (SHARD_DIMS) and FSDP (dim 0 of what those leave) split it, outermost first; whole tensors unchanged.
         torch.distributed.checkpoint writes each piece once and reads any layout into any other through it."""
-        splits = [((group_name,), dim) for group, dim, group_name in self._named_splits(name)] if value.dim() else []
-        shape = list(value.shape)  # an FSDP DTensor's shape is that of the tensor it splits
-        for (group_name,), dim in splits:
-            shape[dim] *= self.mesh.size(self.mesh.mesh_dim_names.index(group_name))
+        if not value.dim():
+            return value
+        shape = self._whole_shape(name, value.shape)  # an FSDP DTensor's shape is that of the tensor it splits
+        splits = [((group_name,), dim) for _, dim, group_name in self._named_splits(name)]
         if isinstance(value, DTensor):
             (placement,) = value.placements
             splits.append((FLATTENED.get(value.device_mesh.mesh_dim_names[0], value.device_mesh.mesh_dim_names),
@@ -207,8 +212,7 @@ class Runtime:
             return value
         mesh = self._split_mesh(tuple(names for names, _ in splits))
         strides = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(value, mesh, [Shard(dim) for _, dim in splits], shape=torch.Size(shape),
-                                  stride=strides)
+        return DTensor.from_local(value, mesh, [Shard(dim) for _, dim in splits], shape=shape, stride=strides)
 
     def _split_mesh(self, groups: tuple[tuple[str, ...], ...]) -> DeviceMesh:
         """A mesh of the ranks that share this rank's coordinates outside `groups`, one dimension per group of
