@@ -111,15 +111,15 @@ def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout:
 
 def resumed_from_step_3(tmp_path: Path, source: Path, processes: int, *overrides: str) -> Path:
     """A new run directory holding `source`'s step-3 checkpoint, run on to step 4."""
-    resumed = tmp_path / f"resumed-{processes}"
+    resumed = tmp_path / f"resumed-{processes}-{len(list(tmp_path.glob('resumed-*')))}"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(source / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
     return run(tmp_path, resumed.name, processes, *overrides)
 
 
 def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path) -> None:
-    """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, and -> FSDP with ep=2 in two: each resumed
-    step equals the original."""
+    """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, -> FSDP with ep=2 in two, and -> tp=2 with the
+    vocabulary split in two: each resumed step equals the original."""
     parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
     step = parallel / "checkpoints" / "step-3"  # each rank wrote its own experts, and its moments
     for key in ("model.layers.1.moe.experts.w2", "optimizer.state.layers.1.moe.experts.w2.exp_avg"):
@@ -138,6 +138,9 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     assert losses(fully_sharded) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
     for name, value in weights(fully_sharded, 4).items():
         torch.testing.assert_close(value, weights(single, 4)[name], rtol=1e-4, atol=1e-4, msg=name)
+    vocab_split = resumed_from_step_3(tmp_path, single, 2, "parallel.tp=2", "parallel.vocab_parallel=true",
+                                      "model.n_kv_heads=4")
+    assert losses(vocab_split) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
     # the run exported as one checkpoint: its newest step, bit for bit
     assert cli.main(["export", str(parallel), str(tmp_path / "exported")]) == 0
     exported = checkpoint.load(tmp_path / "exported").state_dict()
