@@ -35,7 +35,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -240,11 +240,18 @@ def _job_state(model: nn.Module, optimizer: torch.optim.Optimizer,
             "optimizer": map_moments(optimizer_state, runtime.global_view)}, optimizer_state
 
 
-def _quiet_dcp(function: Callable, state: dict[str, Any], distributed: bool, **kwargs: Any) -> None:
-    """dcp.save or dcp.load, over the job's ranks, or in one process without the warning that no group exists."""
+def _quiet_dcp(function: Callable, state: dict[str, Any], distributed: bool, directory: Path,
+               **kwargs: Any) -> None:
+    """dcp.save or dcp.load, over the job's ranks, or in one process without the warning that no group exists;
+    what it refuses (a tensor missing or of another shape) raised as a CheckpointError naming `directory`."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        function(state, no_dist=not distributed, **kwargs)
+        try:
+            function(state, no_dist=not distributed, **kwargs)
+        except CheckpointException as error:  # failures: rank -> (exception, traceback)
+            reasons = sorted({str(failure[0]) for failure in error.failures.values()})
+            raise CheckpointError(f"{directory}: {'; '.join(reasons)} (on ranks "
+                                  f"{', '.join(map(str, sorted(error.failures)))})") from None
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
@@ -257,14 +264,14 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         partial.mkdir(parents=True)
     runtime.barrier()
     state, _ = _job_state(model, optimizer, runtime)
-    _quiet_dcp(dcp.save, state, runtime.distributed, checkpoint_id=partial / STATE)
+    _quiet_dcp(dcp.save, state, runtime.distributed, partial, checkpoint_id=partial / STATE)
     table = job_expert_checksums(model, runtime)
     rng = _encode_rng()
     shards = sorted((partial / STATE).glob("*.distcp"))[runtime.rank::runtime.world_size]
     hashed = {name: entry for entries in runtime.gather_objects(_file_entries(partial, shards))
               for name, entry in entries.items()}  # each rank reads its share of the files back
+    check_coverage(SafeFileSystemReader(partial / STATE).read_metadata(), partial)  # every rank: all fail alike
     if runtime.is_main:
-        check_coverage(SafeFileSystemReader(partial / STATE).read_metadata(), partial)
         (partial / EXPERTS).write_text(json.dumps(table, indent=1))
         (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "rng": rng}, indent=1))
         (partial / "config.yaml").write_text(to_yaml(config))
@@ -283,7 +290,7 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ru
     reader = SafeFileSystemReader(directory / STATE)
     check_coverage(reader.read_metadata(), directory)
     state, live_optimizer = _job_state(model, optimizer, runtime)
-    _quiet_dcp(dcp.load, state, runtime.distributed, storage_reader=reader)
+    _quiet_dcp(dcp.load, state, runtime.distributed, directory, storage_reader=reader)
     live_optimizer["param_groups"] = state["optimizer"]["param_groups"]
     set_optimizer_state_dict(model, optimizer, live_optimizer)
     check_experts(directory, job_expert_checksums(model, runtime))
@@ -354,7 +361,7 @@ def open_model(path: Path, dtype: torch.dtype | None = None) -> StoredModel:
         raise CheckpointError(f"{path} does not match its config: {', '.join(missing[:4])} missing")
     state = {name: torch.empty(shape, dtype=stored[f"model.{name}"].properties.dtype)
              for name, shape in checkpoint.expected_shapes(cfg).items()}
-    _quiet_dcp(dcp.load, {"model": state}, False, storage_reader=reader)
+    _quiet_dcp(dcp.load, {"model": state}, False, path, storage_reader=reader)
     model = checkpoint.model_from_state_dict(cfg, state, str(path / STATE), dtype=None)
     check_experts(path, expert_checksums(model))
     if dtype is not None:

@@ -142,6 +142,20 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path: Path)
     assert_same_run(tmp_path / "whole", tmp_path / "run")
 
 
+def test_a_checkpoint_that_does_not_match_its_config_is_refused_by_name(tmp_path: Path) -> None:
+    """A checkpoint whose stored config was edited (manifest recomputed): reading or resuming names the tensor."""
+    train(small_config(tmp_path / "run", "train.max_steps=3"))
+    step = tmp_path / "run" / "checkpoints" / "step-3"
+    config = step / "config.yaml"
+    config.write_text(config.read_text().replace("ffn_dim: 64", "ffn_dim: 96"))
+    train_checkpoint._write_manifest(step, 3)
+    message = r"Size mismatch .* for model.layers.0.moe.experts.w1 \(on ranks 0\)"
+    with pytest.raises(CheckpointError, match=message):
+        train_checkpoint.open_model(step)
+    with pytest.raises(CheckpointError, match=message):
+        train(small_config(tmp_path / "again", f"train.resume={step}"))
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     train(small_config(tmp_path / "one"))
     train(small_config(tmp_path / "two", "train.grad_accum=2"))
