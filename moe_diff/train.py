@@ -187,8 +187,9 @@ class Trainer:
 
         with torch.device("meta"):  # shapes only: each rank allocates just its shards
             self.model = self.runtime.parallelize(MoEDiffTransformer(cfg.model))
+        self.runtime.shard_fully(self.model)  # FSDP, still on the meta device
         self.runtime.materialize(self.model, self.device, seed=t.seed if resume_from is None else None)
-        self.data_parallel = self.runtime.wrap(self.model)  # the model itself (FSDP shards it in place), or DDP
+        self.data_parallel = self.runtime.wrap(self.model)  # the model itself, or DDP
         self.optimizer = build_optimizer(self.model, t)
         self.step, self.nonfinite_streak = 0, 0
         if resume_from is not None:

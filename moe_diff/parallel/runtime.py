@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.config import ParallelConfig
@@ -82,9 +83,10 @@ class Runtime:
 
     @torch.no_grad()
     def materialize(self, model: MoEDiffTransformer, device: torch.device, seed: int | None) -> None:
-        """Allocate a model built on the meta device (and parallelized there) on `device`, so that no rank ever
-        holds the whole model. With a seed, fill it as one process would initialise the whole model: each whole
-        parameter drawn in turn on the CPU, this rank's piece kept; without, leave it for a checkpoint to fill."""
+        """Allocate a model built on the meta device (parallelized, and fully sharded with FSDP, there) on
+        `device`, so that no rank ever holds more than its pieces. With a seed, fill them as one process would
+        initialise the whole model: each whole parameter drawn in turn on the CPU, this rank's piece kept;
+        without, leave them for a checkpoint to fill."""
         model.to_empty(device=device)
         if model.cfg.tie_embeddings:  # to_empty made the shared parameter two
             model.output.weight = model.tok_embeddings.weight
@@ -98,7 +100,11 @@ class Runtime:
             init_parameter(name, whole, model.cfg.n_layers, generator)
             for group, dim, _ in self._named_splits(name):
                 whole = keep_shard(whole, group, dim)
-            param.copy_(whole)
+            if isinstance(param, DTensor):  # FSDP's piece of what expert and tensor parallelism left here
+                shape, offset = compute_local_shape_and_global_offset(whole.shape, param.device_mesh,
+                                                                      param.placements)
+                whole = whole[tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))]
+            local_tensor(param).copy_(whole)
 
     @property
     def ddp(self) -> bool:
@@ -108,21 +114,25 @@ class Runtime:
     def fsdp(self) -> bool:
         return self.distributed and self.data_parallel == "fsdp"
 
+    def shard_fully(self, model: MoEDiffTransformer) -> None:
+        """fsdp: FSDP2 (`fully_shard`) per block and on the whole model over the ranks holding the same shards,
+        each expert shard over its replicas, so parameters, gradients and optimizer states are split over the
+        data-parallel ranks too. Call on the meta device, before materialize()."""
+        if not self.fsdp:
+            return
+        data_mesh = self.mesh[DATA_DIMS]._flatten("data")
+        for block in model.layers:
+            if self.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
+                fully_shard(block.moe.experts, mesh=self.mesh["replica"])
+                block.moe.experts.set_gradient_divide_factor(float(self.data_ranks))
+            fully_shard(block, mesh=data_mesh)
+        fully_shard(model, mesh=data_mesh)
+
     def wrap(self, model: MoEDiffTransformer) -> nn.Module:
-        """The module the training step calls. ddp: DistributedDataParallel over the ranks holding the same
-        shards (it averages gradients in buckets while the backward runs), expert shards left out of it to be
-        averaged over their own replicas. fsdp: FSDP2 (`fully_shard`) per block and on the whole model over the
-        same ranks, each expert shard over its replicas; parameters, gradients and optimizer states are then
-        split over those ranks. Call before building the optimizer."""
-        if self.fsdp:
-            data_mesh = self.mesh[DATA_DIMS]._flatten("data")
-            for block in model.layers:
-                if self.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
-                    fully_shard(block.moe.experts, mesh=self.mesh["replica"])
-                    block.moe.experts.set_gradient_divide_factor(float(self.data_ranks))
-                fully_shard(block, mesh=data_mesh)
-            fully_shard(model, mesh=data_mesh)
-            return model
+        """The module the training step calls: the model itself, or with ddp DistributedDataParallel over the
+        ranks holding the same shards (it averages gradients in buckets while the backward runs), expert shards
+        left out of it to be averaged over their own replicas. Call after materialize(), before building the
+        optimizer."""
         if not self.ddp:
             return model
         if self.dims.ep > 1:

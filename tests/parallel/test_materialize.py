@@ -1,5 +1,5 @@
-"""A model built on the meta device and parallelized there: each rank allocates only its pieces, filled exactly as
-the single-process initialisation fills the whole model."""
+"""A model built on the meta device and parallelized (and fully sharded) there: each rank allocates only its pieces,
+filled exactly as the single-process initialisation fills the whole model."""
 
 import datetime
 from pathlib import Path
@@ -51,5 +51,31 @@ def check_rank(rank: int, world: int, init_file: str) -> None:
     dist.destroy_process_group()
 
 
+def check_fully_sharded_rank(rank: int, world: int, init_file: str) -> None:
+    """FSDP over 2 replicas of tp=2 halves: each rank's FSDP piece is its part of the tp half, and the pieces of
+    a parameter gathered over the replicas are that half."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, data_parallel="fsdp"), world)
+    job = Runtime(dims, rank, 0, dims.build_mesh("cpu"), data_parallel="fsdp")
+    with torch.device("meta"):
+        model = job.parallelize(MoEDiffTransformer(CONFIG))
+    job.shard_fully(model)
+    job.materialize(model, torch.device("cpu"), seed=5)
+    whole = dict(materialized(Runtime(ParallelDims(1, 1, 1, 1))).named_parameters())
+    tp = job.mesh.get_local_rank("tp")
+    for name, param in model.named_parameters():
+        dim = next((dim for suffix, dim in TENSOR_PARALLEL_DIMS.items()
+                    if name.endswith(suffix) and suffix != "tok_embeddings.weight"), None)
+        expected = whole[name] if dim is None else whole[name].chunk(2, dim)[tp]
+        assert param.to_local().shape[0] < expected.shape[0] or expected.shape[0] == 1, name  # a piece only
+        torch.testing.assert_close(param.full_tensor(), expected, rtol=0, atol=0, msg=name)
+    dist.destroy_process_group()
+
+
 def test_each_rank_allocates_only_its_pieces_of_the_single_process_init(tmp_path: Path) -> None:
     mp.spawn(check_rank, args=(4, str(tmp_path / "rendezvous")), nprocs=4)
+
+
+def test_fully_sharded_ranks_allocate_only_their_pieces(tmp_path: Path) -> None:
+    mp.spawn(check_fully_sharded_rank, args=(4, str(tmp_path / "rendezvous")), nprocs=4)
