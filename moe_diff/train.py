@@ -153,10 +153,9 @@ def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device,
 class Trainer:
     """One training run: builds everything from the config, then `run()` steps until done."""
 
-    def __init__(self, cfg: Config, console: Console):
-        device = resolve_device(cfg.train.device)
-        self.runtime = runtime.start(cfg.parallel, device)  # one process, or this rank of a torchrun job
-        self.device = self.runtime.device(device)
+    def __init__(self, cfg: Config, console: Console, job: runtime.Runtime):
+        self.runtime = job  # one process, or this rank of a torchrun job
+        self.device = job.device(resolve_device(cfg.train.device))
         self.console = console if self.runtime.is_main else Console(quiet=True)  # rank 0 speaks for the job
         console = self.console
         per_rank, remainder = divmod(cfg.train.batch_size, self.runtime.data_ranks * cfg.train.grad_accum)
@@ -190,6 +189,12 @@ class Trainer:
         self.runtime.shard_fully(self.model)  # FSDP, still on the meta device
         self.runtime.materialize(self.model, self.device, seed=t.seed if resume_from is None else None)
         self.data_parallel = self.runtime.wrap(self.model)  # the model itself, or DDP
+        if self.runtime.distributed:
+            held = sum(runtime.local_tensor(p).numel() for p in self.model.parameters())
+            dims = self.runtime.dims
+            console.print(f"{dims.world_size} ranks: dp={dims.dp} tp={dims.tp} ep={dims.ep} "
+                          f"({cfg.parallel.data_parallel}); rank 0 holds {held / 1e6:.2f}M of the model's "
+                          f"{costs.param_counts(cfg.model).total / 1e6:.2f}M parameters")
         self.optimizer = build_optimizer(self.model, t)
         self.step, self.nonfinite_streak = 0, 0
         if resume_from is not None:
@@ -371,20 +376,21 @@ def collective_failure(error: RuntimeError) -> bool:
 def train(cfg: Config, console: Console | None = None, summary: bool = False) -> RunResult:
     """Train (or continue training) as the config says; checkpoints and metrics go to train.out_dir."""
     console = console or Console()
-    trainer = Trainer(cfg, console)
-    Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+    job = runtime.start(cfg.parallel, resolve_device(cfg.train.device))
     try:
+        trainer = Trainer(cfg, console, job)
+        Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
         result = trainer.run()
         if summary:
             trainer.print_summary(result)
     except RuntimeError as error:
-        if not trainer.runtime.distributed or not collective_failure(error):
+        if not job.distributed or not collective_failure(error):
             raise
-        raise TrainingError(f"rank {trainer.runtime.rank}: a collective failed or waited more than "
+        raise TrainingError(f"rank {job.rank}: a collective failed or waited more than "
                             f"parallel.timeout_s={cfg.parallel.timeout_s} s, so another rank failed or hung "
                             f"({str(error).splitlines()[0]})") from error
     finally:
-        trainer.runtime.shutdown()
+        job.shutdown()
     return result
 
 

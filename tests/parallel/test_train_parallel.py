@@ -4,6 +4,7 @@ checkpoints move between layouts, a damaged expert table is refused, and a hung 
 import contextlib
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,7 @@ def run(tmp_path: Path, name: str, processes: int, *overrides: str) -> Path:
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.run([*launcher, *args], capture_output=True, text=True, env=environment, timeout=600)
     assert process.returncode == 0, process.stderr[-3000:]
+    (out / "console.txt").write_text(" ".join(process.stdout.split()))
     return out
 
 
@@ -121,6 +123,9 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, -> FSDP with ep=2 in two, and -> tp=2 with the
     vocabulary split in two: each resumed step equals the original."""
     parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
+    held = re.search(r"2 ranks: dp=2 tp=1 ep=2 \(allreduce\); rank 0 holds ([\d.]+)M of the model's ([\d.]+)M",
+                     (parallel / "console.txt").read_text())
+    assert held and float(held[1]) < float(held[2])  # half of every layer's experts
     step = parallel / "checkpoints" / "step-3"  # each rank wrote its own experts, and its moments
     for key in ("model.layers.1.moe.experts.w2", "optimizer.state.layers.1.moe.experts.w2.exp_avg"):
         assert writers(step, key) == {(0, 0, 0): "__0_0.distcp", (2, 0, 0): "__1_0.distcp"}
