@@ -154,13 +154,6 @@ def load(directory: str | Path, device: str | torch.device = "cpu",
     return model_from_state_dict(cfg, state, source=str(Path(directory) / WEIGHTS_FILE), dtype=dtype)
 
 
-def load_weights_into(model: MoEDiffTransformer, directory: str | Path) -> None:
-    """Copy a checkpoint's weights into an existing model of the same config, in place."""
-    state = read_weights(directory, model.tok_embeddings.weight.device)
-    check_state_dict(state, model.cfg, str(Path(directory) / WEIGHTS_FILE))
-    model.load_state_dict(_with_tied_output(state, model.cfg), strict=True)
-
-
 def _with_tied_output(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     if not cfg.tie_embeddings:
         return state
