@@ -25,7 +25,7 @@ MODES = ["standard", "diff", "diff_v2"]
 INTERPRETER_BFLOAT16 = "Triton's interpreter (3.9) gets bfloat16 tl.dot wrong on the CPU; checked compiled on a GPU"
 # (query heads per kv group, kv groups, window, packed documents, head width)
 SHAPES = [(1, 2, None, False, 16), (2, 2, 5, True, 16), (4, 1, 50, False, 16), (2, 1, 8, True, 24),
-          (1, 1, None, True, 8)]
+          (1, 1, None, True, 8), (2, 1, 20, False, 64), (1, 1, None, True, 128)]  # and the widths models use
 
 
 def mode_inputs(mode: str, ratio: int, groups: int, n: int, keys: int, d: int) -> list[torch.Tensor]:
