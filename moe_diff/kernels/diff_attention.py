@@ -63,9 +63,10 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
                    document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The same through torch's scaled_dot_product_attention (fused kernels where the shapes allow), GQA without
-    copies; a plain causal mask is passed as is_causal so the fused kernels skip the masked blocks."""
+    copies; a plain causal mask (a window as long as the sequence is one) is passed as is_causal so the fused
+    kernels skip the masked blocks."""
     # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
-    if mask is None and window is None and document_ids is None:
+    if mask is None and (window is None or window >= q.shape[1]) and document_ids is None:
         attn_mask, causal = None, True
     else:
         if mask is None:

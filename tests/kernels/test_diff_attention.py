@@ -8,7 +8,7 @@ import torch
 from moe_diff.kernels import ATTENTION_BACKENDS, attention_op
 from moe_diff.kernels.diff_attention import attention_mask
 
-SHAPES = [(1, 1, None), (2, 2, 3), (4, 1, 2), (4, 2, 9), (2, 1, 1)]  # (GQA ratio, kv heads, window)
+SHAPES = [(1, 1, None), (2, 2, 3), (4, 1, 2), (4, 2, 9), (2, 1, 1), (1, 2, 7)]  # (GQA ratio, kv heads, window)
 
 
 def brute_attention(q, k, v, window, documents=None):

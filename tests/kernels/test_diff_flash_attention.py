@@ -125,6 +125,9 @@ def test_float64_and_auto_choices() -> None:
     inputs = mode_inputs("diff", 1, 1, 5, 5, 16)
     with pytest.raises(ValueError, match="attn_backend='triton' runs float32, bfloat16 or float16"):
         attention_op("triton", "diff")(*inputs, None)
-    assert auto_backend(inputs[0]) == ("triton" if inputs[0].is_cuda else "sdpa")
+    assert auto_backend(inputs[0]) == "sdpa"  # on the GPU too: plain causal attention is SDPA's fastest case
+    on_gpu = "triton" if inputs[0].is_cuda else "sdpa"
+    assert auto_backend(inputs[0], window=4) == on_gpu and auto_backend(inputs[0], window=5) == "sdpa"
+    assert auto_backend(inputs[0], document_ids=torch.zeros(1, 5, dtype=torch.long)) == on_gpu
     torch.testing.assert_close(attention_op("auto", "diff")(*inputs, None),
                                attention_op("reference", "diff")(*inputs, None), rtol=1e-10, atol=1e-10)
