@@ -59,8 +59,9 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def auto_backend(q: torch.Tensor, window: int | None = None, document_ids: torch.Tensor | None = None) -> str:
     """The fastest attention backend for these inputs, as measured on an H100 (benchmarks/results/attention-h100*):
     on a GPU, the Triton kernel where a window shorter than the sequence or packed documents let it skip key
-    blocks (1.6-8.9x faster than SDPA's masked path with a 4K window at 4K-32K tokens), SDPA's fused kernels for
-    plain causal attention (1.7x faster than the Triton kernel at 16K); on the CPU, SDPA."""
+    blocks (1.6-8.9x faster than SDPA's dense-mask path with a 4K window at 4K-32K tokens; packed documents put
+    SDPA on the same path), SDPA's fused kernels for plain causal attention (1.7x faster than the Triton kernel
+    at 16K); on the CPU, SDPA."""
     skips_blocks = (window is not None and window < q.shape[1]) or document_ids is not None
     return "triton" if HAVE_TRITON and q.is_cuda and q.dtype in TRITON_DTYPES and skips_blocks else "sdpa"
 

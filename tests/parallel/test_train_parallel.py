@@ -80,12 +80,14 @@ def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
 
 
 def assert_close_runs(a: Path, b: Path, step: int) -> None:
-    """Float32 rounding differs with the order of sums across ranks; Adam (lr 1e-2) turns it into weight
-    differences up to ~1e-5 where a gradient is near zero, while a wrong shard or sum moves weights by ~lr."""
+    """Float32 rounding differs with the order of sums across ranks. Adam (lr 1e-2) divides each gradient by its
+    own scale, so where a gradient is only rounding noise (an expert that got almost no tokens in a step) the
+    noise becomes weight differences of up to ~lr/4; a wrong shard or sum changes the losses and moves weights
+    by ~lr every step."""
     assert losses(a) == pytest.approx(losses(b), rel=1e-5, abs=1e-6)
     weights_a, weights_b = weights(a, step), weights(b, step)
     for name, value in weights_a.items():
-        torch.testing.assert_close(value, weights_b[name], rtol=1e-4, atol=1e-4,
+        torch.testing.assert_close(value, weights_b[name], rtol=0, atol=5e-3,
                                    msg=lambda text, name=name: f"{name}: {text}")
 
 
