@@ -343,14 +343,15 @@ def open_model(path: Path, dtype: torch.dtype | None = None) -> StoredModel:
     if (path / checkpoint.CONFIG_FILE).is_file() and (path / checkpoint.WEIGHTS_FILE).is_file():
         return StoredModel(checkpoint.load(path, dtype=dtype), path)
     if (path / "checkpoints").is_dir():
-        newest, _ = newest_valid(path / "checkpoints")
+        newest, _ = newest_valid(path / "checkpoints")  # verified
         if newest is None:
             raise CheckpointError(f"{path} is a run directory without a valid checkpoint")
         path = newest
+    elif (path / STATE).is_dir():
+        verify(path)
     if not (path / STATE).is_dir() or not (path / "config.yaml").is_file():
         _old_layout_refused(path)
         raise CheckpointError(f"{path} is not a checkpoint, a training checkpoint or a run directory")
-    verify(path)
     cfg = checkpoint.load_model_config(path)
     reader = SafeFileSystemReader(path / STATE)
     metadata = reader.read_metadata()
