@@ -265,12 +265,13 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     runtime.barrier()
     state, _ = _job_state(model, optimizer, runtime)
     _quiet_dcp(dcp.save, state, runtime.distributed, partial, checkpoint_id=partial / STATE)
+    # Every rank reads `partial` before the collectives below, which rank 0 must pass before it renames it.
+    check_coverage(SafeFileSystemReader(partial / STATE).read_metadata(), partial)  # every rank: all fail alike
+    shards = sorted((partial / STATE).glob("*.distcp"))[runtime.rank::runtime.world_size]
+    own_share = _file_entries(partial, shards)  # each rank reads its share of the files back
     table = job_expert_checksums(model, runtime)
     rng = _encode_rng()
-    shards = sorted((partial / STATE).glob("*.distcp"))[runtime.rank::runtime.world_size]
-    hashed = {name: entry for entries in runtime.gather_objects(_file_entries(partial, shards))
-              for name, entry in entries.items()}  # each rank reads its share of the files back
-    check_coverage(SafeFileSystemReader(partial / STATE).read_metadata(), partial)  # every rank: all fail alike
+    hashed = {name: entry for entries in runtime.gather_objects(own_share) for name, entry in entries.items()}
     if runtime.is_main:
         (partial / EXPERTS).write_text(json.dumps(table, indent=1))
         (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "rng": rng}, indent=1))

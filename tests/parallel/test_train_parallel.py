@@ -59,7 +59,8 @@ def run(tmp_path: Path, name: str, processes: int, *overrides: str) -> Path:
         f"--master_port={free_port()}", "-m", "moe_diff.train"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.run([*launcher, *args], capture_output=True, text=True, env=environment, timeout=600)
-    assert process.returncode == 0, process.stderr[-3000:]
+    raised = [line for line in process.stderr.splitlines() if re.match(r"\[rank\d+\]: [\w.]*(Error|Exception)\b", line)]
+    assert process.returncode == 0, "\n".join([*raised, process.stderr[-2000:]])
     (out / "console.txt").write_text(" ".join(process.stdout.split()))
     return out
 
@@ -213,10 +214,53 @@ def test_checkpoints_with_an_expert_shard_lost_or_duplicated_are_refused(tmp_pat
     assert len(found) == 1
 
 
-def hanging_rank(rank: int, port: int, config_yaml: str, errors: "mp.Queue") -> None:
-    """Rank 1 joins the job, then stops answering; rank 0 trains and must fail within the timeout."""
+def as_rank(rank: int, port: int) -> None:
+    """Set the environment torchrun gives rank `rank` of a 2-process job."""
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+
+
+def slow_reading_rank(rank: int, port: int, config_yaml: str, results: "mp.Queue") -> None:
+    """Rank 1 reads checkpoint metadata a second late; both ranks train and save."""
+    as_rank(rank, port)
+    if rank == 1:
+        read_metadata = train_checkpoint.SafeFileSystemReader.read_metadata
+
+        def late_read(self: train_checkpoint.SafeFileSystemReader) -> object:
+            time.sleep(1)
+            return read_metadata(self)
+        train_checkpoint.SafeFileSystemReader.read_metadata = late_read
+    try:
+        train(load_config(config_yaml, []))
+        results.put((rank, "done"))
+    except Exception as error:  # noqa: BLE001 - reported to the test
+        results.put((rank, repr(error)))
+
+
+def test_a_rank_reading_a_save_late_still_finds_it(tmp_path: Path) -> None:
+    """Rank 0 renames the new checkpoint only once every rank has read it back."""
+    config = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    config.write_text(to_yaml(load_config(CONFIGS / "tiny.yaml", [
+        *SETTINGS, f"data.source={corpus(tmp_path)}", "parallel.ep=2", f"train.out_dir={out}"])))
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=slow_reading_rank, args=(rank, port, str(config), results))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    outcomes = dict(results.get(timeout=300) for _ in processes)
+    for process in processes:
+        process.join(timeout=30)
+    assert outcomes == {0: "done", 1: "done"}
+    newest, skipped = train_checkpoint.newest_valid(out / "checkpoints")
+    assert newest is not None and newest.name == "step-4" and not skipped
+
+
+def hanging_rank(rank: int, port: int, config_yaml: str, errors: "mp.Queue") -> None:
+    """Rank 1 joins the job, then stops answering; rank 0 trains and must fail within the timeout."""
+    as_rank(rank, port)
     cfg = load_config(config_yaml, [])
     if rank == 1:
         runtime.start(cfg.parallel, torch.device("cpu"))
