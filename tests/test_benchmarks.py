@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -35,6 +37,25 @@ def test_attention_benchmark_at_cpu_size(tmp_path: Path) -> None:
     assert {r["case"] for r in rows} >= {"diff / reference", "diff / sdpa", "diff_v2 / sdpa",
                                          "standard 2x heads / sdpa (yardstick)"}
     assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in rows)
+
+
+def test_attention_launch_benchmark_at_cpu_size(tmp_path: Path) -> None:
+    """Without a GPU it compiles the candidates for Hopper and records what they need; nothing is timed."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend compiles for GPUs")
+    out = tmp_path / "blocks.json"
+    assert load("attention_blocks").main(["--cpu-size", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = results["results"]
+    assert [(r["mode"], r["kernel"], r["launch"], r["default"]) for r in rows] == [
+        ("diff_v2", "forward", [128, 64, 8, 3], True), ("diff_v2", "forward", [64, 64, 4, 2], False)]
+    assert all(r["registers"] > 0 and r["shared_bytes"] > 0 and "seconds" not in r for r in rows)
+    assert results["compiled_for"] == "sm_90a" and results["best"] == {}
+
+
+def test_attention_launch_benchmark_refuses_a_malformed_launch(capsys) -> None:
+    with pytest.raises(SystemExit):
+        load("attention_blocks").main(["--launches", "64,64,8"])
+    assert "a launch is BLOCK_M,BLOCK_N,WARPS,STAGES" in capsys.readouterr().err
 
 
 def test_parallel_benchmark_at_cpu_size(tmp_path: Path) -> None:

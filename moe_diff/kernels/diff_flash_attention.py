@@ -265,18 +265,24 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
         tl.store(DQ2 + dq_offsets, (dq2 * sm_scale).to(DQ2.dtype.element_ty), mask=q_mask)
 
 
-# Launch parameters per kernel, for value widths up to 128 and beyond (diff's 2d-wide values), on a GPU;
-# under Triton's interpreter (CPU tensors) small blocks keep the tests quick.
-GPU_BLOCKS = {  # kernel -> (value width <= 128, wider): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+KERNELS = {"forward": _forward_kernel, "backward_kv": _backward_kv_kernel, "backward_q": _backward_q_kernel}
+MODES = ("standard", "diff", "diff_v2")  # one softmax; two with their own keys; two sharing one group's keys
+# Launch parameters on a GPU per kernel, mode and value width (diff's values are 2d wide), as measured on an H100
+# (benchmarks/attention_blocks.py times the candidates); under Triton's interpreter (CPU tensors) small blocks
+# keep the tests quick.
+MEASURED_BLOCKS = {  # kernel -> (value width <= 128, wider): (BLOCK_M, BLOCK_N, num_warps, num_stages)
     "forward": ((128, 64, 8, 3), (64, 64, 8, 2)),
     "backward_kv": ((64, 64, 8, 2), (32, 64, 8, 2)),
     "backward_q": ((64, 64, 8, 2), (64, 32, 8, 2)),
 }
+GPU_BLOCKS = {(kernel, mode, wide): MEASURED_BLOCKS[kernel][wide]
+              for kernel in KERNELS for mode in MODES for wide in (False, True)}
 INTERPRETER_BLOCKS = (16, 16, 1, 1)
 
 
-def _launch_blocks(kernel: str, value_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    return GPU_BLOCKS[kernel][1 if value_dim > 128 else 0] if device.type == "cuda" else INTERPRETER_BLOCKS
+def launch_blocks(kernel: str, mode: str, value_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel of one mode, values `value_dim` wide, on `device`."""
+    return GPU_BLOCKS[kernel, mode, value_dim > 128] if device.type == "cuda" else INTERPRETER_BLOCKS
 
 
 def rule_bounds(n_tokens: int, batch: int, window: int | None, document_ids: torch.Tensor | None,
@@ -305,7 +311,7 @@ def _rows_contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-class _Launch:
+class Launch:
     """Shapes, strides and flags shared by the three kernels of one attention call."""
 
     def __init__(self, q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor, k2: torch.Tensor | None,
@@ -314,6 +320,7 @@ class _Launch:
         self.n_keys, self.n_groups, self.value_dim = k1.shape[1], k1.shape[2], v.shape[-1]
         self.group_size = self.n_heads // self.n_groups
         self.two, self.shared_k, self.has_mask = q2 is not None, q2 is not None and k2 is None, mask is not None
+        self.mode = MODES[self.two + self.shared_k]
         self.sm_scale = self.head_dim ** -0.5
         precision = "ieee" if q1.dtype == torch.float32 else "tf32"  # float32 inputs stay exact on a GPU
         lam_strides = lam.stride() if lam is not None else (0, 0, 0)
@@ -327,12 +334,12 @@ class _Launch:
                               SHARED_K=self.shared_k, HAS_MASK=self.has_mask, DOT_PRECISION=precision)
 
     def blocks(self, kernel: str, device: torch.device) -> dict:
-        block_m, block_n, warps, stages = _launch_blocks(kernel, self.value_dim, device)
+        block_m, block_n, warps, stages = launch_blocks(kernel, self.mode, self.value_dim, device)
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
-    launch = _Launch(q1, q2, k1, k2, v, lam, mask)
+    launch = Launch(q1, q2, k1, k2, v, lam, mask)
     shape = (launch.batch, launch.n_queries, launch.n_heads, launch.value_dim)
     out = torch.empty(shape, dtype=q1.dtype, device=q1.device)
     o2 = torch.empty(shape, dtype=torch.float32, device=q1.device) if launch.two and store_o2 else None
@@ -349,7 +356,7 @@ def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
 
 
 def _backward(grad_out, q1, q2, k1, k2, v, lam, key_start, query_stop, mask, out, o2, lse):
-    launch = _Launch(q1, q2, k1, k2, v, lam, mask)
+    launch = Launch(q1, q2, k1, k2, v, lam, mask)
     grad_out = grad_out.contiguous()
     grad_float = grad_out.float()
     grad_lam = None

@@ -1,0 +1,214 @@
+"""Launch configurations of the Triton attention kernels compared, one kernel at a time with the others at their
+defaults, so that GPU_BLOCKS (moe_diff/kernels/diff_flash_attention.py) follows measurements.
+
+Wherever Triton's NVIDIA backend is installed, a GPU or not, each candidate is compiled for Hopper (sm_90a) and
+its registers, spills and shared memory recorded. On a GPU each candidate is also timed: a pool of processes
+compiles them all first (into Triton's cache), then they run one after another, the forward kernel in a forward
+call and each backward kernel in a backward call (both backward kernels run; the other one keeps its default).
+
+GPU:  python benchmarks/attention_blocks.py --seq 16384 [--window 4096] [--modes diff]
+CPU:  python benchmarks/attention_blocks.py --cpu-size   (compiles two candidates of one kernel; no timings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from moe_diff.bench import environment
+from moe_diff.bench.measure import median_seconds
+from moe_diff.bench.report import write_json
+from moe_diff.kernels import attention_op
+from moe_diff.kernels import diff_flash_attention as flash
+
+Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+GRID = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)))
+
+
+def launch_value(text: str) -> Launch:
+    """BLOCK_M,BLOCK_N,WARPS,STAGES from the command line."""
+    values = tuple(int(part) for part in text.split(","))
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"a launch is BLOCK_M,BLOCK_N,WARPS,STAGES (4 positive integers), got "
+                                         f"{text!r}")
+    return values
+
+
+def value_dim(mode: str, head_dim: int) -> int:
+    return 2 * head_dim if mode == "diff" else head_dim
+
+
+def default_launch(kernel: str, mode: str, head_dim: int) -> Launch:
+    return flash.GPU_BLOCKS[kernel, mode, value_dim(mode, head_dim) > 128]
+
+
+def compiled_resources(launch: Launch, args: argparse.Namespace) -> list[dict]:
+    """Hopper registers, spills and shared memory of every chosen kernel at `launch`, compiled in a process
+    without TRITON_INTERPRET (which replaces the kernels at import)."""
+    environment_ = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "moe_diff.kernels.gpu_compile", "--mode", *args.modes, "--kernel",
+               *args.kernels, "--head-dim", str(args.head_dim), "--launch", *map(str, launch)]
+    process = subprocess.run(command, capture_output=True, text=True, env=environment_, timeout=1800)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr[-1000:]}")
+    return [json.loads(line) for line in process.stdout.splitlines()]
+
+
+def mode_inputs(mode: str, args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
+    """q, k, v (and lambda) at the attention benchmark's shapes: `heads` diff heads, or 2x standard or V2 heads."""
+    dtype, (b, t, h, g, d) = getattr(torch, args.dtype), (args.batch, args.seq, args.heads, args.kv_heads,
+                                                            args.head_dim)
+    shapes = {"diff": [(b, t, h, 2, d), (b, t, g, 2, d), (b, t, g, 2 * d)],
+              "diff_v2": [(b, t, 4 * h, d), (b, t, 2 * g, d), (b, t, 2 * g, d)],
+              "standard": [(b, t, 2 * h, d), (b, t, 2 * g, d), (b, t, 2 * g, d)]}[mode]
+    tensors = [torch.randn(shape, dtype=dtype, device=device) / 2 for shape in shapes]
+    if mode == "diff":
+        tensors.append(torch.tensor(0.5, device=device))
+    elif mode == "diff_v2":
+        tensors.append(torch.rand(b, t, 2 * h, device=device))
+    return tensors
+
+
+def run_kernel(mode: str, kernel: str, inputs: list[torch.Tensor], window: int | None) -> Callable[[], object]:
+    """A call that runs `kernel`: the forward alone, or a backward through a kept graph."""
+    op = attention_op("triton", mode)
+    if kernel == "forward":
+        def forward() -> None:
+            with torch.no_grad():
+                op(*inputs, window)
+        return forward
+    trained = [t.requires_grad_() for t in inputs if t.dim() > 0]
+    out = op(*inputs, window)
+    grad = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, trained, grad, retain_graph=True)
+
+
+def with_launch(mode: str, kernel: str, launch: Launch, args: argparse.Namespace,
+                work: Callable[[], object]) -> object:
+    """`work()` with GPU_BLOCKS set to `launch` for this kernel and mode, then restored."""
+    key = (kernel, mode, value_dim(mode, args.head_dim) > 128)
+    default = flash.GPU_BLOCKS[key]
+    flash.GPU_BLOCKS[key] = launch
+    try:
+        return work()
+    finally:
+        flash.GPU_BLOCKS[key] = default
+
+
+def warm(task: tuple[str, str, Launch, argparse.Namespace]) -> str | None:
+    """In a pool process: compile one candidate by running it once (Triton caches it on disk); its error, if any."""
+    mode, kernel, launch, args = task
+    device = torch.device("cuda")
+    try:
+        with_launch(mode, kernel, launch, args,
+                    lambda: run_kernel(mode, kernel, mode_inputs(mode, args, device), args.window)())
+        torch.cuda.synchronize()
+        return None
+    except Exception as error:  # noqa: BLE001 - a launch that does not fit (shared memory) is a result
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+
+
+def timed(rows: list[dict], args: argparse.Namespace) -> None:
+    """Compile every candidate in a pool of processes, then time them one at a time (filling `seconds`)."""
+    device = torch.device("cuda")
+    tasks = [(row["mode"], row["kernel"], tuple(row["launch"]), args) for row in rows]
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        errors = pool.map(warm, tasks, chunksize=1)
+    for mode in args.modes:
+        inputs = mode_inputs(mode, args, device)
+        for row, error in zip(rows, errors, strict=True):
+            if row["mode"] != mode:
+                continue
+            if error is not None:
+                row["run_error"] = error
+                continue
+            work = run_kernel(mode, row["kernel"], inputs, args.window)  # a backward's forward: the default
+            row["seconds"] = with_launch(mode, row["kernel"], tuple(row["launch"]), args,
+                                         lambda work=work: median_seconds(work, device, args.repeats))
+            for tensor in inputs:
+                tensor.grad = None
+        del inputs
+        torch.cuda.empty_cache()
+
+
+def best_launches(rows: list[dict]) -> dict[str, dict]:
+    """Per mode and kernel: the fastest candidate and its time over the default's."""
+    best = {}
+    for (mode, kernel), group in itertools.groupby(rows, key=lambda row: (row["mode"], row["kernel"])):
+        group = [row for row in group if "seconds" in row]
+        default = next((row for row in group if row["default"]), None)
+        if group and default is not None:
+            fastest = min(group, key=lambda row: row["seconds"])
+            best[f"{mode} / {kernel}"] = {"launch": fastest["launch"], "default": default["launch"],
+                                          "time_over_default": fastest["seconds"] / default["seconds"]}
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", choices=flash.MODES, default=list(flash.MODES))
+    parser.add_argument("--kernels", nargs="+", choices=list(flash.KERNELS), default=list(flash.KERNELS))
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16, help="differential heads (V1); V2 and standard use 2x")
+    parser.add_argument("--kv-heads", type=int, default=4, help="kv groups (V1)")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that compile")
+    parser.add_argument("--launches", nargs="+", type=launch_value, default=GRID, metavar="M,N,WARPS,STAGES",
+                        help="candidates besides each kernel's default (default: a grid of 36)")
+    parser.add_argument("--cpu-size", action="store_true", help="diff_v2's forward, its default and one more")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-blocks-DEVICE"
+                                                     ".json)")
+    args = parser.parse_args(argv)
+    if args.cpu_size:
+        args.modes, args.kernels, args.launches = ["diff_v2"], ["forward"], [(64, 64, 4, 2)]
+    candidates = args.launches
+    if args.heads % args.kv_heads or min(args.seq, args.repeats, args.workers) < 1:
+        parser.error("--kv-heads must divide --heads; --seq, --repeats and --workers must be positive")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    launches = list(dict.fromkeys(launch for mode, kernel in itertools.product(args.modes, args.kernels)
+                                  for launch in [default_launch(kernel, mode, args.head_dim), *candidates]))
+    with ThreadPoolExecutor(args.workers) as pool:
+        compiled = dict(zip(launches, pool.map(lambda launch: compiled_resources(launch, args), launches),
+                            strict=True))
+    rows = []
+    for mode, kernel in itertools.product(args.modes, args.kernels):
+        default = default_launch(kernel, mode, args.head_dim)
+        for launch in dict.fromkeys([default, *candidates]):
+            (static,) = [row for row in compiled[launch] if row["mode"] == mode and row["kernel"] == kernel]
+            rows.append({"mode": mode, "kernel": kernel, "launch": list(launch), "default": launch == default,
+                         **{name: value for name, value in static.items()
+                            if name in ("registers", "spill_bytes", "shared_bytes", "tensor_core_op", "error")}})
+    if device.type == "cuda":
+        timed(rows, args)
+    results = {"environment": environment(device), "settings": vars(args), "compiled_for": "sm_90a",
+               "results": rows, "best": best_launches(rows)}
+    out = write_json(results, Path(args.out or Path(__file__).parent / "results" /
+                                   f"attention-blocks-{device.type}.json"))
+    for row in rows:
+        static = row.get("error") or (f"{row['registers']:>3} regs {row['spill_bytes']:>5} B spilled "
+                                      f"{row['shared_bytes'] // 1024:>4} KiB shared")
+        time = (f"{row['seconds'] * 1e3:9.3f} ms" if "seconds" in row else row.get("run_error", ""))
+        print(f"{row['mode']:<8} {row['kernel']:<11} {str(tuple(row['launch'])):<20}"
+              f"{'*' if row['default'] else ' '} {static}  {time}")
+    for name, choice in results["best"].items():
+        print(f"best {name}: {tuple(choice['launch'])} ({choice['time_over_default']:.2f}x the default's time)")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

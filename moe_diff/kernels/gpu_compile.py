@@ -1,0 +1,139 @@
+"""The attention kernels compiled for a GPU architecture on a machine without one: Triton's frontend, its MLIR
+passes and ptxas all run on the CPU, so CI checks that every mode's kernels compile for Hopper (the interpreter
+that runs them in tests never does), and launch configurations can be compared by registers, spills and shared
+memory before a GPU is at hand.
+
+Arguments are described as a launch at model shapes makes them: pointers 16-byte aligned, strides multiples of
+16, the lengths and head counts without a hint. Under TRITON_INTERPRET=1 the kernels are interpreted functions,
+which do not compile: run `python -m moe_diff.kernels.gpu_compile` (it prints one JSON line per kernel).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from moe_diff.kernels import diff_flash_attention as flash
+from moe_diff.kernels.triton_compat import triton
+
+POINTER_TYPES = {"KEY_START": "*i32", "QUERY_STOP": "*i32", "MASK": "*i1", "LSE": "*fp32", "DELTA": "*fp32",
+                 "O2": "*fp32"}  # the rest hold the inputs' dtype
+UNALIGNED = {"n_queries", "n_keys", "n_heads", "n_groups", "group_size"}
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+TRITON_TYPES_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one kernel needs per program: registers per thread, bytes spilled to local memory, shared memory."""
+
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    tensor_core_op: str  # "wgmma" (Hopper's warpgroup MMA), "mma" or "none"
+
+
+def mode_launch(mode: str, head_dim: int, dtype: torch.dtype) -> flash.Launch:
+    """The launch description the mode wrappers would build, on meta tensors (shapes only)."""
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    q, k, lam = meta(1, 64, 2, head_dim), meta(1, 64, 1, head_dim), meta(1, 64, 2)
+    if mode == "standard":
+        return flash.Launch(q, None, k, None, meta(1, 64, 1, head_dim), None, None)
+    if mode == "diff":
+        return flash.Launch(q, q, k, k, meta(1, 64, 1, 2 * head_dim), lam, None)
+    if mode == "diff_v2":
+        return flash.Launch(q, q, k, None, meta(1, 64, 1, head_dim), lam, None)
+    raise ValueError(f"mode must be one of {', '.join(flash.MODES)}, got {mode!r}")
+
+
+def gpu_launch(kernel: str, mode: str, head_dim: int) -> tuple[int, int, int, int]:
+    """The launch configuration a GPU runs `kernel` of `mode` with."""
+    value_dim = mode_launch(mode, head_dim, torch.bfloat16).value_dim
+    return flash.launch_blocks(kernel, mode, value_dim, torch.device("cuda"))
+
+
+def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
+                  blocks: tuple[int, int]) -> "triton.compiler.ASTSource":
+    from triton.compiler import ASTSource
+
+    function = flash.KERNELS[kernel]
+    constants = {**mode_launch(mode, head_dim, dtype).constants, "BLOCK_M": blocks[0], "BLOCK_N": blocks[1],
+                 "STORE_O2": True}
+    names = function.arg_names
+    signature, aligned = {}, {}
+    for index, name in enumerate(names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.isupper():
+            signature[name] = POINTER_TYPES.get(name, f"*{TRITON_TYPES[dtype]}")
+        else:
+            signature[name] = "fp32" if name.endswith("scale") else "i32"
+        if signature[name] != "constexpr" and name not in UNALIGNED and not name.endswith("scale"):
+            aligned[(index,)] = [["tt.divisibility", 16]]
+    constexprs = {(names.index(name),): value for name, value in constants.items() if name in names}
+    return ASTSource(function, signature, constexprs=constexprs, attrs=aligned)
+
+
+def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: tuple[int, int, int, int],
+                arch: int = 90) -> Resources:
+    """Compile one kernel of one mode for compute capability `arch` with launch (BLOCK_M, BLOCK_N, num_warps,
+    num_stages), and read what ptxas reports for it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1, which does not compile them: run "
+                           "python -m moe_diff.kernels.gpu_compile without it")
+    block_m, block_n, warps, stages = launch
+    compiled = triton.compile(kernel_source(kernel, mode, head_dim, dtype, (block_m, block_n)),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx = compiled.asm["ptx"]
+    gpu_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as directory:
+        source = Path(directory) / "kernel.ptx"
+        source.write_text(ptx)
+        report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", str(source), "-o",
+                                 str(Path(directory) / "kernel.cubin")], capture_output=True, text=True, check=True)
+    registers = re.search(r"Used (\d+) registers", report.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", report.stderr)
+    if registers is None or spills is None:
+        raise RuntimeError(f"ptxas -v reported no register or spill counts: {report.stderr[-500:]}")
+    op = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+    return Resources(int(registers.group(1)), int(spills.group(1)), compiled.metadata.shared, op)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", nargs="+", choices=flash.MODES, default=list(flash.MODES))
+    parser.add_argument("--kernel", nargs="+", choices=list(flash.KERNELS), default=list(flash.KERNELS))
+    parser.add_argument("--head-dim", nargs="+", type=int, default=[128])
+    parser.add_argument("--launch", nargs=4, type=int, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
+                        help="one launch configuration for every kernel (default: the one GPUs use)")
+    parser.add_argument("--dtype", choices=list(TRITON_TYPES_BY_NAME), default="bfloat16")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability: 80 (A100), 90 (H100/H200)")
+    args = parser.parse_args(argv)
+    for mode in args.mode:
+        for kernel in args.kernel:
+            for head_dim in args.head_dim:
+                launch = tuple(args.launch) if args.launch else gpu_launch(kernel, mode, head_dim)
+                row = {"mode": mode, "kernel": kernel, "head_dim": head_dim, "launch": launch, "arch": args.arch}
+                try:
+                    row |= asdict(compile_for(kernel, mode, head_dim, TRITON_TYPES_BY_NAME[args.dtype], launch,
+                                              args.arch))
+                except Exception as error:  # noqa: BLE001 - a configuration that does not compile is a result
+                    row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+                print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
