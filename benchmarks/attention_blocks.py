@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                           {})
             rows.append({"mode": mode, "kernel": kernel, "launch": list(launch), "default": launch == default,
                          **{name: value for name, value in static.items()
-                            if name in ("registers", "spill_bytes", "shared_bytes", "tensor_core_op", "error")}})
+                            if name in ("registers", "stack_bytes", "shared_bytes", "tensor_core_op", "error")}})
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # interpreted: CI runs the code
         timed(rows, args)
     results = {"environment": environment(device), "settings": vars(args),
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     out = write_json(results, Path(args.out or Path(__file__).parent / "results" /
                                    f"attention-blocks-{device.type}.json"))
     for row in rows:
-        static = row.get("error") or (f"{row['registers']:>3} regs {row['spill_bytes']:>5} B spilled "
+        static = row.get("error") or (f"{row['registers']:>3} regs {row['stack_bytes']:>5} B stack "
                                       f"{row['shared_bytes'] // 1024:>4} KiB shared" if "registers" in row else "")
         time = (f"{row['seconds'] * 1e3:9.3f} ms" if "seconds" in row else row.get("run_error", ""))
         print(f"{row['mode']:<8} {row['kernel']:<11} {str(tuple(row['launch'])):<20}"

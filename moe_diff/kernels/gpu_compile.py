@@ -32,10 +32,11 @@ TRITON_TYPES_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "f
 
 @dataclass(frozen=True)
 class Resources:
-    """What one kernel needs per program: registers per thread, bytes spilled to local memory, shared memory."""
+    """What one kernel needs: registers and stack bytes per thread (where ptxas puts the registers it spills: the
+    kernels have no other stack), shared memory per program."""
 
     registers: int
-    spill_bytes: int
+    stack_bytes: int
     shared_bytes: int
     tensor_core_op: str  # "wgmma" (Hopper's warpgroup MMA), "mma" or "none"
 
@@ -86,9 +87,8 @@ def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
 def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: tuple[int, int, int, int],
                 arch: int = 90) -> Resources:
     """Compile one kernel of one mode for compute capability `arch` with launch (BLOCK_M, BLOCK_N, num_warps,
-    num_stages), and read what ptxas reports for it."""
+    num_stages) (or take it from Triton's cache), and read its resource usage from the binary."""
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1, which does not compile them: run "
@@ -96,20 +96,24 @@ def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launc
     block_m, block_n, warps, stages = launch
     compiled = triton.compile(kernel_source(kernel, mode, head_dim, dtype, (block_m, block_n)),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
-    gpu_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as directory:
-        source = Path(directory) / "kernel.ptx"
-        source.write_text(ptx)
-        report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", str(source), "-o",
-                                 str(Path(directory) / "kernel.cubin")], capture_output=True, text=True, check=True)
-    registers = re.search(r"Used (\d+) registers", report.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", report.stderr)
-    if registers is None or spills is None:
-        raise RuntimeError(f"ptxas -v reported no register or spill counts: {report.stderr[-500:]}")
     op = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
-    return Resources(int(registers.group(1)), int(spills.group(1)), compiled.metadata.shared, op)
+    return Resources(usage["REG"], usage["STACK"], compiled.metadata.shared, op)
 
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """cuobjdump's resource line for the one kernel in `cubin`: REG, STACK, SHARED, LOCAL, ..."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as directory:
+        binary = Path(directory) / "kernel.cubin"
+        binary.write_bytes(cubin)
+        report = subprocess.run([str(tool), "--dump-resource-usage", str(binary)], capture_output=True, text=True,
+                                check=True).stdout
+    line = next((line for line in report.splitlines() if "REG:" in line), None)
+    if line is None:
+        raise RuntimeError(f"cuobjdump reported no resource usage: {report[-500:]}")
+    return {name: int(value) for name, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
