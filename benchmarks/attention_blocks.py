@@ -32,6 +32,7 @@ from moe_diff.bench.measure import median_seconds, synchronize
 from moe_diff.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels import diff_flash_attention as flash
+from moe_diff.kernels.gpu_compile import gpu_launch, launch_key
 
 Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 GRID = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)))
@@ -44,14 +45,6 @@ def launch_value(text: str) -> Launch:
         raise argparse.ArgumentTypeError(f"a launch is BLOCK_M,BLOCK_N,WARPS,STAGES (4 positive integers), got "
                                          f"{text!r}")
     return values
-
-
-def value_dim(mode: str, head_dim: int) -> int:
-    return 2 * head_dim if mode == "diff" else head_dim
-
-
-def default_launch(kernel: str, mode: str, head_dim: int) -> Launch:
-    return flash.GPU_BLOCKS[kernel, mode, value_dim(mode, head_dim) > 128]
 
 
 def compiled_resources(launch: Launch, args: argparse.Namespace) -> list[dict]:
@@ -100,7 +93,7 @@ def run_kernel(mode: str, kernel: str, inputs: list[torch.Tensor], window: int |
 def with_launch(mode: str, kernel: str, launch: Launch, args: argparse.Namespace,
                 work: Callable[[], object]) -> object:
     """`work()` with GPU_BLOCKS set to `launch` for this kernel and mode, then restored."""
-    key = (kernel, mode, value_dim(mode, args.head_dim) > 128)
+    key = launch_key(kernel, mode, args.head_dim)
     default = flash.GPU_BLOCKS[key]
     flash.GPU_BLOCKS[key] = launch
     try:
@@ -190,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kv-heads must divide --heads; --seq, --repeats and --workers must be positive")
     device = torch.device(args.device)
     launches = list(dict.fromkeys(launch for mode, kernel in itertools.product(args.modes, args.kernels)
-                                  for launch in [default_launch(kernel, mode, args.head_dim), *candidates]))
+                                  for launch in [gpu_launch(kernel, mode, args.head_dim), *candidates]))
     compiled = {}
     if args.static:
         with ThreadPoolExecutor(args.workers) as pool:
@@ -198,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                                 strict=True))
     rows = []
     for mode, kernel in itertools.product(args.modes, args.kernels):
-        default = default_launch(kernel, mode, args.head_dim)
+        default = gpu_launch(kernel, mode, args.head_dim)
         for launch in dict.fromkeys([default, *candidates]):
             static = next((row for row in compiled.get(launch, []) if (row["mode"], row["kernel"]) == (mode, kernel)),
                           {})

@@ -27,7 +27,7 @@ POINTER_TYPES = {"KEY_START": "*i32", "QUERY_STOP": "*i32", "MASK": "*i1", "LSE"
                  "O2": "*fp32"}  # the rest hold the inputs' dtype
 UNALIGNED = {"n_queries", "n_keys", "n_heads", "n_groups", "group_size"}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-TRITON_TYPES_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TRITON_TYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in TRITON_TYPES}
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,20 @@ def mode_launch(mode: str, head_dim: int, dtype: torch.dtype) -> flash.Launch:
     raise ValueError(f"mode must be one of {', '.join(flash.MODES)}, got {mode!r}")
 
 
+def launch_key(kernel: str, mode: str, head_dim: int) -> tuple[str, str, bool]:
+    """Where GPU_BLOCKS keeps the launch of `kernel` of `mode` at head width `head_dim`."""
+    return kernel, mode, mode_launch(mode, head_dim, torch.bfloat16).value_dim > 128
+
+
 def gpu_launch(kernel: str, mode: str, head_dim: int) -> tuple[int, int, int, int]:
     """The launch configuration a GPU runs `kernel` of `mode` with."""
-    value_dim = mode_launch(mode, head_dim, torch.bfloat16).value_dim
-    return flash.launch_blocks(kernel, mode, value_dim, torch.device("cuda"))
+    return flash.GPU_BLOCKS[launch_key(kernel, mode, head_dim)]
 
 
 def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
                   blocks: tuple[int, int]) -> "triton.compiler.ASTSource":
+    """One kernel of one mode as Triton compiles it ahead of time: the constants its launch sets, the type of
+    every argument and which are 16-aligned."""
     from triton.compiler import ASTSource
 
     function = flash.KERNELS[kernel]
