@@ -3,8 +3,9 @@ defaults, so that GPU_BLOCKS (moe_diff/kernels/diff_flash_attention.py) follows 
 
 Wherever Triton's NVIDIA backend is installed, a GPU or not, each candidate is compiled for Hopper (sm_90a) and
 its registers, spills and shared memory recorded. On a GPU each candidate is also timed: a pool of processes
-compiles them all first (into Triton's cache), then they run one after another, the forward kernel in a forward
-call and each backward kernel in a backward call (both backward kernels run; the other one keeps its default).
+compiles them all first (into Triton's cache, at a shorter length that compiles the same kernels), then they run
+one after another, the forward kernel in a training forward (which stores what the backward needs) and each
+backward kernel in a backward call (both backward kernels run; the other one keeps its default).
 
 GPU:  python benchmarks/attention_blocks.py --seq 16384 [--window 4096] [--modes diff]
 CPU:  python benchmarks/attention_blocks.py --cpu-size   (compiles two candidates of one kernel for sm_90a;
@@ -32,7 +33,7 @@ from moe_diff.bench.measure import median_seconds, synchronize
 from moe_diff.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels import diff_flash_attention as flash
-from moe_diff.kernels.gpu_compile import gpu_launch, launch_key
+from moe_diff.kernels.gpu_compile import error_line, gpu_launch, launch_key
 
 Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 GRID = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)))
@@ -52,18 +53,22 @@ def compiled_resources(launch: Launch, args: argparse.Namespace) -> list[dict]:
     without TRITON_INTERPRET (which replaces the kernels at import)."""
     environment_ = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "moe_diff.kernels.gpu_compile", "--mode", *args.modes, "--kernel",
-               *args.kernels, "--head-dim", str(args.head_dim), "--launch", *map(str, launch)]
-    process = subprocess.run(command, capture_output=True, text=True, env=environment_, timeout=1800)
-    if process.returncode:  # this Triton cannot compile ahead: every kernel's row says why
-        reason = (process.stderr.strip().splitlines() or ["no output"])[-1][:300]
+               *args.kernels, "--head-dim", str(args.head_dim), "--dtype", args.dtype, "--launch", *map(str, launch)]
+    try:
+        process = subprocess.run(command, capture_output=True, text=True, env=environment_, timeout=1800)
+        reason = (process.stderr.strip().splitlines() or ["no output"])[-1][:300] if process.returncode else None
+    except subprocess.TimeoutExpired:
+        reason = "the compiler ran over 30 minutes"
+    if reason is not None:  # this Triton cannot compile ahead, or took too long: every kernel's row says why
         return [{"mode": mode, "kernel": kernel, "error": reason}
                 for mode, kernel in itertools.product(args.modes, args.kernels)]
     return [json.loads(line) for line in process.stdout.splitlines()]
 
 
-def mode_inputs(mode: str, args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
-    """q, k, v (and lambda) at the attention benchmark's shapes: `heads` diff heads, or 2x standard or V2 heads."""
-    dtype, (b, t, h, g, d) = getattr(torch, args.dtype), (args.batch, args.seq, args.heads, args.kv_heads,
+def mode_inputs(mode: str, args: argparse.Namespace, device: torch.device, tokens: int) -> list[torch.Tensor]:
+    """q, k, v (and lambda) at the attention benchmark's shapes, `heads` diff heads (2x standard or V2 heads),
+    all trained, as in a training step."""
+    dtype, (b, t, h, g, d) = getattr(torch, args.dtype), (args.batch, tokens, args.heads, args.kv_heads,
                                                             args.head_dim)
     shapes = {"diff": [(b, t, h, 2, d), (b, t, g, 2, d), (b, t, g, 2 * d)],
               "diff_v2": [(b, t, 4 * h, d), (b, t, 2 * g, d), (b, t, 2 * g, d)],
@@ -73,21 +78,24 @@ def mode_inputs(mode: str, args: argparse.Namespace, device: torch.device) -> li
         tensors.append(torch.tensor(0.5, device=device))
     elif mode == "diff_v2":
         tensors.append(torch.rand(b, t, 2 * h, device=device))
-    return tensors
+    return [tensor.requires_grad_() for tensor in tensors]
+
+
+def warm_tokens(seq: int) -> int:
+    """A length that compiles the same kernels as `seq` (Triton specialises lengths by divisibility by 16) in
+    far less memory, for the processes that fill the cache."""
+    return min(seq, 1024 + seq % 16)
 
 
 def run_kernel(mode: str, kernel: str, inputs: list[torch.Tensor], window: int | None) -> Callable[[], object]:
-    """A call that runs `kernel`: the forward alone, or a backward through a kept graph."""
+    """A call that runs `kernel`: a training forward (it keeps what the backward needs), or a backward through a
+    kept graph."""
     op = attention_op("triton", mode)
     if kernel == "forward":
-        def forward() -> None:
-            with torch.no_grad():
-                op(*inputs, window)
-        return forward
-    trained = [t.requires_grad_() for t in inputs if t.dim() > 0]
+        return lambda: op(*inputs, window)
     out = op(*inputs, window)
     grad = torch.randn_like(out)
-    return lambda: torch.autograd.grad(out, trained, grad, retain_graph=True)
+    return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
 
 
 def with_launch(mode: str, kernel: str, launch: Launch, args: argparse.Namespace,
@@ -107,12 +115,12 @@ def warm(task: tuple[str, str, Launch, argparse.Namespace]) -> str | None:
     mode, kernel, launch, args = task
     device = torch.device(args.device)
     try:
-        with_launch(mode, kernel, launch, args,
-                    lambda: run_kernel(mode, kernel, mode_inputs(mode, args, device), args.window)())
+        inputs = mode_inputs(mode, args, device, warm_tokens(args.seq))
+        with_launch(mode, kernel, launch, args, lambda: run_kernel(mode, kernel, inputs, args.window)())
         synchronize(device)
         return None
     except Exception as error:  # noqa: BLE001 - a launch that does not fit (shared memory) is a result
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+        return error_line(error)
 
 
 def timed(rows: list[dict], args: argparse.Namespace) -> None:
@@ -122,18 +130,21 @@ def timed(rows: list[dict], args: argparse.Namespace) -> None:
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         errors = pool.map(warm, tasks, chunksize=1)
     for mode in args.modes:
-        inputs = mode_inputs(mode, args, device)
+        inputs = mode_inputs(mode, args, device, args.seq)
         for row, error in zip(rows, errors, strict=True):
             if row["mode"] != mode:
                 continue
             if error is not None:
                 row["run_error"] = error
                 continue
-            work = run_kernel(mode, row["kernel"], inputs, args.window)  # a backward's forward: the default
-            row["seconds"] = with_launch(mode, row["kernel"], tuple(row["launch"]), args,
-                                         lambda work=work: median_seconds(work, device, args.repeats))
-            for tensor in inputs:
-                tensor.grad = None
+            try:
+                work = run_kernel(mode, row["kernel"], inputs, args.window)  # a backward's forward: the default
+                row["seconds"] = with_launch(mode, row["kernel"], tuple(row["launch"]), args,
+                                             lambda work=work: median_seconds(work, device, args.repeats))
+            except (RuntimeError, ValueError) as error:  # out of memory here, say: the other rows go on
+                row["run_error"] = error_line(error)
+            finally:
+                work = None  # frees a backward's graph before the next row builds its own
         del inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -165,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that compile")
+    parser.add_argument("--workers", type=int, default=min(16, len(os.sched_getaffinity(0))),
+                        help="processes that compile")
     parser.add_argument("--launches", nargs="+", type=launch_value, default=GRID, metavar="M,N,WARPS,STAGES",
                         help="candidates besides each kernel's default (default: a grid of 36)")
     parser.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,

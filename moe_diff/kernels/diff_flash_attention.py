@@ -267,9 +267,9 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
 
 KERNELS = {"forward": _forward_kernel, "backward_kv": _backward_kv_kernel, "backward_q": _backward_q_kernel}
 MODES = ("standard", "diff", "diff_v2")  # one softmax; two with their own keys; two sharing one group's keys
-# Launch parameters on a GPU per kernel, mode and value width (diff's values are 2d wide), as measured on an H100
-# (benchmarks/attention_blocks.py times the candidates); under Triton's interpreter (CPU tensors) small blocks
-# keep the tests quick.
+# Launch parameters on a GPU per kernel, mode and value width (diff's values are 2d wide), picked by hand on an
+# H100 (benchmarks/attention_blocks.py times candidates against them); under Triton's interpreter (CPU tensors)
+# small blocks keep the tests quick.
 MEASURED_BLOCKS = {  # kernel -> (value width <= 128, wider): (BLOCK_M, BLOCK_N, num_warps, num_stages)
     "forward": ((128, 64, 8, 3), (64, 64, 8, 2)),
     "backward_kv": ((64, 64, 8, 2), (32, 64, 8, 2)),

@@ -3,8 +3,9 @@ passes and ptxas all run on the CPU, so CI checks that every mode's kernels comp
 that runs them in tests never does), and launch configurations can be compared by registers, spills and shared
 memory before a GPU is at hand.
 
-Arguments are described as a launch at model shapes makes them: pointers 16-byte aligned, strides multiples of
-16, the lengths and head counts without a hint. Under TRITON_INTERPRET=1 the kernels are interpreted functions,
+Arguments are described about as a launch at model shapes makes them: pointers 16-byte aligned, the strides of
+q, k, v and the outputs multiples of 16; lengths, head counts and lambda's strides get no hint (a launch may
+specialise them further). Under TRITON_INTERPRET=1 the kernels are interpreted functions,
 which do not compile: run `python -m moe_diff.kernels.gpu_compile` (it prints one JSON line per kernel).
 """
 
@@ -25,7 +26,8 @@ from moe_diff.kernels.triton_compat import triton
 
 POINTER_TYPES = {"KEY_START": "*i32", "QUERY_STOP": "*i32", "MASK": "*i1", "LSE": "*fp32", "DELTA": "*fp32",
                  "O2": "*fp32"}  # the rest hold the inputs' dtype
-UNALIGNED = {"n_queries", "n_keys", "n_heads", "n_groups", "group_size"}
+UNHINTED = {"n_queries", "n_keys", "n_heads", "n_groups", "group_size",  # any value
+            "stride_lb", "stride_lt", "stride_lh"}  # lambda's: 0 (one shared value) or 1 (per head) in real launches
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 TRITON_TYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in TRITON_TYPES}
 
@@ -84,7 +86,7 @@ def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
             signature[name] = POINTER_TYPES.get(name, f"*{TRITON_TYPES[dtype]}")
         else:
             signature[name] = "fp32" if name.endswith("scale") else "i32"
-        if signature[name] != "constexpr" and name not in UNALIGNED and not name.endswith("scale"):
+        if signature[name] != "constexpr" and name not in UNHINTED and not name.endswith("scale"):
             aligned[(index,)] = [["tt.divisibility", 16]]
     constexprs = {(names.index(name),): value for name, value in constants.items() if name in names}
     return ASTSource(function, signature, constexprs=constexprs, attrs=aligned)
@@ -121,6 +123,12 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
         raise RuntimeError(f"cuobjdump reported no resource usage: {report[-500:]}")
     return {name: int(value) for name, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
 
+def error_line(error: BaseException) -> str:
+    """The exception's type and the last line of its message (Triton's compile errors end with the cause)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", nargs="+", choices=flash.MODES, default=list(flash.MODES))
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     row |= asdict(compile_for(kernel, mode, head_dim, TRITON_TYPES_BY_NAME[args.dtype], launch,
                                               args.arch))
                 except Exception as error:  # noqa: BLE001 - a configuration that does not compile is a result
-                    row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+                    row["error"] = error_line(error)
                 print(json.dumps(row), flush=True)
     return 0
 

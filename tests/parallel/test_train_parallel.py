@@ -242,7 +242,8 @@ def test_a_rank_reading_a_save_late_still_finds_it(tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
     out = tmp_path / "out"
     config.write_text(to_yaml(load_config(CONFIGS / "tiny.yaml", [
-        *SETTINGS, f"data.source={corpus(tmp_path)}", "parallel.ep=2", f"train.out_dir={out}"])))
+        *SETTINGS, f"data.source={corpus(tmp_path)}", "parallel.ep=2", "parallel.timeout_s=30",
+        f"train.out_dir={out}"])))
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
@@ -250,9 +251,12 @@ def test_a_rank_reading_a_save_late_still_finds_it(tmp_path: Path) -> None:
                  for rank in (0, 1)]
     for process in processes:
         process.start()
-    outcomes = dict(results.get(timeout=300) for _ in processes)
-    for process in processes:
-        process.join(timeout=30)
+    try:
+        outcomes = dict(results.get(timeout=300) for _ in processes)  # a failing rank ends the other's wait
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            process.kill()
     assert outcomes == {0: "done", 1: "done"}
     newest, skipped = train_checkpoint.newest_valid(out / "checkpoints")
     assert newest is not None and newest.name == "step-4" and not skipped
