@@ -51,18 +51,26 @@ def backends(device: torch.device, seq: int, reference_max_seq: int) -> list[str
     return names + (["sdpa", "flex", "triton"] if device.type == "cuda" else ["sdpa"])
 
 
+def mode_inputs(mode: str, batch: int, seq: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype,
+                device: torch.device) -> list[torch.Tensor]:
+    """q, k, v (and lambda) of one mode with the same attention parameters: `heads` diff heads over `kv_heads`
+    groups, or twice the heads and groups of width d for diff_v2's pairs and for standard attention."""
+    shapes = {"diff": [(batch, seq, heads, 2, d), (batch, seq, kv_heads, 2, d), (batch, seq, kv_heads, 2 * d)],
+              "diff_v2": [(batch, seq, 4 * heads, d), (batch, seq, 2 * kv_heads, d), (batch, seq, 2 * kv_heads, d)],
+              "standard": [(batch, seq, 2 * heads, d), (batch, seq, 2 * kv_heads, d), (batch, seq, 2 * kv_heads, d)]}
+    tensors = [torch.randn(shape, dtype=dtype, device=device) / 2 for shape in shapes[mode]]
+    if mode == "diff":
+        tensors.append(torch.tensor(0.5, device=device))
+    elif mode == "diff_v2":
+        tensors.append(torch.rand(batch, seq, 2 * heads, device=device))
+    return tensors
+
+
 def cases(batch: int, seq: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype, device: torch.device,
           reference_max_seq: int) -> dict[str, tuple[Callable, list[torch.Tensor], float]]:
     """name -> (op, inputs, forward FLOPs per attended key summed over heads and queries)."""
-    def make(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, dtype=dtype, device=device) / 2
-
-    lam = torch.tensor(0.5, device=device)
-    diff_inputs = [make(batch, seq, heads, 2, d), make(batch, seq, kv_heads, 2, d), make(batch, seq, kv_heads, 2 * d),
-                   lam]
-    v2_inputs = [make(batch, seq, 4 * heads, d), make(batch, seq, 2 * kv_heads, d), make(batch, seq, 2 * kv_heads, d),
-                 torch.rand(batch, seq, 2 * heads, device=device)]
-    yardstick = [make(batch, seq, 2 * heads, d), make(batch, seq, 2 * kv_heads, d), make(batch, seq, 2 * kv_heads, d)]
+    diff_inputs, v2_inputs, yardstick = (mode_inputs(mode, batch, seq, heads, kv_heads, d, dtype, device)
+                                         for mode in ("diff", "diff_v2", "standard"))
     diff_flops, v2_flops, standard_flops = 2 * heads * (2 * d + 4 * d), 4 * heads * 4 * d, 2 * heads * 4 * d
     found = {}
     for backend in backends(device, seq, reference_max_seq):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import multiprocessing
 import os
 import subprocess
@@ -27,13 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from attention import mode_inputs as attention_inputs  # benchmarks/attention.py, beside this script
 
 from moe_diff.bench import environment
 from moe_diff.bench.measure import median_seconds, synchronize
 from moe_diff.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels import diff_flash_attention as flash
-from moe_diff.kernels.gpu_compile import error_line, gpu_launch, launch_key
+from moe_diff.kernels.gpu_compile import compile_in_process, error_line, gpu_launch, launch_key
 
 Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 GRID = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)))
@@ -49,36 +49,22 @@ def launch_value(text: str) -> Launch:
 
 
 def compiled_resources(launch: Launch, args: argparse.Namespace) -> list[dict]:
-    """Hopper registers, spills and shared memory of every chosen kernel at `launch`, compiled in a process
-    without TRITON_INTERPRET (which replaces the kernels at import)."""
-    environment_ = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "moe_diff.kernels.gpu_compile", "--mode", *args.modes, "--kernel",
-               *args.kernels, "--head-dim", str(args.head_dim), "--dtype", args.dtype, "--launch", *map(str, launch)]
+    """Hopper registers, spills and shared memory of every chosen kernel at `launch`, compiled in a process."""
+    command = ["--mode", *args.modes, "--kernel", *args.kernels, "--head-dim", str(args.head_dim), "--dtype",
+               args.dtype, "--launch", *map(str, launch)]
     try:
-        process = subprocess.run(command, capture_output=True, text=True, env=environment_, timeout=1800)
-        reason = (process.stderr.strip().splitlines() or ["no output"])[-1][:300] if process.returncode else None
-    except subprocess.TimeoutExpired:
-        reason = "the compiler ran over 30 minutes"
-    if reason is not None:  # this Triton cannot compile ahead, or took too long: every kernel's row says why
-        return [{"mode": mode, "kernel": kernel, "error": reason}
-                for mode, kernel in itertools.product(args.modes, args.kernels)]
-    return [json.loads(line) for line in process.stdout.splitlines()]
+        return compile_in_process(command, timeout=1800)
+    except (RuntimeError, subprocess.TimeoutExpired) as error:
+        reason = error_line(error)  # this Triton cannot compile ahead, or took too long: every row says why
+    return [{"mode": mode, "kernel": kernel, "error": reason}
+            for mode, kernel in itertools.product(args.modes, args.kernels)]
 
 
-def mode_inputs(mode: str, args: argparse.Namespace, device: torch.device, tokens: int) -> list[torch.Tensor]:
-    """q, k, v (and lambda) at the attention benchmark's shapes, `heads` diff heads (2x standard or V2 heads),
-    all trained, as in a training step."""
-    dtype, (b, t, h, g, d) = getattr(torch, args.dtype), (args.batch, tokens, args.heads, args.kv_heads,
-                                                            args.head_dim)
-    shapes = {"diff": [(b, t, h, 2, d), (b, t, g, 2, d), (b, t, g, 2 * d)],
-              "diff_v2": [(b, t, 4 * h, d), (b, t, 2 * g, d), (b, t, 2 * g, d)],
-              "standard": [(b, t, 2 * h, d), (b, t, 2 * g, d), (b, t, 2 * g, d)]}[mode]
-    tensors = [torch.randn(shape, dtype=dtype, device=device) / 2 for shape in shapes]
-    if mode == "diff":
-        tensors.append(torch.tensor(0.5, device=device))
-    elif mode == "diff_v2":
-        tensors.append(torch.rand(b, t, 2 * h, device=device))
-    return [tensor.requires_grad_() for tensor in tensors]
+def trained_inputs(mode: str, args: argparse.Namespace, device: torch.device, tokens: int) -> list[torch.Tensor]:
+    """The attention benchmark's inputs of one mode, all trained, as in a training step."""
+    inputs = attention_inputs(mode, args.batch, tokens, args.heads, args.kv_heads, args.head_dim,
+                              getattr(torch, args.dtype), device)
+    return [tensor.requires_grad_() for tensor in inputs]
 
 
 def warm_tokens(seq: int) -> int:
@@ -115,7 +101,7 @@ def warm(task: tuple[str, str, Launch, argparse.Namespace]) -> str | None:
     mode, kernel, launch, args = task
     device = torch.device(args.device)
     try:
-        inputs = mode_inputs(mode, args, device, warm_tokens(args.seq))
+        inputs = trained_inputs(mode, args, device, warm_tokens(args.seq))
         with_launch(mode, kernel, launch, args, lambda: run_kernel(mode, kernel, inputs, args.window)())
         synchronize(device)
         return None
@@ -130,7 +116,7 @@ def timed(rows: list[dict], args: argparse.Namespace) -> None:
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         errors = pool.map(warm, tasks, chunksize=1)
     for mode in args.modes:
-        inputs = mode_inputs(mode, args, device, args.seq)
+        inputs = trained_inputs(mode, args, device, args.seq)
         for row, error in zip(rows, errors, strict=True):
             if row["mode"] != mode:
                 continue

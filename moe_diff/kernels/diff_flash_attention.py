@@ -270,12 +270,12 @@ MODES = ("standard", "diff", "diff_v2")  # one softmax; two with their own keys;
 # Launch parameters on a GPU per kernel, mode and value width (diff's values are 2d wide), picked by hand on an
 # H100 (benchmarks/attention_blocks.py times candidates against them); under Triton's interpreter (CPU tensors)
 # small blocks keep the tests quick.
-MEASURED_BLOCKS = {  # kernel -> (value width <= 128, wider): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+HAND_PICKED_BLOCKS = {  # kernel -> (value width <= 128, wider): (BLOCK_M, BLOCK_N, num_warps, num_stages)
     "forward": ((128, 64, 8, 3), (64, 64, 8, 2)),
     "backward_kv": ((64, 64, 8, 2), (32, 64, 8, 2)),
     "backward_q": ((64, 64, 8, 2), (64, 32, 8, 2)),
 }
-GPU_BLOCKS = {(kernel, mode, wide): MEASURED_BLOCKS[kernel][wide]
+GPU_BLOCKS = {(kernel, mode, wide): HAND_PICKED_BLOCKS[kernel][wide]
               for kernel in KERNELS for mode in MODES for wide in (False, True)}
 INTERPRETER_BLOCKS = (16, 16, 1, 1)
 

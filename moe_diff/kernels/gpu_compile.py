@@ -123,6 +123,17 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
         raise RuntimeError(f"cuobjdump reported no resource usage: {report[-500:]}")
     return {name: int(value) for name, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
 
+def compile_in_process(args: list[str], timeout: float) -> list[dict]:
+    """This module's command in a process without TRITON_INTERPRET (under which the kernels, replaced at import,
+    do not compile): one row per kernel. Raises RuntimeError with the end of stderr if the command fails."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    process = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True,
+                             env=environment, timeout=timeout)
+    if process.returncode:
+        raise RuntimeError(f"python -m {__name__} failed: {process.stderr[-2000:]}")
+    return [json.loads(line) for line in process.stdout.splitlines()]
+
+
 def error_line(error: BaseException) -> str:
     """The exception's type and the last line of its message (Triton's compile errors end with the cause)."""
     lines = str(error).strip().splitlines()

@@ -2,27 +2,18 @@
 the other tests never compiles them): every mode's forward and backward kernels, at head widths 64 and 128, with
 the launch configurations a GPU uses, onto warpgroup MMAs and within an H100's shared memory."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend compiles for GPUs")
 
 from moe_diff.kernels.diff_flash_attention import KERNELS, MODES  # noqa: E402
+from moe_diff.kernels.gpu_compile import compile_in_process  # noqa: E402
 
 H100_SHARED_BYTES = 227 * 1024  # the most one block may use
 
 
 def compiled(*args: str) -> list[dict]:
-    """Run the compiler's command in a process without TRITON_INTERPRET (which replaces the kernels at import)."""
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    process = subprocess.run([sys.executable, "-m", "moe_diff.kernels.gpu_compile", *args], capture_output=True,
-                             text=True, env=environment, timeout=900)
-    assert process.returncode == 0, process.stderr[-2000:]
-    return [json.loads(line) for line in process.stdout.splitlines()]
+    return compile_in_process(list(args), timeout=900)
 
 
 @pytest.fixture(scope="module")
