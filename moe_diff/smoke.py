@@ -32,5 +32,5 @@ def forward_check(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> 
     loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
     (loss + out.aux_loss).backward()
     seconds = time.perf_counter() - start
-    shares = layer_summary(out.router_logits, cfg.top_k)["expert_share"]
+    shares = layer_summary(out.routings)["expert_share"]
     return ForwardCheck(loss.item(), math.log(cfg.vocab_size), out.aux_loss.item(), seconds, shares)

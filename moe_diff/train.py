@@ -37,7 +37,7 @@ from moe_diff.model import MoEDiffTransformer
 from moe_diff.optim import build_optimizer, learning_rate, set_learning_rate
 from moe_diff.parallel import runtime
 from moe_diff.probes import LambdaProbe
-from moe_diff.routing_stats import layer_summary
+from moe_diff.routing_stats import layer_summary, load_summary, router_entropy
 
 
 class TrainingError(RuntimeError):
@@ -238,6 +238,7 @@ class Trainer:
         micro_size = per_rank // t.grad_accum
         totals = torch.zeros(4, device=self.device)  # loss, aux, load balance, z
         load = torch.zeros(self.cfg.model.n_layers, self.cfg.model.n_experts, device=self.device)
+        entropy = torch.zeros(self.cfg.model.n_layers, dtype=torch.float64, device=self.device)
         probe = LambdaProbe(self.model)
         for i in range(t.grad_accum):
             micro = batch.slice(i * micro_size, (i + 1) * micro_size)
@@ -249,6 +250,8 @@ class Trainer:
                 ((loss + out.aux_loss) / t.grad_accum).backward()
             totals += torch.stack([loss, out.aux_loss, out.load_balance_loss, out.z_loss]).detach() / t.grad_accum
             load += torch.stack([routing.counts for routing in out.routings])
+            if details:
+                entropy += torch.stack([router_entropy(routing.probs) for routing in out.routings]) / t.grad_accum
         self.runtime.reduce(totals, "mean")
         self.runtime.reduce(load, "sum", data_parallel=True)  # the whole batch's expert load, on every rank
         loss, aux, load_balance, z_loss = totals.tolist()
@@ -266,8 +269,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_expert_biases(load)
-        if details:
-            record |= layer_summary(out.router_logits, self.cfg.model.top_k)
+        if details:  # the whole step's routing: every micro-batch, every data-parallel rank
+            record |= load_summary(load) | {"router_entropy": self.runtime.reduce(entropy, "mean").tolist()}
             if probe.values:
                 record["lambda"] = probe.values
         return record
@@ -351,7 +354,7 @@ class Trainer:
                                      + Text(self.tokenizer.decode(sample[0, prompt.shape[1]:].tolist())),
                                      title=f"sample after step {result.step} (prompt dimmed)"))
         out = self.model(batch.tokens, batch.positions, batch.document_ids)
-        summary = layer_summary(out.router_logits, self.cfg.model.top_k)
+        summary = layer_summary(out.routings)
         table = Table(title=f"Routing of {batch.tokens.numel():,} validation tokens: % of assignments per "
                             "expert, max/mean load, dead experts, router entropy / ln E", box=box.SIMPLE_HEAD)
         for column in ["layer", *(f"e{e}" for e in range(self.cfg.model.n_experts)), "max/mean", "dead", "entropy"]:

@@ -124,3 +124,43 @@ def test_capacity_training_logs_the_dropped_fraction(tmp_path: Path) -> None:
 def test_bad_routing_options_are_named(field: str, value: float, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         ModelConfig(**{field: value})
+
+
+def test_logged_routing_statistics_are_those_of_the_chosen_experts(tmp_path: Path, monkeypatch) -> None:
+    """With a selection bias and a capacity, the experts routing chose are not the router logits' top-k: the
+    logged shares are each step's computed assignments (Routing.counts), over their sum."""
+    counts: list[torch.Tensor] = []
+    forward = MoE.forward
+
+    def recording(self: MoE, x: torch.Tensor):
+        out, routing = forward(self, x)
+        if self.training:
+            counts.append(routing.counts.clone())
+        return out, routing
+
+    monkeypatch.setattr(MoE, "forward", recording)
+    train(small_config(tmp_path, "model.expert_bias_rate=1.0", "model.capacity_factor=1.0", "train.max_steps=3",
+                       "train.eval_every=0"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    per_step = torch.stack(counts).view(3, 2, -1).double()  # [steps, layers, E]
+    for record, step_counts in zip(records, per_step, strict=True):
+        expected = step_counts / step_counts.sum(-1, keepdim=True)
+        torch.testing.assert_close(torch.tensor(record["expert_share"], dtype=torch.float64), expected)
+        assert record["dead_experts"] == (step_counts == 0).sum(-1).tolist()
+        assert record["load_imbalance"] == pytest.approx((step_counts.max(-1).values / step_counts.mean(-1)).tolist())
+    assert any(record["dropped_fraction"] > 0 for record in records)
+
+
+def test_the_summary_counts_what_routing_kept() -> None:
+    from moe_diff.routing_stats import layer_summary
+
+    logits = torch.randn(12, 4, dtype=torch.float64)
+    routing = route(logits, 2, torch.tensor([5.0, 0.0, 0.0, 0.0], dtype=torch.float64), capacity_factor=1.0)
+    assert int(routing.dropped) > 0  # every token chose expert 0, which has room for 6 of 12
+    summary = layer_summary([routing])
+    counts = routing.counts.double()
+    assert summary["expert_share"][0] == pytest.approx((counts / counts.sum()).tolist())
+    assert summary["dead_experts"] == [int((counts == 0).sum())]
+    probs = logits.softmax(-1)
+    entropy = -(probs * probs.log()).sum(-1).mean() / torch.log(torch.tensor(4.0, dtype=torch.float64))
+    assert summary["router_entropy"] == [pytest.approx(entropy.item())]

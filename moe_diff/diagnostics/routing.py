@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from moe_diff.diagnostics.trace import RoutingTrace
+from moe_diff.routing_stats import expert_counts, load_summary, router_entropy, token_entropy
 
 NEAR_DEAD_UTILISATION = 0.1  # an expert with under a tenth of its ideal load is near-dead
 IMBALANCE_FLAG = 2.0  # max/mean load above this flags a layer
@@ -109,9 +110,10 @@ def layer_stats(trace: RoutingTrace, layer: int, classes: tuple[torch.Tensor, li
                 domain_groups: tuple[torch.Tensor, list[str]]) -> dict[str, Any]:
     n, n_experts, k = trace.n_tokens, trace.n_experts, trace.top_k
     experts, probs = trace.expert_ids[layer], trace.probs[layer].double()
-    counts = torch.bincount(experts.flatten(), minlength=n_experts)
+    counts = expert_counts(experts, trace.weights[layer], n_experts)  # dropped assignments (weight 0) left out
     utilisation = counts.double() / (n * k / n_experts)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # [N] nats
+    load = load_summary(counts[None])
+    entropy = token_entropy(probs)  # [N] nats
     top2 = probs.topk(min(2, n_experts), dim=-1).values
     chosen = torch.zeros(n, n_experts, dtype=torch.float64)
     chosen.scatter_(1, experts, 1.0)
@@ -122,13 +124,13 @@ def layer_stats(trace: RoutingTrace, layer: int, classes: tuple[torch.Tensor, li
     groups = {"class": classes, "position": (positions, position_names), "domain": domain_groups}
     return {
         "counts": counts.tolist(),
-        "share": (counts.double() / (n * k)).tolist(),
+        "share": load["expert_share"][0],
         "utilisation": utilisation.tolist(),
         "utilisation_summary": summary(utilisation),
-        "max_over_mean": (counts.max() / counts.double().mean()).item(),
+        "max_over_mean": load["load_imbalance"][0],
         "dead_experts": torch.nonzero(counts == 0).flatten().tolist(),
         "near_dead_experts": torch.nonzero((counts > 0) & (utilisation < NEAR_DEAD_UTILISATION)).flatten().tolist(),
-        "router_entropy": entropy.mean().item() / math.log(n_experts) if n_experts > 1 else 0.0,
+        "router_entropy": router_entropy(probs).item(),
         "router_diversity": (entropy.exp().mean() / n_experts).item(),
         "top1_top2_margin": (top2[:, 0] - top2[:, -1]).mean().item(),
         "coactivation": (chosen.T @ chosen / n).tolist(),

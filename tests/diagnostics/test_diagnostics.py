@@ -240,3 +240,6 @@ def test_capacity_drops_are_counted_in_the_routing_statistics() -> None:
     capacity = routing_stats(trace)["capacity"]
     assert capacity["mode"] == "capacity factor 0.5"
     assert capacity["dropped_assignments"] == sum(int(r.dropped) for r in out.routings) >= 2 * 32
+    for layer, routing in zip(routing_stats(trace)["layers"], out.routings, strict=True):  # drops not counted
+        assert layer["counts"] == routing.counts.tolist()
+        assert layer["share"] == pytest.approx((routing.counts / routing.counts.sum()).tolist())
