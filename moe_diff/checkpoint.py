@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -13,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moe_diff.config import ConfigError, ModelConfig, model_config_from_dict, to_yaml
+from moe_diff.config import ConfigError, ModelConfig, section_from_dict, to_yaml
 from moe_diff.model import MoEDiffTransformer
 
 CONFIG_FILE = "config.yaml"
@@ -119,7 +120,9 @@ def replace_directory(staging: Path, directory: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def load_model_config(directory: str | Path) -> ModelConfig:
+def load_config_section(directory: str | Path, section: str = "model", required: bool = True) -> Any:
+    """A validated section of a checkpoint's config.yaml (its defaults where `required` is false and it is
+    absent); CheckpointError naming the file otherwise."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: {CONFIG_FILE} is missing")
@@ -127,12 +130,16 @@ def load_model_config(directory: str | Path) -> ModelConfig:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise CheckpointError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
-        raise CheckpointError(f"{path} has no 'model:' section")
+    if not isinstance(values, dict) or (required and not isinstance(values.get(section), dict)):
+        raise CheckpointError(f"{path} has no '{section}:' section")
     try:
-        return model_config_from_dict(values["model"])
+        return section_from_dict(section, values.get(section, {}))
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from None
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    return load_config_section(directory, "model")
 
 
 def read_weights(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from moe_diff import bench, checkpoint, costs, interop, train_checkpoint
 from moe_diff.bench import report as bench_report
 from moe_diff.bench.routing import ROUTING_MODES
 from moe_diff.config import ATTENTION_MODES, ConfigError, DataConfig, ModelConfig, load_config
-from moe_diff.data import load_tokenizer, tokenize_corpus
+from moe_diff.data import check_vocabulary, load_tokenizer, tokenize_corpus
 from moe_diff.diagnostics import diagnose
 from moe_diff.diagnostics.collect import trace_sequences
 from moe_diff.diagnostics.trace import save_trace
@@ -113,6 +113,14 @@ def _print_forward_check(cfg: ModelConfig, seq_len: int) -> None:
     console.print(table)
 
 
+def _open(path: Path, dtype: torch.dtype | None = None) -> train_checkpoint.StoredModel:
+    """open_model, telling the user which checkpoint it opened and which newer ones it skipped."""
+    stored = train_checkpoint.open_model(path, dtype=dtype)
+    for note in stored.notes():
+        errors.print(note, highlight=False, soft_wrap=True)
+    return stored
+
+
 def run_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -137,7 +145,7 @@ def run_export(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"destination {dst} exists and is not empty; refusing to overwrite it")
-    stored = train_checkpoint.open_model(Path(args.source), dtype=DTYPES[args.dtype] if args.dtype else None)
+    stored = _open(Path(args.source), dtype=DTYPES[args.dtype] if args.dtype else None)
     model = stored.model
     if args.format == "mixtral":
         interop.to_hf_mixtral(model, dst)
@@ -173,9 +181,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    stored = train_checkpoint.open_model(Path(args.checkpoint))
+    stored = _open(Path(args.checkpoint))
     model = stored.model
     tokenizer = load_tokenizer(DataConfig(tokenizer=args.tokenizer) if args.tokenizer else stored.data or DataConfig())
+    check_vocabulary(model.cfg.vocab_size, tokenizer)
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
     prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
@@ -208,7 +217,7 @@ def _bench_model(args: argparse.Namespace) -> MoEDiffTransformer:
             return MoEDiffTransformer(cfg).to(dtype=dtype)
     if args.overrides:
         raise ValueError("dotlist overrides apply to a YAML config, not to a checkpoint")
-    return train_checkpoint.open_model(source, dtype=dtype).model.to(device)
+    return _open(source, dtype=dtype).model.to(device)
 
 
 def run_bench(args: argparse.Namespace) -> int:

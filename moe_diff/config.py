@@ -284,12 +284,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise _explain(error) from None
 
 
-def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
-    """Build a validated ModelConfig from plain values (a checkpoint's stored config)."""
+def section_from_dict(section: str, values: Any) -> Any:
+    """One validated section of the job config ('model', 'train', 'data' or 'parallel') from plain values (a
+    stored config): unknown keys and bad values raise the same ConfigError as in a config file."""
+    schemas = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping of keys to values, got {values!r}")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[section]), values))
     except OmegaConfBaseException as error:
-        raise _explain(error, prefix="model.") from None
+        raise _explain(error, prefix=f"{section}.") from None
 
 
 def to_yaml(cfg: Config | ModelConfig) -> str:

@@ -84,6 +84,19 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
     return ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer, cfg.eot_token)
 
 
+def check_vocabulary(vocab_size: int, tokenizer: Tokenizer, corpus_vocab_size: int | None = None) -> None:
+    """DataError unless a model with `vocab_size` ids covers every id of the tokenizer (and of a corpus, whose token
+    files may hold larger ones): checked before any work, so that no command fails part-way on an id past the
+    model's vocabulary."""
+    needed = max(tokenizer.vocab_size, corpus_vocab_size or 0)
+    if needed > vocab_size:
+        holder = f"data.tokenizer={tokenizer.name!r} ({tokenizer.vocab_size} ids)"
+        if needed > tokenizer.vocab_size:
+            holder += f" and its corpus (ids up to {needed - 1})"
+        raise DataError(f"model.vocab_size={vocab_size} is too small for {holder}: the model needs at least "
+                        f"{needed}; use the tokenizer it was trained with")
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest element type of a token stream whose ids are below `vocab_size`."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)

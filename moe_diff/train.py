@@ -27,7 +27,16 @@ from rich.text import Text
 from moe_diff import costs, train_checkpoint
 from moe_diff.checkpoint import CheckpointError, load_model_config
 from moe_diff.config import Config, ConfigError, TrainConfig, load_config
-from moe_diff.data import Batch, BatchSampler, PackedSequences, fixed_batches, load_corpus, load_tokenizer, make_batch
+from moe_diff.data import (
+    Batch,
+    BatchSampler,
+    PackedSequences,
+    check_vocabulary,
+    fixed_batches,
+    load_corpus,
+    load_tokenizer,
+    make_batch,
+)
 from moe_diff.diagnostics import validation_batches
 from moe_diff.diagnostics.collect import collect_trace
 from moe_diff.diagnostics.trace import save_trace
@@ -172,9 +181,7 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.data)
         corpus = load_corpus(cfg.data, self.tokenizer)
-        if corpus.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is not allowed: the tokenizer "
-                              f"({cfg.data.tokenizer}) needs at least {corpus.vocab_size}")
+        check_vocabulary(cfg.model.vocab_size, self.tokenizer, corpus.vocab_size)
         self.train_windows = PackedSequences(corpus.train, t.seq_len, corpus.eot_id)
         val_windows = PackedSequences(corpus.val, t.seq_len, corpus.eot_id, split="validation")
         self.val_batches = fixed_batches(val_windows, t.batch_size, t.eval_batches)

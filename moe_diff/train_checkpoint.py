@@ -27,13 +27,12 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
@@ -336,6 +335,12 @@ class StoredModel:
     path: Path  # the checkpoint directory read
     run_dir: Path | None = None  # the training run that wrote it
     data: DataConfig | None = None  # that run's data config
+    skipped: list[str] = field(default_factory=list)  # why each newer checkpoint of the run was not used
+
+    def notes(self) -> list[str]:
+        """What a command tells its user before it works with the model: the checkpoints it skipped and why, and
+        the one it opened."""
+        return [f"skipping checkpoint: {note}" for note in self.skipped] + [f"opened {self.path}"]
 
 
 def open_model(path: Path, dtype: torch.dtype | None = None) -> StoredModel:
@@ -343,10 +348,12 @@ def open_model(path: Path, dtype: torch.dtype | None = None) -> StoredModel:
     it; experts checked against its table), or of a run's out_dir (its newest valid checkpoint), in this process."""
     if (path / checkpoint.CONFIG_FILE).is_file() and (path / checkpoint.WEIGHTS_FILE).is_file():
         return StoredModel(checkpoint.load(path, dtype=dtype), path)
+    skipped: list[str] = []
     if (path / "checkpoints").is_dir():
-        newest, _ = newest_valid(path / "checkpoints")  # verified
+        newest, skipped = newest_valid(path / "checkpoints")  # verified
         if newest is None:
-            raise CheckpointError(f"{path} is a run directory without a valid checkpoint")
+            reasons = "".join(f"; {note}" for note in skipped)
+            raise CheckpointError(f"{path} is a run directory without a valid checkpoint{reasons}")
         path = newest
     elif (path / STATE).is_dir():
         verify(path)
@@ -368,8 +375,8 @@ def open_model(path: Path, dtype: torch.dtype | None = None) -> StoredModel:
     check_experts(path, expert_checksums(model))
     if dtype is not None:
         model = model.to(dtype)
-    data = yaml.safe_load((path / "config.yaml").read_text()).get("data", {})
-    return StoredModel(model, path, path.parent.parent, DataConfig(**data))
+    data = checkpoint.load_config_section(path, "data", required=False)
+    return StoredModel(model, path, path.parent.parent, data, skipped)
 
 
 def _old_layout_refused(path: Path) -> None:

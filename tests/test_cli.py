@@ -1,11 +1,14 @@
 """The command line: info and convert, including their errors."""
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_diff import checkpoint, train_checkpoint
+from moe_diff.checkpoint import CheckpointError
 from moe_diff.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -89,3 +92,76 @@ def test_train_tokenize_and_plot_commands(tmp_path: Path, capsys: pytest.Capture
     assert main(["export", str(run), str(tmp_path / "hf")]) == 2  # never over a non-empty directory
     assert main(["train", str(CONFIGS / "tiny.yaml"), "data.source=/nonexistent/*.txt"]) == 2
     assert "matches no file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished small run with checkpoints at steps 3 and 6."""
+    from test_train import small_config  # tests/ is on the path
+
+    from moe_diff.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(small_config(out))
+    return out
+
+
+def copied_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_a_damaged_newest_checkpoint_is_named_by_every_command_that_skips_it(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = copied_run(run_dir, tmp_path)
+    shard = run / "checkpoints" / "step-6" / "state" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    commands = [["generate", str(run), "--prompt", "def", "--max-new-tokens", "2"],
+                ["diagnose", str(run), "--out", str(tmp_path / "diag"), "--tokens", "64", "--seq-len", "32"],
+                ["bench", str(run), "--out", str(tmp_path / "bench"), "--batch", "1", "--prompt", "4",
+                 "--new-tokens", "2", "--repeats", "1", "--systems", "moe-diff"],
+                ["export", str(run), str(tmp_path / "exported")]]
+    for argv in commands:
+        assert main(argv) == 0, argv
+        said = " ".join((lambda out: out.out + out.err)(capsys.readouterr()).split())
+        assert "skipping checkpoint:" in said and "step-6 is damaged: state/__0_0.distcp does not match" in said
+        assert f"opened {run / 'checkpoints' / 'step-3'}" in said, argv
+
+
+def test_a_stored_data_section_is_validated_like_a_config_file(run_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    run = copied_run(run_dir, tmp_path)
+    step = run / "checkpoints" / "step-6"
+    for edit, needle in (("  text_field: text\n", "unknown config key 'data.shuffle'"),
+                         ("  val_fraction: 0.3\n", "data.val_fraction=2.0 is not allowed")):
+        config = step / "config.yaml"
+        original = config.read_text()
+        assert edit in original
+        config.write_text(original.replace(edit, "  shuffle: true\n" + edit if "text_field" in edit
+                                           else "  val_fraction: 2.0\n"))
+        train_checkpoint._write_manifest(step, 6)
+        with pytest.raises(CheckpointError, match=re.escape(needle)):
+            train_checkpoint.open_model(run)
+        assert main(["generate", str(run), "--prompt", "def", "--max-new-tokens", "2"]) == 2
+        assert needle in " ".join(capsys.readouterr().err.split())
+        config.write_text(original)
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused_before_any_work(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """Byte-level text needs 257 ids; a 256-id model would fail only once an end-of-text token was routed."""
+    from moe_diff.config import ModelConfig
+    from moe_diff.model import MoEDiffTransformer
+
+    model = MoEDiffTransformer(ModelConfig(vocab_size=256, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                                           ffn_dim=16, n_experts=2, top_k=1, max_seq_len=64))
+    checkpoint.save(model, tmp_path / "ckpt")
+    needle = "model.vocab_size=256 is too small for data.tokenizer='byte' (257 ids)"
+    for argv in (["diagnose", str(tmp_path / "ckpt"), "--out", str(tmp_path / "diag"), "--tokens", "1024"],
+                 ["generate", str(tmp_path / "ckpt"), "--prompt", "x", "--max-new-tokens", "1"]):
+        assert main(argv) == 2
+        assert needle in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "diag" / "stats.json").exists()

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from moe_diff import train_checkpoint
 from moe_diff.config import DataConfig
-from moe_diff.data import Batch, Corpus, PackedSequences, load_corpus, load_tokenizer, make_batch
+from moe_diff.data import Batch, Corpus, PackedSequences, check_vocabulary, load_corpus, load_tokenizer, make_batch
 from moe_diff.diagnostics.attention import attention_stats, plot_maps
 from moe_diff.diagnostics.collect import collect_trace
 from moe_diff.diagnostics.compare import compare_traces
@@ -62,15 +62,19 @@ class Target:
     batches: list[tuple[Batch, torch.Tensor]] | None = None
 
 
-def load_target(path: Path, data: DataConfig | None, seq_len: int, max_tokens: int) -> Target:
+def load_target(path: Path, data: DataConfig | None, seq_len: int, max_tokens: int, console: Console) -> Target:
     """Read a trace file, or run a checkpoint on validation tokens and trace its routing."""
     if path.is_file() and is_trace(path):
         return Target(load_trace(path), data=data)
     stored = train_checkpoint.open_model(path)
+    for note in stored.notes():
+        console.print(note, highlight=False, soft_wrap=True)
     data = data or stored.data or DataConfig()
     model = stored.model.float()
     tokenizer = load_tokenizer(data)
+    check_vocabulary(model.cfg.vocab_size, tokenizer)
     corpus = load_corpus(data, tokenizer)
+    check_vocabulary(model.cfg.vocab_size, tokenizer, corpus.vocab_size)
     batches = validation_batches(corpus, min(seq_len, model.cfg.max_seq_len), max_tokens)
     header = {"source": f"diagnose {stored.path}", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
     return Target(collect_trace(model, batches, corpus.val_names, header, progress=True), stored.run_dir, data, model,
@@ -88,7 +92,7 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ours = load_target(Path(target), data, seq_len, max_tokens)
+    ours = load_target(Path(target), data, seq_len, max_tokens, console)
     if trace_path is not None:
         save_trace(ours.trace, trace_path)
     stats = routing_stats(ours.trace)
@@ -98,7 +102,7 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
         images += [training] if training else []
     theirs = None
     if compare is not None:
-        theirs = load_target(Path(compare), ours.data, trace_seq_len(ours.trace), ours.trace.n_tokens)
+        theirs = load_target(Path(compare), ours.data, trace_seq_len(ours.trace), ours.trace.n_tokens, console)
         stats["comparison"] = compare_traces(ours.trace, theirs.trace)
         images.append(plot_comparison(stats["comparison"], out))
     if attention:
