@@ -15,13 +15,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe_diff.config import ConfigError, ModelConfig, section_from_dict, to_yaml
+from moe_diff.errors import MoeDiffError
 from moe_diff.model import MoEDiffTransformer
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoeDiffError, ValueError):
     """A checkpoint directory that is missing, malformed or does not match its config."""
 
 

@@ -21,11 +21,12 @@ from moe_diff.data import check_vocabulary, load_tokenizer, tokenize_corpus
 from moe_diff.diagnostics import diagnose
 from moe_diff.diagnostics.collect import trace_sequences
 from moe_diff.diagnostics.trace import save_trace
+from moe_diff.errors import UsageError, run_reporting_errors
 from moe_diff.generation import stream
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.plots import plot_metrics
 from moe_diff.smoke import forward_check
-from moe_diff.train import TrainingError, train
+from moe_diff.train import train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -124,7 +125,7 @@ def _open(path: Path, dtype: torch.dtype | None = None) -> train_checkpoint.Stor
 def run_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"destination {dst} exists and is not empty; refusing to overwrite it")
+        raise UsageError(f"destination {dst} exists and is not empty; refusing to overwrite it")
     dtype = DTYPES[args.dtype] if args.dtype else None
     if (src / "config.json").is_file():
         model = interop.from_hf_mixtral(src, dtype=dtype)
@@ -135,7 +136,7 @@ def run_convert(args: argparse.Namespace) -> int:
         interop.to_hf_mixtral(model, dst)
         console.print(f"exported moe-diff checkpoint {src} -> Mixtral {dst}")
     else:
-        raise FileNotFoundError(f"{src} is neither a Mixtral directory (config.json) nor a moe-diff "
+        raise UsageError(f"{src} is neither a Mixtral directory (config.json) nor a moe-diff "
                                 f"checkpoint ({checkpoint.CONFIG_FILE})")
     return 0
 
@@ -144,7 +145,7 @@ def run_export(args: argparse.Namespace) -> int:
     """A run's newest checkpoint (or a given one), verified with its expert table, as one file."""
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"destination {dst} exists and is not empty; refusing to overwrite it")
+        raise UsageError(f"destination {dst} exists and is not empty; refusing to overwrite it")
     stored = _open(Path(args.source), dtype=DTYPES[args.dtype] if args.dtype else None)
     model = stored.model
     if args.format == "mixtral":
@@ -186,7 +187,7 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(DataConfig(tokenizer=args.tokenizer) if args.tokenizer else stored.data or DataConfig())
     check_vocabulary(model.cfg.vocab_size, tokenizer)
     if not args.prompt:
-        raise ValueError("--prompt must not be empty")
+        raise UsageError("--prompt must not be empty")
     prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
     console.print(Text(args.prompt, style="dim"), end="")
     new_ids, shown = [], ""
@@ -216,7 +217,7 @@ def _bench_model(args: argparse.Namespace) -> MoEDiffTransformer:
         with device:  # initialised where it runs: a multi-GB model need not pass through host memory
             return MoEDiffTransformer(cfg).to(dtype=dtype)
     if args.overrides:
-        raise ValueError("dotlist overrides apply to a YAML config, not to a checkpoint")
+        raise UsageError("dotlist overrides apply to a YAML config, not to a checkpoint")
     return _open(source, dtype=dtype).model.to(device)
 
 
@@ -345,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             errors.print(f"[red]error:[/] --{flag.replace('_', '-')} must be a positive integer")
             return 2
-    try:
-        return args.run(args)
-    except (ConfigError, ValueError, OSError, TrainingError) as error:
-        errors.print(f"[red]error:[/] {error}", highlight=False)
-        return 2
+    return run_reporting_errors(lambda: args.run(args))
 
 
 if __name__ == "__main__":

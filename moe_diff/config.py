@@ -11,12 +11,14 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from moe_diff.errors import MoeDiffError
+
 ATTENTION_MODES = ("diff", "diff_v2", "standard")
 ATTN_BACKENDS = ("reference", "sdpa", "flex", "triton", "flash_attn", "auto")
 MOE_BACKENDS = ("reference", "grouped_mm", "megablocks")
 
 
-class ConfigError(ValueError):
+class ConfigError(MoeDiffError, ValueError):
     """A configuration value or key that is not allowed; the message names the field."""
 
 

@@ -17,12 +17,13 @@ import torch
 from rich.progress import track
 
 from moe_diff.config import DataConfig
+from moe_diff.errors import MoeDiffError
 
 SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
-class DataError(ValueError):
+class DataError(MoeDiffError, ValueError):
     """Data that cannot be used: a missing path, an empty corpus, a malformed record."""
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from moe_diff.errors import UsageError
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the attention scores held at once
@@ -15,10 +16,10 @@ def left_pad(prompts: torch.Tensor | Sequence[torch.Tensor], pad_id: int = 0) ->
     """Prompts as one left-padded [B, T] tensor and each row's number of padding tokens [B]."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.shape[1] == 0:
-            raise ValueError(f"prompt tokens must be [batch, length >= 1], got shape {list(prompts.shape)}")
+            raise UsageError(f"prompt tokens must be [batch, length >= 1], got shape {list(prompts.shape)}")
         return prompts, torch.zeros(prompts.shape[0], dtype=torch.long, device=prompts.device)
     if not prompts or any(p.dim() != 1 or len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
+        raise UsageError("prompts must be a non-empty list of non-empty 1-D token tensors")
     longest = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=prompts[0].device)
     for row, prompt in enumerate(prompts):
@@ -113,12 +114,12 @@ def stream(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.Ten
     record which experts each step chose.
     """
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
+        raise UsageError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
                          f"{temperature}, top_k={top_k}, top_p={top_p}")
     if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        raise UsageError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if compile and not use_cache:
-        raise ValueError("compile=True compiles the one-token step against the KV cache; it needs use_cache=True")
+        raise UsageError("compile=True compiles the one-token step against the KV cache; it needs use_cache=True")
     tokens, pad = left_pad(prompts)
     generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
     real = torch.arange(tokens.shape[1], device=tokens.device)[None] >= pad[:, None]

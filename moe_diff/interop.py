@@ -13,6 +13,7 @@ from torch import nn
 
 from moe_diff.checkpoint import CheckpointError, model_from_state_dict, model_state_dict, unwrap
 from moe_diff.config import ConfigError, ModelConfig
+from moe_diff.errors import UsageError
 from moe_diff.model import MoEDiffTransformer
 
 # Tensors a Mixtral checkpoint may carry that the model recomputes (old rotary caches).
@@ -179,11 +180,11 @@ def to_hf_mixtral(model: nn.Module, directory: str | Path) -> Path:
     """Write `config.json` and `model.safetensors` that transformers' Mixtral loads."""
     model = unwrap(model)
     if model.cfg.attention != "standard":
-        raise ValueError(f"only standard-attention models export to Mixtral; this model has "
+        raise UsageError(f"only standard-attention models export to Mixtral; this model has "
                          f"attention={model.cfg.attention!r}, which Mixtral cannot represent")
     directory = Path(directory)
     if model.cfg.expert_bias_rate:
-        raise ValueError("this model selects experts with a learned bias (model.expert_bias_rate > 0), which "
+        raise UsageError("this model selects experts with a learned bias (model.expert_bias_rate > 0), which "
                          "Mixtral's router cannot represent; exporting would change which experts every token uses")
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; refusing to overwrite it")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_diff.config import ModelConfig
+from moe_diff.errors import UsageError
 from moe_diff.kernels import attention_op, moe_experts_op
 from moe_diff.kernels.diff_attention import causal_window_mask
 from moe_diff.kernels.moe_experts import moe_experts_every, moe_experts_gathered, moe_experts_loop_op
@@ -412,7 +413,8 @@ class MoEDiffTransformer(nn.Module):
         capacity = min(cfg.sliding_window or cfg.max_seq_len, max_length or cfg.max_seq_len)
         key_start = torch.zeros(batch_size, dtype=torch.long) if key_start is None else key_start
         for block in self.layers:
-            block.attention.kv_cache = KVCache(batch_size, capacity, cfg.n_kv_heads, cfg.resolved_head_dim,
+            kv_heads = block.attention.wk.weight.shape[0] // cfg.resolved_head_dim  # a tensor-parallel rank's share
+            block.attention.kv_cache = KVCache(batch_size, capacity, kv_heads, cfg.resolved_head_dim,
                                                cfg.sliding_window, key_start, weight.dtype, weight.device)
 
     def clear_caches(self) -> None:
@@ -437,26 +439,26 @@ class MoEDiffTransformer(nn.Module):
                       document_ids: torch.Tensor | None) -> torch.Tensor:
         """Validate the inputs; return positions shaped [B or 1, T]."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an integer tensor [batch, seq], got {tokens.dtype} "
+            raise UsageError(f"tokens must be an integer tensor [batch, seq], got {tokens.dtype} "
                              f"of shape {list(tokens.shape)}")
         n_tokens = tokens.shape[1]
         if not 1 <= n_tokens <= self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {n_tokens} is outside 1..max_seq_len "
+            raise UsageError(f"sequence length {n_tokens} is outside 1..max_seq_len "
                              f"({self.cfg.max_seq_len})")
         if not torch.compiler.is_compiling():
             low, high = (value.item() for value in torch.aminmax(tokens))
             if low < 0 or high >= self.cfg.vocab_size:
-                raise ValueError(f"token ids must lie in 0..{self.cfg.vocab_size - 1} (vocab_size), "
+                raise UsageError(f"token ids must lie in 0..{self.cfg.vocab_size - 1} (vocab_size), "
                                  f"got values from {low} to {high}")
         if document_ids is not None and (document_ids.shape != tokens.shape
                                          or document_ids.dtype.is_floating_point):
-            raise ValueError(f"document_ids must be an integer tensor shaped like tokens "
+            raise UsageError(f"document_ids must be an integer tensor shaped like tokens "
                              f"{list(tokens.shape)}, got {document_ids.dtype} of shape "
                              f"{list(document_ids.shape)}")
         if positions is None:
             return torch.arange(n_tokens, device=tokens.device)[None]
         if positions.dtype.is_floating_point or positions.shape not in ((n_tokens,), tokens.shape):
-            raise ValueError(f"positions must be an integer tensor shaped [seq] or [batch, seq] like "
+            raise UsageError(f"positions must be an integer tensor shaped [seq] or [batch, seq] like "
                              f"tokens {list(tokens.shape)}, got {positions.dtype} of shape "
                              f"{list(positions.shape)}")
         return positions.reshape(-1, n_tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moe_diff.errors import UsageError
 from moe_diff.metrics import read_metrics
 
 
@@ -17,10 +18,10 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a train.out_dir?)")
+        raise UsageError(f"{run_dir} has no metrics.jsonl (is it a train.out_dir?)")
     records = [r for r in read_metrics(path) if r.get("loss") is not None]
     if not records:
-        raise ValueError(f"{path} holds no logged steps yet")
+        raise UsageError(f"{path} holds no logged steps yet")
     out = Path(out) if out else run_dir / "metrics.png"
     figure, (loss_axis, speed_axis) = plt.subplots(1, 2, figsize=(11, 4))
     loss_axis.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")

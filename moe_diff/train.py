@@ -10,6 +10,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from moe_diff.data import (
 from moe_diff.diagnostics import validation_batches
 from moe_diff.diagnostics.collect import collect_trace
 from moe_diff.diagnostics.trace import save_trace
+from moe_diff.errors import MoeDiffError, run_reporting_errors
 from moe_diff.generation import generate
 from moe_diff.metrics import MetricsLog, peak_flops
 from moe_diff.model import MoEDiffTransformer
@@ -47,9 +49,10 @@ from moe_diff.optim import build_optimizer, learning_rate, set_learning_rate
 from moe_diff.parallel import runtime
 from moe_diff.probes import LambdaProbe
 from moe_diff.routing_stats import layer_summary, load_summary, router_entropy
+from moe_diff.run_lock import RunLock, RunLockError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MoeDiffError, RuntimeError):
     """Training cannot go on (for example, too many non-finite losses in a row)."""
 
 
@@ -383,16 +386,37 @@ def collective_failure(error: RuntimeError) -> bool:
     return isinstance(error, torch.distributed.DistError) or "Timed out" in str(error)
 
 
+@contextlib.contextmanager
+def holding_run_directory(out_dir: Path, job: runtime.Runtime, console: Console) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock while the job runs; if it cannot, every rank stops with its error."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock, refusal = RunLock(out_dir), None
+    if job.is_main:
+        try:
+            for note in lock.acquire():
+                console.print(f"[yellow]{note}[/]", soft_wrap=True)
+        except RunLockError as error:
+            refusal = str(error)
+    refusals = [message for message in job.gather_objects(refusal) if message]
+    if refusals:
+        raise RunLockError(refusals[0])
+    try:
+        yield
+    finally:
+        if job.is_main:
+            lock.release()
+
+
 def train(cfg: Config, console: Console | None = None, summary: bool = False) -> RunResult:
     """Train (or continue training) as the config says; checkpoints and metrics go to train.out_dir."""
     console = console or Console()
     job = runtime.start(cfg.parallel, resolve_device(cfg.train.device))
     try:
-        trainer = Trainer(cfg, console, job)
-        Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
-        result = trainer.run()
-        if summary:
-            trainer.print_summary(result)
+        with holding_run_directory(Path(cfg.train.out_dir), job, console):
+            trainer = Trainer(cfg, console, job)
+            result = trainer.run()
+            if summary:
+                trainer.print_summary(result)
     except RuntimeError as error:
         if not job.distributed or not collective_failure(error):
             raise
@@ -409,9 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         print("usage: python -m moe_diff.train CONFIG [section.key=value ...]", file=sys.stderr)
         return 2
-    cfg = load_config(argv[0], argv[1:])
-    train(cfg, summary=True)
-    return 0
+
+    def job() -> int:
+        train(load_config(argv[0], argv[1:]), summary=True)
+        return 0
+
+    return run_reporting_errors(job)
 
 
 if __name__ == "__main__":

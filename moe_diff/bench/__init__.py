@@ -18,6 +18,7 @@ from moe_diff.bench.measure import decode_step_bytes, memory_bandwidth, peak_mem
 from moe_diff.bench.routing import ROUTING_MODES, ZIPF_EXPONENT
 from moe_diff.bench.systems import Timing, build_systems
 from moe_diff.config import ModelConfig
+from moe_diff.errors import UsageError
 from moe_diff.model import MoEDiffTransformer
 
 SYSTEMS = ("moe-diff", "transformers", "dense")
@@ -38,23 +39,23 @@ class BenchSettings:
         """Clear errors naming the setting and what it allows."""
         cfg = model.cfg
         if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+            raise UsageError(f"batch sizes must be positive integers, got {self.batch_sizes}")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
-            raise ValueError(f"prompt lengths must be positive integers, got {self.prompt_lengths}")
+            raise UsageError(f"prompt lengths must be positive integers, got {self.prompt_lengths}")
         if self.repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+            raise UsageError(f"repeats must be >= 1, got {self.repeats}")
         if self.new_tokens < 2:
-            raise ValueError(f"new_tokens must be >= 2 (inter-token latency needs two tokens), got {self.new_tokens}")
+            raise UsageError(f"new_tokens must be >= 2 (inter-token latency needs two tokens), got {self.new_tokens}")
         if max(self.prompt_lengths) + self.new_tokens > cfg.max_seq_len:
-            raise ValueError(f"prompt length {max(self.prompt_lengths)} + new_tokens {self.new_tokens} exceeds the "
+            raise UsageError(f"prompt length {max(self.prompt_lengths)} + new_tokens {self.new_tokens} exceeds the "
                              f"model's max_seq_len {cfg.max_seq_len}")
         if self.routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
+            raise UsageError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
         unknown = [name for name in self.systems if name not in SYSTEMS]
         if unknown or not self.systems:
-            raise ValueError(f"systems must be some of {', '.join(SYSTEMS)}, got {self.systems}")
+            raise UsageError(f"systems must be some of {', '.join(SYSTEMS)}, got {self.systems}")
         if "transformers" in self.systems and cfg.attention != "standard":
-            raise ValueError(f"the transformers comparison runs Mixtral, which has standard attention; this model "
+            raise UsageError(f"the transformers comparison runs Mixtral, which has standard attention; this model "
                              f"has attention={cfg.attention!r} (leave 'transformers' out of the systems)")
 
 

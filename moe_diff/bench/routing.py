@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from moe_diff.errors import UsageError
+
 ROUTING_MODES = ("own", "uniform", "zipf")
 ZIPF_EXPONENT = 1.2  # expert e gets weight 1 / (e + 1)^1.2: with 8 experts the busiest sees ~5x the quietest
 
@@ -20,7 +22,7 @@ ZIPF_EXPONENT = 1.2  # expert e gets weight 1 / (e + 1)^1.2: with 8 experts the 
 def expert_log_probs(mode: str, n_experts: int) -> torch.Tensor:
     """Log-probabilities [E] of the forced draw."""
     if mode not in ROUTING_MODES[1:]:
-        raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {mode!r}")
+        raise UsageError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {mode!r}")
     exponent = ZIPF_EXPONENT if mode == "zipf" else 0.0
     weights = torch.arange(1, n_experts + 1, dtype=torch.float64) ** -exponent
     return (weights / weights.sum()).log()

@@ -15,11 +15,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from moe_diff.errors import MoeDiffError
+
 FORMAT = "moe-diff-routing-trace"
 VERSION = 1
 
 
-class TraceError(ValueError):
+class TraceError(MoeDiffError, ValueError):
     """A file that is not a routing trace, or a trace whose parts disagree."""
 
 

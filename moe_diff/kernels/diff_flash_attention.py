@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from moe_diff.errors import UsageError
 from moe_diff.kernels.triton_compat import tl, triton
 
 LOG2E = 1.4426950408889634
@@ -407,10 +408,10 @@ class FlashAttention(torch.autograd.Function):
 def _attend(q1, q2, k1, k2, v, lam, window, document_ids, mask) -> torch.Tensor:
     """Checks, then the rule's bounds (or the explicit mask), then the kernels."""
     if q1.dtype not in DTYPES[:3] or k1.dtype != q1.dtype or v.dtype != q1.dtype:
-        raise ValueError(f"attn_backend='triton' runs float32, bfloat16 or float16 (q, k and v alike), got "
+        raise UsageError(f"attn_backend='triton' runs float32, bfloat16 or float16 (q, k and v alike), got "
                          f"{q1.dtype}, {k1.dtype} and {v.dtype}; use the reference backend for float64")
     if not q1.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("attn_backend='triton' runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for "
+        raise UsageError("attn_backend='triton' runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for "
                          "tests); use 'sdpa' or 'auto' on the CPU")
     batch, n_queries, n_heads, _ = q1.shape
     if n_heads % k1.shape[2]:

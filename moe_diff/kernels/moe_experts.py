@@ -5,6 +5,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from moe_diff.errors import UsageError
 from moe_diff.kernels import moe_permute
 from moe_diff.kernels.moe_permute import PermutePlan
 from moe_diff.kernels.precision import compute_dtype
@@ -124,7 +125,7 @@ def moe_experts_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
     gradients are bitwise repeatable (see permutation_ops).
     """
     if x.dtype not in GROUPED_MM_DTYPES:
-        raise ValueError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {x.dtype}; use "
+        raise UsageError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {x.dtype}; use "
                          "moe_backend='reference' for float64")
     return sorted_swiglu(x, expert_ids, weights, w1, w2, w3,
                          lambda plan: lambda rows, w: GroupedLinear.apply(rows, w, plan.offsets))

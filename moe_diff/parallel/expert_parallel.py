@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+from moe_diff.config import ConfigError
 from moe_diff.model import Experts, MoEDiffTransformer
 from moe_diff.parallel.dims import keep_shard
 
@@ -65,7 +66,7 @@ class ExpertParallelExperts(nn.Module):
 def parallelize_experts(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
     """Shard every layer's experts over `group` in place: rank r keeps experts [r*E/ep, (r+1)*E/ep)."""
     if model.cfg.n_experts % group.size():
-        raise ValueError(f"parallel.ep={group.size()} must divide model.n_experts={model.cfg.n_experts}")
+        raise ConfigError(f"parallel.ep={group.size()} must divide model.n_experts={model.cfg.n_experts}")
     for block in model.layers:
         block.moe.experts = ExpertParallelExperts(block.moe.experts, group)
     return model

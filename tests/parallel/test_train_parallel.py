@@ -29,7 +29,7 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 SETTINGS = ["model.n_layers=2", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
             "model.ffn_dim=32", "model.n_experts=4", "model.sliding_window=16", "train.seq_len=32",
             "train.batch_size=4", "train.max_steps=4", "train.warmup_steps=1", "train.log_every=1",
-            "train.eval_every=0", "train.save_every=3", "train.sample_tokens=0", "train.lr=1e-2",
+            "train.eval_every=0", "train.save_every=3", "train.lr=1e-2",
             "data.val_fraction=0.3"]
 
 
@@ -112,6 +112,41 @@ def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout:
     parallel = run(tmp_path, "parallel", processes, *layout)
     assert len(losses(parallel)) == 4
     assert_close_runs(parallel, single, 4)
+    assert_commands_read(parallel, tmp_path)
+
+
+def assert_commands_read(out: Path, tmp_path: Path) -> None:
+    """The job's end-of-run summary (a sample, the routing table) ran in its layout, and every command that reads
+    a run opens the one it wrote."""
+    console = (out / "console.txt").read_text()
+    assert "sample after step 4" in console and "Routing of" in console and "training loss" in console
+    step_4 = out / "checkpoints" / "step-4"
+    for argv in (["generate", str(out), "--prompt", "def ", "--max-new-tokens", "8"],
+                 ["diagnose", str(out), "--out", str(tmp_path / "diagnosis"), "--tokens", "128", "--seq-len", "32"],
+                 ["bench", str(out), "--out", str(tmp_path / "bench"), "--batch", "1", "--prompt", "8",
+                  "--new-tokens", "4", "--repeats", "1", "--systems", "moe-diff"],
+                 ["export", str(out), str(tmp_path / "exported")]):
+        assert cli.main(argv) == 0, argv
+    assert (tmp_path / "diagnosis" / "report.html").is_file() and (tmp_path / "bench.json").is_file()
+    exported = checkpoint.load(tmp_path / "exported").state_dict()
+    assert all(torch.equal(exported[name], value) for name, value in weights(out, 4).items())
+    assert train_checkpoint.open_model(out).path == step_4
+
+
+def test_a_refused_layout_prints_one_line_on_every_rank(tmp_path: Path) -> None:
+    """Under torchrun, a config the layout refuses gets the same one-line error as `moe-diff train`, no traceback."""
+    config = tmp_path / "job.yaml"
+    config.write_text(to_yaml(load_config(CONFIGS / "tiny.yaml", [*SETTINGS, f"data.source={corpus(tmp_path)}"])))
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={free_port()}", "-m", "moe_diff.train", str(config), "parallel.tp=2",
+                              f"train.out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert process.returncode != 0
+    said = [line for line in process.stderr.splitlines() if "n_kv_heads=2" in line]
+    assert said == ["error: parallel.tp=2 must split model.n_kv_heads=2 into whole differential heads (pairs) per "
+                    "rank"] * 2
+    ranks = [line for line in process.stderr.splitlines() if re.match(r"\[rank\d\]", line)]
+    assert not ranks and "moe_diff/parallel" not in process.stderr  # no rank's traceback
 
 
 def resumed_from_step_3(tmp_path: Path, source: Path, processes: int, *overrides: str) -> Path:

@@ -1,0 +1,26 @@
+"""The project's error base class, and how commands report one: a single line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import Console
+
+
+class MoeDiffError(Exception):
+    """Something the user gave (a config, a checkpoint, data, an argument) cannot be used; the message says what
+    and what is allowed, in one line."""
+
+
+class UsageError(MoeDiffError, ValueError):
+    """An argument of a function or command that is not allowed."""
+
+
+def run_reporting_errors(command: Callable[[], int]) -> int:
+    """The command's exit status; a MoeDiffError, or an OSError (a path that cannot be read or written), is printed
+    as one `error: ...` line on stderr instead of a traceback, with status 2."""
+    try:
+        return command()
+    except (MoeDiffError, OSError) as error:
+        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return 2
