@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from moe_diff.bench import environment
-from moe_diff.bench.measure import median_seconds
-from moe_diff.bench.report import write_json
 from moe_diff.config import ModelConfig
+from moe_diff.device import DTYPES, environment
+from moe_diff.inference.bench.measure import median_seconds
+from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.diff_attention import diff_attention, sdpa_attention
 from moe_diff.model import MoEDiffTransformer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what every backend runs
 
 
 def sdpa_value_halves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-heads", type=int, default=4, help="kv groups (V1)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-max-seq", type=int, default=4096, help="longest seq for the reference")

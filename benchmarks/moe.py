@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe_diff.bench import environment
-from moe_diff.bench.measure import median_seconds, synchronize
-from moe_diff.bench.report import write_json
+from moe_diff.device import DTYPES, environment, synchronize
+from moe_diff.inference.bench.measure import median_seconds
+from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels.moe_experts import (
     megablocks_available,
     moe_experts_grouped_mm,
@@ -26,7 +26,7 @@ from moe_diff.kernels.moe_experts import (
     moe_experts_reference,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what every backend runs
 
 
 def dense_floor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu-size", action="store_true",

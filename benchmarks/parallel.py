@@ -23,10 +23,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
-from moe_diff.bench import environment
-from moe_diff.bench.measure import median_seconds, synchronize
-from moe_diff.bench.report import write_json
 from moe_diff.config import ModelConfig
+from moe_diff.device import environment, synchronize
+from moe_diff.inference.bench.measure import median_seconds
+from moe_diff.inference.bench.report import write_json
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.dims import average_gradients

@@ -1,10 +1,18 @@
-"""Parameter counts, forward FLOPs and KV-cache size of a configuration, without building it."""
+"""Parameter counts, forward FLOPs and KV-cache size of a configuration; shapes are read off the model built
+on the meta device, so no memory is spent on them."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from moe_diff.config import ModelConfig
+from moe_diff.model import MoEDiffTransformer
 
 
 @dataclass(frozen=True)
@@ -30,24 +38,35 @@ class FlopCounts:
         return self.matmul + self.attention
 
 
+@functools.lru_cache(maxsize=32)
+def _parameter_shapes(values: tuple) -> dict[str, torch.Size]:
+    with torch.device("meta"):  # shapes only: no memory, whatever the size
+        model = MoEDiffTransformer(ModelConfig(*values))
+    return {name: param.shape for name, param in model.named_parameters()}  # a tied head counts once
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Every parameter's shape, read off the model itself (built on the meta device)."""
+    return _parameter_shapes(dataclasses.astuple(cfg))
+
+
+def _numel(shapes: dict[str, torch.Size], keep: Callable[[str, torch.Size], bool]) -> int:
+    return sum(math.prod(shape) for name, shape in shapes.items() if keep(name, shape))
+
+
 def attention_params(cfg: ModelConfig) -> int:
     """One layer's attention parameters: projections plus each mode's lambda and norm weights."""
-    d, D = cfg.resolved_head_dim, cfg.dim
-    query_heads = 2 * cfg.n_heads if cfg.attention == "diff_v2" else cfg.n_heads
-    projections = query_heads * d * D + 2 * cfg.n_kv_heads * d * D + D * cfg.n_heads * d
-    extra = {"standard": 0, "diff": 4 * d + 2 * d, "diff_v2": cfg.n_heads * D}[cfg.attention]
-    return projections + extra
+    return _numel(parameter_shapes(cfg), lambda name, _: name.startswith("layers.0.attention."))
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
-    expert = 3 * cfg.ffn_dim * cfg.dim
-    embedding = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    per_layer_dense = attention_params(cfg) + 2 * cfg.dim + cfg.n_experts * cfg.dim  # + norms, router
-    experts_total = cfg.n_layers * cfg.n_experts * expert
-    experts_active = cfg.n_layers * cfg.top_k * expert
-    dense = embedding + cfg.n_layers * per_layer_dense + cfg.dim  # + final norm
-    return ParamCounts(dense + experts_total, dense + experts_active, embedding, experts_total,
-                       experts_active, attention_params(cfg))
+    shapes = parameter_shapes(cfg)
+    experts_total = _numel(shapes, lambda name, _: ".experts." in name)
+    experts_active = experts_total * cfg.top_k // cfg.n_experts
+    embedding = _numel(shapes, lambda name, _: name in ("tok_embeddings.weight", "output.weight"))
+    total = _numel(shapes, lambda name, _: True)
+    return ParamCounts(total, total - experts_total + experts_active, embedding, experts_total, experts_active,
+                       attention_params(cfg))
 
 
 def mean_keys_per_query(seq_len: int, window: int | None) -> float:
@@ -69,10 +88,12 @@ def attention_flops_per_key(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCounts:
-    per_layer = attention_params(cfg) + cfg.n_experts * cfg.dim + cfg.top_k * 3 * cfg.ffn_dim * cfg.dim
-    if cfg.attention == "diff":
-        per_layer -= 6 * cfg.resolved_head_dim  # lambda vectors and norm weight are not matmuls
-    matmul = 2 * (cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim)
+    shapes = parameter_shapes(cfg)
+    # a token multiplies by every matrix of a layer but the experts it was not routed to (the lambda vectors and
+    # norm weights are not matrices), and by the output head
+    layer_matrices = _numel(shapes, lambda name, shape: name.startswith("layers.0.") and len(shape) == 2)
+    experts = cfg.top_k * _numel(shapes, lambda name, _: name.startswith("layers.0.moe.experts.")) // cfg.n_experts
+    matmul = 2 * (cfg.n_layers * (layer_matrices + experts) + cfg.vocab_size * cfg.dim)
     keys = mean_keys_per_query(seq_len, cfg.sliding_window)
     return FlopCounts(matmul, cfg.n_layers * attention_flops_per_key(cfg) * keys, keys)
 

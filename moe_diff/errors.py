@@ -24,3 +24,7 @@ def run_reporting_errors(command: Callable[[], int]) -> int:
     except (MoeDiffError, OSError) as error:
         Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
+
+
+class DataError(MoeDiffError, ValueError):
+    """Data that cannot be used: a missing path, an empty corpus, a malformed record."""

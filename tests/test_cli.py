@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_diff import checkpoint, train_checkpoint
+from moe_diff import checkpoint
 from moe_diff.checkpoint import CheckpointError
+from moe_diff.checkpoint import training as checkpoints
 from moe_diff.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -77,7 +78,7 @@ def test_train_tokenize_and_plot_commands(tmp_path: Path, capsys: pytest.Capture
     assert "Routing by layer" in capsys.readouterr().out and (tmp_path / "diag" / "report.html").is_file()
     trace_file = tmp_path / "generated.safetensors"
     assert main(["generate", str(run), "--prompt", "text", "--max-new-tokens", "5", "--trace", str(trace_file)]) == 0
-    from moe_diff.diagnostics import load_trace
+    from moe_diff.routing.trace import load_trace
 
     trace = load_trace(trace_file)
     assert trace.n_tokens == 4 + 5 and trace.header["source"].startswith("generate")
@@ -86,7 +87,7 @@ def test_train_tokenize_and_plot_commands(tmp_path: Path, capsys: pytest.Capture
     import transformers
 
     tokens = torch.tensor([list(b"text number 3")])
-    ours = train_checkpoint.open_model(run / "checkpoints" / "step-3").model
+    ours = checkpoint.open_model(run / "checkpoints" / "step-3").model
     theirs = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf")
     torch.testing.assert_close(theirs(tokens).logits, ours(tokens).logits, rtol=1e-4, atol=1e-4)
     assert main(["export", str(run), str(tmp_path / "hf")]) == 2  # never over a non-empty directory
@@ -97,7 +98,7 @@ def test_train_tokenize_and_plot_commands(tmp_path: Path, capsys: pytest.Capture
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished small run with checkpoints at steps 3 and 6."""
-    from test_train import small_config  # tests/ is on the path
+    from helpers import small_config  # tests/ is on the path
 
     from moe_diff.train import train
 
@@ -142,9 +143,9 @@ def test_a_stored_data_section_is_validated_like_a_config_file(run_dir: Path, tm
         assert edit in original
         config.write_text(original.replace(edit, "  shuffle: true\n" + edit if "text_field" in edit
                                            else "  val_fraction: 2.0\n"))
-        train_checkpoint._write_manifest(step, 6)
+        checkpoints._write_manifest(step, 6)
         with pytest.raises(CheckpointError, match=re.escape(needle)):
-            train_checkpoint.open_model(run)
+            checkpoint.open_model(run)
         assert main(["generate", str(run), "--prompt", "def", "--max-new-tokens", "2"]) == 2
         assert needle in " ".join(capsys.readouterr().err.split())
         config.write_text(original)

@@ -18,6 +18,15 @@ def config(attention: str, **overrides) -> ModelConfig:
     return ModelConfig(**(values | overrides))
 
 
+def attention_params_from_the_formulas(cfg: ModelConfig) -> int:
+    """The README's table: wq (diff_v2: doubled query heads), wk, wv, wo, plus diff's four lambda vectors and 2d-wide
+    norm weight, or diff_v2's lambda projection."""
+    d, D = cfg.resolved_head_dim, cfg.dim
+    query_heads = 2 * cfg.n_heads if cfg.attention == "diff_v2" else cfg.n_heads
+    projections = query_heads * d * D + 2 * cfg.n_kv_heads * d * D + D * cfg.n_heads * d
+    return projections + {"standard": 0, "diff": 4 * d + 2 * d, "diff_v2": cfg.n_heads * D}[cfg.attention]
+
+
 @pytest.mark.parametrize("attention", MODES)
 @pytest.mark.parametrize("tie", [False, True])
 def test_parameter_counts_match_the_model(attention: str, tie: bool) -> None:
@@ -29,6 +38,8 @@ def test_parameter_counts_match_the_model(attention: str, tie: bool) -> None:
     assert counts.experts_active == counts.experts_total * cfg.top_k // cfg.n_experts
     assert counts.active == counts.total - counts.experts_total + counts.experts_active
     assert counts.attention_per_layer == sum(p.numel() for p in model.layers[0].attention.parameters())
+    assert counts.attention_per_layer == attention_params_from_the_formulas(cfg)
+    assert counts.embedding == cfg.vocab_size * cfg.dim * (1 if tie else 2)
 
 
 def test_mixtral_8x7b_counts() -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_diff.config import ModelConfig
-from moe_diff.generation import generate, stream
+from moe_diff.inference.generation import generate, stream
 from moe_diff.model import MoEDiffTransformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import final_weights, small_config  # tests/ is on the path
+from helpers import final_weights, small_config  # tests/ is on the path
 
 from moe_diff.config import ConfigError, ModelConfig
-from moe_diff.metrics import read_metrics
 from moe_diff.model import MoE, MoEDiffTransformer, route, within_capacity
+from moe_diff.runs import read_metrics
 from moe_diff.train import train
 
 
@@ -152,7 +152,7 @@ def test_logged_routing_statistics_are_those_of_the_chosen_experts(tmp_path: Pat
 
 
 def test_the_summary_counts_what_routing_kept() -> None:
-    from moe_diff.routing_stats import layer_summary
+    from moe_diff.routing.summary import layer_summary
 
     logits = torch.randn(12, 4, dtype=torch.float64)
     routing = route(logits, 2, torch.tensor([5.0, 0.0, 0.0, 0.0], dtype=torch.float64), capacity_factor=1.0)

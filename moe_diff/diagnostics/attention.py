@@ -15,6 +15,7 @@ import torch
 from moe_diff.data import Batch
 from moe_diff.kernels.diff_attention import attention_probs
 from moe_diff.model import Attention, DiffAttention, DiffV2Attention, MoEDiffTransformer
+from moe_diff.plotting import heatmap, pyplot, save
 
 NOISE_TOP_KEYS = 4  # "signal" is a query's 4 strongest keys; the rest of its attention is noise mass
 
@@ -116,9 +117,7 @@ def attention_stats(model: MoEDiffTransformer, batch: Batch) -> tuple[dict[str, 
 
 def plot_maps(all_maps: list[LayerMaps], out, tokens: int = 48):
     """Head 0 of the first sequence, per layer: the first map, the second map and the combined map."""
-    from moe_diff.diagnostics.report import _heatmap, _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     panels = 3 if all_maps[0].first is not None else 1
     figure, axes = plt.subplots(len(all_maps), panels, figsize=(3.4 * panels, 3 * len(all_maps)), squeeze=False)
     for layer, maps in enumerate(all_maps):
@@ -126,5 +125,5 @@ def plot_maps(all_maps: list[LayerMaps], out, tokens: int = 48):
             ("A1", maps.first), ("A2", maps.second), ("A1 - λ A2", maps.combined)]
         for axis, (name, values) in zip(axes[layer], shown, strict=True):
             shown_map = values[0, 0, :tokens, :tokens].float().cpu().numpy()
-            _heatmap(axis, shown_map, f"layer {layer}: {name}", "key", "query")
-    return _save(figure, out / "attention_maps.png")
+            heatmap(axis, shown_map, f"layer {layer}: {name}", "key", "query")
+    return save(figure, out / "attention_maps.png")

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from moe_diff.diagnostics.trace import RoutingTrace, TraceError
+from moe_diff.routing.trace import RoutingTrace, TraceError
 
 
 def max_weight_matching(weights: torch.Tensor) -> list[int]:

@@ -10,39 +10,19 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _heatmap(axis, values, title: str, xlabel: str, ylabel: str, vmin=None, vmax=None) -> None:
-    image = axis.imshow(values, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    axis.figure.colorbar(image, ax=axis)
-
-
-def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    _pyplot().close(figure)
-    return path
+from moe_diff.plotting import heatmap, pyplot, save
 
 
 def plot_load(stats: dict[str, Any], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(1.2 + 0.5 * stats["n_experts"], 1.0 + 0.35 * stats["n_layers"]))
-    _heatmap(axis, [layer["utilisation"] for layer in stats["layers"]], "Load / ideal load", "expert", "layer",
+    heatmap(axis, [layer["utilisation"] for layer in stats["layers"]], "Load / ideal load", "expert", "layer",
              vmin=0)
-    return _save(figure, out / "load_heatmap.png")
+    return save(figure, out / "load_heatmap.png")
 
 
 def plot_layers(stats: dict[str, Any], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     layers = range(stats["n_layers"])
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     left.plot(layers, [s["router_entropy"] for s in stats["layers"]], "o-", label="entropy / ln E")
@@ -54,21 +34,21 @@ def plot_layers(stats: dict[str, Any], out: Path) -> Path:
     right.axhline(2.0, color="red", linestyle=":", label="flag at 2")
     right.set(title="Expert load", xlabel="layer")
     right.legend()
-    return _save(figure, out / "layers.png")
+    return save(figure, out / "layers.png")
 
 
 def plot_coactivation(stats: dict[str, Any], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     n = stats["n_layers"]
     columns = min(n, 4)
     rows = -(-n // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
     for layer, axis in enumerate(axes.flat):
         if layer < n:
-            _heatmap(axis, stats["layers"][layer]["coactivation"], f"layer {layer}", "expert", "expert", vmin=0)
+            heatmap(axis, stats["layers"][layer]["coactivation"], f"layer {layer}", "expert", "expert", vmin=0)
         else:
             axis.axis("off")
-    return _save(figure, out / "coactivation.png")
+    return save(figure, out / "coactivation.png")
 
 
 def plot_training_load(records: list[dict[str, Any]], out: Path) -> Path | None:
@@ -76,7 +56,7 @@ def plot_training_load(records: list[dict[str, Any]], out: Path) -> Path | None:
     records = [r for r in records if r.get("expert_share")]
     if len(records) < 2:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     n = len(records[0]["expert_share"])
     columns = min(n, 4)
     rows = -(-n // columns)
@@ -90,11 +70,11 @@ def plot_training_load(records: list[dict[str, Any]], out: Path) -> Path | None:
         axis.imshow(shares, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
                     extent=(steps[0], steps[-1], len(shares) - 0.5, -0.5))
         axis.set(title=f"layer {layer}", xlabel="step", ylabel="expert")
-    return _save(figure, out / "training_load.png")
+    return save(figure, out / "training_load.png")
 
 
 def plot_comparison(comparison: dict[str, Any], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     layers = range(len(comparison["layers"]))
     figure, axis = plt.subplots(figsize=(7, 3.5))
     for key, label in (("top1_changed", "first choice changed"), ("topk_set_changed", "chosen set changed"),
@@ -102,7 +82,7 @@ def plot_comparison(comparison: dict[str, Any], out: Path) -> Path:
         axis.plot(layers, [layer[key] for layer in comparison["layers"]], "o-", label=label)
     axis.set(title="Routing change between checkpoints", xlabel="layer", ylabel="share of tokens", ylim=(0, 1.05))
     axis.legend()
-    return _save(figure, out / "comparison.png")
+    return save(figure, out / "comparison.png")
 
 
 EXPLANATIONS = {

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from moe_diff.diagnostics.trace import RoutingTrace
-from moe_diff.routing_stats import expert_counts, load_summary, router_entropy, token_entropy
+from moe_diff.routing.summary import expert_counts, load_summary, router_entropy, token_entropy
+from moe_diff.routing.trace import RoutingTrace
 
 NEAR_DEAD_UTILISATION = 0.1  # an expert with under a tenth of its ideal load is near-dead
 IMBALANCE_FLAG = 2.0  # max/mean load above this flags a layer

@@ -10,11 +10,11 @@ import torch
 from moe_diff import checkpoint
 from moe_diff.config import DataConfig, ModelConfig
 from moe_diff.data import Batch
-from moe_diff.diagnostics import diagnose, load_trace, routing_stats, save_trace
-from moe_diff.diagnostics.collect import collect_trace
+from moe_diff.diagnostics import diagnose, routing_stats
 from moe_diff.diagnostics.compare import max_weight_matching
-from moe_diff.diagnostics.trace import RoutingTrace, TraceError
 from moe_diff.model import MoEDiffTransformer, route
+from moe_diff.routing.collect import collect_trace
+from moe_diff.routing.trace import RoutingTrace, TraceError, load_trace, save_trace
 
 
 def trace_from_logits(logits: torch.Tensor, top_k: int, sequence_length: int = 50) -> RoutingTrace:

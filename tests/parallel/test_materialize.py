@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from moe_diff.config import ModelConfig, ParallelConfig
 from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel.apply import materialize, parallelize, shard_fully
 from moe_diff.parallel.dims import ParallelDims
 from moe_diff.parallel.runtime import Runtime
 
@@ -23,8 +24,8 @@ TENSOR_PARALLEL_DIMS = {"wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "wo.weig
 
 def materialized(job: Runtime) -> MoEDiffTransformer:
     with torch.device("meta"):
-        model = job.parallelize(MoEDiffTransformer(CONFIG))
-    job.materialize(model, torch.device("cpu"), seed=5)
+        model = parallelize(MoEDiffTransformer(CONFIG), job)
+    materialize(model, job, torch.device("cpu"), seed=5)
     return model
 
 
@@ -59,9 +60,9 @@ def check_fully_sharded_rank(rank: int, world: int, init_file: str) -> None:
     dims = ParallelDims.from_config(ParallelConfig(tp=2, data_parallel="fsdp"), world)
     job = Runtime(dims, rank, 0, dims.build_mesh("cpu"), data_parallel="fsdp")
     with torch.device("meta"):
-        model = job.parallelize(MoEDiffTransformer(CONFIG))
-    job.shard_fully(model)
-    job.materialize(model, torch.device("cpu"), seed=5)
+        model = parallelize(MoEDiffTransformer(CONFIG), job)
+    shard_fully(model, job)
+    materialize(model, job, torch.device("cpu"), seed=5)
     whole = dict(materialized(Runtime(ParallelDims(1, 1, 1, 1))).named_parameters())
     tp = job.mesh.get_local_rank("tp")
     for name, param in model.named_parameters():

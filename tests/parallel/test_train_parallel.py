@@ -18,12 +18,14 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
-from moe_diff import checkpoint, cli, train_checkpoint
+from moe_diff import checkpoint, cli
 from moe_diff.checkpoint import CheckpointError
+from moe_diff.checkpoint import training as checkpoints
 from moe_diff.config import load_config, to_yaml
-from moe_diff.metrics import read_metrics
 from moe_diff.parallel import runtime
-from moe_diff.train import TrainingError, train
+from moe_diff.runs import read_metrics
+from moe_diff.train import train
+from moe_diff.training.trainer import TrainingError
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 SETTINGS = ["model.n_layers=2", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
@@ -70,12 +72,12 @@ def losses(out: Path) -> list[float]:
 
 
 def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return train_checkpoint.open_model(out / "checkpoints" / f"step-{step}").model.state_dict()
+    return checkpoint.open_model(out / "checkpoints" / f"step-{step}").model.state_dict()
 
 
 def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
     """Which file holds each saved piece of a tensor, by the piece's offsets in the whole tensor."""
-    metadata = train_checkpoint.SafeFileSystemReader(step / "state").read_metadata()
+    metadata = checkpoints.SafeFileSystemReader(step / "state").read_metadata()
     return {tuple(index.offset): info.relative_path for index, info in metadata.storage_data.items()
             if index.fqn == key}
 
@@ -130,7 +132,7 @@ def assert_commands_read(out: Path, tmp_path: Path) -> None:
     assert (tmp_path / "diagnosis" / "report.html").is_file() and (tmp_path / "bench.json").is_file()
     exported = checkpoint.load(tmp_path / "exported").state_dict()
     assert all(torch.equal(exported[name], value) for name, value in weights(out, 4).items())
-    assert train_checkpoint.open_model(out).path == step_4
+    assert checkpoint.open_model(out).path == step_4
 
 
 def test_a_refused_layout_prints_one_line_on_every_rank(tmp_path: Path) -> None:
@@ -196,7 +198,7 @@ def rewritten(step: Path, name: str, change: Callable[[Path], None]) -> Path:
     copy = step.parent / name
     shutil.copytree(step, copy)
     change(copy / "state")
-    train_checkpoint._write_manifest(copy, 3)
+    checkpoints._write_manifest(copy, 3)
     return copy
 
 
@@ -207,7 +209,7 @@ def test_checkpoints_with_an_expert_shard_lost_or_duplicated_are_refused(tmp_pat
     step = out / "checkpoints" / "step-3"
 
     def drop_rank_1_experts(state: Path) -> None:
-        metadata = train_checkpoint.SafeFileSystemReader(state).read_metadata()
+        metadata = checkpoints.SafeFileSystemReader(state).read_metadata()
         for key, entry in metadata.state_dict_metadata.items():
             if ".experts." in key and len(entry.size) == 3:
                 entry.chunks = [chunk for chunk in entry.chunks if chunk.offsets[0] == 0]
@@ -233,7 +235,7 @@ def test_checkpoints_with_an_expert_shard_lost_or_duplicated_are_refused(tmp_pat
         with pytest.raises(CheckpointError, match=error):
             train(cfg)
         with pytest.raises(CheckpointError, match=error):
-            train_checkpoint.open_model(copy)
+            checkpoint.open_model(copy)
     # a flipped byte in rank 1's file: of two ranks sharing the reading at resume, exactly one finds it
     damaged = step.parent / "damaged"
     shutil.copytree(step, damaged)
@@ -244,7 +246,7 @@ def test_checkpoints_with_an_expert_shard_lost_or_duplicated_are_refused(tmp_pat
     found = []
     for share in ((0, 2), (1, 2)):
         with contextlib.suppress(CheckpointError):
-            train_checkpoint.verify(damaged, share)
+            checkpoints.verify(damaged, share)
             found.append(share)
     assert len(found) == 1
 
@@ -259,12 +261,12 @@ def slow_reading_rank(rank: int, port: int, config_yaml: str, results: "mp.Queue
     """Rank 1 reads checkpoint metadata a second late; both ranks train and save."""
     as_rank(rank, port)
     if rank == 1:
-        read_metadata = train_checkpoint.SafeFileSystemReader.read_metadata
+        read_metadata = checkpoints.SafeFileSystemReader.read_metadata
 
-        def late_read(self: train_checkpoint.SafeFileSystemReader) -> object:
+        def late_read(self: checkpoints.SafeFileSystemReader) -> object:
             time.sleep(1)
             return read_metadata(self)
-        train_checkpoint.SafeFileSystemReader.read_metadata = late_read
+        checkpoints.SafeFileSystemReader.read_metadata = late_read
     try:
         train(load_config(config_yaml, []))
         results.put((rank, "done"))
@@ -293,7 +295,7 @@ def test_a_rank_reading_a_save_late_still_finds_it(tmp_path: Path) -> None:
             process.join(timeout=30)
             process.kill()
     assert outcomes == {0: "done", 1: "done"}
-    newest, skipped = train_checkpoint.newest_valid(out / "checkpoints")
+    newest, skipped = checkpoints.newest_valid(out / "checkpoints")
     assert newest is not None and newest.name == "step-4" and not skipped
 
 

@@ -1,0 +1,242 @@
+"""Corpora: the built-in one (the Python standard library's sources), text, JSONL and token files, split into
+training and validation streams by a hash of each document's name; and pre-tokenisation to a token file."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import track
+
+from moe_diff.config import DataConfig
+from moe_diff.data.tokenizers import Tokenizer, load_tokenizer, token_dtype
+from moe_diff.errors import DataError
+
+SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+
+
+@dataclass
+class Document:
+    name: str  # relative path, `path:line` or `path:index`; decides the train/validation split
+    text: str | None = None
+    tokens: np.ndarray | None = None  # pre-tokenised documents (from .bin files), without end-of-text
+
+
+def builtin_files() -> list[tuple[str, Path]]:
+    """(relative path, path) of the standard library's .py files; tests and installed packages are skipped."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in SKIPPED_DIRS]  # pruned: os.walk never enters them
+        paths = [Path(directory, f) for f in files if f.endswith(".py")]
+        found += [(os.path.relpath(p, root), p) for p in paths]
+    return sorted(found)
+
+
+def _is_sidecar(path: Path) -> bool:
+    return path.suffix == ".json" and path.with_suffix(".bin").is_file()
+
+
+def source_files(entry: str) -> list[Path]:
+    """The files a data.source entry names: a file, a directory (recursively) or a glob.
+
+    As with glob, hidden files are skipped; so are the .json sidecars of .bin token files.
+    """
+    if Path(entry).is_file():
+        return [Path(entry)]
+    pattern = os.path.join(entry, "**", "*") if Path(entry).is_dir() else entry
+    matches = map(Path, sorted(glob.glob(pattern, recursive=True)))
+    files = [p for p in matches if p.is_file() and not _is_sidecar(p)]
+    if not files:
+        raise DataError(f"data.source entry {entry!r} matches no file")
+    return files
+
+
+def corpus_files(cfg: DataConfig) -> list[tuple[str, Path]]:
+    """(document name, path) of every file the configured sources name, in order."""
+    files = []
+    for entry in cfg.sources:
+        files += builtin_files() if entry == "builtin" else [(str(p), p) for p in source_files(entry)]
+    return files
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+        meta = {key: meta[key] for key in ("dtype", "eot_id", "tokenizer", "n_tokens")}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataError(f"{path} is not a token file sidecar written by tokenize ({error!r})") from None
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path} says dtype={meta['dtype']!r}; token files hold uint16 or uint32")
+    return meta
+
+
+def read_token_file(path: Path, cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
+    """A .bin token file as a read-only memmap; its element type is from the sidecar or data.token_dtype."""
+    sidecar = path.with_suffix(".json")
+    meta = _read_sidecar(sidecar) if sidecar.is_file() else None
+    if meta is None and cfg.token_dtype == "auto":
+        raise DataError(f"{path} has no .json sidecar saying its element type; set data.token_dtype to "
+                        "uint16 or uint32")
+    if meta is not None and meta["eot_id"] != tokenizer.eot_id:
+        raise DataError(f"{path} was tokenised with {meta['tokenizer']!r}, whose documents end with token "
+                        f"{meta['eot_id']}, but data.tokenizer={tokenizer.name!r} ends them with "
+                        f"{tokenizer.eot_id}; set data.tokenizer to the tokenizer that wrote the file")
+    dtype = np.dtype(meta["dtype"] if meta else cfg.token_dtype).newbyteorder("<")
+    size = path.stat().st_size
+    if size == 0 or size % dtype.itemsize:
+        raise DataError(f"{path} holds {size} bytes, not a positive whole number of {dtype.name} tokens "
+                        "(data.token_dtype)")
+    if meta is not None and size != meta["n_tokens"] * dtype.itemsize:
+        raise DataError(f"{path} holds {size // dtype.itemsize} tokens but its sidecar says "
+                        f"{meta['n_tokens']}; tokenise the sources again")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
+    with path.open(encoding="utf-8", errors="replace") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise DataError(f"{path}:{number} has no string field {field!r} (data.text_field)")
+            yield Document(f"{path}:{number}", text=record[field])
+
+
+def _token_documents(name: str, tokens: np.ndarray, eot_id: int) -> Iterator[Document]:
+    """The runs between end-of-text tokens, named `name:index`."""
+    ends = np.flatnonzero(tokens == eot_id)
+    starts = np.concatenate([[0], ends + 1])
+    for index, (start, stop) in enumerate(zip(starts, np.append(ends, len(tokens)), strict=True)):
+        if stop > start:
+            yield Document(f"{name}:{index}", tokens=tokens[start:stop])
+
+
+def iter_documents(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = False) -> Iterator[Document]:
+    """Every document of the configured sources, in a fixed order."""
+    files = corpus_files(cfg)
+    for name, path in track(files, description="tokenizing") if progress else files:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, cfg.text_field)
+        elif path.suffix == ".bin":
+            yield from _token_documents(name, read_token_file(path, cfg, tokenizer), tokenizer.eot_id)
+        else:
+            yield Document(name, text=path.read_text(encoding="utf-8", errors="replace"))
+
+
+def document_tokens(document: Document, tokenizer: Tokenizer) -> np.ndarray:
+    """The document's token ids (uint32) followed by end-of-text."""
+    tokens = document.tokens if document.tokens is not None else tokenizer.encode(document.text)
+    return np.append(np.asarray(tokens, dtype=np.uint32), np.uint32(tokenizer.eot_id))
+
+
+def is_validation(name: str, val_fraction: float) -> bool:
+    """The deterministic split: a hash of the document's name, independent of file order."""
+    return zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # token stream: documents each followed by eot_id
+    val: np.ndarray
+    vocab_size: int  # the tokenizer's, or more when the data holds larger ids (token files)
+    eot_id: int
+    n_documents: tuple[int, int]  # (train, validation)
+    val_names: list[str]  # the validation documents' names, in stream order
+
+
+def load_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
+    """Tokenise the sources and split their documents into training and validation streams.
+
+    Documents are assigned by a hash of their names. A lone .bin source is split without
+    copying (it may be larger than memory): its last val_fraction, from a document boundary on,
+    is the validation stream.
+    """
+    lone = cfg.sources[0] if len(cfg.sources) == 1 else ""
+    if lone.endswith(".bin") and Path(lone).is_file():
+        return _token_file_corpus(Path(lone), cfg, tokenizer)
+    splits: dict[bool, list[tuple[str, np.ndarray]]] = {False: [], True: []}
+    top = tokenizer.vocab_size - 1
+    for document in iter_documents(cfg, tokenizer):
+        tokens = document_tokens(document, tokenizer)
+        if len(tokens) > 1:
+            splits[is_validation(document.name, cfg.val_fraction)].append((document.name, tokens))
+            top = max(top, int(tokens.max()))
+    if sum(map(len, splits.values())) < 2:
+        raise DataError(f"data.source={cfg.source!r} holds fewer than two non-empty documents; a corpus "
+                        "needs documents for both training and validation")
+    if not splits[True]:
+        splits[True].append(splits[False].pop())
+    if not splits[False]:
+        splits[False].append(splits[True].pop())
+    dtype = token_dtype(top + 1)
+    train, val = (np.concatenate([tokens for _, tokens in splits[is_val]], dtype=dtype)
+                  for is_val in (False, True))
+    return Corpus(train, val, top + 1, tokenizer.eot_id, (len(splits[False]), len(splits[True])),
+                  [name for name, _ in splits[True]])
+
+
+def _token_file_corpus(path: Path, cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
+    """Split one token file at the document boundary nearest to (1 - val_fraction) of its length."""
+    tokens = read_token_file(path, cfg, tokenizer)
+    ends = np.flatnonzero(tokens == tokenizer.eot_id)
+    boundaries = ends[ends < len(tokens) - 1] + 1
+    if not len(boundaries):
+        raise DataError(f"{path} holds a single document; a corpus needs documents for both training and "
+                        "validation")
+    cut = int(boundaries[np.abs(boundaries - len(tokens) * (1 - cfg.val_fraction)).argmin()])
+    n_train = int(np.searchsorted(ends, cut))
+    n_val = len(ends) - n_train + int(tokens[-1] != tokenizer.eot_id)
+    vocab_size = max(tokenizer.vocab_size, int(tokens.max()) + 1)
+    return Corpus(tokens[:cut], tokens[cut:], vocab_size, tokenizer.eot_id, (n_train, n_val),
+                  [f"{path}:{n_train + i}" for i in range(n_val)])
+
+
+def tokenize_corpus(cfg: DataConfig, out_path: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Write every document's tokens, in order, to a .bin file (raw little-endian) with a .json sidecar.
+
+    Both files are written under temporary names and renamed into place; the sidecar's n_tokens
+    lets readers notice a .bin and a sidecar from different runs.
+    """
+    out = Path(out_path)
+    if out.suffix != ".bin":
+        raise DataError(f"token file {str(out)!r} must end in .bin (sources are read by their suffix)")
+    tokenizer = load_tokenizer(cfg)
+    dtype = token_dtype(tokenizer.vocab_size).newbyteorder("<")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial, partial_sidecar = out.with_name(out.name + ".partial"), out.with_name(out.name + ".json.partial")
+    n_tokens = n_documents = 0
+    try:
+        with partial.open("wb") as file:
+            for document in iter_documents(cfg, tokenizer, progress=progress):
+                tokens = document_tokens(document, tokenizer)
+                if len(tokens) == 1:  # empty documents are dropped, as load_corpus does
+                    continue
+                if tokens.max() > np.iinfo(dtype).max:
+                    raise DataError(f"{document.name} holds token id {tokens.max()}, beyond the {dtype.name} "
+                                    f"range of data.tokenizer={tokenizer.name!r}")
+                file.write(tokens.astype(dtype).tobytes())
+                n_tokens, n_documents = n_tokens + len(tokens), n_documents + 1
+        if n_tokens == 0:
+            raise DataError(f"data.source={cfg.source!r} holds no non-empty documents")
+        info = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+                "tokenizer": tokenizer.name, "n_tokens": n_tokens, "n_documents": n_documents}
+        partial_sidecar.write_text(json.dumps(info, indent=1))
+        os.replace(partial_sidecar, out.with_suffix(".json"))
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+        partial_sidecar.unlink(missing_ok=True)
+    return info

@@ -1,0 +1,109 @@
+"""`moe-diff diagnose`: where tokens go, layer by layer, from a checkpoint, a run or a trace file, written as
+stats.json, plots and an HTML report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from moe_diff.checkpoint.open import open_model
+from moe_diff.config import DataConfig
+from moe_diff.data import Batch, check_vocabulary, load_corpus, load_tokenizer, validation_batches
+from moe_diff.diagnostics.attention import attention_stats, plot_maps
+from moe_diff.diagnostics.compare import compare_traces
+from moe_diff.diagnostics.needle import needle_probe
+from moe_diff.diagnostics.report import (
+    plot_coactivation,
+    plot_comparison,
+    plot_layers,
+    plot_load,
+    plot_training_load,
+    print_summary,
+    write_html,
+)
+from moe_diff.diagnostics.routing import routing_stats
+from moe_diff.model import MoEDiffTransformer
+from moe_diff.routing.collect import collect_trace
+from moe_diff.routing.trace import RoutingTrace, TraceError, is_trace, load_trace, save_trace
+from moe_diff.runs import METRICS_FILE, read_metrics
+
+NEEDLE_CONTEXT = 1024  # tokens of distractors around the planted key (capped at the model's max_seq_len)
+
+
+@dataclass
+class Target:
+    """What `diagnose` examines: a routing trace, and the model and tokens behind it when it ran one."""
+
+    trace: RoutingTrace
+    run_dir: Path | None = None
+    data: DataConfig | None = None
+    model: MoEDiffTransformer | None = None
+    batches: list[tuple[Batch, torch.Tensor]] | None = None
+
+
+def load_target(path: Path, data: DataConfig | None, seq_len: int, max_tokens: int, console: Console) -> Target:
+    """Read a trace file, or run a checkpoint on validation tokens and trace its routing."""
+    if path.is_file() and is_trace(path):
+        return Target(load_trace(path), data=data)
+    stored = open_model(path, tell=lambda note: console.print(note, highlight=False, soft_wrap=True))
+    data = data or stored.data or DataConfig()
+    model = stored.model.float()
+    tokenizer = load_tokenizer(data)
+    check_vocabulary(model.cfg.vocab_size, tokenizer)
+    corpus = load_corpus(data, tokenizer)
+    check_vocabulary(model.cfg.vocab_size, tokenizer, corpus.vocab_size)
+    batches = validation_batches(corpus, min(seq_len, model.cfg.max_seq_len), max_tokens)
+    header = {"source": f"diagnose {stored.path}", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
+    return Target(collect_trace(model, batches, corpus.val_names, header, progress=True), stored.run_dir, data, model,
+                  batches)
+
+
+def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None, compare: str | Path | None = None,
+             trace_path: str | Path | None = None, seq_len: int = 256, max_tokens: int = 16384,
+             attention: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Trace (or read) the routing of `target`, write stats.json, plots and report.html to `out`.
+
+    With `attention`, also lambda, attention maps, noise mass, entropy and activation outliers
+    (of `compare` too when it is a checkpoint).
+    """
+    console = console or Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ours = load_target(Path(target), data, seq_len, max_tokens, console)
+    if trace_path is not None:
+        save_trace(ours.trace, trace_path)
+    stats = routing_stats(ours.trace)
+    images = [plot_load(stats, out), plot_layers(stats, out), plot_coactivation(stats, out)]
+    if ours.run_dir is not None and (ours.run_dir / METRICS_FILE).is_file():
+        training = plot_training_load(read_metrics(ours.run_dir / METRICS_FILE), out)
+        images += [training] if training else []
+    theirs = None
+    if compare is not None:
+        theirs = load_target(Path(compare), ours.data, trace_seq_len(ours.trace), ours.trace.n_tokens, console)
+        stats["comparison"] = compare_traces(ours.trace, theirs.trace)
+        images.append(plot_comparison(stats["comparison"], out))
+    if attention:
+        if ours.model is None:
+            raise TraceError("attention diagnostics need a checkpoint, not a trace file")
+        tokenizer = load_tokenizer(ours.data)
+        stats["attention"], maps = attention_stats(ours.model, ours.batches[0][0])
+        stats["attention"]["needle"] = needle_probe(ours.model, tokenizer, NEEDLE_CONTEXT)
+        images.append(plot_maps(maps, out))
+        if theirs is not None and theirs.model is not None:
+            stats["attention_compare"], _ = attention_stats(theirs.model, ours.batches[0][0])
+            stats["attention_compare"]["needle"] = needle_probe(theirs.model, tokenizer, NEEDLE_CONTEXT)
+    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_html(stats, images, out, f"Routing of {target}")
+    print_summary(stats, console)
+    console.print(f"wrote {out / 'stats.json'}, {len(images)} plots and {out / 'report.html'}")
+    return stats
+
+
+def trace_seq_len(trace: RoutingTrace) -> int:
+    """The sequence length a trace was collected with (its sequences are equally long)."""
+    return int(torch.bincount(trace.sequence_ids)[0])

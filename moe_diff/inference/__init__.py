@@ -1,0 +1,1 @@
+"""Inference: generation with KV caches, and the inference benchmark."""

@@ -1,0 +1,148 @@
+"""`moe-diff bench`: prefill and decode of this project's model timed apart, beside transformers' Mixtral on
+the same weights and a dense model with the same active parameters, at several batch sizes and prompt lengths."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from moe_diff.config import ModelConfig
+from moe_diff.device import environment, peak_memory, reset_peak_memory
+from moe_diff.errors import UsageError
+from moe_diff.inference.bench.measure import decode_step_bytes, memory_bandwidth, percentile
+from moe_diff.inference.bench.routing import ROUTING_MODES, ZIPF_EXPONENT
+from moe_diff.inference.bench.systems import Timing, build_systems
+from moe_diff.model import MoEDiffTransformer
+
+SYSTEMS = ("moe-diff", "transformers", "dense")
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    prompt_lengths: list[int] = field(default_factory=lambda: [32, 512])
+    new_tokens: int = 64  # per generation; the first is the prefill's, the others give the inter-token gaps
+    routing: str = "own"  # see moe_diff.inference.bench.routing
+    compile: bool = False  # compile this project's decode steps (compile time is reported apart)
+    repeats: int = 3  # timed generations per system and shape, after its warm-up
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    seed: int = 0
+
+    def check(self, model: MoEDiffTransformer) -> None:
+        """Clear errors naming the setting and what it allows."""
+        cfg = model.cfg
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise UsageError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise UsageError(f"prompt lengths must be positive integers, got {self.prompt_lengths}")
+        if self.repeats < 1:
+            raise UsageError(f"repeats must be >= 1, got {self.repeats}")
+        if self.new_tokens < 2:
+            raise UsageError(f"new_tokens must be >= 2 (inter-token latency needs two tokens), got {self.new_tokens}")
+        if max(self.prompt_lengths) + self.new_tokens > cfg.max_seq_len:
+            raise UsageError(f"prompt length {max(self.prompt_lengths)} + new_tokens {self.new_tokens} exceeds the "
+                             f"model's max_seq_len {cfg.max_seq_len}")
+        if self.routing not in ROUTING_MODES:
+            raise UsageError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
+        unknown = [name for name in self.systems if name not in SYSTEMS]
+        if unknown or not self.systems:
+            raise UsageError(f"systems must be some of {', '.join(SYSTEMS)}, got {self.systems}")
+        if "transformers" in self.systems and cfg.attention != "standard":
+            raise UsageError(f"the transformers comparison runs Mixtral, which has standard attention; this model "
+                             f"has attention={cfg.attention!r} (leave 'transformers' out of the systems)")
+
+
+def summarise(system: str, cfg: ModelConfig, element_size: int, batch: int, prompt_length: int, warmup_s: float,
+              timing: Timing, peak_bandwidth: float, peak_bytes: int) -> dict[str, Any]:
+    """One run's row: latencies, tokens/s, memory, and the bytes each decode step must read as a share of the
+    measured peak bandwidth (step s feeds position prompt_length + s, which sees min(that + 1, window) keys)."""
+    window = cfg.sliding_window or cfg.max_seq_len
+    step_bytes = [decode_step_bytes(cfg, batch, min(prompt_length + step + 1, window), experts, element_size)
+                  for step, experts in enumerate(timing.experts_read)]
+    mean_itl = sum(timing.itls) / len(timing.itls)
+    bytes_per_step = sum(step_bytes) / len(step_bytes)
+    return {
+        "system": system, "batch": batch, "prompt_length": prompt_length,
+        "warmup_s": warmup_s, "ttft_s": timing.ttft, "prefill_tokens_per_s": batch * prompt_length / timing.ttft,
+        "itl_p50_s": percentile(timing.itls, 50), "itl_p90_s": percentile(timing.itls, 90),
+        "itl_p99_s": percentile(timing.itls, 99), "itl_mean_s": mean_itl, "gaps_timed": len(timing.itls),
+        "decode_tokens_per_s": batch / mean_itl,
+        "experts_read_per_step": sum(timing.experts_read) / len(timing.experts_read),
+        "bytes_per_step": bytes_per_step, "bandwidth_bytes_per_s": bytes_per_step / mean_itl,
+        "bandwidth_share": bytes_per_step / mean_itl / peak_bandwidth, "peak_memory_bytes": peak_bytes,
+    }
+
+
+def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, advance: Callable[[str], None],
+                 element_size: int, peak_bandwidth: float) -> list[dict[str, Any]]:
+    """Each system in turn: one warm-up generation, then `repeats` timed ones in a row, pooled into one row.
+    (A system's runs stay together: on machines that reclaim idle memory, a model left cold while the others
+    run pays for it again on its next step.)"""
+    batch, prompt_length = prompts.shape
+    device, rows = prompts.device, []
+    for system in systems:
+        label = f"{system.name} batch {batch} prompt {prompt_length}"
+        advance(f"{label} (warm-up)")
+        start = time.perf_counter()
+        system.run(prompts, settings.new_tokens)
+        warmup_s, timings, peaks = time.perf_counter() - start, [], []
+        for _ in range(settings.repeats):
+            advance(label)
+            reset_peak_memory(device)
+            timings.append(system.run(prompts, settings.new_tokens))
+            peaks.append(peak_memory(device))
+        rows.append(summarise(system.name, system.cfg, element_size, batch, prompt_length, warmup_s,
+                              Timing.pooled(timings), peak_bandwidth, max(peaks)))
+    return rows
+
+
+def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
+              advance: Callable[[str], None] = lambda label: None) -> dict[str, Any]:
+    """Time every system at every (prompt length, batch size): a warm-up generation (which compiles, when
+    asked), then `repeats` timed generations of `new_tokens` tokens; `advance` is called before each run."""
+    settings.check(model)
+    device, element_size = model.tok_embeddings.weight.device, model.tok_embeddings.weight.element_size()
+    bandwidth = memory_bandwidth(device)
+    results: dict[str, Any] = {
+        "new_tokens": settings.new_tokens,
+        "environment": environment(device), "settings": asdict(settings), "model": asdict(model.cfg),
+        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+        "routing": settings.routing, "zipf_exponent": ZIPF_EXPONENT if settings.routing == "zipf" else None,
+        "bandwidth_bytes_per_s": bandwidth, "peak_memory_kind": "cuda_allocated" if device.type == "cuda"
+        else "process_peak_rss", "runs": [],
+    }
+    generator = torch.Generator().manual_seed(settings.seed)
+    systems = build_systems(model, settings.systems, settings.routing, settings.compile)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=256, cache_size_limit=256):
+            for prompt_length in settings.prompt_lengths:
+                for batch in settings.batch_sizes:
+                    prompts = torch.randint(1, model.cfg.vocab_size, (batch, prompt_length),
+                                            generator=generator).to(device)
+                    results["runs"] += time_systems(systems, prompts, settings, advance, element_size,
+                                                    bandwidth["peak"])
+    finally:
+        for system in systems:
+            system.close()
+    results["speedups"] = speedups(results["runs"])
+    return results
+
+
+def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """moe-diff's decode and prefill tokens/s over each other system's, per batch size and prompt length."""
+    by_key = {(r["system"], r["batch"], r["prompt_length"]): r for r in runs}
+    rows = []
+    for (system, batch, prompt_length), ours in by_key.items():
+        if system != "moe-diff":
+            continue
+        for other in SYSTEMS[1:]:
+            theirs = by_key.get((other, batch, prompt_length))
+            if theirs:
+                rows.append({"versus": other, "batch": batch, "prompt_length": prompt_length,
+                             "decode": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
+                             "prefill": ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]})
+    return rows

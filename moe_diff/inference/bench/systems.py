@@ -1,0 +1,143 @@
+"""The systems the inference benchmark times on the same prompts: this project's model (optionally with
+compiled decode steps), transformers' Mixtral on the same weights, and a dense model of the same active size."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_diff.checkpoint.mixtral import to_hf_mixtral
+from moe_diff.device import synchronize
+from moe_diff.inference.bench.routing import force_routing
+from moe_diff.inference.generation import PREFILL_CHUNK, stream
+from moe_diff.model import ModelOutput, MoEDiffTransformer
+
+
+@dataclass
+class Timing:
+    """One generation: time to the first token, the gaps between later tokens, and the experts each
+    decode step read (distinct experts per layer, summed over layers; one entry per gap)."""
+
+    ttft: float
+    itls: list[float]
+    experts_read: list[int]
+
+    @classmethod
+    def pooled(cls, timings: list[Timing]) -> Timing:
+        """Several generations as one: the median time to first token, all the gaps and all the steps."""
+        ttfts = sorted(t.ttft for t in timings)
+        return cls(ttfts[len(ttfts) // 2], [g for t in timings for g in t.itls],
+                   [e for t in timings for e in t.experts_read])
+
+    @classmethod
+    def from_stamps(cls, start: float, stamps: list[float], experts_read: list[int]) -> Timing:
+        """From the start time and the time each new token arrived."""
+        return cls(stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)], experts_read)
+
+
+class MoEDiffSystem:
+    """This project's generation (`moe_diff.stream`), eager or with compiled decode steps."""
+
+    def __init__(self, name: str, model: MoEDiffTransformer, routing: str, compile: bool):
+        self.name, self.model, self.compile = name, model.eval(), compile
+        self.cfg = model.cfg
+        self.hooks = force_routing([block.moe.gate for block in model.layers], routing, self.cfg.dim,
+                                   self.cfg.n_experts, lambda scores, output: scores.to(output.dtype))
+
+    def close(self) -> None:
+        """Give the model back its own router."""
+        for hook in self.hooks:
+            hook.remove()
+
+    def run(self, prompts: torch.Tensor, new_tokens: int) -> Timing:
+        chosen: list[list[torch.Tensor]] = []  # per forward, per layer: copies, as CUDA graphs reuse outputs
+
+        def keep_choices(out: ModelOutput) -> None:
+            chosen.append([routing.expert_ids.clone() for routing in out.routings])
+
+        device = prompts.device
+        synchronize(device)
+        start, stamps = time.perf_counter(), []
+        for _ in stream(self.model, prompts, new_tokens, compile=self.compile, on_forward=keep_choices):
+            synchronize(device)
+            stamps.append(time.perf_counter())
+        steps = chosen[math.ceil(prompts.shape[1] / PREFILL_CHUNK):]  # the one-token steps after prefill
+        read = [sum(ids.unique().numel() for ids in layers) for layers in steps]
+        return Timing.from_stamps(start, stamps, read)
+
+
+class TransformersSystem:
+    """transformers' MixtralForCausalLM.generate (greedy, its default cache and attention) on the same weights."""
+
+    def __init__(self, model: MoEDiffTransformer, routing: str):
+        from transformers import MixtralForCausalLM
+
+        self.name, self.cfg = "transformers", model.cfg
+        self._files = tempfile.TemporaryDirectory(prefix="moe-diff-bench-")
+        directory = to_hf_mixtral(model, Path(self._files.name) / "mixtral")
+        weight = model.tok_embeddings.weight
+        self.model = MixtralForCausalLM.from_pretrained(directory, dtype=weight.dtype).to(weight.device).eval()
+        self._chosen: list[torch.Tensor] = []
+        routers = [layer.mlp.gate for layer in self.model.model.layers]
+        force_routing(routers, routing, self.cfg.dim, self.cfg.n_experts, self._as_router_output)
+        for router in routers:
+            router.register_forward_hook(lambda module, args, output: self._chosen.append(output[2]))
+
+    def _as_router_output(self, scores: torch.Tensor, output: tuple) -> tuple:
+        """Mixtral's router output (logits, renormalised top-k weights, top-k ids) for forced scores."""
+        weights, ids = scores.softmax(dim=-1).topk(self.cfg.top_k, dim=-1)
+        return scores.to(output[0].dtype), (weights / weights.sum(-1, keepdim=True)).to(output[1].dtype), ids
+
+    def run(self, prompts: torch.Tensor, new_tokens: int) -> Timing:
+        from transformers.generation.streamers import BaseStreamer
+
+        class Clock(BaseStreamer):
+            """Notes the time of every put: the prompt first, then each new token."""
+
+            def __init__(self) -> None:
+                self.stamps: list[float] = []
+
+            def put(self, value: torch.Tensor) -> None:
+                self.stamps.append(time.perf_counter())
+
+            def end(self) -> None:
+                """Nothing to finish: the stamps are read once generate returns."""
+
+        clock, self._chosen = Clock(), []
+        synchronize(prompts.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, streamer=clock, pad_token_id=0)
+        stamps = clock.stamps[1:]
+        layers = self.cfg.n_layers
+        steps = [self._chosen[i:i + layers] for i in range(layers, len(self._chosen), layers)]  # after prefill
+        read = [sum(ids.unique().numel() for ids in step) for step in steps]
+        return Timing.from_stamps(start, stamps, read)
+
+    def close(self) -> None:
+        self._files.cleanup()
+
+
+def dense_twin(model: MoEDiffTransformer) -> MoEDiffTransformer:
+    """A dense model of the same active size: one always-chosen expert of top_k * ffn_dim (random weights)."""
+    cfg = dataclasses.replace(model.cfg, n_experts=1, top_k=1, ffn_dim=model.cfg.top_k * model.cfg.ffn_dim)
+    weight = model.tok_embeddings.weight
+    return MoEDiffTransformer(cfg).to(device=weight.device, dtype=weight.dtype)
+
+
+def build_systems(model: MoEDiffTransformer, names: list[str], routing: str, compile: bool) -> list:
+    """The named systems over `model`: 'moe-diff', 'transformers' and 'dense'."""
+    makers = {
+        "moe-diff": lambda: MoEDiffSystem("moe-diff", model, routing, compile),
+        "transformers": lambda: TransformersSystem(model, routing),
+        "dense": lambda: MoEDiffSystem("dense", dense_twin(model), "own", compile),
+    }
+    return [makers[name]() for name in names]

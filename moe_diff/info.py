@@ -1,0 +1,99 @@
+"""`moe-diff info`: what a config costs (parameters, FLOPs, KV cache) in each attention mode, without building it;
+optionally one forward and backward pass of a freshly initialised model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from moe_diff import costs
+from moe_diff.config import ATTENTION_MODES, ConfigError, ModelConfig, load_config
+from moe_diff.device import DTYPES
+from moe_diff.training.smoke import forward_check
+
+DEFAULT_SEQ_LEN = 4096  # the length FLOPs and cache sizes are given for, unless max_seq_len is shorter
+FORWARD_CHECK_SEQ_LEN = 256
+
+
+def _human(value: float, unit: str = "", base: int = 1000) -> str:
+    """3 significant digits with a decimal (K, M, G) or binary (Ki, Mi, Gi) prefix."""
+    prefixes = ["", "K", "M", "G", "T", "P"] if base == 1000 else ["", "Ki", "Mi", "Gi", "Ti", "Pi"]
+    exponent = 0
+    while abs(value) >= base and exponent < len(prefixes) - 1:
+        value, exponent = value / base, exponent + 1
+    return f"{value:.3g} {prefixes[exponent]}{unit}".rstrip()
+
+
+def _mode_rows(cfg: ModelConfig, seq_len: int, kv_bytes: int) -> dict[str, list[str]]:
+    """One column of the comparison table per attention mode (n/a where the shapes forbid it)."""
+    columns = {}
+    for mode in ATTENTION_MODES:
+        try:
+            variant = dataclasses.replace(cfg, attention=mode)
+        except ConfigError as error:
+            columns[mode] = [f"n/a: {error}"] + [""] * 6
+            continue
+        params, flops = costs.param_counts(variant), costs.flops_per_token(variant, seq_len)
+        columns[mode] = [
+            _human(params.total), _human(params.active), _human(params.attention_per_layer),
+            _human(flops.total, "FLOP"), f"{flops.attention / flops.total:.1%}",
+            _human(costs.kv_cache_bytes_per_token(variant, kv_bytes), "B", 1024),
+            _human(costs.kv_cache_bytes_per_sequence(variant, seq_len, kv_bytes), "B", 1024),
+        ]
+    return columns
+
+
+def print_info(config: str, overrides: list[str], seq_len: int | None, kv_dtype: str, forward: bool,
+               console: Console) -> None:
+    """A config's parameters, the three attention modes' costs on its shapes, and with `forward` one pass of a
+    freshly initialised model."""
+    cfg = load_config(config, overrides).model
+    seq_len = seq_len or min(cfg.max_seq_len, DEFAULT_SEQ_LEN)
+    kv_bytes = DTYPES[kv_dtype].itemsize
+    params = costs.param_counts(cfg)
+    window = "full causal" if cfg.sliding_window is None else f"window {cfg.sliding_window}"
+    console.print(f"[bold]{config}[/]: attention={cfg.attention}, {cfg.n_layers} layers, dim {cfg.dim}, "
+                  f"{cfg.n_experts} experts top-{cfg.top_k}, {window}")
+
+    table = Table(title="Parameters")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    table.add_row("total", f"{params.total:,}")
+    table.add_row("active per token", f"{params.active:,}")
+    table.add_row("embedding (input + untied output)", f"{params.embedding:,}")
+    table.add_row("experts, all", f"{params.experts_total:,}")
+    table.add_row("experts, active per token", f"{params.experts_active:,}")
+    table.add_row("active per token, without embedding", f"{params.active - params.embedding:,}")
+    console.print(table)
+
+    labels = ["params total", "params active per token", "attention params per layer",
+              f"forward FLOPs per token (seq {seq_len})", "of which attention scores",
+              f"KV cache per token ({kv_dtype})", f"KV cache per sequence of {seq_len}"]
+    compare = Table(title="Attention modes on these shapes (configured one marked *)")
+    compare.add_column("")
+    columns = _mode_rows(cfg, seq_len, kv_bytes)
+    for mode in columns:
+        compare.add_column(mode + (" *" if mode == cfg.attention else ""), justify="right")
+    for i, label in enumerate(labels):
+        compare.add_row(label, *(column[i] for column in columns.values()))
+    console.print(compare)
+
+    if forward:
+        _print_forward_check(cfg, min(seq_len, FORWARD_CHECK_SEQ_LEN), console)
+
+
+def _print_forward_check(cfg: ModelConfig, seq_len: int, console: Console) -> None:
+    check = forward_check(cfg, batch=2, seq_len=seq_len)
+    console.print(f"forward+backward of 2 x {seq_len} random tokens (float32, CPU threads "
+                  f"{torch.get_num_threads()}): loss {check.loss:.3f} (uniform ln V = "
+                  f"{check.uniform_loss:.3f}), aux loss {check.aux_loss:.4f}, {check.seconds:.2f} s")
+    table = Table(title="Share of (token, slot) assignments per expert at initialisation")
+    table.add_column("layer")
+    for e in range(cfg.n_experts):
+        table.add_column(f"e{e}", justify="right")
+    for layer, shares in enumerate(check.expert_share):
+        table.add_row(str(layer), *(f"{s:.0%}" for s in shares))
+    console.print(table)

@@ -1,0 +1,86 @@
+"""A finished model laid out over the job, from outside, in a fixed order: expert parallelism, tensor parallelism
+(and the vocabulary split) and FSDP on the meta device; then each rank allocates and fills just its pieces; then
+DDP, where asked, wraps the result."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.nn.parallel import DistributedDataParallel
+
+from moe_diff.model import MoEDiffTransformer, init_parameter
+from moe_diff.parallel.dims import is_expert_parameter, keep_shard
+from moe_diff.parallel.expert_parallel import parallelize_experts
+from moe_diff.parallel.runtime import Runtime, local_tensor
+from moe_diff.parallel.tensor_parallel import parallelize_tensor, parallelize_vocab
+
+DATA_DIMS = ("replica", "ep")  # FSDP splits the non-expert parameters over these, flattened into one "data"
+
+
+def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
+    """Expert parallelism over the ep groups, then tensor parallelism over the tp groups (so that it splits the
+    local experts); the rest of the model stays replicated (data parallel)."""
+    if job.dims.ep > 1:
+        parallelize_experts(model, job.mesh["ep"].get_group())
+    if job.dims.tp > 1:
+        parallelize_tensor(model, job.mesh["tp"].get_group())
+        if job.vocab_parallel:
+            parallelize_vocab(model, job.mesh["tp"].get_group())
+    return model
+
+
+def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
+    """fsdp: FSDP2 (`fully_shard`) per block and on the whole model over the ranks holding the same shards, each
+    expert shard over its replicas, so parameters, gradients and optimizer states are split over the data-parallel
+    ranks too. Call on the meta device, before materialize()."""
+    if not job.fsdp:
+        return
+    data_mesh = job.mesh[DATA_DIMS]._flatten("data")
+    for block in model.layers:
+        if job.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
+            fully_shard(block.moe.experts, mesh=job.mesh["replica"])
+            block.moe.experts.set_gradient_divide_factor(float(job.data_ranks))
+        fully_shard(block, mesh=data_mesh)
+    fully_shard(model, mesh=data_mesh)
+
+
+@torch.no_grad()
+def materialize(model: MoEDiffTransformer, job: Runtime, device: torch.device, seed: int | None) -> None:
+    """Allocate a model built on the meta device (parallelized, and fully sharded with FSDP, there) on `device`, so
+    that no rank ever holds more than its pieces. With a seed, fill them as one process would initialise the whole
+    model: each whole parameter drawn in turn on the CPU, this rank's piece kept; without, leave them for a
+    checkpoint to fill."""
+    model.to_empty(device=device)
+    if model.cfg.tie_embeddings:  # to_empty made the shared parameter two
+        model.output.weight = model.tok_embeddings.weight
+    for buffer in model.buffers():
+        buffer.zero_()  # the expert biases: zero at the start, stored in checkpoints
+    if seed is None:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        whole = torch.empty(job.whole_shape(name, param.shape), dtype=param.dtype)
+        init_parameter(name, whole, model.cfg.n_layers, generator)
+        for split in job.splits(name):
+            whole = keep_shard(whole, split.group, split.dim)
+        if isinstance(param, DTensor):  # FSDP's piece of what expert and tensor parallelism left here
+            shape, offset = compute_local_shape_and_global_offset(whole.shape, param.device_mesh, param.placements)
+            whole = whole[tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))]
+        local_tensor(param).copy_(whole)
+
+
+def wrap(model: MoEDiffTransformer, job: Runtime) -> nn.Module:
+    """The module the training step calls: the model itself, or with ddp DistributedDataParallel over the ranks
+    holding the same shards (it averages gradients in buckets while the backward runs), expert shards left out of
+    it to be averaged over their own replicas. Call after materialize(), before building the optimizer."""
+    if not job.ddp:
+        return model
+    if job.dims.ep > 1:
+        experts = [name for name, _ in model.named_parameters() if is_expert_parameter(name)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
+    device_ids = [job.local_rank] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids, process_group=job.data_group,
+                                   broadcast_buffers=False)

@@ -1,0 +1,330 @@
+"""The training loop: the trainer built from a config (data, model laid out over the job's ranks, optimizer,
+checkpoint to resume), its steps, validation, logging and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moe_diff import costs
+from moe_diff.checkpoint import training as checkpoints
+from moe_diff.checkpoint.schema import CheckpointError, load_model_config
+from moe_diff.config import Config, ConfigError, TrainConfig
+from moe_diff.data import (
+    Batch,
+    BatchSampler,
+    PackedSequences,
+    check_vocabulary,
+    fixed_batches,
+    load_corpus,
+    load_tokenizer,
+    make_batch,
+    validation_batches,
+)
+from moe_diff.device import peak_flops, peak_memory, resolve_device
+from moe_diff.errors import MoeDiffError
+from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel import runtime
+from moe_diff.parallel.apply import materialize, parallelize, shard_fully, wrap
+from moe_diff.parallel.gradients import accumulating, clip_grad_norm, sync_gradients
+from moe_diff.routing.collect import collect_trace
+from moe_diff.routing.summary import load_summary, router_entropy
+from moe_diff.routing.trace import save_trace
+from moe_diff.runs import CHECKPOINTS_DIR, TRACES_DIR
+from moe_diff.training.metrics import MetricsLog
+from moe_diff.training.optim import build_optimizer, learning_rate, set_learning_rate
+from moe_diff.training.probes import LambdaProbe
+
+
+class TrainingError(MoeDiffError, RuntimeError):
+    """Training cannot go on (for example, too many non-finite losses in a row)."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    step: int  # last completed optimizer step
+    loss: float | None  # training loss of the last step
+    val_loss: float | None
+    seconds: float
+    stop_reason: str  # "finished", "signal" or "max_steps already reached"
+    model: MoEDiffTransformer
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (float32 weights and optimizer) on CUDA by default; plain float32 on CPU."""
+    use_bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def enable_activation_checkpointing(model: MoEDiffTransformer) -> None:
+    """Recompute each block's activations in the backward pass; parameter names are unchanged."""
+    for block in model.layers:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def find_resume_checkpoint(cfg: TrainConfig, console: Console, job: runtime.Runtime) -> Path | None:
+    """The checkpoint to continue from (train.resume: auto, never or a path), verified by the job's ranks."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        try:
+            checkpoints.verify_in_job(path, job)
+        except CheckpointError as error:
+            raise CheckpointError(f"train.resume={cfg.resume!r}: {error}") from None
+        return path
+    path, skipped = checkpoints.newest_valid(Path(cfg.out_dir) / CHECKPOINTS_DIR, job)
+    for note in skipped:
+        console.print(f"[yellow]skipping checkpoint:[/] {note}")
+    return path
+
+
+def with_stored_model(cfg: Config, checkpoint_dir: Path, console: Console) -> Config:
+    """The job config with the checkpoint's model section, which wins over the command line."""
+    stored = load_model_config(checkpoint_dir)
+    if stored != cfg.model:
+        console.print(f"[yellow]resuming:[/] the model config stored in {checkpoint_dir} replaces the given one")
+    return dataclasses.replace(cfg, model=stored)
+
+
+class StopFlag:
+    """Turns SIGTERM and SIGINT into a request to save and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device, precision: str) -> float:
+    """Mean next-token loss over fixed validation batches."""
+    model.eval()
+    losses = []
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast(device, precision):
+            out = model(batch.tokens, batch.positions, batch.document_ids)
+        losses.append(cross_entropy(out.logits, batch.targets).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+class Trainer:
+    """One training run: builds everything from the config, then `run()` steps until done."""
+
+    def __init__(self, cfg: Config, console: Console, job: runtime.Runtime):
+        self.runtime = job  # one process, or this rank of a torchrun job
+        self.device = job.device(resolve_device(cfg.train.device))
+        self.console = console if self.runtime.is_main else Console(quiet=True)  # rank 0 speaks for the job
+        console = self.console
+        per_rank, remainder = divmod(cfg.train.batch_size, self.runtime.data_ranks * cfg.train.grad_accum)
+        if remainder or not per_rank:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.data_ranks} "
+                              f"data-parallel ranks x train.grad_accum={cfg.train.grad_accum} micro-batches must "
+                              "divide it")
+        resume_from = find_resume_checkpoint(cfg.train, console, self.runtime)
+        if resume_from is not None:
+            cfg = with_stored_model(cfg, resume_from, console)
+        self.cfg, t = cfg, cfg.train
+        self.out_dir = Path(t.out_dir)
+        torch.manual_seed(t.seed)
+
+        self.tokenizer = load_tokenizer(cfg.data)
+        corpus = load_corpus(cfg.data, self.tokenizer)
+        check_vocabulary(cfg.model.vocab_size, self.tokenizer, corpus.vocab_size)
+        self.train_windows = PackedSequences(corpus.train, t.seq_len, corpus.eot_id)
+        val_windows = PackedSequences(corpus.val, t.seq_len, corpus.eot_id, split="validation")
+        self.val_batches = fixed_batches(val_windows, t.batch_size, t.eval_batches)
+        self.sampler = BatchSampler(len(self.train_windows), t.batch_size, t.seed)
+        if t.trace_every:  # the same validation tokens every time, so traces of two steps compare
+            self.trace_batches = validation_batches(corpus, t.seq_len, t.eval_batches * t.batch_size * t.seq_len,
+                                                    t.batch_size)
+            self.trace_names = corpus.val_names
+
+        with torch.device("meta"):  # shapes only: each rank allocates just its shards
+            self.model = parallelize(MoEDiffTransformer(cfg.model), self.runtime)
+        shard_fully(self.model, self.runtime)  # FSDP, still on the meta device
+        materialize(self.model, self.runtime, self.device, seed=t.seed if resume_from is None else None)
+        self.data_parallel = wrap(self.model, self.runtime)  # the model itself, or DDP
+        if self.runtime.distributed:
+            held = sum(runtime.local_tensor(p).numel() for p in self.model.parameters())
+            dims = self.runtime.dims
+            console.print(f"{dims.world_size} ranks: dp={dims.dp} tp={dims.tp} ep={dims.ep} "
+                          f"({cfg.parallel.data_parallel}); rank 0 holds {held / 1e6:.2f}M of the model's "
+                          f"{costs.param_counts(cfg.model).total / 1e6:.2f}M parameters")
+        self.optimizer = build_optimizer(self.model, t)
+        self.step, self.nonfinite_streak = 0, 0
+        if resume_from is not None:
+            state = checkpoints.load(resume_from, self.model, self.optimizer, self.runtime)
+            self.sampler.load_state_dict(state["sampler"])
+            self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
+            console.print(f"resumed from {resume_from} at step {self.step}")
+        if t.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.forward = torch.compile(self.data_parallel) if t.compile else self.data_parallel
+        self.flops_per_token = 3 * costs.flops_per_token(cfg.model, t.seq_len).total  # forward + backward
+        self.peak_flops = peak_flops(self.device)
+
+    def save(self) -> Path:
+        """Every rank writes the parts of the model and optimizer state it holds."""
+        trainer_state = {"sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
+        return checkpoints.save(self.out_dir / CHECKPOINTS_DIR, self.step, self.model, self.optimizer,
+                                     self.runtime, trainer_state, self.cfg, self.cfg.train.keep_checkpoints)
+
+    def write_trace(self) -> Path:
+        """OUT_DIR/traces/step-N.safetensors: how the model routes the fixed validation tokens now."""
+        header = {"source": f"train step {self.step}", "tokenizer": self.tokenizer.name, "step": self.step,
+                  "model": vars(self.cfg.model)}
+        batches = [(batch.to(self.device), documents) for batch, documents in self.trace_batches]
+        trace = collect_trace(self.model, batches, self.trace_names, header)  # every rank: experts may be sharded
+        self.model.train()
+        path = self.out_dir / TRACES_DIR / f"step-{self.step}.safetensors"
+        return save_trace(trace, path) if self.runtime.is_main else path
+
+    def train_step(self, details: bool) -> dict[str, Any]:
+        """Forward and backward over the micro-batches of one global batch, then the optimizer step.
+
+        With `details` (log steps), also the routing summary and, for diff attention, lambda.
+        """
+        t = self.cfg.train
+        set_learning_rate(self.optimizer, learning_rate(self.step, t))
+        global_batch = make_batch(self.train_windows, self.sampler.next_indices())
+        per_rank = t.batch_size // self.runtime.data_ranks  # every rank draws the same batch and takes its rows
+        first = self.runtime.data_rank * per_rank
+        batch = global_batch.slice(first, first + per_rank).to(self.device)
+        micro_size = per_rank // t.grad_accum
+        totals = torch.zeros(4, device=self.device)  # loss, aux, load balance, z
+        load = torch.zeros(self.cfg.model.n_layers, self.cfg.model.n_experts, device=self.device)
+        entropy = torch.zeros(self.cfg.model.n_layers, dtype=torch.float64, device=self.device)
+        probe = LambdaProbe(self.model)
+        for i in range(t.grad_accum):
+            micro = batch.slice(i * micro_size, (i + 1) * micro_size)
+            last = i == t.grad_accum - 1
+            with accumulating(self.data_parallel, self.runtime, last):
+                with autocast(self.device, t.precision), (probe if details and last else contextlib.nullcontext()):
+                    out = self.forward(micro.tokens, micro.positions, micro.document_ids)
+                loss = cross_entropy(out.logits, micro.targets)
+                ((loss + out.aux_loss) / t.grad_accum).backward()
+            totals += torch.stack([loss, out.aux_loss, out.load_balance_loss, out.z_loss]).detach() / t.grad_accum
+            load += torch.stack([routing.counts for routing in out.routings])
+            if details:
+                entropy += torch.stack([router_entropy(routing.probs) for routing in out.routings]) / t.grad_accum
+        self.runtime.reduce(totals, "mean")
+        self.runtime.reduce(load, "sum", data_parallel=True)  # the whole batch's expert load, on every rank
+        loss, aux, load_balance, z_loss = totals.tolist()
+        record: dict[str, Any] = {"loss": loss, "aux_loss": aux, "load_balance_loss": load_balance,
+                                  "z_loss": z_loss, "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.cfg.model.capacity_factor is not None:
+            assignments = global_batch.tokens.numel() * self.cfg.model.top_k * self.cfg.model.n_layers
+            record["dropped_fraction"] = 1 - load.sum().item() / assignments
+        if not math.isfinite(loss + aux):
+            self.optimizer.zero_grad(set_to_none=True)
+            return record | {"skipped": True}
+        sync_gradients(self.model, self.runtime)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        record["grad_norm"] = clip_grad_norm(self.model, self.runtime, max_norm).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_expert_biases(load)
+        if details:  # the whole step's routing: every micro-batch, every data-parallel rank
+            record |= load_summary(load) | {"router_entropy": self.runtime.reduce(entropy, "mean").tolist()}
+            if probe.values:
+                record["lambda"] = probe.values
+        return record
+
+    def run(self) -> RunResult:
+        t, start = self.cfg.train, time.perf_counter()
+        if self.step >= t.max_steps:
+            return self._result(None, None, time.perf_counter() - start, "max_steps already reached")
+        metrics = MetricsLog(self.out_dir, resume_step=self.step) if self.runtime.is_main else None
+        tokens_per_step = t.batch_size * t.seq_len
+        record: dict[str, Any] = {}
+        val_loss, stop_reason = None, "finished"
+        interval_start, interval_steps = time.perf_counter(), 0
+        with StopFlag() as stop, self._progress() as progress:
+            task = progress.add_task("train", total=t.max_steps, completed=self.step, loss=float("nan"), tps=0.0)
+            while self.step < t.max_steps:
+                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+                record = self.train_step(details=log_now)
+                self.step += 1
+                interval_steps += 1
+                if record.get("skipped"):
+                    self.nonfinite_streak += 1
+                    self.console.print(f"[yellow]step {self.step}: non-finite loss {record['loss']}, step skipped "
+                                       f"({self.nonfinite_streak} in a row)")
+                    if metrics:
+                        metrics.log({"step": self.step, "loss": None, "skipped": True, "lr": record["lr"]})
+                    if self.nonfinite_streak >= t.max_nonfinite_steps:
+                        raise TrainingError(f"{self.nonfinite_streak} non-finite losses in a row (train."
+                                            f"max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr or "
+                                            "check the data. The last good checkpoint is in "
+                                            f"{self.out_dir / 'checkpoints'}")
+                    continue
+                self.nonfinite_streak = 0
+                if t.eval_every and self.step % t.eval_every == 0:
+                    val_loss = evaluate(self.forward, self.val_batches, self.device, t.precision)
+                    record["val_loss"] = val_loss
+                    record["val_perplexity"] = math.exp(min(val_loss, 50))
+                if t.trace_every and self.step % t.trace_every == 0:
+                    self.write_trace()
+                if log_now or "val_loss" in record:
+                    elapsed = time.perf_counter() - interval_start
+                    tokens_per_s = interval_steps * tokens_per_step / elapsed
+                    record |= {"tokens_per_s": tokens_per_s, "peak_memory_bytes": peak_memory(self.device),
+                               "mfu": (tokens_per_s * self.flops_per_token / self.peak_flops
+                                       if self.peak_flops else None)}
+                    if metrics:
+                        metrics.log({"step": self.step} | record)
+                    progress.update(task, loss=record["loss"], tps=tokens_per_s)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                progress.update(task, completed=self.step)
+                if self.runtime.any(stop.signal is not None, self.device):  # every rank stops at the same step
+                    stop_reason = "signal"
+                    break
+                if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                    self.save()
+        saved = self.save()
+        if metrics:
+            metrics.close()
+        self.console.print(f"saved {saved} ({stop_reason})")
+        return self._result(record.get("loss"), val_loss, time.perf_counter() - start, stop_reason)
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+                        TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                        TimeRemainingColumn(), console=self.console, transient=False)
+
+    def _result(self, loss: float | None, val_loss: float | None, seconds: float, reason: str) -> RunResult:
+        return RunResult(self.out_dir, self.step, loss, val_loss, seconds, reason, self.model)

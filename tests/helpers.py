@@ -1,0 +1,37 @@
+"""What several test files share: the small training config and reading a run's losses and final weights."""
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from moe_diff.checkpoint import open_model
+from moe_diff.config import Config, load_config
+from moe_diff.runs import METRICS_FILE, read_metrics
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a small real corpus
+
+
+def small_config(out_dir: Path, *overrides: str) -> Config:
+    """The tiny config at a size that trains in seconds, on the json package's sources."""
+    return load_config(CONFIGS / "tiny.yaml", [
+        "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+        "model.ffn_dim=64", "model.sliding_window=16", "train.seq_len=32", "train.batch_size=4",
+        "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=3",
+        "train.eval_batches=2", "train.save_every=3", "train.sample_tokens=0", f"train.out_dir={out_dir}",
+        f"data.source={JSON_PACKAGE}", "data.val_fraction=0.3", *overrides])
+
+
+def losses(out_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out_dir / METRICS_FILE)]
+
+
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return open_model(out_dir).model.state_dict()
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert losses(a) == losses(b)
+    weights_a, weights_b = final_weights(a), final_weights(b)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

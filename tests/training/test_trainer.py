@@ -1,0 +1,199 @@
+"""The training job: loss falls, runs repeat bit for bit, and kills, signals and damage are survived."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same_run, losses, small_config  # tests/ is on the path
+
+from moe_diff.checkpoint import CheckpointError, open_model
+from moe_diff.checkpoint import training as checkpoints
+from moe_diff.errors import DataError
+from moe_diff.runs import read_metrics
+from moe_diff.train import train
+from moe_diff.training import trainer as trainer_module
+from moe_diff.training.plots import plot_metrics
+from moe_diff.training.trainer import TrainingError
+
+
+def test_loss_falls_on_the_builtin_corpus(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, "data.source=builtin", "train.max_steps=40", "train.lr=5e-3", "train.eval_every=40",
+                       "train.save_every=0", "train.batch_size=8", "train.log_every=1")
+    result = train(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[0]["loss"] > 5.0 and result.loss < 3.5 and result.val_loss < 3.5
+    assert [r["step"] for r in records] == list(range(1, 41))
+
+
+def test_metrics_carry_what_people_watch(tmp_path: Path) -> None:
+    train(small_config(tmp_path, "model.attention=diff_v2"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm", "aux_loss", "z_loss", "tokens_per_s", "mfu", "peak_memory_bytes"):
+        assert key in records[-1]
+    assert records[2]["val_loss"] > 0 and "val_loss" not in records[1]
+    assert len(records[-1]["load_imbalance"]) == len(records[-1]["dead_experts"]) == 2
+    assert len(records[-1]["lambda"]) == 2 and all(0 < v < 1 for v in records[-1]["lambda"])
+    assert records[0]["lr"] < records[1]["lr"]  # warmup
+    png = plot_metrics(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_gives_bitwise_identical_runs(tmp_path: Path) -> None:
+    train(small_config(tmp_path / "a"))
+    train(small_config(tmp_path / "b"))
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    train(small_config(tmp_path / "c", "train.seed=1"))
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+KILLED_RUN = """
+import os, signal, sys
+from moe_diff.checkpoint import training as checkpoints
+from moe_diff.config import load_config
+from moe_diff.train import train
+write_manifest = checkpoints._write_manifest
+def dying_write(directory, step, *args):
+    if step == 6:  # killed while writing the step-6 checkpoint, after steps 4-6 were logged
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_manifest(directory, step, *args)
+checkpoints._write_manifest = dying_write
+train(load_config(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def test_kill_during_save_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    train(small_config(tmp_path / "whole"))
+    config_path = tmp_path / "killed.yaml"
+    from moe_diff.config import to_yaml
+
+    config_path.write_text(to_yaml(small_config(tmp_path / "killed")))
+    process = subprocess.run([sys.executable, "-c", KILLED_RUN, str(config_path)], capture_output=True)
+    assert process.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert checkpoints == [".step-6.partial", "step-3"]
+    assert [r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    result = train(small_config(tmp_path / "killed"))  # train.resume=auto
+    assert result.step == 6
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train(small_config(tmp_path / "whole", "train.save_every=0"))
+    original = trainer_module.Trainer.train_step
+
+    def step_then_signal(self, details):
+        record = original(self, details)
+        if self.step == 1:  # the second step is under way: as if the scheduler sent SIGTERM now
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_signal)
+    result = train(small_config(tmp_path / "stopped", "train.save_every=0"))
+    assert result.stop_reason == "signal" and result.step == 2
+    assert (tmp_path / "stopped" / "checkpoints" / "step-2" / "manifest.json").is_file()
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
+    train(small_config(tmp_path / "stopped", "train.save_every=0"))
+    assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path: Path) -> None:
+    train(small_config(tmp_path / "whole", "train.max_steps=9"))
+    train(small_config(tmp_path / "run", "train.max_steps=6"))
+    newest = tmp_path / "run" / "checkpoints" / "step-6" / "state" / "__0_0.distcp"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        train(small_config(tmp_path / "run", f"train.resume={newest.parents[1]}"))
+    result = train(small_config(tmp_path / "run", "train.max_steps=9"))  # auto: falls back to step 3
+    assert result.step == 9
+    assert_same_run(tmp_path / "whole", tmp_path / "run")
+
+
+def test_a_checkpoint_that_does_not_match_its_config_is_refused_by_name(tmp_path: Path) -> None:
+    """A checkpoint whose stored config was edited (manifest recomputed): reading or resuming names the tensor."""
+    train(small_config(tmp_path / "run", "train.max_steps=3"))
+    step = tmp_path / "run" / "checkpoints" / "step-3"
+    config = step / "config.yaml"
+    config.write_text(config.read_text().replace("ffn_dim: 64", "ffn_dim: 96"))
+    checkpoints._write_manifest(step, 3)
+    message = r"Size mismatch .* for model.layers.0.moe.experts.w1 \(on ranks 0\)"
+    with pytest.raises(CheckpointError, match=message):
+        open_model(step)
+    with pytest.raises(CheckpointError, match=message):
+        train(small_config(tmp_path / "again", f"train.resume={step}"))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
+    train(small_config(tmp_path / "one"))
+    train(small_config(tmp_path / "two", "train.grad_accum=2"))
+    one, two = torch.tensor(losses(tmp_path / "one")), torch.tensor(losses(tmp_path / "two"))
+    torch.testing.assert_close(two[0], one[0])  # the same tokens, split in two micro-batches
+    # later steps drift a little: the load-balancing loss is computed per micro-batch
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-2)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = trainer_module.cross_entropy
+
+    def sometimes_nan(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] in (2, 4, 5, 6, 7, 8) else loss
+
+    monkeypatch.setattr(trainer_module, "cross_entropy", sometimes_nan)
+    cfg = small_config(tmp_path, "train.max_nonfinite_steps=3", "train.eval_every=0", "train.max_steps=20")
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        train(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r.get("skipped", False) for r in records] == [False, True, False, True, True, True]
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:
+    train(small_config(tmp_path / "plain"))
+    train(small_config(tmp_path / "ckpt", "train.activation_checkpointing=true"))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ckpt")), torch.tensor(losses(tmp_path / "plain")))
+
+
+def test_bad_data_and_vocab_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="matches no file"):
+        train(small_config(tmp_path, f"data.source={tmp_path / 'nothing'}"))
+    with pytest.raises(Exception, match="model.vocab_size=100"):
+        train(small_config(tmp_path, "model.vocab_size=100"))
+
+
+def test_python_module_entry_point(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, "train.max_steps=2")
+    args = [f"{k}={v}" for k, v in [("train.out_dir", tmp_path), ("train.max_steps", 2)]]
+    config_path = tmp_path / "c.yaml"
+    from moe_diff.config import to_yaml
+
+    config_path.write_text(to_yaml(cfg))
+    process = subprocess.run([sys.executable, "-m", "moe_diff.train", str(config_path), *args],
+                             capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_routing_traces_during_training_compare_across_steps(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from moe_diff.diagnostics import diagnose
+    from moe_diff.routing.trace import load_trace
+
+    train(small_config(tmp_path / "run", "train.trace_every=3", "train.eval_batches=1"))
+    first, last = (tmp_path / "run" / "traces" / f"step-{s}.safetensors" for s in (3, 6))
+    assert load_trace(first).header["step"] == 3 and load_trace(last).n_tokens == 4 * 32
+    stats = diagnose(first, tmp_path / "diag", compare=last, console=Console(quiet=True))
+    assert len(stats["comparison"]["layers"]) == 2
+    assert torch.equal(load_trace(first).token_ids, load_trace(last).token_ids)
+    diagnose(tmp_path / "run", tmp_path / "from_run", data=small_config(tmp_path).data, seq_len=32, max_tokens=128,
+             console=Console(quiet=True))
+    assert (tmp_path / "from_run" / "training_load.png").read_bytes()[:4] == b"\x89PNG"  # shares over steps
