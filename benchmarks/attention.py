@@ -23,27 +23,21 @@ from pathlib import Path
 import torch
 
 from moe_diff.config import ModelConfig
+from moe_diff.costs import mean_keys_per_query
 from moe_diff.device import DTYPES, environment
 from moe_diff.inference.bench.measure import median_seconds
 from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.diff_attention import diff_attention, sdpa_attention
+from moe_diff.kernels.mask import AttentionMask
 from moe_diff.model import MoEDiffTransformer
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what every backend runs
 
 
-def sdpa_value_halves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                      document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def sdpa_value_halves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """One map over each half of the values: SDPA's flash kernel needs values as wide as the keys."""
-    return torch.cat([sdpa_attention(q, k, half, window, document_ids, mask) for half in v.chunk(2, dim=-1)], -1)
-
-
-def keys_per_query(seq: int, window: int | None) -> float:
-    """Mean keys a causal (windowed) query sees."""
-    if window is None or seq <= window:
-        return (seq + 1) / 2
-    return (window * (window + 1) / 2 + (seq - window) * window) / seq
+    return torch.cat([sdpa_attention(q, k, half, mask) for half in v.chunk(2, dim=-1)], -1)
 
 
 def backends(device: torch.device, seq: int, reference_max_seq: int) -> list[str]:
@@ -88,7 +82,7 @@ def cases(batch: int, seq: int, heads: int, kv_heads: int, d: int, dtype: torch.
 def timed_case(op: Callable, inputs: list[torch.Tensor], forward_flops: float, window: int | None,
                device: torch.device, repeats: int) -> dict:
     def forward() -> torch.Tensor:
-        return op(*inputs, window)
+        return op(*inputs, AttentionMask(window))  # a mask per call, as each forward pass builds one
 
     def both() -> None:
         forward().float().square().mean().backward()
@@ -109,7 +103,7 @@ def timed_case(op: Callable, inputs: list[torch.Tensor], forward_flops: float, w
 
 def measure(seq: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
-    keys = keys_per_query(seq, args.window)
+    keys = mean_keys_per_query(seq, args.window)
     for name, (op, inputs, flops_per_key) in cases(args.batch, seq, args.heads, args.kv_heads, args.head_dim,
                                                    DTYPES[args.dtype], device, args.reference_max_seq).items():
         row = {"case": name, "seq": seq}

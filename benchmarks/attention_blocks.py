@@ -34,6 +34,7 @@ from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels import diff_flash_attention as flash
 from moe_diff.kernels.gpu_compile import compile_in_process, error_line, gpu_launch, launch_key
+from moe_diff.kernels.mask import AttentionMask
 
 Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 GRID = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)))
@@ -78,8 +79,8 @@ def run_kernel(mode: str, kernel: str, inputs: list[torch.Tensor], window: int |
     kept graph."""
     op = attention_op("triton", mode)
     if kernel == "forward":
-        return lambda: op(*inputs, window)
-    out = op(*inputs, window)
+        return lambda: op(*inputs, AttentionMask(window))
+    out = op(*inputs, AttentionMask(window))
     grad = torch.randn_like(out)
     return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
 

@@ -1,4 +1,5 @@
-"""One MoE layer's forward+backward for every expert backend beside the dense GEMM floor: time, TFLOP/s, memory.
+"""One MoE layer for every expert backend beside the dense GEMM floor, forward and backward (training) and forward
+alone (inference, no autograd): time, TFLOP/s, memory.
 
 GPU (the issue's shapes):  python benchmarks/moe.py --tokens 4096 8192 16384 32768 --dtype bfloat16
 CPU (what CI runs):         python benchmarks/moe.py --cpu-size
@@ -21,8 +22,10 @@ from moe_diff.inference.bench.measure import median_seconds
 from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels.moe_experts import (
     megablocks_available,
+    moe_experts_auto,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
+    moe_experts_pairs,
     moe_experts_reference,
 )
 
@@ -34,8 +37,13 @@ def dense_floor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
-def backends(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
-    available = {"reference": moe_experts_reference, "grouped_mm": moe_experts_grouped_mm}
+PAIRS_MAX_TOKENS = 16  # the pair-by-pair loop is for a handful of tokens (auto uses it for one)
+
+
+def backends(device: torch.device, n_tokens: int) -> dict[str, Callable[..., torch.Tensor]]:
+    available = {"reference": moe_experts_reference, "grouped_mm": moe_experts_grouped_mm, "auto": moe_experts_auto}
+    if n_tokens <= PAIRS_MAX_TOKENS:
+        available["pairs"] = moe_experts_pairs
     if megablocks_available() and device.type == "cuda":
         available["megablocks"] = moe_experts_megablocks
     return available
@@ -54,9 +62,12 @@ def timed(step: Callable[[], None], device: torch.device, repeats: int) -> tuple
     return seconds, peak
 
 
+PASSES = ("forward+backward", "forward")  # training, and inference (no autograd)
+
+
 def measure(n_tokens: int, dim: int, ffn: int, n_experts: int, top_k: int, dtype: torch.dtype,
-            device: torch.device, repeats: int) -> list[dict]:
-    """Every backend and the dense floor on the same tokens, routing and weights."""
+            device: torch.device, repeats: int, passes: tuple[str, ...] = PASSES) -> list[dict]:
+    """Every backend and the dense floor on the same tokens, routing and weights, for each pass."""
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n_tokens, dim, device=device, dtype=dtype, generator=generator)
     weights_shape = {"w1": (n_experts, ffn, dim), "w2": (n_experts, dim, ffn), "w3": (n_experts, ffn, dim)}
@@ -68,20 +79,27 @@ def measure(n_tokens: int, dim: int, ffn: int, n_experts: int, top_k: int, dtype
     dense = {k: (torch.randn(s, device=device, dtype=dtype, generator=generator) / dim ** 0.5).requires_grad_()
              for k, s in {"w1": (top_k * ffn, dim), "w2": (dim, top_k * ffn), "w3": (top_k * ffn, dim)}.items()}
     inputs = x.requires_grad_()
-    flops = 3 * 2 * n_tokens * top_k * 3 * dim * ffn  # forward + backward (2x), three matmuls per expert
-    rows = []
+    forward_flops = 2 * n_tokens * top_k * 3 * dim * ffn  # three matmuls per chosen expert
     cases = {name: (lambda op=op: op(inputs, expert_ids, routing_weights, w["w1"], w["w2"], w["w3"]))
-             for name, op in backends(device).items()}
+             for name, op in backends(device, n_tokens).items()}
     cases["dense floor"] = lambda: dense_floor(inputs, dense["w1"], dense["w2"], dense["w3"])
-    for name, forward in cases.items():
-        def step(forward: Callable[[], torch.Tensor] = forward) -> None:
-            forward().float().square().mean().backward()
-        seconds, peak = timed(step, device, repeats)
-        rows.append({"backend": name, "tokens": n_tokens, "seconds": seconds, "tflops": flops / seconds / 1e12,
-                     "peak_memory_bytes": peak})
-    floor = next(r["seconds"] for r in rows if r["backend"] == "dense floor")
-    for row in rows:
-        row["time_over_dense_floor"] = row["seconds"] / floor
+    rows = []
+    for kind in passes:
+        timed_rows = []
+        for name, forward in cases.items():
+            if kind == "forward":
+                def step(forward: Callable[[], torch.Tensor] = forward) -> None:
+                    with torch.no_grad():
+                        forward()
+            else:
+                def step(forward: Callable[[], torch.Tensor] = forward) -> None:
+                    forward().float().square().mean().backward()
+            seconds, peak = timed(step, device, repeats)
+            flops = forward_flops * (3 if kind == "forward+backward" else 1)  # the backward costs two forwards
+            timed_rows.append({"backend": name, "pass": kind, "tokens": n_tokens, "seconds": seconds,
+                               "tflops": flops / seconds / 1e12, "peak_memory_bytes": peak})
+        floor = next(r["seconds"] for r in timed_rows if r["backend"] == "dense floor")
+        rows += [row | {"time_over_dense_floor": row["seconds"] / floor} for row in timed_rows]
     return rows
 
 
@@ -96,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu-size", action="store_true",
-                        help="a size that runs in seconds on a CPU: dim 256, ffn 512, 512-2048 tokens, float32")
+                        help="a size that runs in seconds on a CPU: dim 256, ffn 512, 1-2048 tokens, float32")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe-DEVICE.json)")
     args = parser.parse_args(argv)
     if args.cpu_size:
-        args.dim, args.ffn, args.tokens, args.dtype, args.device = 256, 512, [512, 2048], "float32", "cpu"
+        args.dim, args.ffn, args.tokens, args.dtype, args.device = 256, 512, [1, 16, 512, 2048], "float32", "cpu"
     if min(args.tokens) < 1 or args.repeats < 1 or not 1 <= args.top_k <= args.experts:
         parser.error("--tokens and --repeats must be positive and --top-k within 1..--experts")
     device = torch.device(args.device)
@@ -111,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                "top_k": args.top_k, "dtype": args.dtype, "results": rows}
     out = write_json(results, Path(args.out or Path(__file__).parent / "results" / f"moe-{device.type}.json"))
     for row in rows:
-        print(f"{row['tokens']:>6} tokens  {row['backend']:<12} {row['seconds'] * 1e3:9.2f} ms  "
+        print(f"{row['tokens']:>6} tokens  {row['pass']:<16} {row['backend']:<12} {row['seconds'] * 1e3:9.2f} ms  "
               f"{row['tflops']:8.3f} TFLOP/s  {row['time_over_dense_floor']:5.2f}x the dense floor")
     print(f"wrote {out}")
     return 0

@@ -15,7 +15,7 @@ from moe_diff.errors import MoeDiffError
 
 ATTENTION_MODES = ("diff", "diff_v2", "standard")
 ATTN_BACKENDS = ("reference", "sdpa", "flex", "triton", "flash_attn", "auto")
-MOE_BACKENDS = ("reference", "grouped_mm", "megablocks")
+MOE_BACKENDS = ("reference", "grouped_mm", "megablocks", "auto")
 
 
 class ConfigError(MoeDiffError, ValueError):
@@ -40,8 +40,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 32768
     attention: str = "diff"
-    attn_backend: str = "reference"
-    moe_backend: str = "reference"
+    attn_backend: str = "auto"  # the fastest correct kernel for each call's device, dtype and shapes
+    moe_backend: str = "auto"
     router_aux_loss_coef: float = 0.02
     router_z_loss_coef: float = 0.001
     capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * top_k / E) of N

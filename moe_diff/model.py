@@ -17,8 +17,7 @@ from torch import nn
 from moe_diff.config import ModelConfig
 from moe_diff.errors import UsageError
 from moe_diff.kernels import attention_op, moe_experts_op
-from moe_diff.kernels.diff_attention import causal_window_mask
-from moe_diff.kernels.moe_experts import moe_experts_every, moe_experts_gathered, moe_experts_loop_op
+from moe_diff.kernels.mask import AttentionMask, causal_window_mask
 from moe_diff.kernels.precision import compute_dtype
 
 
@@ -29,27 +28,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = x.to(compute_dtype(x.dtype))
-        xc = xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + self.eps)
-        return (xc * self.weight.to(xc.dtype)).to(x.dtype)
+        """x * rsqrt(mean(x^2) + eps) * weight, computed in the compute dtype."""
+        dtype = compute_dtype(x.dtype)
+        return F.rms_norm(x.to(dtype), self.weight.shape, self.weight.to(dtype), self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary cos and sin for positions [B or 1, T], shaped [B or 1, T, 1, d] in the compute dtype."""
+    """Rotary cos and signed sin for positions [B or 1, T], shaped [B or 1, T, 1, d] in the compute dtype: the
+    sin of the first half of each head's dimensions is negated, as rotate-half takes -x2 there."""
     cdtype = compute_dtype(dtype)
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=cdtype, device=positions.device)
                                / head_dim)
     angles = positions.to(cdtype)[..., None] * inv_freq  # [B, T, d/2]
-    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, d]
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos()[:, :, None, :], torch.cat([-sin, sin], dim=-1)[:, :, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding (Llama/Mixtral convention) of x [B, T, n, d]."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding (Llama/Mixtral convention) of x [B, T, n, d]: x cos + [-x2, x1] sin, with
+    [x2, x1] one roll of x and the sign in signed_sin."""
     xc = x.to(cos.dtype)
-    first, second = xc.chunk(2, dim=-1)
-    return (xc * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
+    return (xc * cos + xc.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -69,16 +69,27 @@ class KVCache(nn.Module):
         self.register_buffer("length", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.window = window
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Past and new keys and values [B, S, ...] with the mask [B, T, S]; the new ones are stored."""
+    def mask(self, n_new: int) -> AttentionMask:
+        """The mask of the next update of `n_new` tokens, [B, n_new, S] over the keys it will return (the cached
+        and the new ones): the causal and window rule on sequence indices, padding hidden, and a padding query
+        seeing itself (no empty softmax row). Every layer's cache is in the same state, so one serves them all."""
+        if n_new == 1:  # the step attends over the whole buffer, the new token in the slot it overwrites
+            new_index = self.length[None]
+            slots = torch.arange(self.k.shape[1], device=new_index.device)
+            key_index = torch.where(slots == new_index % self.k.shape[1], new_index, self.slot_index)
+        else:
+            length = int(self.length)
+            new_index = torch.arange(length, length + n_new, device=self.slot_index.device)
+            key_index = torch.cat([self.slot_index[:min(length, self.k.shape[1])], new_index])
+        visible = causal_window_mask(new_index, key_index, self.window) & (key_index >= 0)
+        visible = (visible[None] & (key_index >= self.key_start[:, None, None])) | (key_index == new_index[:, None])
+        return AttentionMask(self.window, explicit=visible)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Past and new keys and values [B, S, ...], in the order mask() describes; the new ones are stored."""
         return self._step(k, v) if k.shape[1] == 1 else self._chunk(k, v)
 
-    def _mask(self, new_index: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
-        """[B, T, S]: causal and window rule, padding hidden; a padding query sees itself (no empty softmax row)."""
-        visible = causal_window_mask(new_index, key_index, self.window) & (key_index >= 0)
-        return (visible[None] & (key_index >= self.key_start[:, None, None])) | (key_index == new_index[:, None])[None]
-
-    def _step(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one token, then attend over the whole buffer: the slot it overwrites left the window."""
         new_index = self.length.clone()[None]  # not a view: the counter moves on below
         slot = new_index % self.k.shape[1]
@@ -86,20 +97,19 @@ class KVCache(nn.Module):
         self.v.index_copy_(1, slot, v)
         self.slot_index.index_copy_(0, slot, new_index)
         self.length.add_(1)
-        return self.k, self.v, self._mask(new_index, self.slot_index)
+        return self.k, self.v
 
-    def _chunk(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _chunk(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attend over the cached and the new keys, then store the new ones (the chunk may exceed the buffer)."""
         capacity, n_new, length = self.k.shape[1], k.shape[1], int(self.length)
         filled = min(length, capacity)  # slots are written in order, so the first `filled` are in use
         new_index = torch.arange(length, length + n_new, device=k.device)
-        key_index = torch.cat([self.slot_index[:filled], new_index])
         keys, values = torch.cat([self.k[:, :filled], k], 1), torch.cat([self.v[:, :filled], v], 1)
         kept = slice(max(0, n_new - capacity), n_new)  # a chunk longer than the buffer keeps its tail
         slots = new_index[kept] % capacity
         self.k[:, slots], self.v[:, slots], self.slot_index[slots] = k[:, kept], v[:, kept], new_index[kept]
         self.length.add_(n_new)
-        return keys, values, self._mask(new_index, key_index)
+        return keys, values
 
 
 class Attention(nn.Module):
@@ -111,7 +121,6 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.head_dim = d = cfg.resolved_head_dim
-        self.window = cfg.sliding_window
         self.wq = nn.Linear(cfg.dim, self.queries_per_head * cfg.n_heads * d, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * d, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * d, bias=False)
@@ -119,21 +128,21 @@ class Attention(nn.Module):
         self.attend = attention_op(cfg.attn_backend, self.mode)
         self.kv_cache: KVCache | None = None  # set by MoEDiffTransformer.setup_caches for generation
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q [B, T, query heads, d], k and v [B, S, kv heads, d] with rotary applied to q and k, and the
-        mask: None without a cache (S = T), else [B, T, S] over the cached and the new keys."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, query heads, d], k and v [B, S, kv heads, d] with rotary applied to q and k: S = T without a
+        cache, else the cached and the new keys (which are stored)."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.kv_cache is None:
-            return q, k, v, None
+            return q, k, v
         return q, *self.kv_cache.update(k, v)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v, mask = self.project(x, cos, sin)
-        return self.wo(self.attend(q, k, v, self.window, document_ids, mask).flatten(2))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.wo(self.attend(q, k, v, mask).flatten(2))
 
 
 def lambda_init_for_layer(layer_index: int) -> float:
@@ -162,14 +171,13 @@ class DiffAttention(Attention):
         dot2 = (self.lambda_q2.to(dtype) * self.lambda_k2.to(dtype)).sum()
         return dot1.exp() - dot2.exp() + self.lambda_init
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         B, T, _ = x.shape
         d = self.head_dim
-        q, k, v, mask = self.project(x, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         S = k.shape[1]  # keys: T, or the cached ones and the new ones
         out = self.attend(q.view(B, T, -1, 2, d), k.view(B, S, -1, 2, d), v.reshape(B, S, -1, 2 * d),
-                          self.lambda_value(), self.window, document_ids, mask)  # [B, T, H, 2d]
+                          self.lambda_value(), mask)  # [B, T, H, 2d]
         out = self.subln(out) * (1 - self.lambda_init)
         return self.wo(out.flatten(2))
 
@@ -189,10 +197,9 @@ class DiffV2Attention(Attention):
         dtype = compute_dtype(x.dtype)
         return torch.sigmoid(F.linear(x.to(dtype), self.lambda_proj.weight.to(dtype)))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v, mask = self.project(x, cos, sin)
-        return self.wo(self.attend(q, k, v, self.lambda_value(x), self.window, document_ids, mask).flatten(2))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.wo(self.attend(q, k, v, self.lambda_value(x), mask).flatten(2))
 
 
 ATTENTION_CLASSES: dict[str, type[Attention]] = {
@@ -211,15 +218,13 @@ class Experts(nn.Module):
         self.compute = moe_experts_op(cfg.moe_backend)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        compute = self.compute
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            # compiled decode, static shapes: a few tokens gather their experts' weights; more run every expert
-            # on CUDA (CUDA graphs cannot capture the loop's host synchronisation), or loop in one op elsewhere
-            if expert_ids.numel() <= self.w1.shape[0]:
-                compute = moe_experts_gathered
-            else:
-                compute = moe_experts_every if x.is_cuda else moe_experts_loop_op
-        return compute(x, expert_ids, weights, self.w1, self.w2, self.w3)
+        return self.compute(x, expert_ids, weights, self.w1, self.w2, self.w3)
+
+
+def assignment_counts(expert_ids: torch.Tensor, weights: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[E] assignments each expert computes, from the chosen ids and weights [N, K]: an assignment dropped for
+    capacity has weight 0 and is not counted."""
+    return torch.bincount(expert_ids[weights != 0], minlength=n_experts)
 
 
 @dataclass
@@ -230,8 +235,16 @@ class Routing:
     probs: torch.Tensor  # [N, E], softmax over all experts
     expert_ids: torch.Tensor  # [N, K], the chosen experts
     weights: torch.Tensor  # [N, K], renormalised over the chosen K; 0 where capacity dropped the assignment
-    counts: torch.Tensor  # [E] assignments each expert computes (after drops)
-    dropped: torch.Tensor  # 0-dim: assignments dropped for capacity
+
+    @cached_property
+    def counts(self) -> torch.Tensor:
+        """[E] assignments each expert computes (after drops); counted when first read, never at decode."""
+        return assignment_counts(self.expert_ids, self.weights, self.probs.shape[-1])
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """0-dim: assignments dropped for capacity."""
+        return self.expert_ids.numel() - self.counts.sum()
 
 
 def within_capacity(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
@@ -254,13 +267,11 @@ def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
     expert_ids = (probs if bias is None else probs + bias).topk(top_k, dim=-1).indices
     chosen = probs.gather(-1, expert_ids)
     weights = chosen / chosen.sum(-1, keepdim=True)
-    n_experts, kept = probs.shape[-1], None
     if capacity_factor is not None:
-        kept = within_capacity(expert_ids, n_experts, math.ceil(capacity_factor * expert_ids.numel() / n_experts))
-        weights = weights * kept
-    counted = expert_ids.flatten() if kept is None else expert_ids[kept]
-    counts = torch.bincount(counted, minlength=n_experts)
-    return Routing(logits, probs, expert_ids, weights, counts, expert_ids.numel() - counts.sum())
+        n_experts = probs.shape[-1]
+        weights = weights * within_capacity(expert_ids, n_experts,
+                                            math.ceil(capacity_factor * expert_ids.numel() / n_experts))
+    return Routing(logits, probs, expert_ids, weights)
 
 
 def router_losses(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,8 +335,8 @@ class Block(nn.Module):
         self.moe = MoE(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
-        h = x + self.attention(self.attention_norm(x), cos, sin, document_ids)
+                mask: AttentionMask) -> tuple[torch.Tensor, Routing]:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         moe_out, routing = self.moe(self.ffn_norm(h))
         return h + moe_out, routing
 
@@ -417,6 +428,14 @@ class MoEDiffTransformer(nn.Module):
             block.attention.kv_cache = KVCache(batch_size, capacity, kv_heads, cfg.resolved_head_dim,
                                                cfg.sliding_window, key_start, weight.dtype, weight.device)
 
+    def attention_mask(self, n_tokens: int, document_ids: torch.Tensor | None) -> AttentionMask:
+        """The keys each of the `n_tokens` queries may see: the window and document rule, or with KV caches the
+        mask of their next update."""
+        cache = self.layers[0].attention.kv_cache
+        if cache is not None:
+            return cache.mask(n_tokens)
+        return AttentionMask(self.cfg.sliding_window, document_ids)
+
     def clear_caches(self) -> None:
         for block in self.layers:
             block.attention.kv_cache = None
@@ -428,10 +447,11 @@ class MoEDiffTransformer(nn.Module):
         positions = self._check_inputs(tokens, positions, document_ids)
         cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta,
                                 self.tok_embeddings.weight.dtype)
+        mask = self.attention_mask(tokens.shape[1], document_ids)  # one rule for every layer
         h = self.tok_embeddings(tokens)
         routings = []
         for layer in self.layers:
-            h, routing = layer(h, cos, sin, document_ids)
+            h, routing = layer(h, cos, sin, mask)
             routings.append(routing)
         return ModelOutput(self.output(self.norm(h)), routings, self.cfg)
 

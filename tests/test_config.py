@@ -28,7 +28,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (cfg.ffn_dim, cfg.n_experts, cfg.top_k, cfg.sliding_window, cfg.rope_theta) == (
         14336, 8, 2, None, 1e6)
     assert (cfg.norm_eps, cfg.max_seq_len, cfg.attention, cfg.attn_backend, cfg.moe_backend) == (
-        1e-5, 32768, "diff", "reference", "reference")
+        1e-5, 32768, "diff", "auto", "auto")
     assert (cfg.router_aux_loss_coef, cfg.router_z_loss_coef, cfg.tie_embeddings) == (0.02, 0.001, False)
     assert cfg.resolved_head_dim == 128
 

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moe_diff import costs
 from moe_diff.config import ModelConfig, load_config
-from moe_diff.kernels.diff_attention import attention_mask
+from moe_diff.kernels.mask import attention_mask
 from moe_diff.model import MoEDiffTransformer
 
 MODES = ["standard", "diff", "diff_v2"]
@@ -14,7 +14,7 @@ MODES = ["standard", "diff", "diff_v2"]
 
 def config(attention: str, **overrides) -> ModelConfig:
     values = dict(vocab_size=60, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, n_experts=4,
-                  top_k=2, attention=attention)
+                  top_k=2, attention=attention, attn_backend="reference", moe_backend="reference")
     return ModelConfig(**(values | overrides))
 
 

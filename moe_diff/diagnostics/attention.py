@@ -14,6 +14,7 @@ import torch
 
 from moe_diff.data import Batch
 from moe_diff.kernels.diff_attention import attention_probs
+from moe_diff.kernels.mask import AttentionMask
 from moe_diff.model import Attention, DiffAttention, DiffV2Attention, MoEDiffTransformer
 from moe_diff.plotting import heatmap, pyplot, save
 
@@ -29,16 +30,16 @@ class LayerMaps:
 
 
 def layer_maps(module: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               document_ids: torch.Tensor | None) -> LayerMaps:
-    q, k, _, _ = module.project(x, cos, sin)
+               mask: AttentionMask) -> LayerMaps:
+    q, k, _ = module.project(x, cos, sin)
     if isinstance(module, DiffAttention):
         B, T, _, d = q.shape
         q, k = q.view(B, T, -1, 2, d), k.view(B, T, -1, 2, d)
-        first = attention_probs(q[..., 0, :], k[..., 0, :], module.window, document_ids).flatten(1, 2)
-        second = attention_probs(q[..., 1, :], k[..., 1, :], module.window, document_ids).flatten(1, 2)
+        first = attention_probs(q[..., 0, :], k[..., 0, :], mask).flatten(1, 2)
+        second = attention_probs(q[..., 1, :], k[..., 1, :], mask).flatten(1, 2)
         lam = module.lambda_value()
         return LayerMaps(first - lam * second, first, second, lam)
-    probs = attention_probs(q, k, module.window, document_ids).flatten(1, 2)  # [B, Hq, T, T]
+    probs = attention_probs(q, k, mask).flatten(1, 2)  # [B, Hq, T, T]
     if isinstance(module, DiffV2Attention):
         lam = module.lambda_value(x)  # [B, T, H]
         first, second = probs[:, 0::2], probs[:, 1::2]
@@ -96,8 +97,8 @@ def attention_stats(model: MoEDiffTransformer, batch: Batch) -> tuple[dict[str, 
     with Capture(model) as capture:
         model(batch.tokens, batch.positions, batch.document_ids)
     layers, all_maps = [], []
-    for (module, x, cos, sin, *rest), hidden in zip(capture.inputs, capture.outputs, strict=True):
-        maps = layer_maps(module, x, cos, sin, rest[0] if rest else None)
+    for (module, x, cos, sin, mask), hidden in zip(capture.inputs, capture.outputs, strict=True):
+        maps = layer_maps(module, x, cos, sin, mask)
         magnitude = hidden.abs().flatten().double()
         stats: dict[str, Any] = {
             "noise_mass": noise_mass(maps.combined), "entropy": attention_entropy(maps.combined),

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from moe_diff.routing.summary import expert_counts, load_summary, router_entropy, token_entropy
+from moe_diff.model import assignment_counts
+from moe_diff.routing.summary import load_summary, router_entropy, token_entropy
 from moe_diff.routing.trace import RoutingTrace
 
 NEAR_DEAD_UTILISATION = 0.1  # an expert with under a tenth of its ideal load is near-dead
@@ -110,7 +111,7 @@ def layer_stats(trace: RoutingTrace, layer: int, classes: tuple[torch.Tensor, li
                 domain_groups: tuple[torch.Tensor, list[str]]) -> dict[str, Any]:
     n, n_experts, k = trace.n_tokens, trace.n_experts, trace.top_k
     experts, probs = trace.expert_ids[layer], trace.probs[layer].double()
-    counts = expert_counts(experts, trace.weights[layer], n_experts)  # dropped assignments (weight 0) left out
+    counts = assignment_counts(experts, trace.weights[layer], n_experts)  # dropped assignments (weight 0) left out
     utilisation = counts.double() / (n * k / n_experts)
     load = load_summary(counts[None])
     entropy = token_entropy(probs)  # [N] nats

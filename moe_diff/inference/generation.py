@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from moe_diff.errors import UsageError
+from moe_diff.kernels.moe_experts import moe_experts_every, moe_experts_gathered, moe_experts_loop_op
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the attention scores held at once
@@ -50,11 +52,44 @@ def penalise_repeats(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Ten
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def decode_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                   w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """The experts of a compiled decode step, whose shapes are static: a step with no more (token, slot) pairs than
+    experts gathers just the chosen experts' weights (gpt-fast's way); a larger one runs every expert over its
+    tokens on CUDA (CUDA graphs cannot capture the loop's host synchronisation) and the loop as one opaque
+    operator elsewhere."""
+    if expert_ids.numel() <= w1.shape[0]:
+        compute = moe_experts_gathered
+    else:
+        compute = moe_experts_every if x.is_cuda else moe_experts_loop_op
+    return compute(x, expert_ids, weights, w1, w2, w3)
+
+
+@contextlib.contextmanager
+def experts_computed_by(model: MoEDiffTransformer, compute: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Every layer's experts computed by `compute` inside the block, by their configured backend again after."""
+    experts = [block.moe.experts for block in model.layers]
+    configured = [module.compute for module in experts]
+    for module in experts:
+        module.compute = compute
+    try:
+        yield
+    finally:
+        for module, own in zip(experts, configured, strict=True):
+            module.compute = own
+
+
 def compiled_decode_step(model: MoEDiffTransformer) -> Callable[..., ModelOutput]:
     """The model compiled for one-token steps against its KV caches: static shapes, one graph (CUDA graphs
-    on GPU); it compiles again for each new batch size or cache length."""
+    on GPU), its experts computed by decode_experts; it compiles again for each new batch size or cache length."""
     mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else None
-    return torch.compile(model, dynamic=False, fullgraph=True, mode=mode)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, mode=mode)
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor) -> ModelOutput:
+        with experts_computed_by(model, decode_experts):
+            return compiled(tokens, positions)
+
+    return step
 
 
 class Decoder:
@@ -135,11 +170,12 @@ def stream(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.Ten
             logits = decoder.logits(tokens, n_new)
             if repetition_penalty != 1.0:
                 logits = penalise_repeats(logits, tokens, real, repetition_penalty)
+                real = torch.cat([real, torch.ones_like(real[:, :1])], 1)
             step = sample_next(logits, temperature, top_k, top_p, generator)
-            step = torch.where(finished, tokens[:, -1], step)  # a finished row repeats its stop token
-            finished |= torch.isin(step, stops)
+            if len(stops):
+                step = torch.where(finished, tokens[:, -1], step)  # a finished row repeats its stop token
+                finished |= torch.isin(step, stops)
             tokens, n_new = torch.cat([tokens, step[:, None]], 1), 1
-            real = torch.cat([real, torch.ones_like(real[:, :1])], 1)
             yield step
             if len(stops) and bool(finished.all()):
                 return

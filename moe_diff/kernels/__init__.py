@@ -28,8 +28,10 @@ from moe_diff.kernels.flash_attn_backend import (
     diff_v2_attention_flash_attn,
     flash_attn_module,
 )
+from moe_diff.kernels.mask import AttentionMask
 from moe_diff.kernels.moe_experts import (
     megablocks_gmm,
+    moe_experts_auto,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
     moe_experts_reference,
@@ -56,23 +58,19 @@ ATTENTION_BACKENDS: dict[str, AttentionOps] = {
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def auto_backend(q: torch.Tensor, window: int | None = None, document_ids: torch.Tensor | None = None) -> str:
+def auto_backend(q: torch.Tensor, mask: AttentionMask) -> str:
     """The fastest attention backend for these inputs, as measured on an H100 (benchmarks/results/attention-h100*):
     on a GPU, the Triton kernel where a window shorter than the sequence or packed documents let it skip key
     blocks (1.6-8.9x faster than SDPA's dense-mask path with a 4K window at 4K-32K tokens; packed documents put
     SDPA on the same path), SDPA's fused kernels for plain causal attention (1.7x faster than the Triton kernel
     at 16K); on the CPU, SDPA."""
-    skips_blocks = (window is not None and window < q.shape[1]) or document_ids is not None
-    return "triton" if HAVE_TRITON and q.is_cuda and q.dtype in TRITON_DTYPES and skips_blocks else "sdpa"
+    skips = mask.skips_blocks(q.shape[1])
+    return "triton" if HAVE_TRITON and q.is_cuda and q.dtype in TRITON_DTYPES and skips else "sdpa"
 
 
 def _auto(mode: str) -> Callable:
-    fixed = 2 if mode == "standard" else 3  # k, v (and lambda) come before window, document_ids, mask
-
-    def attend(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        rule = [*args[fixed:], None, None][:2]
-        window, document_ids = kwargs.get("window", rule[0]), kwargs.get("document_ids", rule[1])
-        return getattr(ATTENTION_BACKENDS[auto_backend(q, window, document_ids)], mode)(q, *args, **kwargs)
+    def attend(q: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        return getattr(ATTENTION_BACKENDS[auto_backend(q, args[-1])], mode)(q, *args)
 
     attend.__doc__ = f"{mode} attention through auto_backend"
     return attend
@@ -84,6 +82,7 @@ MOE_BACKENDS: dict[str, Callable] = {
     "reference": moe_experts_reference,
     "grouped_mm": moe_experts_grouped_mm,
     "megablocks": moe_experts_megablocks,
+    "auto": moe_experts_auto,
 }
 
 

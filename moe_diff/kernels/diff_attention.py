@@ -1,10 +1,7 @@
 """Attention for the three modes: standard, differential (V1) and differential V2.
 
-Each takes q, k, v after projection and rotary embedding and returns the heads' outputs
-before the output projection. Query head j reads kv head j // (query heads / kv heads),
-and query i sees key j when i - window < j <= i (window None: every j <= i) and, for packed
-sequences, when both carry the same document id. An explicit boolean `mask` [B, Tq, Tk]
-replaces that rule (decoding against a KV cache, where keys outnumber queries).
+Each takes q, k, v after projection and rotary embedding, and the forward pass's AttentionMask (mask.py), and
+returns the heads' outputs before the output projection. Query head j reads kv head j // (query heads / kv heads).
 """
 
 from collections.abc import Callable
@@ -15,63 +12,40 @@ import torch.nn.functional as F
 from torch.nn.attention import flex_attention as flex
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from moe_diff.kernels.mask import AttentionMask
 from moe_diff.kernels.precision import compute_dtype
 
 
-def causal_window_mask(query_index: torch.Tensor, key_index: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[Tq, Tk]: True where the key's sequence index j and the query's i satisfy i - window < j <= i."""
-    i, j = query_index[:, None], key_index[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed &= j > i - window
-    return allowed
-
-
-def attention_mask(n_tokens: int, window: int | None, device: torch.device,
-                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask, True where query i may attend to key j: [T, T], or [B, T, T] with document ids."""
-    index = torch.arange(n_tokens, device=device)
-    allowed = causal_window_mask(index, index, window)
-    if document_ids is not None:  # [B, T]: tokens of different packed documents never meet
-        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
-    return allowed
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor, window: int | None,
-                    document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) with GQA, in the compute dtype: [B, Hk, Hq/Hk, Tq, Tk]."""
     # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]; query head j = h * (Hq/Hk) + i reads kv head h (no copies of k)
     dtype = compute_dtype(q.dtype)
     batch, n_queries, n_query_heads, head_dim = q.shape
     q = q.to(dtype).view(batch, n_queries, k.shape[2], n_query_heads // k.shape[2], head_dim)
     scores = torch.einsum("bqhid,bkhd->bhiqk", q, k.to(dtype)) * head_dim ** -0.5
-    if mask is None:
-        mask = attention_mask(n_queries, window, q.device, document_ids)
-    if mask.dim() == 3:
-        mask = mask[:, None, None]  # [B, 1, 1, Tq, Tk], shared by the heads
-    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    allowed = mask.dense(n_queries, q.device)
+    if allowed.dim() == 3:
+        allowed = allowed[:, None, None]  # [B, 1, 1, Tq, Tk], shared by the heads
+    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                      document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with GQA, in the compute dtype (not cast back)."""
     # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
-    probs = attention_probs(q, k, window, document_ids, mask)
+    probs = attention_probs(q, k, mask)
     return torch.einsum("bhiqk,bkhd->bqhid", probs, v.to(probs.dtype)).flatten(2, 3)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                   document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """The same through torch's scaled_dot_product_attention (fused kernels where the shapes allow), GQA without
     copies; a plain causal mask (a window as long as the sequence is one) is passed as is_causal so the fused
     kernels skip the masked blocks."""
     # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
-    if mask is None and (window is None or window >= q.shape[1]) and document_ids is None:
+    if mask.plain_causal(q.shape[1]):
         attn_mask, causal = None, True
     else:
-        if mask is None:
-            mask = attention_mask(q.shape[1], window, q.device, document_ids)
-        attn_mask, causal = (mask[:, None] if mask.dim() == 3 else mask), False
+        allowed = mask.dense(q.shape[1], q.device)
+        attn_mask, causal = (allowed[:, None] if allowed.dim() == 3 else allowed), False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask, is_causal=causal, enable_gqa=True)
     return out.transpose(1, 2)
@@ -80,13 +54,16 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 FLEX_MAX_VALUE_WIDTH = 128
 
 
-def flex_attention_mask(q: torch.Tensor, k: torch.Tensor, window: int | None, document_ids: torch.Tensor | None,
-                        mask: torch.Tensor | None) -> BlockMask:
-    """The block mask of the same rule (or of an explicit [B, Tq, Tk] mask) for FlexAttention."""
-    if mask is not None:
+def flex_block_mask(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> BlockMask:
+    """The block mask of the same rule (or of a cache's explicit mask) for FlexAttention, built once per forward."""
+    if mask.explicit is not None:
+        explicit = mask.explicit
+
         def allowed(b, h, i, j):
-            return mask[b, i, j]
+            return explicit[b, i, j]
     else:
+        window, document_ids = mask.window, mask.document_ids
+
         def allowed(b, h, i, j):
             keep = j <= i
             if window is not None:
@@ -94,16 +71,16 @@ def flex_attention_mask(q: torch.Tensor, k: torch.Tensor, window: int | None, do
             if document_ids is not None:
                 keep = keep & (document_ids[b, i] == document_ids[b, j])
             return keep
-    batch = q.shape[0] if mask is not None or document_ids is not None else None
-    return create_block_mask(allowed, batch, None, q.shape[1], k.shape[1], device=q.device)
+    batch = q.shape[0] if mask.explicit is not None or mask.document_ids is not None else None
+    return mask.form(("flex", q.shape[1], k.shape[1], q.device),
+                     lambda: create_block_mask(allowed, batch, None, q.shape[1], k.shape[1], device=q.device))
 
 
-def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                   document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """The same through torch's FlexAttention, which skips fully masked blocks (a window's cost stays linear in
     length); it is fused only under torch.compile (train.compile, or a compiled decode step)."""
     # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
-    block_mask = flex_attention_mask(q, k, window, document_ids, mask)
+    block_mask = flex_block_mask(q, k, mask)
     # diff's 2d-wide values at d = 128 overflow the shared memory of FlexAttention's GPU backward: two halves
     values = v.split(FLEX_MAX_VALUE_WIDTH, dim=-1) if v.is_cuda else (v,)
     out = torch.cat([flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), part.transpose(1, 2),
@@ -111,30 +88,28 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     return out.transpose(1, 2)
 
 
-def standard_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                       document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def standard_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: AttentionMask) -> torch.Tensor:
     """Standard attention with `attend` (softmax_attention or sdpa_attention). q: [B, T, Hq, d], k, v: [B, T, Hk, d]
     -> [B, T, Hq, d]."""
-    return attend(q, k, v, window, document_ids, mask).to(q.dtype)
+    return attend(q, k, v, mask).to(q.dtype)
 
 
 def diff_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
-                   window: int | None, document_ids: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
+                   mask: AttentionMask) -> torch.Tensor:
     """(A1 - lam * A2) v as two attentions over the shared 2d-wide values.
     q: [B, T, H, 2, d], k: [B, T, G, 2, d], v: [B, T, G, 2d] -> [B, T, H, 2d]."""
-    out1 = attend(q[..., 0, :], k[..., 0, :], v, window, document_ids, mask)
-    out2 = attend(q[..., 1, :], k[..., 1, :], v, window, document_ids, mask)
+    out1 = attend(q[..., 0, :], k[..., 0, :], v, mask)
+    out2 = attend(q[..., 1, :], k[..., 1, :], v, mask)
     return (out1 - lam.to(out1.dtype) * out2).to(q.dtype)
 
 
 def diff_v2_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
-                      window: int | None, document_ids: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+                      mask: AttentionMask) -> torch.Tensor:
     """attn(q_2h) - lam[..., h] * attn(q_2h+1), one attention over the doubled query heads.
     q: [B, T, 2H, d], k, v: [B, T, Hk, d], lam: [B, T, H] -> [B, T, H, d]."""
     batch, n_tokens, n_query_heads, head_dim = q.shape
-    out = attend(q, k, v, window, document_ids, mask)
+    out = attend(q, k, v, mask)
     out = out.view(batch, n_tokens, n_query_heads // 2, 2, head_dim)
     return (out[..., 0, :] - lam.to(out.dtype)[..., None] * out[..., 1, :]).to(q.dtype)
 

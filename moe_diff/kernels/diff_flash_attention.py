@@ -18,6 +18,7 @@ import os
 import torch
 
 from moe_diff.errors import UsageError
+from moe_diff.kernels.mask import AttentionMask
 from moe_diff.kernels.triton_compat import tl, triton
 
 LOG2E = 1.4426950408889634
@@ -405,7 +406,18 @@ class FlashAttention(torch.autograd.Function):
         return (*_backward(grad_out, *ctx.saved_tensors), None, None, None)
 
 
-def _attend(q1, q2, k1, k2, v, lam, window, document_ids, mask) -> torch.Tensor:
+def _bounds(mask: AttentionMask, batch: int, n_queries: int, n_keys: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """key_start, query_stop and the explicit mask the kernels take, built once per forward."""
+    if mask.explicit is not None:
+        key_start = torch.zeros(batch, n_queries, dtype=torch.int32, device=device)
+        return key_start, key_start, mask.explicit.contiguous()
+    if n_queries != n_keys:
+        raise ValueError(f"{n_queries} queries against {n_keys} keys need an explicit mask")
+    return *rule_bounds(n_queries, batch, mask.window, mask.document_ids, device), None
+
+
+def _attend(q1, q2, k1, k2, v, lam, mask: AttentionMask) -> torch.Tensor:
     """Checks, then the rule's bounds (or the explicit mask), then the kernels."""
     if q1.dtype not in DTYPES[:3] or k1.dtype != q1.dtype or v.dtype != q1.dtype:
         raise UsageError(f"attn_backend='triton' runs float32, bfloat16 or float16 (q, k and v alike), got "
@@ -419,33 +431,26 @@ def _attend(q1, q2, k1, k2, v, lam, window, document_ids, mask) -> torch.Tensor:
     q1, q2 = _rows_contiguous(q1, q2)
     k1, k2 = _rows_contiguous(k1, k2)
     (v,) = _rows_contiguous(v)
-    if mask is not None:
-        mask = mask.contiguous()
-        key_start = torch.zeros(batch, n_queries, dtype=torch.int32, device=q1.device)
-        query_stop = key_start
-    elif n_queries != k1.shape[1]:
-        raise ValueError(f"{n_queries} queries against {k1.shape[1]} keys need an explicit mask")
-    else:
-        key_start, query_stop = rule_bounds(n_queries, batch, window, document_ids, q1.device)
-    return FlashAttention.apply(q1, q2, k1, k2, v, lam, key_start, query_stop, mask)
+    key_start, query_stop, explicit = mask.form(
+        ("triton", batch, n_queries, k1.shape[1], q1.device),
+        lambda: _bounds(mask, batch, n_queries, k1.shape[1], q1.device))
+    return FlashAttention.apply(q1, q2, k1, k2, v, lam, key_start, query_stop, explicit)
 
 
-def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                     document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Standard attention. q: [B, T, Hq, d], k, v: [B, T, Hk, d] -> [B, T, Hq, d]."""
-    return _attend(q, None, k, None, v, None, window, document_ids, mask)
+    return _attend(q, None, k, None, v, None, mask)
 
 
-def diff_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, window: int | None,
-                          document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def diff_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+                          mask: AttentionMask) -> torch.Tensor:
     """(A1 - lam * A2) v. q: [B, T, H, 2, d], k: [B, T, G, 2, d], v: [B, T, G, 2d], lam: 0-dim -> [B, T, H, 2d]."""
     lam_rows = lam.expand(*q.shape[:3])  # a stride-0 view: its gradient sums back to the one lambda
-    return _attend(q[..., 0, :], q[..., 1, :], k[..., 0, :], k[..., 1, :], v, lam_rows, window, document_ids, mask)
+    return _attend(q[..., 0, :], q[..., 1, :], k[..., 0, :], k[..., 1, :], v, lam_rows, mask)
 
 
 def diff_v2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
-                             window: int | None, document_ids: torch.Tensor | None = None,
-                             mask: torch.Tensor | None = None) -> torch.Tensor:
+                             mask: AttentionMask) -> torch.Tensor:
     """attn(q_2h) - lam[..., h] * attn(q_2h+1), the pair in one program over its group's keys.
     q: [B, T, 2H, d], k, v: [B, T, Hk, d], lam: [B, T, H] -> [B, T, H, d]."""
-    return _attend(q[:, :, 0::2], q[:, :, 1::2], k, None, v, lam, window, document_ids, mask)
+    return _attend(q[:, :, 0::2], q[:, :, 1::2], k, None, v, lam, mask)

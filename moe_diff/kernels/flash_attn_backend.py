@@ -14,6 +14,7 @@ from functools import partial
 import torch
 
 from moe_diff.kernels.diff_attention import diff_attention, diff_v2_attention, sdpa_attention, standard_attention
+from moe_diff.kernels.mask import AttentionMask
 
 FLASH_ATTN_MISSING = ("flash-attn is not installed: pip install 'moe-diff[flash-attn]' on a CUDA machine "
                       "(it builds from source), or use attn_backend='triton' or 'sdpa'")
@@ -39,20 +40,18 @@ def document_sequences(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
-def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                         document_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [B, T, Hq, d], k: [B, T, Hk, d], v: [B, T, Hk, dv] -> [B, T, Hq, dv], the rule of diff_attention.py."""
-    if mask is not None:  # rolling-cache steps: not a flash-attn layout
-        return sdpa_attention(q, k, v, window, document_ids, mask)
+def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """q: [B, T, Hq, d], k: [B, T, Hk, d], v: [B, T, Hk, dv] -> [B, T, Hq, dv], the rule of the AttentionMask."""
+    if mask.explicit is not None:  # rolling-cache steps: not a flash-attn layout
+        return sdpa_attention(q, k, v, mask)
     flash = flash_attn_module()
     if v.shape[-1] != q.shape[-1]:  # flash-attn wants values as wide as the keys
-        return torch.cat([flash_attn_attention(q, k, half, window, document_ids) for half in
-                          v.split(q.shape[-1], dim=-1)], dim=-1)
-    window_size = (window - 1, 0) if window is not None else (-1, -1)
-    if document_ids is None:
+        return torch.cat([flash_attn_attention(q, k, half, mask) for half in v.split(q.shape[-1], dim=-1)], dim=-1)
+    window_size = (mask.window - 1, 0) if mask.window is not None else (-1, -1)
+    if mask.document_ids is None:
         return flash.flash_attn_func(q, k, v, causal=True, window_size=window_size)
     batch, n_tokens = q.shape[:2]
-    cu_seqlens, longest = document_sequences(document_ids)
+    cu_seqlens, longest = mask.form("flash_attn", lambda: document_sequences(mask.document_ids))
     out = flash.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
                                        longest, longest, causal=True, window_size=window_size)
     return out.view(batch, n_tokens, *out.shape[1:])

@@ -1,5 +1,6 @@
-"""Per-layer routing statistics from what routing chose: the expert ids and weights that `Routing` and the routing
-trace both hold (an assignment dropped for capacity has weight 0), and the router probabilities.
+"""Per-layer routing statistics from what routing chose: the assignment counts that `Routing` derives from its expert
+ids and weights (an assignment dropped for capacity has weight 0; a routing trace holds the same tensors), and the
+router probabilities.
 
 Legend: N tokens, K experts per token, E experts, L layers.
 """
@@ -11,12 +12,6 @@ import math
 import torch
 
 from moe_diff.model import Routing
-
-
-def expert_counts(expert_ids: torch.Tensor, weights: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Assignments each expert computed: [E] from the chosen ids and weights [N, K], dropped ones (weight 0) left
-    out."""
-    return torch.bincount(expert_ids[weights != 0], minlength=n_experts)
 
 
 def token_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -44,6 +39,6 @@ def load_summary(counts: torch.Tensor) -> dict[str, list]:
 
 
 def layer_summary(routings: list[Routing]) -> dict[str, list]:
-    """load_summary and each layer's router entropy, from the routings of one forward pass."""
-    counts = torch.stack([expert_counts(r.expert_ids, r.weights, r.probs.shape[-1]) for r in routings])
+    """load_summary and each layer's router entropy, from the routings of one forward pass (or of a trace)."""
+    counts = torch.stack([routing.counts for routing in routings])
     return load_summary(counts) | {"router_entropy": [router_entropy(r.probs).item() for r in routings]}

@@ -163,6 +163,7 @@ def test_attention_maps_reproduce_the_layer_and_stats_are_reported(mode: str, ru
     """Each recomputed map, applied to the values, gives exactly what the attention kernel computed."""
     from moe_diff.diagnostics.attention import Capture, attention_stats, layer_maps
     from moe_diff.kernels import attention_op
+    from moe_diff.kernels.mask import AttentionMask
 
     torch.manual_seed(0)
     model = MoEDiffTransformer(ModelConfig(vocab_size=260, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -171,19 +172,19 @@ def test_attention_maps_reproduce_the_layer_and_stats_are_reported(mode: str, ru
     tokens = torch.randint(0, 260, (2, 12))
     with Capture(model) as capture:
         model(tokens)
-    module, x, cos, sin, documents = capture.inputs[1]
-    maps = layer_maps(module, x, cos, sin, documents)
-    q, k, v, _ = module.project(x, cos, sin)
+    module, x, cos, sin, mask = capture.inputs[1]
+    maps = layer_maps(module, x, cos, sin, mask)
+    q, k, v = module.project(x, cos, sin)
     B, T = tokens.shape
     if mode == "diff":
         expected = attention_op("reference", "diff")(q.view(B, T, -1, 2, 8), k.view(B, T, -1, 2, 8),
-                                                     v.reshape(B, T, -1, 16), module.lambda_value(), 5)
+                                                     v.reshape(B, T, -1, 16), module.lambda_value(), AttentionMask(5))
         values = v.reshape(B, T, -1, 16).repeat_interleave(2, dim=2)
     elif mode == "diff_v2":
-        expected = attention_op("reference", "diff_v2")(q, k, v, module.lambda_value(x), 5)
+        expected = attention_op("reference", "diff_v2")(q, k, v, module.lambda_value(x), AttentionMask(5))
         values = v.repeat_interleave(2, dim=2)
     else:
-        expected = attention_op("reference", "standard")(q, k, v, 5)
+        expected = attention_op("reference", "standard")(q, k, v, AttentionMask(5))
         values = v.repeat_interleave(2, dim=2)
     torch.testing.assert_close(torch.einsum("bhqk,bkhd->bqhd", maps.combined, values), expected)
     assert len(capture.outputs) == 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_diff.kernels import ATTENTION_BACKENDS, attention_op
-from moe_diff.kernels.diff_attention import attention_mask
+from moe_diff.kernels.mask import AttentionMask, attention_mask
 
 SHAPES = [(1, 1, None), (2, 2, 3), (4, 1, 2), (4, 2, 9), (2, 1, 1), (1, 2, 7)]  # (GQA ratio, kv heads, window)
 
@@ -35,7 +35,7 @@ def randn(*shape):
 def test_standard(ratio: int, kv_heads: int, window: int | None, n: int) -> None:
     torch.manual_seed(n)
     q, k, v = randn(2, n, ratio * kv_heads, 4), randn(2, n, kv_heads, 4), randn(2, n, kv_heads, 4)
-    out = attention_op("reference", "standard")(q, k, v, window)
+    out = attention_op("reference", "standard")(q, k, v, AttentionMask(window))
     torch.testing.assert_close(out, brute_attention(q, k, v, window), rtol=0, atol=1e-12)
 
 
@@ -46,7 +46,7 @@ def test_diff(ratio: int, groups: int, window: int | None) -> None:
     n, d = 7, 4
     q, k, v = randn(2, n, ratio * groups, 2, d), randn(2, n, groups, 2, d), randn(2, n, groups, 2 * d)
     lam = torch.tensor(0.37, dtype=torch.float64)
-    out = attention_op("reference", "diff")(q, k, v, lam, window)
+    out = attention_op("reference", "diff")(q, k, v, lam, AttentionMask(window))
     first = brute_attention(q[..., 0, :], k[..., 0, :], v, window)
     second = brute_attention(q[..., 1, :], k[..., 1, :], v, window)
     torch.testing.assert_close(out, first - 0.37 * second, rtol=0, atol=1e-12)
@@ -59,7 +59,7 @@ def test_diff_v2(ratio: int, kv_heads: int, window: int | None) -> None:
     n, d, pairs = 6, 4, ratio * kv_heads
     q, k, v = randn(2, n, 2 * pairs, d), randn(2, n, kv_heads, d), randn(2, n, kv_heads, d)
     lam = torch.rand(2, n, pairs, dtype=torch.float64)
-    out = attention_op("reference", "diff_v2")(q, k, v, lam, window)
+    out = attention_op("reference", "diff_v2")(q, k, v, lam, AttentionMask(window))
     every = brute_attention(q, k, v, window)  # query head j reads kv head j // (2 * ratio)
     torch.testing.assert_close(out, every[:, :, 0::2] - lam[..., None] * every[:, :, 1::2], rtol=0, atol=1e-12)
 
@@ -68,7 +68,7 @@ def test_documents_mask_packed_sequences() -> None:
     torch.manual_seed(0)
     q, k, v = randn(2, 6, 2, 4), randn(2, 6, 1, 4), randn(2, 6, 1, 4)
     documents = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 2, 2, 2]])
-    out = attention_op("reference", "standard")(q, k, v, 4, documents)
+    out = attention_op("reference", "standard")(q, k, v, AttentionMask(4, documents))
     torch.testing.assert_close(out, brute_attention(q, k, v, 4, documents), rtol=0, atol=1e-12)
 
 
@@ -88,7 +88,7 @@ def test_every_configured_backend_is_registered() -> None:
 def test_bfloat16_inputs_accumulate_in_float32() -> None:
     torch.manual_seed(0)
     q, k, v = randn(1, 9, 2, 8), randn(1, 9, 2, 8), randn(1, 9, 2, 8)
-    out = attention_op("reference", "standard")(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    out = attention_op("reference", "standard")(q.bfloat16(), k.bfloat16(), v.bfloat16(), AttentionMask())
     assert out.dtype == torch.bfloat16
     exact = brute_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), None)
     assert (out.double() - exact).abs().max() < 1e-2
@@ -124,7 +124,7 @@ def test_fused_backends_equal_the_reference_in_values_and_gradients(backend: str
     backward = backend != "flex" or device == "cuda"
     for op in (attention_op("reference", mode), attention_op(backend, mode)):
         args = [t.detach().to(device).requires_grad_(backward) for t in inputs]
-        out = op(*args, window, None if documents is None else documents.to(device))
+        out = op(*args, AttentionMask(window, None if documents is None else documents.to(device)))
         if backward:
             out.square().sum().backward()
         results.append([out.cpu()] + [a.grad.cpu() for a in args if backward])
@@ -140,6 +140,6 @@ def test_fused_backends_take_the_cache_mask(backend: str, mode: str) -> None:
     inputs = [t.detach() for t in mode_inputs(mode, 2, 1, 3, 9)]
     mask = torch.rand(2, 3, 9, generator=torch.Generator().manual_seed(0)) > 0.4
     mask[..., -1] = True  # every query sees at least itself
-    reference = attention_op("reference", mode)(*inputs, None, None, mask)
-    torch.testing.assert_close(attention_op(backend, mode)(*inputs, None, None, mask), reference,
+    reference = attention_op("reference", mode)(*inputs, AttentionMask(explicit=mask))
+    torch.testing.assert_close(attention_op(backend, mode)(*inputs, AttentionMask(explicit=mask)), reference,
                                rtol=1e-10, atol=1e-10)

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from moe_diff.config import ModelConfig  # noqa: E402
 from moe_diff.kernels import attention_op, auto_backend  # noqa: E402
 from moe_diff.kernels.diff_flash_attention import rule_bounds  # noqa: E402
+from moe_diff.kernels.mask import AttentionMask  # noqa: E402
 from moe_diff.model import MoEDiffTransformer  # noqa: E402
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
@@ -45,11 +46,13 @@ def mode_inputs(mode: str, ratio: int, groups: int, n: int, keys: int, d: int) -
     return tensors
 
 
-def values_and_gradients(mode: str, backend: str, inputs: list[torch.Tensor], dtype: torch.dtype, *rule,
-                         device: str = "cpu") -> list[torch.Tensor]:
+def values_and_gradients(mode: str, backend: str, inputs: list[torch.Tensor], dtype: torch.dtype,
+                         window: int | None = None, documents: torch.Tensor | None = None,
+                         explicit: torch.Tensor | None = None, device: str = "cpu") -> list[torch.Tensor]:
     """Output and input gradients (float64, on the CPU) for a fixed random output gradient."""
     args = [t.detach().to(device, dtype).requires_grad_() for t in inputs]
-    out = attention_op(backend, mode)(*args, *[r.to(device) if torch.is_tensor(r) else r for r in rule])
+    on_device = [None if t is None else t.to(device) for t in (documents, explicit)]
+    out = attention_op(backend, mode)(*args, AttentionMask(window, *on_device))
     grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     out.backward(grad.to(device, dtype))
     return [out.double().cpu()] + [a.grad.double().cpu() for a in args]
@@ -89,8 +92,8 @@ def test_explicit_cache_mask_with_fewer_queries_than_keys(mode: str) -> None:
     inputs = mode_inputs(mode, 2, 1, 3, 21, 16)
     mask = torch.rand(2, 3, 21, generator=torch.Generator().manual_seed(0)) > 0.4
     mask[..., -1] = True  # every query sees at least itself
-    expected = values_and_gradients(mode, "reference", inputs, torch.float64, None, None, mask)
-    got = values_and_gradients(mode, "triton", inputs, torch.float32, None, None, mask, device=DEVICE)
+    expected = values_and_gradients(mode, "reference", inputs, torch.float64, explicit=mask)
+    got = values_and_gradients(mode, "triton", inputs, torch.float32, explicit=mask, device=DEVICE)
     assert max(relative_errors(got, expected)) < 1e-5
 
 
@@ -124,10 +127,10 @@ def test_the_whole_model_equals_the_reference_backend(mode: str) -> None:
 def test_float64_and_auto_choices() -> None:
     inputs = mode_inputs("diff", 1, 1, 5, 5, 16)
     with pytest.raises(ValueError, match="attn_backend='triton' runs float32, bfloat16 or float16"):
-        attention_op("triton", "diff")(*inputs, None)
-    assert auto_backend(inputs[0]) == "sdpa"  # on the GPU too: plain causal attention is SDPA's fastest case
+        attention_op("triton", "diff")(*inputs, AttentionMask())
+    assert auto_backend(inputs[0], AttentionMask()) == "sdpa"  # on the GPU too: SDPA's fastest case
     on_gpu = "triton" if inputs[0].is_cuda else "sdpa"
-    assert auto_backend(inputs[0], window=4) == on_gpu and auto_backend(inputs[0], window=5) == "sdpa"
-    assert auto_backend(inputs[0], document_ids=torch.zeros(1, 5, dtype=torch.long)) == on_gpu
-    torch.testing.assert_close(attention_op("auto", "diff")(*inputs, None),
-                               attention_op("reference", "diff")(*inputs, None), rtol=1e-10, atol=1e-10)
+    assert auto_backend(inputs[0], AttentionMask(4)) == on_gpu and auto_backend(inputs[0], AttentionMask(5)) == "sdpa"
+    assert auto_backend(inputs[0], AttentionMask(document_ids=torch.zeros(1, 5, dtype=torch.long))) == on_gpu
+    torch.testing.assert_close(attention_op("auto", "diff")(*inputs, AttentionMask()),
+                               attention_op("reference", "diff")(*inputs, AttentionMask()), rtol=1e-10, atol=1e-10)

@@ -11,6 +11,7 @@ import torch
 from moe_diff.config import ConfigError, ModelConfig
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.flash_attn_backend import document_sequences
+from moe_diff.kernels.mask import AttentionMask
 from moe_diff.model import MoEDiffTransformer
 
 
@@ -68,7 +69,7 @@ def test_flash_attn_calls_equal_the_reference(monkeypatch: pytest.MonkeyPatch, m
     results = []
     for backend in ("reference", "flash_attn"):
         args = [t.clone().requires_grad_() for t in inputs]
-        out = attention_op(backend, mode)(*args, window, documents)
+        out = attention_op(backend, mode)(*args, AttentionMask(window, documents))
         out.square().sum().backward()
         results.append([out] + [a.grad for a in args])
     for got, expected in zip(results[1], results[0], strict=True):

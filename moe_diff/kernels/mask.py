@@ -1,0 +1,69 @@
+"""Which keys each query may see: one rule per forward pass, shared by every layer and every attention backend.
+
+Query i sees key j when i - window < j <= i (window None: every j <= i) and, for packed sequences, when both carry
+the same document id. Against a KV cache the keys are the cached ones and the new ones, in the cache's slot order,
+so the cache gives the mask explicitly ([B, Tq, Tk]: its rule applied to the keys' sequence indices, a left-padded
+row's padding hidden). Each backend's form of the mask (the dense boolean mask, FlexAttention's block mask, the
+Triton kernel's key bounds) is built on first use and kept, so it is built once per forward, not once per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def causal_window_mask(query_index: torch.Tensor, key_index: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Tq, Tk]: True where the key's sequence index j and the query's i satisfy i - window < j <= i."""
+    i, j = query_index[:, None], key_index[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    return allowed
+
+
+def attention_mask(n_tokens: int, window: int | None, device: torch.device,
+                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask, True where query i may attend to key j: [T, T], or [B, T, T] with document ids."""
+    index = torch.arange(n_tokens, device=device)
+    allowed = causal_window_mask(index, index, window)
+    if document_ids is not None:  # [B, T]: tokens of different packed documents never meet
+        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
+    return allowed
+
+
+@dataclass(eq=False)
+class AttentionMask:
+    """The rule of one forward pass: a window and packed documents over T queries and T keys, or a KV cache's
+    explicit mask."""
+
+    window: int | None = None
+    document_ids: torch.Tensor | None = None  # [B, T]
+    explicit: torch.Tensor | None = None  # [B, Tq, Tk] boolean, from a KV cache
+    _forms: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def plain_causal(self, n_queries: int) -> bool:
+        """Every earlier key is visible: no documents, no cache mask, no window shorter than the sequence."""
+        return (self.explicit is None and self.document_ids is None
+                and (self.window is None or self.window >= n_queries))
+
+    def skips_blocks(self, n_queries: int) -> bool:
+        """Whether a kernel that skips fully masked key blocks saves work: a window shorter than the sequence, or
+        packed documents."""
+        return (self.window is not None and self.window < n_queries) or self.document_ids is not None
+
+    def form(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """A backend's form of the mask, built by `build` the first time `key` is asked for."""
+        if key not in self._forms:
+            self._forms[key] = build()
+        return self._forms[key]
+
+    def dense(self, n_queries: int, device: torch.device) -> torch.Tensor:
+        """True where query i may attend to key j: [Tq, Tk], or [B, Tq, Tk] with documents or a cache."""
+        if self.explicit is not None:
+            return self.explicit
+        return self.form(("dense", n_queries, device),
+                         lambda: attention_mask(n_queries, self.window, device, self.document_ids))
