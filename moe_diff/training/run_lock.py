@@ -135,10 +135,8 @@ class RunLock:
         except FileNotFoundError:
             return False
         if read_holder(aside) != stale:
-            try:
-                os.link(aside, self.path)  # fails if yet another lock exists, which then wins
-            except FileExistsError:
-                pass
+            with contextlib.suppress(FileExistsError):  # yet another lock exists meanwhile: that one wins
+                os.link(aside, self.path)
             aside.unlink()
             return False
         aside.unlink()
