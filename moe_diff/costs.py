@@ -46,8 +46,10 @@ def _parameter_shapes(values: tuple) -> dict[str, torch.Size]:
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Every parameter's shape, read off the model itself (built on the meta device)."""
-    return _parameter_shapes(dataclasses.astuple(cfg))
+    """Every parameter's shape, read off the model itself (built on the meta device, with the reference backends,
+    which need nothing installed and leave the shapes as they are)."""
+    return _parameter_shapes(dataclasses.astuple(dataclasses.replace(cfg, attn_backend="reference",
+                                                                     moe_backend="reference")))
 
 
 def _numel(shapes: dict[str, torch.Size], keep: Callable[[str, torch.Size], bool]) -> int:

@@ -221,10 +221,10 @@ class Experts(nn.Module):
         return self.compute(x, expert_ids, weights, self.w1, self.w2, self.w3)
 
 
-def assignment_counts(expert_ids: torch.Tensor, weights: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """[E] assignments each expert computes, from the chosen ids and weights [N, K]: an assignment dropped for
-    capacity has weight 0 and is not counted."""
-    return torch.bincount(expert_ids[weights != 0], minlength=n_experts)
+def assignment_counts(expert_ids: torch.Tensor, kept: torch.Tensor | None, n_experts: int) -> torch.Tensor:
+    """[E] assignments each expert computes, from the chosen ids [N, K] and which of them capacity kept (None:
+    all)."""
+    return torch.bincount(expert_ids.flatten() if kept is None else expert_ids[kept], minlength=n_experts)
 
 
 @dataclass
@@ -235,11 +235,12 @@ class Routing:
     probs: torch.Tensor  # [N, E], softmax over all experts
     expert_ids: torch.Tensor  # [N, K], the chosen experts
     weights: torch.Tensor  # [N, K], renormalised over the chosen K; 0 where capacity dropped the assignment
+    kept: torch.Tensor | None = None  # [N, K] bool with a capacity: the assignments that fit (None: dropless)
 
     @cached_property
     def counts(self) -> torch.Tensor:
         """[E] assignments each expert computes (after drops); counted when first read, never at decode."""
-        return assignment_counts(self.expert_ids, self.weights, self.probs.shape[-1])
+        return assignment_counts(self.expert_ids, self.kept, self.probs.shape[-1])
 
     @property
     def dropped(self) -> torch.Tensor:
@@ -267,11 +268,11 @@ def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
     expert_ids = (probs if bias is None else probs + bias).topk(top_k, dim=-1).indices
     chosen = probs.gather(-1, expert_ids)
     weights = chosen / chosen.sum(-1, keepdim=True)
-    if capacity_factor is not None:
-        n_experts = probs.shape[-1]
-        weights = weights * within_capacity(expert_ids, n_experts,
-                                            math.ceil(capacity_factor * expert_ids.numel() / n_experts))
-    return Routing(logits, probs, expert_ids, weights)
+    if capacity_factor is None:
+        return Routing(logits, probs, expert_ids, weights)
+    n_experts = probs.shape[-1]
+    kept = within_capacity(expert_ids, n_experts, math.ceil(capacity_factor * expert_ids.numel() / n_experts))
+    return Routing(logits, probs, expert_ids, weights * kept, kept)
 
 
 def router_losses(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moe_diff.errors import DataError
+
 METRICS_FILE = "metrics.jsonl"  # one JSON object per logged step
 CHECKPOINTS_DIR = "checkpoints"  # step-N/ training checkpoints
 TRACES_DIR = "traces"  # step-N.safetensors routing traces (train.trace_every)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in order."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl file, in order. A last line cut short (the job was killed while writing it,
+    so no newline ends it) is left out; any other line that is not a JSON object is a DataError naming it."""
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise DataError(f"{path}:{number} is not a metrics record ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number} is not a metrics record (a JSON object)")
+        records.append(record)
+    return records

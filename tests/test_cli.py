@@ -166,3 +166,25 @@ def test_a_tokenizer_with_more_ids_than_the_model_is_refused_before_any_work(tmp
         assert main(argv) == 2
         assert needle in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "diag" / "stats.json").exists()
+
+
+def test_info_counts_a_config_whose_backend_is_not_installed_here(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info", str(CONFIGS / "tiny.yaml"), "model.attn_backend=flash_attn"]) == 0
+    assert "active per token" in capsys.readouterr().out
+
+
+def test_damaged_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A config.json that is not JSON, and a metrics file with a broken line (not the last one, which a kill may
+    leave cut short and is skipped)."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{not json")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    assert "config.json is not valid JSON" in " ".join(capsys.readouterr().err.split())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')
+    assert main(["plot-metrics", str(run)]) == 0  # the cut-short last line is left out
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo\n{"step": 3, "loss": 2.0}\n')
+    assert main(["plot-metrics", str(run)]) == 2
+    assert "metrics.jsonl:2 is not a metrics record" in " ".join(capsys.readouterr().err.split())

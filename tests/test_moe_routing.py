@@ -164,3 +164,11 @@ def test_the_summary_counts_what_routing_kept() -> None:
     probs = logits.softmax(-1)
     entropy = -(probs * probs.log()).sum(-1).mean() / torch.log(torch.tensor(4.0, dtype=torch.float64))
     assert summary["router_entropy"] == [pytest.approx(entropy.item())]
+
+
+def test_dropless_counts_include_a_chosen_expert_whose_probability_underflows() -> None:
+    """Without a capacity every chosen assignment is computed, even one of weight 0 (its probability underflowed)."""
+    routing = route(torch.tensor([[100.0, -20.0, -30.0, -40.0]]), 2)
+    assert routing.weights[0, 1] == 0
+    assert torch.equal(routing.counts, torch.bincount(routing.expert_ids.flatten(), minlength=4))
+    assert int(routing.counts.sum()) == 2 and int(routing.dropped) == 0

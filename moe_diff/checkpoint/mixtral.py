@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe_diff.checkpoint.schema import CheckpointError, model_from_state_dict, model_state_dict, unwrap
-from moe_diff.config import ConfigError, ModelConfig
+from moe_diff.config import ModelConfig
 from moe_diff.errors import UsageError
 from moe_diff.model import MoEDiffTransformer
 
@@ -55,7 +55,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             attention="standard",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
-    except ConfigError as error:
+    except (TypeError, ValueError) as error:  # a ConfigError, or a value that is no number
         raise CheckpointError(f"config.json does not map to a valid model: {error}") from None
 
 
@@ -63,6 +63,12 @@ def _read_hf_directory(directory: Path) -> tuple[dict[str, Any], dict[str, torch
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: config.json is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} holds no JSON object")
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory} has no *.safetensors files (pickled .bin weights are not "
@@ -73,7 +79,7 @@ def _read_hf_directory(directory: Path) -> tuple[dict[str, Any], dict[str, torch
             tensors.update(load_file(path))
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{path} cannot be read as safetensors: {error}") from None
-    return json.loads(config_path.read_text()), tensors
+    return config, tensors
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -111,7 +111,7 @@ def layer_stats(trace: RoutingTrace, layer: int, classes: tuple[torch.Tensor, li
                 domain_groups: tuple[torch.Tensor, list[str]]) -> dict[str, Any]:
     n, n_experts, k = trace.n_tokens, trace.n_experts, trace.top_k
     experts, probs = trace.expert_ids[layer], trace.probs[layer].double()
-    counts = assignment_counts(experts, trace.weights[layer], n_experts)  # dropped assignments (weight 0) left out
+    counts = assignment_counts(experts, trace.weights[layer] != 0, n_experts)  # a trace marks drops by weight 0
     utilisation = counts.double() / (n * k / n_experts)
     load = load_summary(counts[None])
     entropy = token_entropy(probs)  # [N] nats

@@ -40,7 +40,7 @@ def moe_experts_pairs(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.
             y = F.linear(F.silu(F.linear(h, w1[expert])) * F.linear(h, w3[expert]), w2[expert]) * row_weights[slot]
             row = y if row is None else row + y
         rows.append(row)
-    return torch.stack(rows)
+    return torch.stack(rows) if rows else torch.zeros_like(x)
 
 
 @torch.library.custom_op("moe_diff::experts_loop", mutates_args=())

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moe_diff.runs import METRICS_FILE
+from moe_diff.runs import METRICS_FILE, read_metrics
 
 
 class MetricsLog:
@@ -40,11 +40,11 @@ def truncate_after(path: Path, step: int) -> None:
     """Drop records past `step` (written after the checkpoint a run resumes from), atomically."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    records = read_metrics(path)
+    kept = [record for record in records if record.get("step", 0) <= step]
+    if len(kept) != len(records) or not path.read_text().endswith("\n"):  # a line cut short goes too
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(tmp, path)
 
 

@@ -1,10 +1,13 @@
 """One job per run directory: the job that writes `train.out_dir` holds `OUT_DIR/run.lock` while it runs.
 
-The lock is a small JSON file (host, pid, start time, a random token) created with O_EXCL, which is atomic on local
-and on shared (NFS v3+) filesystems, and refreshed (its mtime touched) every REFRESH_S seconds. A second job stops at
-once, naming the holder. A lock whose holder is dead is taken over with a note: on the same host, when no process has
-its pid (or its pid was reused: the lock went unrefreshed for STALE_AFTER_S); from another host, when it went
-unrefreshed for STALE_AFTER_S.
+The lock is a small JSON file (host, pid and pid namespace, start time, a random token), written whole under a
+name of its own and hard-linked into place, which is atomic on local and on shared (NFS) filesystems, so a lock
+is never seen half written; its holder touches it every REFRESH_S seconds. A second job stops at once, naming the
+holder. A lock whose holder is gone is taken over with a note: on the same host and pid namespace when no process
+has its pid; otherwise (another host, another container, or a pid reused since) when it went unrefreshed for
+STALE_AFTER_S. A takeover replaces the stale lock in one rename while holding `run.lock.takeover`, after checking
+again that the lock is still the stale one, so two jobs taking over at once cannot both win, and a live lock is
+never removed.
 """
 
 from __future__ import annotations
@@ -27,8 +30,18 @@ from moe_diff.errors import MoeDiffError
 from moe_diff.parallel.runtime import Runtime
 
 LOCK_FILE = "run.lock"
+TAKEOVER_FILE = "run.lock.takeover"  # held while a dead holder's lock is replaced
 REFRESH_S = 30.0
 STALE_AFTER_S = 600.0  # ten minutes without a refresh: the holder is gone (or hung past any save)
+TAKEOVER_STALE_S = 60.0  # a takeover file this old belongs to a job that died while taking over
+
+
+def pid_namespace() -> int | None:
+    """This process's pid namespace (containers on one host have their own), where the system tells it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 class RunLockError(MoeDiffError, RuntimeError):
@@ -41,11 +54,12 @@ class Holder:
     pid: int
     started: str  # ISO 8601, UTC
     token: str  # tells this holder's lock from a later one with the same host and pid
+    pid_namespace: int | None = None
 
     @classmethod
     def this_process(cls) -> Holder:
         return cls(socket.gethostname(), os.getpid(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   uuid.uuid4().hex)
+                   uuid.uuid4().hex, pid_namespace())
 
     def describe(self) -> str:
         return f"host {self.host}, pid {self.pid}, started {self.started}"
@@ -74,7 +88,7 @@ def stale_reason(holder: Holder | None, seconds_since_refresh: float, stale_afte
     unrefreshed = seconds_since_refresh > stale_after_s
     if holder is None:
         return f"an unreadable lock, unchanged for {seconds_since_refresh:.0f} s" if unrefreshed else None
-    if holder.host == socket.gethostname() and not pid_alive(holder.pid):
+    if (holder.host, holder.pid_namespace) == (socket.gethostname(), pid_namespace()) and not pid_alive(holder.pid):
         return f"{holder.describe()}: no process has that pid on this host"
     if unrefreshed:
         return f"{holder.describe()}: not refreshed for {seconds_since_refresh:.0f} s (more than {stale_after_s:.0f})"
@@ -95,59 +109,86 @@ class RunLock:
         """Take the lock (RunLockError if another job holds it); return a note for each dead holder's lock taken
         over."""
         notes = []
-        while not self._create():
+        while not self._place():
             holder = read_holder(self.path)
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            reason = stale_reason(holder, age, self.stale_after_s)
+            reason = self._stale_reason(holder)
             if reason is None:
-                if holder is None:  # being written this instant
+                if holder is None:  # unreadable and recent: debris of a write that failed, stale in time
                     time.sleep(0.1)
                     continue
                 raise RunLockError(f"{self.path.parent} is in use by another job ({holder.describe()}; lock "
                                    f"{self.path}): wait for it to end, or give this job another train.out_dir")
-            if self._remove_if_unchanged(holder):
+            if self._take_over(holder):
                 notes.append(f"took over the lock of a job that is gone ({reason})")
+                break
         self._thread = threading.Thread(target=self._refresh, name="run-lock-refresh", daemon=True)
         self._thread.start()
         return notes
 
-    def _create(self) -> bool:
-        """Write the lock if there is none; False if there is one."""
+    def _stale_reason(self, holder: Holder | None) -> str | None:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None  # released meanwhile: the next attempt to place ours decides
+        return stale_reason(holder, age, self.stale_after_s)
+
+    def _written(self) -> Path:
+        """This holder's lock, written whole under a name of its own."""
+        own = self.path.with_name(f"{LOCK_FILE}.{self.holder.token}")
+        with own.open("w") as file:
+            json.dump(asdict(self.holder), file)
+            file.flush()
+            os.fsync(file.fileno())
+        return own
+
+    def _place(self) -> bool:
+        """Link this holder's lock into place if there is none; False if there is one."""
+        own = self._written()
+        try:
+            os.link(own, self.path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: an exclusive create, written at once
+            return self._create_in_place()
+        finally:
+            own.unlink(missing_ok=True)
+        return True
+
+    def _create_in_place(self) -> bool:
         try:
             descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(descriptor, "w") as file:
             json.dump(asdict(self.holder), file)
-            file.flush()
-            os.fsync(file.fileno())
         return True
 
-    def _remove_if_unchanged(self, stale: Holder | None) -> bool:
-        """Move the stale lock aside and delete it, unless it turns out to be a newer holder's (two jobs taking over
-        at once): that one is put back. False when the lock was not removed by this call."""
-        aside = self.path.with_name(f"{LOCK_FILE}.stale-{self.holder.token}")
+    def _take_over(self, stale: Holder | None) -> bool:
+        """Replace the stale lock by this holder's in one rename, holding the takeover file, if the lock is still
+        that stale one; False when another job is taking over or the lock changed meanwhile."""
+        takeover = self.path.with_name(TAKEOVER_FILE)
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
+            os.close(os.open(takeover, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - takeover.stat().st_mtime > TAKEOVER_STALE_S:
+                    takeover.unlink()  # left by a job that died while taking over
+            time.sleep(0.1)
             return False
-        if read_holder(aside) != stale:
-            with contextlib.suppress(FileExistsError):  # yet another lock exists meanwhile: that one wins
-                os.link(aside, self.path)
-            aside.unlink()
-            return False
-        aside.unlink()
-        return True
+        try:
+            if read_holder(self.path) != stale or self._stale_reason(stale) is None:
+                return False
+            os.replace(self._written(), self.path)
+            return True
+        finally:
+            takeover.unlink(missing_ok=True)
 
     def _refresh(self) -> None:
+        """Touch the lock while it is this holder's."""
         while not self._stop.wait(self.refresh_s):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                return
+            if read_holder(self.path) == self.holder:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(self.path)
 
     def release(self) -> None:
         """Stop refreshing and remove the lock, if it is still this holder's."""

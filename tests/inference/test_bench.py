@@ -1,5 +1,6 @@
 """The inference benchmark: its byte count, forced routing, and a whole run of every system at a tiny size."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def test_a_step_reading_every_expert_reads_the_whole_model_but_the_embedding_tab
     one_expert = 3 * cfg.dim * cfg.ffn_dim * 4
     assert (decode_step_bytes(cfg, 3, 5, 2, 4) - decode_step_bytes(cfg, 3, 4, 1, 4)
             == 3 * kv_per_key + one_expert)
+    tied = dataclasses.replace(cfg, tie_embeddings=True)  # the one table is read whole, as the output head
+    assert decode_step_bytes(tied, 1, 0, every_expert, 1) == params - cfg.vocab_size * cfg.dim + cfg.dim
 
 
 def test_forced_routing_draws_experts_in_proportion_and_is_a_function_of_the_input() -> None:

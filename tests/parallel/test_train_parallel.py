@@ -110,8 +110,8 @@ def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout:
     micro-batch, so the single process accumulates one micro-batch per data-parallel rank (the ranks of a
     tensor-parallel group share their rows; with train.grad_accum=2 in the parallel run, two per rank)."""
     model = [setting for setting in layout if setting.startswith("model.")]
-    single = run(tmp_path, "single", 1, f"train.grad_accum={data_ranks}", *model)
-    parallel = run(tmp_path, "parallel", processes, *layout)
+    single = run(tmp_path, "single", 1, f"train.grad_accum={data_ranks}", "train.sample_tokens=0", *model)
+    parallel = run(tmp_path, "parallel", processes, *layout)  # with the default sample at its end
     assert len(losses(parallel)) == 4
     assert_close_runs(parallel, single, 4)
     assert_commands_read(parallel, tmp_path)

@@ -15,7 +15,7 @@ from helpers import small_config  # tests/ is on the path
 
 from moe_diff.config import to_yaml
 from moe_diff.runs import read_metrics
-from moe_diff.training.run_lock import LOCK_FILE, RunLock, RunLockError, read_holder
+from moe_diff.training.run_lock import LOCK_FILE, RunLock, RunLockError, pid_namespace, read_holder
 
 
 def start_job(config: Path, *overrides: str) -> subprocess.Popen:
@@ -98,3 +98,52 @@ def test_the_holder_refreshes_its_lock(tmp_path: Path) -> None:
     write_lock(tmp_path, "other-host", 1, age_s=0)
     lock.release()  # not its lock any more: left alone
     assert read_holder(tmp_path / LOCK_FILE).host == "other-host"
+
+
+def test_two_jobs_taking_over_one_stale_lock_cannot_both_win(tmp_path: Path) -> None:
+    import threading
+
+    for attempt in range(5):
+        run_dir = tmp_path / str(attempt)
+        write_lock(run_dir, "gpu-node-7", 4242, age_s=700)
+        outcomes: list[str] = []
+        locks = [RunLock(run_dir, stale_after_s=600) for _ in range(2)]
+
+        def take(lock: RunLock, outcomes: list[str] = outcomes) -> None:
+            try:
+                lock.acquire()
+                outcomes.append("held")
+            except RunLockError:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=take, args=(lock,)) for lock in locks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcomes) == ["held", "refused"]
+        winner = next(lock for lock in locks if read_holder(run_dir / LOCK_FILE) == lock.holder)
+        winner.release()
+        assert sorted(p.name for p in run_dir.iterdir()) == []  # no lock, takeover or temporary file left
+
+
+def test_another_pid_namespace_on_the_same_host_is_judged_by_its_refreshes(tmp_path: Path) -> None:
+    """A container sharing the host name cannot see the holder's pid: only the refreshes tell it is gone."""
+    path = write_lock(tmp_path, socket.gethostname(), 2**22 + 1, age_s=60)  # no such pid here
+    holder = json.loads(path.read_text()) | {"pid_namespace": 1}
+    path.write_text(json.dumps(holder))
+    with pytest.raises(RunLockError, match="in use by another job"):
+        RunLock(tmp_path).acquire()
+    path.write_text(json.dumps(holder | {"pid_namespace": pid_namespace()}))  # as if written in this namespace
+    lock = RunLock(tmp_path)
+    (note,) = lock.acquire()
+    assert "no process has that pid on this host" in note
+    lock.release()
+
+
+def test_an_unreadable_lock_is_taken_over_once_stale(tmp_path: Path) -> None:
+    (tmp_path / LOCK_FILE).write_text("")  # debris of a write that failed
+    lock = RunLock(tmp_path, stale_after_s=0.5)
+    (note,) = lock.acquire()
+    assert "an unreadable lock" in note and read_holder(tmp_path / LOCK_FILE) == lock.holder
+    lock.release()

@@ -49,8 +49,8 @@ def decode_step_bytes(cfg: ModelConfig, batch: int, keys_per_row: int, experts_r
     rows; the output head whole, tied or not), the experts chosen in the step counted once however many tokens
     chose them (`experts_read`, summed over layers), and the cached keys and values each row attends to."""
     params = param_counts(cfg)
-    input_embedding = params.embedding - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
-    weights = params.total - params.experts_total - input_embedding + batch * cfg.dim
+    separate_input_embedding = params.embedding - cfg.vocab_size * cfg.dim  # none when tied to the head
+    weights = params.total - params.experts_total - separate_input_embedding + batch * cfg.dim
     experts = experts_read * params.experts_total // (cfg.n_layers * cfg.n_experts)
     kv = batch * keys_per_row * kv_cache_bytes_per_token(cfg, element_size)
     return (weights + experts) * element_size + kv
