@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONFIGS  # tests/ is on the path
 
 from moe_diff.cli import main
 from moe_diff.config import ModelConfig
@@ -13,8 +14,6 @@ from moe_diff.inference.bench import BenchSettings, run_bench
 from moe_diff.inference.bench.measure import decode_step_bytes, percentile
 from moe_diff.inference.bench.routing import ForcedScores, expert_log_probs
 from moe_diff.model import MoEDiffTransformer
-
-CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def small_model(attention: str = "standard") -> MoEDiffTransformer:
