@@ -21,8 +21,10 @@ from moe_diff.device import DTYPES, environment, synchronize
 from moe_diff.inference.bench.measure import median_seconds
 from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels.moe_experts import (
+    FEW_TOKENS,
     megablocks_available,
     moe_experts_auto,
+    moe_experts_few_tokens,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
     moe_experts_pairs,
@@ -37,13 +39,10 @@ def dense_floor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
-PAIRS_MAX_TOKENS = 16  # the pair-by-pair loop is for a handful of tokens (auto uses it for one)
-
-
 def backends(device: torch.device, n_tokens: int) -> dict[str, Callable[..., torch.Tensor]]:
     available = {"reference": moe_experts_reference, "grouped_mm": moe_experts_grouped_mm, "auto": moe_experts_auto}
-    if n_tokens <= PAIRS_MAX_TOKENS:
-        available["pairs"] = moe_experts_pairs
+    if n_tokens <= FEW_TOKENS:
+        available |= {"pairs": moe_experts_pairs, "few_tokens": moe_experts_few_tokens}
     if megablocks_available() and device.type == "cuda":
         available["megablocks"] = moe_experts_megablocks
     return available
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe-DEVICE.json)")
     args = parser.parse_args(argv)
     if args.cpu_size:
-        args.dim, args.ffn, args.tokens, args.dtype, args.device = 256, 512, [1, 16, 512, 2048], "float32", "cpu"
+        args.dim, args.ffn, args.tokens, args.dtype, args.device = 256, 512, [1, 4, 16, 512, 2048], "float32", "cpu"
     if min(args.tokens) < 1 or args.repeats < 1 or not 1 <= args.top_k <= args.experts:
         parser.error("--tokens and --repeats must be positive and --top-k within 1..--experts")
     device = torch.device(args.device)

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="what to time (default: all that apply; transformers needs standard attention)")
     bench_cmd.add_argument("--compile", action="store_true", help="compile this project's decode steps")
     bench_cmd.add_argument("--repeats", type=int, default=3,
-                           help="timed generations per system and shape, after its warm-up")
+                           help="timed generations per system and shape, taken in turns with the other systems")
     bench_cmd.add_argument("--dtype", choices=DTYPES, default="float32")
     bench_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench_cmd.add_argument("--seed", type=int, default=0, help="seeds the random weights and prompts")

@@ -30,8 +30,9 @@ def moe_experts_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: to
 
 def moe_experts_pairs(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                       w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """The same for a handful of tokens (eager decode): one SwiGLU per (token, slot) pair, the expert's weights
-    taken as views, so nothing is gathered or indexed but the pair's own row; the expert ids are read on the host.
+    """The same for a single token on the CPU (eager decode at batch 1): one SwiGLU per (token, slot) pair, the
+    expert's weights taken as views, so nothing is gathered or indexed but the pair's own row; the expert ids are
+    read on the host.
     x: [N, D], expert_ids and weights: [N, K] -> [N, D]."""
     rows = []
     for token, (experts, row_weights) in enumerate(zip(expert_ids.tolist(), weights.to(x.dtype), strict=True)):
@@ -41,6 +42,33 @@ def moe_experts_pairs(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.
             row = y if row is None else row + y
         rows.append(row)
     return torch.stack(rows) if rows else torch.zeros_like(x)
+
+
+def moe_experts_few_tokens(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                           w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """The same for a few tokens on the CPU (eager decode), in as few operators as possible, since each costs
+    about as much as a small GEMV: the (token, slot) pairs are grouped by expert on the host, each chosen
+    expert runs one SwiGLU over its tokens, and one weighted scatter adds the results into place.
+    x: [N, D], expert_ids and weights: [N, K] -> [N, D]."""
+    top_k = expert_ids.shape[1]
+    pairs_of: dict[int, list[int]] = {}  # expert -> its (token, slot) pairs, as token * K + slot
+    for pair, expert in enumerate(expert_ids.flatten().tolist()):
+        pairs_of.setdefault(expert, []).append(pair)
+    order: list[int] = []
+    outputs = []
+    for expert, pairs in pairs_of.items():
+        h = x[[pair // top_k for pair in pairs]]
+        hidden = F.silu(F.linear(h, w1[expert])).mul_(F.linear(h, w3[expert]))
+        outputs.append(F.linear(hidden, w2[expert]))
+        order += pairs
+    if not outputs:  # no tokens
+        return torch.zeros_like(x)
+    pair_index = torch.tensor(order, device=x.device)
+    y = torch.cat(outputs).mul_(weights.flatten()[pair_index, None].to(x.dtype))
+    return torch.zeros_like(x).index_add_(0, pair_index // top_k, y)
+
+
+FEW_TOKENS = 16  # up to this many tokens the CPU decodes without grouped_mm (benchmarks/results/moe-cpu.json)
 
 
 @torch.library.custom_op("moe_diff::experts_loop", mutates_args=())
@@ -141,12 +169,14 @@ def grouped_mm_applies(x: torch.Tensor, w1: torch.Tensor) -> bool:
 def moe_experts_auto(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                      w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """The fastest correct backend for these inputs (benchmarks/results/moe-*.json): on the CPU without autograd
-    a single token (eager decode at batch 1) runs pair by pair (1.5-2x the loop's speed); otherwise grouped_mm
-    where its rules hold (on an H100 1.5-2.6x the loop's speed at Mixtral's layer shape; on the CPU 1.1-4x in
-    training, 1.2-1.6x in inference at 16 tokens, within noise of the loop at 512 and 2048); the loop where they
-    do not (float64, unaligned shapes)."""
-    if x.shape[0] == 1 and not x.is_cuda and not torch.is_grad_enabled():
-        return moe_experts_pairs(x, expert_ids, weights, w1, w2, w3)
+    (eager decode) one token runs pair by pair (2.3x grouped_mm's speed) and up to FEW_TOKENS tokens grouped by
+    expert on the host (1.1-1.2x grouped_mm's speed at 4 and 16 tokens); otherwise grouped_mm where
+    its rules hold (on an H100 1.5-2.6x the loop's speed at Mixtral's layer shape; on the CPU 1.1-4x in training,
+    within noise of the loop in inference at 512 and 2048 tokens); the loop where they do not (float64, unaligned
+    shapes)."""
+    if x.shape[0] <= FEW_TOKENS and x.device.type == "cpu" and not torch.is_grad_enabled():
+        few_tokens = moe_experts_pairs if x.shape[0] == 1 else moe_experts_few_tokens
+        return few_tokens(x, expert_ids, weights, w1, w2, w3)
     if grouped_mm_applies(x, w1):
         return moe_experts_grouped_mm(x, expert_ids, weights, w1, w2, w3)
     return moe_experts_reference(x, expert_ids, weights, w1, w2, w3)

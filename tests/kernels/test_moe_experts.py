@@ -9,6 +9,7 @@ from moe_diff.kernels.moe_experts import (
     megablocks_available,
     moe_experts_auto,
     moe_experts_every,
+    moe_experts_few_tokens,
     moe_experts_gathered,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
@@ -35,11 +36,12 @@ def test_weighted_sum_of_chosen_experts_including_idle_ones() -> None:
     assert torch.all(w1.grad[3] == 0) and w1.grad[:3].abs().sum() > 0
 
 
-@pytest.mark.parametrize("op", [moe_experts_gathered, moe_experts_every, moe_experts_pairs])
+@pytest.mark.parametrize("op", [moe_experts_gathered, moe_experts_every, moe_experts_pairs,
+                                 moe_experts_few_tokens])
 @pytest.mark.parametrize("n", [1, 3, 9])
 def test_decode_expert_paths_equal_the_reference(op, n: int) -> None:
-    """The static-shape paths of compiled decode steps, and the pair-by-pair loop of eager decode; with 9 tokens
-    on 5 experts, expert 4 stays idle."""
+    """The static-shape paths of compiled decode steps, and the two loops of eager decode (pair by pair, grouped
+    on the host); with 9 tokens on 5 experts, expert 4 stays idle."""
     torch.manual_seed(n)
     dim, ffn, experts = 6, 10, 5
     x = torch.randn(n, dim, dtype=torch.float64)
@@ -174,10 +176,11 @@ else:
 
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize(("n", "dtype", "dim"), [(1, torch.float32, 16), (5, torch.float32, 16),
-                                                 (5, torch.float64, 16), (5, torch.float32, 12)])
+                                                 (20, torch.float32, 16), (20, torch.float64, 16),
+                                                 (20, torch.float32, 12)])
 def test_auto_takes_a_path_that_equals_the_reference(grad: bool, n: int, dtype: torch.dtype, dim: int) -> None:
-    """One token without autograd (pairs), grouped_mm where its rules hold, the loop for float64 or rows that are
-    not whole 16-byte blocks: every choice gives the reference's outputs and gradients."""
+    """A few tokens without autograd (grouped on the host), grouped_mm where its rules hold, the loop for float64
+    or rows that are not whole 16-byte blocks: every choice gives the reference's outputs and gradients."""
     torch.manual_seed(n)
     experts, ffn = 4, 24
     tensors = [torch.randn(n, dim), torch.randn(experts, ffn, dim) / 4, torch.randn(experts, dim, ffn) / 4,

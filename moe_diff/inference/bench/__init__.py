@@ -28,7 +28,7 @@ class BenchSettings:
     new_tokens: int = 64  # per generation; the first is the prefill's, the others give the inter-token gaps
     routing: str = "own"  # see moe_diff.inference.bench.routing
     compile: bool = False  # compile this project's decode steps (compile time is reported apart)
-    repeats: int = 3  # timed generations per system and shape, after its warm-up
+    repeats: int = 3  # timed generations per system and shape, taken in turns with the other systems
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     seed: int = 0
 
@@ -79,25 +79,28 @@ def summarise(system: str, cfg: ModelConfig, element_size: int, batch: int, prom
 
 def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, advance: Callable[[str], None],
                  element_size: int, peak_bandwidth: float) -> list[dict[str, Any]]:
-    """Each system in turn: one warm-up generation, then `repeats` timed ones in a row, pooled into one row.
-    (A system's runs stay together: on machines that reclaim idle memory, a model left cold while the others
-    run pays for it again on its next step.)"""
+    """One warm-up generation per system, then `repeats` rounds in which every system runs one timed generation
+    in turn, so a machine whose speed drifts over seconds slows every system alike; each system's rounds are
+    pooled into one row. (The medians of the gaps are unmoved by a round's first step, which pays for weights
+    that went cold while the other systems ran.)"""
     batch, prompt_length = prompts.shape
-    device, rows = prompts.device, []
-    for system in systems:
-        label = f"{system.name} batch {batch} prompt {prompt_length}"
+    device = prompts.device
+    labels = [f"{system.name} batch {batch} prompt {prompt_length}" for system in systems]
+    warmups, timings, peaks = [], [[] for _ in systems], [[] for _ in systems]
+    for system, label in zip(systems, labels, strict=True):
         advance(f"{label} (warm-up)")
         start = time.perf_counter()
         system.run(prompts, settings.new_tokens)
-        warmup_s, timings, peaks = time.perf_counter() - start, [], []
-        for _ in range(settings.repeats):
+        warmups.append(time.perf_counter() - start)
+    for _ in range(settings.repeats):
+        for index, (system, label) in enumerate(zip(systems, labels, strict=True)):
             advance(label)
             reset_peak_memory(device)
-            timings.append(system.run(prompts, settings.new_tokens))
-            peaks.append(peak_memory(device))
-        rows.append(summarise(system.name, system.cfg, element_size, batch, prompt_length, warmup_s,
-                              Timing.pooled(timings), peak_bandwidth, max(peaks)))
-    return rows
+            timings[index].append(system.run(prompts, settings.new_tokens))
+            peaks[index].append(peak_memory(device))
+    return [summarise(system.name, system.cfg, element_size, batch, prompt_length, warmup_s, Timing.pooled(timed),
+                      peak_bandwidth, max(peak))
+            for system, warmup_s, timed, peak in zip(systems, warmups, timings, peaks, strict=True)]
 
 
 def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
