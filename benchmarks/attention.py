@@ -1,6 +1,6 @@
 """Differential attention backends timed side by side: forward, backward and both, with TFLOP/s.
 
-GPU (the issue's shapes):  python benchmarks/attention.py --seq 1024 4096 16384 32768 --window 4096 --model-step
+GPU (the issue's shapes):  python benchmarks/attention.py --seq 1024 4096 16384 32768 --window 4096
 CPU (what CI runs):         python benchmarks/attention.py --cpu-size
 Cases: diff V1 through each backend (sdpa is the official code's two SDPA calls; "sdpa 4 calls" splits the
 2d-wide values so SDPA's flash kernel takes them, its second variant), diff V2 through each backend (sdpa: one
@@ -8,8 +8,7 @@ call over the doubled query heads, then the subtraction), standard attention thr
 standard attention with the same parameter count (one SDPA call over 2x heads: the yardstick). FlexAttention
 and the Triton kernel run only on GPUs here (fused only when compiled); the reference only up to
 --reference-max-seq (it materialises the maps). A case that fails records its error and the others go on.
---model-step also times a whole training step of a MoE model with diff attention against the same model with
-standard attention.
+Whole-model training steps are timed by benchmarks/train_step.py.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from moe_diff.config import ModelConfig
 from moe_diff.costs import mean_keys_per_query
 from moe_diff.device import DTYPES, environment
 from moe_diff.inference.bench.measure import median_seconds
@@ -30,7 +28,6 @@ from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.diff_attention import diff_attention, sdpa_attention
 from moe_diff.kernels.mask import AttentionMask
-from moe_diff.model import MoEDiffTransformer
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what every backend runs
 
@@ -118,39 +115,6 @@ def measure(seq: int, args: argparse.Namespace, device: torch.device) -> list[di
     return rows
 
 
-def model_step(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Tokens/s of a whole forward+backward of a MoE model (dim 2048, 4 layers, 16 heads of 128, 8 experts) with
-    diff attention through the Triton kernel, against standard attention through SDPA and through Triton."""
-    values = dict(vocab_size=32000, dim=2048, n_layers=4, n_heads=16, n_kv_heads=4, head_dim=128, ffn_dim=2048,
-                  n_experts=8, top_k=2, sliding_window=args.window, max_seq_len=args.model_seq,
-                  moe_backend="grouped_mm")
-    tokens = torch.randint(0, 32000, (args.model_batch, args.model_seq), device=device)
-    rows = []
-    pairs = [("standard", "sdpa"), ("diff", "sdpa"), ("diff_v2", "sdpa")]
-    if device.type == "cuda":
-        pairs[1:1] = [("standard", "triton"), ("diff", "triton"), ("diff_v2", "triton")]
-    for attention, backend in pairs:
-        torch.manual_seed(0)
-        with device:
-            model = MoEDiffTransformer(ModelConfig(**values, attention=attention, attn_backend=backend))
-        model.to(DTYPES[args.dtype])
-
-        def step(model: MoEDiffTransformer = model) -> None:
-            out = model(tokens)
-            (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
-
-        seconds = median_seconds(step, device, args.repeats)
-        rows.append({"attention": attention, "attn_backend": backend, "seconds": seconds,
-                     "tokens_per_s": tokens.numel() / seconds})
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    baseline = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["over_standard_sdpa"] = row["tokens_per_s"] / baseline
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
@@ -163,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-max-seq", type=int, default=4096, help="longest seq for the reference")
-    parser.add_argument("--model-step", action="store_true", help="also time whole-model training steps")
-    parser.add_argument("--model-seq", type=int, default=4096)
-    parser.add_argument("--model-batch", type=int, default=2)
     parser.add_argument("--cpu-size", action="store_true", help="seq 128 and 256, 4 heads, head_dim 32, float32")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-DEVICE.json)")
     args = parser.parse_args(argv)
@@ -177,16 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows = [row for seq in args.seq for row in measure(seq, args, device)]
     results = {"environment": environment(device), "settings": vars(args), "results": rows}
-    if args.model_step:
-        results["model_step"] = model_step(args, device)
     out = write_json(results, Path(args.out or Path(__file__).parent / "results" / f"attention-{device.type}.json"))
     for row in rows:
         print(f"{row['seq']:>6}  {row['case']:<38} " + (row["error"] if "error" in row else
               f"{row['forward_s'] * 1e3:9.2f} ms fwd  {row['forward_backward_s'] * 1e3:9.2f} ms fwd+bwd  "
               f"{row['forward_tflops']:7.1f} / {row['forward_backward_tflops']:7.1f} TFLOP/s"))
-    for row in results.get("model_step", []):
-        print(f"model step  {row['attention']:<9} {row['attn_backend']:<7} {row['tokens_per_s']:10.0f} tok/s  "
-              f"{row['over_standard_sdpa']:.3f}x standard/sdpa")
     print(f"wrote {out}")
     return 0
 

@@ -48,6 +48,25 @@ def backends(device: torch.device, n_tokens: int) -> dict[str, Callable[..., tor
     return available
 
 
+def megablocks_dmoe(dim: int, ffn: int, n_experts: int, top_k: int, dtype: torch.dtype,
+                    device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """MegaBlocks' own dropless MoE layer (its router, grouped SwiGLU experts, no biases) at the same shape, where
+    megablocks itself is installed on a CUDA machine; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    try:
+        from megablocks.layers.arguments import Arguments
+        from megablocks.layers.dmoe import dMoE
+    except ImportError:
+        return None
+    args = Arguments(hidden_size=dim, ffn_hidden_size=ffn, moe_num_experts=n_experts, moe_top_k=top_k,
+                     moe_normalize_expert_weights=1, mlp_type="glu", mlp_impl="grouped", activation_fn=F.silu,
+                     bias=False, return_bias=False, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
+                     device=device)
+    layer = dMoE(args)
+    return lambda x: layer(x[:, None, :])  # MegaBlocks takes [sequence, batch, hidden]
+
+
 def timed(step: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, int | None]:
     """Median seconds of `step` after two warm-up calls, and its peak extra CUDA memory in bytes."""
     step()
@@ -81,6 +100,9 @@ def measure(n_tokens: int, dim: int, ffn: int, n_experts: int, top_k: int, dtype
     forward_flops = 2 * n_tokens * top_k * 3 * dim * ffn  # three matmuls per chosen expert
     cases = {name: (lambda op=op: op(inputs, expert_ids, routing_weights, w["w1"], w["w2"], w["w3"]))
              for name, op in backends(device, n_tokens).items()}
+    dmoe = megablocks_dmoe(dim, ffn, n_experts, top_k, dtype, device)
+    if dmoe is not None:
+        cases["megablocks dMoE layer"] = lambda: dmoe(inputs)
     cases["dense floor"] = lambda: dense_floor(inputs, dense["w1"], dense["w2"], dense["w3"])
     rows = []
     for kind in passes:

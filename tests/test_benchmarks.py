@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -18,30 +19,98 @@ def load(name: str):
         sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # where dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-def test_moe_layer_benchmark_at_cpu_size(tmp_path: Path, capsys) -> None:
-    out = tmp_path / "moe.json"
-    assert load("moe").main(["--cpu-size", "--repeats", "1", "--out", str(out)]) == 0
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> tuple[Path, str]:
+    """One run of the GPU suite at its CPU size (every stage), its output folder and what it printed; the stages'
+    own benchmarks are checked through it below."""
+    out = tmp_path_factory.mktemp("suite")
+    process = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_suite.py"), "--cpu-size", "--out", str(out)],
+                             capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr[-2000:]
+    return out, process.stdout
+
+
+def stage_parts(out: Path, stage: str) -> dict:
+    record = json.loads((out / f"cpu-{stage}.json").read_text())
+    assert record["status"] == "ok", record["status"]
+    assert record["environment"]["device"] == "cpu" and record["environment"]["commit"]
+    return record["parts"]
+
+
+def test_gpu_suite_writes_each_stage_a_summary_and_the_logs(suite) -> None:
+    out, printed = suite
+    stages = ["train-step", "attention", "decode", "moe", "tests"]
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        [f"cpu-{stage}.json" for stage in stages] + ["gpu-summary.json", "gpu-logs.tar.gz"])  # at most 8 come back
+    summary = json.loads((out / "gpu-summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == stages and all(s["status"] == "ok" for s in summary["stages"])
+    assert summary["elapsed_s"] <= summary["budget_s"]
+    headlines = {h["name"]: h for s in summary["stages"] for h in s["headlines"]}
+    assert headlines["tokens/s diff / standard"]["target"] == ">= 0.95"
+    assert headlines["tests failed"] == {"name": "tests failed", "value": 0, "target": "0", "holds": True}
+    assert headlines["batch-1 decode speed-up over transformers, prompt 16"]["value"] > 0
+    assert headlines["diff kernel / fastest alternative, window, seq 256"]["value"] is None  # no Triton kernel here
+    with tarfile.open(out / "gpu-logs.tar.gz") as archive:
+        names = archive.getnames()
+    assert {f"logs/{stage}.log" for stage in stages} <= set(names) and "logs/decode/decode.md" in names
+    assert "tokens/s diff / standard" in printed and "holds" in printed
+
+
+def test_train_step_benchmark_at_cpu_size(suite) -> None:
+    results = stage_parts(suite[0], "train-step")["train-step"]
+    assert [row["system"] for row in results["rows"]] == ["standard", "diff", "diff_v2", "transformers"]
+    assert all(row["tokens_per_s"] > 0 and row["tokens_per_step"] == 2 * 64 and row["mfu"] is None
+               for row in results["rows"])  # no bf16 peak is known for a CPU
+    assert set(results["ratios"]) == {"diff / standard", "diff_v2 / standard", "standard / transformers"}
+
+
+def test_train_step_times_compiled_models_only_within_its_budget(tmp_path: Path) -> None:
+    out = tmp_path / "train-step.json"
+    argv = ["--cpu-size", "--compile", "--budget", "0", "--no-transformers", "--out", str(out)]
+    assert load("train_step").main(argv) == 0
     results = json.loads(out.read_text())
+    assert [row["system"] for row in results["rows"]] == ["standard", "diff", "diff_v2"]
+    assert "budget went to the eager models" in results["compiled_skipped"]
+
+
+def test_gpu_suite_starts_no_stage_that_would_not_fit(tmp_path: Path) -> None:
+    assert load("gpu_suite").main(["--stages", "moe", "tests", "--budget", "30", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "gpu-summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["moe", "tests"]
+    assert all(s["status"].startswith("not started: its 60 s budget does not fit in the") for s in summary["stages"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu-logs.tar.gz", "gpu-summary.json"]
+
+
+def test_moe_layer_benchmark_at_cpu_size(suite) -> None:
+    results = stage_parts(suite[0], "moe")["moe"]
     rows = {(r["backend"], r["pass"], r["tokens"]): r for r in results["results"]}
-    assert {backend for backend, _, _ in rows} >= {"reference", "grouped_mm", "dense floor"}
+    assert {backend for backend, _, _ in rows} >= {"reference", "grouped_mm", "dense floor", "pairs", "few_tokens"}
     assert {kind for _, kind, _ in rows} == {"forward+backward", "forward"}
     assert {tokens for _, _, tokens in rows} == {1, 4, 16, 512, 2048} and results["dim"] == 256
     assert all(r["seconds"] > 0 and r["tflops"] > 0 for r in rows.values())
     assert rows[("dense floor", "forward", 512)]["time_over_dense_floor"] == 1.0
-    assert "x the dense floor" in capsys.readouterr().out
 
 
-def test_attention_benchmark_at_cpu_size(tmp_path: Path) -> None:
-    out = tmp_path / "attention.json"
-    assert load("attention").main(["--cpu-size", "--repeats", "1", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"]
-    assert {r["case"] for r in rows} >= {"diff / reference", "diff / sdpa", "diff_v2 / sdpa",
-                                         "standard 2x heads / sdpa (yardstick)"}
-    assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in rows)
+def test_attention_benchmark_at_cpu_size(suite) -> None:
+    parts = stage_parts(suite[0], "attention")
+    for regime, window in (("no-window", None), ("window", 64)):
+        results = parts[regime]
+        assert results["settings"]["window"] == window
+        rows = results["results"]
+        assert {r["case"] for r in rows} >= {"diff / reference", "diff / sdpa", "diff_v2 / sdpa",
+                                             "standard 2x heads / sdpa (yardstick)"}
+        assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in rows)
+
+
+def test_decode_stage_benchmarks_beside_transformers(suite) -> None:
+    results = stage_parts(suite[0], "decode")["decode"]
+    assert {run["system"] for run in results["runs"]} == {"moe-diff", "transformers"}
+    assert results["bandwidth_bytes_per_s"]["peak"] > 0
 
 
 def test_attention_launch_benchmark_at_cpu_size(tmp_path: Path) -> None:
@@ -84,3 +153,14 @@ def test_parallel_benchmark_at_cpu_size(tmp_path: Path) -> None:
     assert rows[0]["exchange_bytes_per_step_per_rank"] == 2 * out_bytes  # one rank computes all it sends
     assert out_bytes < rows[1]["exchange_bytes_per_step_per_rank"] < 3 * out_bytes  # the busiest rank's share
     assert "dispatch overhead" in process.stdout
+
+
+def test_megablocks_build_script_says_what_is_missing(tmp_path: Path) -> None:
+    """Without a CUDA toolkit it stops before building anything and says why; a wrong call prints its usage."""
+    script = str(BENCHMARKS / "build_megablocks.sh")
+    process = subprocess.run(["bash", script, "build", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    if "no CUDA toolkit" not in process.stdout:
+        pytest.skip("a CUDA toolkit is installed here")
+    assert process.returncode == 2
+    process = subprocess.run(["bash", script, "install"], capture_output=True, text=True, timeout=60)
+    assert process.returncode == 64 and "usage:" in process.stderr

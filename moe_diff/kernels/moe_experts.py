@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from moe_diff.errors import UsageError
 from moe_diff.kernels import moe_permute
 from moe_diff.kernels.moe_permute import PermutePlan
-from moe_diff.kernels.precision import compute_dtype
+from moe_diff.kernels.precision import compute_dtype, matmul_dtype
 from moe_diff.kernels.triton_compat import HAVE_TRITON
 
 
@@ -24,7 +24,7 @@ def moe_experts_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: to
         token, slot = torch.where(expert_ids == expert)  # the (token, slot) pairs routed here
         h = x[token]
         y = F.linear(F.silu(F.linear(h, w1[expert])) * F.linear(h, w3[expert]), w2[expert])
-        out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        out.index_add_(0, token, (y * weights[token, slot, None].to(y.dtype)).to(out.dtype))  # autocast: y's may differ
     return out
 
 
@@ -151,7 +151,10 @@ def sorted_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
                   grouped_linear_for: Callable[[PermutePlan], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
                   ) -> torch.Tensor:
     """Sort the (token, slot) pairs by expert, run the SwiGLU with the grouped GEMM `grouped_linear_for(plan)`
-    (rows, weight [E, out, in]) -> rows @ weight[group]^T, and combine each token's slots back."""
+    (rows, weight [E, out, in]) -> rows @ weight[group]^T, and combine each token's slots back. Under autocast the
+    rows and weights are cast as F.linear's would be (grouped GEMMs are not on autocast's list)."""
+    dtype = matmul_dtype(x)
+    x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
     plan, gather, combine = permutation_ops(x.device)
     routed = plan(expert_ids, w1.shape[0])
     linear = grouped_linear_for(routed)
@@ -161,9 +164,11 @@ def sorted_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
 
 
 def grouped_mm_applies(x: torch.Tensor, w1: torch.Tensor) -> bool:
-    """grouped_mm's rules: float32, bfloat16 or float16, and rows of whole 16-byte blocks (dim and ffn_dim
-    multiples of 8)."""
-    return x.dtype in GROUPED_MM_DTYPES and w1.shape[1] % 8 == 0 and w1.shape[2] % 8 == 0
+    """grouped_mm's rules: float32, bfloat16 or float16 (after autocast), rows of whole 16-byte blocks (dim and
+    ffn_dim multiples of 8), and bfloat16 alone under torch.compile (the only dtype its fake kernel accepts)."""
+    dtype = matmul_dtype(x)
+    compiled_rule = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    return dtype in GROUPED_MM_DTYPES and w1.shape[1] % 8 == 0 and w1.shape[2] % 8 == 0 and compiled_rule
 
 
 def moe_experts_auto(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -189,27 +194,27 @@ def moe_experts_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
     Experts that receive no token form empty groups (zero gradient); nothing waits on the host; outputs and
     gradients are bitwise repeatable (see permutation_ops).
     """
-    if x.dtype not in GROUPED_MM_DTYPES:
-        raise UsageError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {x.dtype}; use "
+    if matmul_dtype(x) not in GROUPED_MM_DTYPES:
+        raise UsageError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {matmul_dtype(x)}; use "
                          "moe_backend='reference' for float64")
     return sorted_swiglu(x, expert_ids, weights, w1, w2, w3,
                          lambda plan: lambda rows, w: GroupedLinear.apply(rows, w, plan.offsets))
 
 
-MEGABLOCKS_MISSING = ("moe_backend='megablocks' needs MegaBlocks with its grouped_gemm CUDA extension; install "
-                      "it on a CUDA machine with pip install 'moe-diff[megablocks]' (see the README), or use "
-                      "moe_backend='grouped_mm'")
+MEGABLOCKS_MISSING = ("moe_backend='megablocks' needs MegaBlocks' grouped GEMM, the grouped_gemm package with its "
+                      "CUDA extension: on a CUDA machine pip install 'moe-diff[megablocks]', or without a package "
+                      "index benchmarks/build_megablocks.sh (see docs/kernels.md); or use moe_backend='grouped_mm'")
 
 
 def megablocks_gmm() -> Callable:
-    """MegaBlocks' grouped GEMM, gmm(rows, weights [E, ...], batch_sizes on the host, trans_b)."""
+    """MegaBlocks' grouped GEMM, gmm(rows, weights [E, ...], batch_sizes on the host, trans_b), from the
+    grouped_gemm package it is built on (megablocks.grouped_gemm_util only re-exports it): grouped_gemm alone,
+    without megablocks itself, makes the backend available."""
     try:
-        from megablocks import grouped_gemm_util
+        from grouped_gemm import ops
     except ImportError as error:
         raise ImportError(MEGABLOCKS_MISSING) from error
-    if not grouped_gemm_util.grouped_gemm_is_available():
-        raise ImportError(MEGABLOCKS_MISSING)
-    return grouped_gemm_util.ops.gmm
+    return ops.gmm
 
 
 def megablocks_available() -> bool:

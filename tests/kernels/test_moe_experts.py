@@ -196,3 +196,47 @@ def test_auto_takes_a_path_that_equals_the_reference(grad: bool, n: int, dtype: 
         results.append([out.detach()] + ([a.grad for a in args] if grad else []))
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_under_autocast_multiplies_in_its_dtype() -> None:
+    """As F.linear in the loop is cast by autocast, so are grouped_mm's rows and weights: bfloat16 products (its
+    output is bfloat16; float32 ones would forgo a GPU's bfloat16 speed) and float32 gradients for float32
+    weights, as close to the loop's as bfloat16 allows. (The loop, fed float32 rows, returns float32.)"""
+    torch.manual_seed(0)
+    n, dim, ffn, experts = 24, 16, 32, 4
+    x = torch.randn(n, dim)
+    weights = [(torch.randn(shape) / 4).requires_grad_() for shape in ((experts, ffn, dim), (experts, dim, ffn),
+                                                                         (experts, ffn, dim))]
+    ids, routing = torch.stack([torch.randperm(experts)[:2] for _ in range(n)]), torch.rand(n, 2)
+    results = []
+    for op in (moe_experts_reference, moe_experts_grouped_mm):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = op(x, ids, routing, *weights)
+        out.float().square().sum().backward()
+        results.append((out.dtype, out.detach().float(), [w.grad.clone() for w in weights]))
+        for w in weights:
+            w.grad = None
+    (loop_dtype, loop_out, loop_grads), (dtype, out, grads) = results
+    assert dtype == torch.bfloat16 and loop_dtype == torch.float32
+    torch.testing.assert_close(out, loop_out, rtol=2e-2, atol=2e-2)
+    for grad, loop_grad in zip(grads, loop_grads, strict=True):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, loop_grad, rtol=5e-2, atol=5e-2)
+
+
+def test_auto_compiles_in_float32() -> None:
+    """grouped_mm's fake kernel takes bfloat16 alone, so a compiled float32 model (train.compile on a CPU) takes
+    the loop: compiled forward and backward equal the eager reference."""
+    torch.manual_seed(0)
+    n, dim, ffn, experts = 12, 16, 24, 4
+    tensors = [torch.randn(n, dim), torch.randn(experts, ffn, dim) / 4, torch.randn(experts, dim, ffn) / 4,
+               torch.randn(experts, ffn, dim) / 4]
+    ids, routing = torch.stack([torch.randperm(experts)[:2] for _ in range(n)]), torch.rand(n, 2)
+    results = []
+    for op in (moe_experts_reference, torch.compile(moe_experts_auto, fullgraph=False)):
+        args = [t.clone().requires_grad_() for t in tensors]
+        out = op(args[0], ids, routing, *args[1:])
+        out.square().sum().backward()
+        results.append([out.detach()] + [a.grad for a in args])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
