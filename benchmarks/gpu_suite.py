@@ -4,7 +4,7 @@ each within its own time budget, with every stage's results written as soon as i
     python benchmarks/gpu_suite.py --budget 450 --out OUT        a GPU: the figures the README reports
     python benchmarks/gpu_suite.py --cpu-size --out OUT          every stage at a tiny size (what CI runs)
 
-Under OUT (at most seven files): <gpu>-<stage>.json per stage (the stage's own results, each with the device,
+Under OUT (at most eight files): <gpu>-<stage>.json per stage (the stage's own results, each with the device,
 versions, commit and shapes, and how the stage ran), gpu-summary.json (read it first: per stage its status, its
 headline ratios and whether each target holds) and gpu-logs.tar.gz (each stage's log and the other files it
 wrote). The committed copies go to benchmarks/results/. Stages run as child processes, so one that fails or
@@ -164,12 +164,14 @@ def moe_headlines(parts: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-# ---- tests: the GPU tests and the compiled Triton kernel tests
+# ---- tests and multi-gpu: the GPU tests, the compiled Triton kernel tests, and the NCCL parity tests
 
-def tests_commands(folder: Path, cpu_size: bool, budget_s: float) -> dict[str, list[str]]:
-    paths = ["tests/test_gpu.py"] if cpu_size else ["tests/test_gpu.py", "tests/kernels"]
-    return {"tests": [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths,
-                      "--junitxml", str(folder / "tests.xml")]}
+def pytest_commands(name: str, gpu_paths: list[str], cpu_paths: list[str]) -> Callable[..., dict[str, list[str]]]:
+    """A stage that runs pytest on these paths (fewer at --cpu-size) and keeps its JUnit report as the part."""
+    def commands(folder: Path, cpu_size: bool, budget_s: float) -> dict[str, list[str]]:
+        return {name: [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                       *(cpu_paths if cpu_size else gpu_paths), "--junitxml", str(folder / f"{name}.xml")]}
+    return commands
 
 
 def junit_counts(path: Path) -> dict[str, Any]:
@@ -185,10 +187,14 @@ def junit_counts(path: Path) -> dict[str, Any]:
     return counts
 
 
-def tests_headlines(parts: dict[str, Any]) -> list[dict[str, Any]]:
-    counts = parts["tests"]
-    return [headline("tests failed", counts["failed"], "0", counts["failed"] == 0),
-            headline("tests passed", counts["passed"], "all that apply", None)]
+def pytest_headlines(name: str) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    """Failed (target 0), passed and skipped counts of a pytest stage."""
+    def headlines(parts: dict[str, Any]) -> list[dict[str, Any]]:
+        counts = parts[name]
+        return [headline(f"{name} failed", counts["failed"], "0", counts["failed"] == 0),
+                headline(f"{name} passed", counts["passed"], "all that apply", None),
+                headline(f"{name} skipped", counts["skipped"], "none where they apply", None)]
+    return headlines
 
 
 STAGES = [
@@ -196,7 +202,10 @@ STAGES = [
     Stage("attention", 120, attention_commands, attention_headlines),
     Stage("decode", 90, decode_commands, decode_headlines),
     Stage("moe", 60, moe_commands, moe_headlines),
-    Stage("tests", 60, tests_commands, tests_headlines, env={"TRITON_INTERPRET": "0"}),
+    Stage("tests", 60, pytest_commands("tests", ["tests/test_gpu.py", "tests/kernels"], ["tests/test_gpu.py"]),
+          pytest_headlines("tests"), env={"TRITON_INTERPRET": "0"}),
+    Stage("multi-gpu", 60, pytest_commands("multi-gpu", ["tests/parallel/test_nccl.py"],
+                                           ["tests/parallel/test_nccl.py"]), pytest_headlines("multi-gpu")),
 ]
 CPU_BUDGET_S = 120  # each stage's budget at --cpu-size
 
@@ -215,12 +224,12 @@ def device_label() -> tuple[str, dict[str, Any]]:
 
 
 def read_parts(folder: Path, names: list[str]) -> dict[str, Any]:
-    """Each command's JSON part that exists (the tests' JUnit report read into counts)."""
+    """Each command's part that exists: its JSON, or its JUnit report read into counts."""
     parts = {}
     for name in names:
-        path = folder / f"{name}.json"
-        if name == "tests" and (folder / "tests.xml").is_file():
-            parts[name] = junit_counts(folder / "tests.xml")
+        path, report = folder / f"{name}.json", folder / f"{name}.xml"
+        if report.is_file():
+            parts[name] = junit_counts(report)
         elif path.is_file():
             parts[name] = json.loads(path.read_text())
     return parts
@@ -272,7 +281,7 @@ def write_logs(out: Path, logs: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     names = [stage.name for stage in STAGES]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for the results (at most seven files)")
+    parser.add_argument("--out", required=True, help="folder for the results (at most eight files)")
     parser.add_argument("--stages", nargs="+", choices=names, default=names, help="stages to run, in this order")
     parser.add_argument("--budget", type=float, default=450, help="seconds in all: a stage that would not fit in "
                         "what is left is not started")

@@ -44,7 +44,7 @@ def stage_parts(out: Path, stage: str) -> dict:
 
 def test_gpu_suite_writes_each_stage_a_summary_and_the_logs(suite) -> None:
     out, printed = suite
-    stages = ["train-step", "attention", "decode", "moe", "tests"]
+    stages = ["train-step", "attention", "decode", "moe", "tests", "multi-gpu"]
     assert sorted(path.name for path in out.iterdir()) == sorted(
         [f"cpu-{stage}.json" for stage in stages] + ["gpu-summary.json", "gpu-logs.tar.gz"])  # at most 8 come back
     summary = json.loads((out / "gpu-summary.json").read_text())
@@ -53,6 +53,7 @@ def test_gpu_suite_writes_each_stage_a_summary_and_the_logs(suite) -> None:
     headlines = {h["name"]: h for s in summary["stages"] for h in s["headlines"]}
     assert headlines["tokens/s diff / standard"]["target"] == ">= 0.95"
     assert headlines["tests failed"] == {"name": "tests failed", "value": 0, "target": "0", "holds": True}
+    assert headlines["multi-gpu skipped"]["value"] == 4  # no GPUs here
     assert headlines["batch-1 decode speed-up over transformers, prompt 16"]["value"] > 0
     assert headlines["diff kernel / fastest alternative, window, seq 256"]["value"] is None  # no Triton kernel here
     with tarfile.open(out / "gpu-logs.tar.gz") as archive:

@@ -6,7 +6,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from harness import (  # tests/parallel is on the path
+    CONFIGS,
+    SETTINGS,
+    assert_layout_equals_one_process,
+    corpus,
+    free_port,
+    losses,
+    run,
+    weights,
+)
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
 from moe_diff import checkpoint, cli
@@ -23,56 +32,8 @@ from moe_diff.checkpoint import CheckpointError
 from moe_diff.checkpoint import training as checkpoints
 from moe_diff.config import load_config, to_yaml
 from moe_diff.parallel import runtime
-from moe_diff.runs import read_metrics
 from moe_diff.train import train
 from moe_diff.training.trainer import TrainingError
-
-CONFIGS = Path(__file__).parents[2] / "configs"
-SETTINGS = ["model.n_layers=2", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
-            "model.ffn_dim=32", "model.n_experts=4", "model.sliding_window=16", "train.seq_len=32",
-            "train.batch_size=4", "train.max_steps=4", "train.warmup_steps=1", "train.log_every=1",
-            "train.eval_every=0", "train.save_every=3", "train.lr=1e-2",
-            "data.val_fraction=0.3"]
-
-
-def corpus(tmp_path: Path) -> str:
-    """A small real corpus: a few of the standard library's own modules."""
-    source = tmp_path / "corpus"
-    source.mkdir(exist_ok=True)
-    for name in ("json/decoder.py", "json/encoder.py", "json/scanner.py", "json/tool.py", "textwrap.py"):
-        shutil.copy(Path(os.__file__).parent / name, source / name.replace("/", "_"))
-    return str(source)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(tmp_path: Path, name: str, processes: int, *overrides: str) -> Path:
-    """`python -m moe_diff.train` in one process, or under torchrun with `processes` ranks."""
-    out = tmp_path / name
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(to_yaml(load_config(CONFIGS / "tiny.yaml", [*SETTINGS, f"data.source={corpus(tmp_path)}"])))
-    args = [str(config), f"train.out_dir={out}", *overrides]
-    launcher = [sys.executable, "-m", "moe_diff.train"] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-        f"--master_port={free_port()}", "-m", "moe_diff.train"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.run([*launcher, *args], capture_output=True, text=True, env=environment, timeout=600)
-    raised = [line for line in process.stderr.splitlines() if re.match(r"\[rank\d+\]: [\w.]*(Error|Exception)\b", line)]
-    assert process.returncode == 0, "\n".join([*raised, process.stderr[-2000:]])
-    (out / "console.txt").write_text(" ".join(process.stdout.split()))
-    return out
-
-
-def losses(out: Path) -> list[float]:
-    return [record["loss"] for record in read_metrics(out / "metrics.jsonl")]
-
-
-def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return checkpoint.open_model(out / "checkpoints" / f"step-{step}").model.state_dict()
 
 
 def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
@@ -80,18 +41,6 @@ def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
     metadata = checkpoints.SafeFileSystemReader(step / "state").read_metadata()
     return {tuple(index.offset): info.relative_path for index, info in metadata.storage_data.items()
             if index.fqn == key}
-
-
-def assert_close_runs(a: Path, b: Path, step: int) -> None:
-    """Float32 rounding differs with the order of sums across ranks. Adam (lr 1e-2) divides each gradient by its
-    own scale, so where a gradient is only rounding noise (an expert that got almost no tokens in a step) the
-    noise becomes weight differences of up to ~lr/4; a wrong shard or sum changes the losses and moves weights
-    by ~lr every step."""
-    assert losses(a) == pytest.approx(losses(b), rel=1e-5, abs=1e-6)
-    weights_a, weights_b = weights(a, step), weights(b, step)
-    for name, value in weights_a.items():
-        torch.testing.assert_close(value, weights_b[name], rtol=0, atol=5e-3,
-                                   msg=lambda text, name=name: f"{name}: {text}")
 
 
 @pytest.mark.parametrize(("processes", "layout", "data_ranks"), [
@@ -106,33 +55,7 @@ def assert_close_runs(a: Path, b: Path, step: int) -> None:
     (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2", "parallel.vocab_parallel=true",
          "model.n_kv_heads=4"], 2)])
 def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout: list[str], data_ranks: int) -> None:
-    """Each data-parallel rank computes the load-balancing loss on its rows, as one process does on each
-    micro-batch, so the single process accumulates one micro-batch per data-parallel rank (the ranks of a
-    tensor-parallel group share their rows; with train.grad_accum=2 in the parallel run, two per rank)."""
-    model = [setting for setting in layout if setting.startswith("model.")]
-    single = run(tmp_path, "single", 1, f"train.grad_accum={data_ranks}", "train.sample_tokens=0", *model)
-    parallel = run(tmp_path, "parallel", processes, *layout)  # with the default sample at its end
-    assert len(losses(parallel)) == 4
-    assert_close_runs(parallel, single, 4)
-    assert_commands_read(parallel, tmp_path)
-
-
-def assert_commands_read(out: Path, tmp_path: Path) -> None:
-    """The job's end-of-run summary (a sample, the routing table) ran in its layout, and every command that reads
-    a run opens the one it wrote."""
-    console = (out / "console.txt").read_text()
-    assert "sample after step 4" in console and "Routing of" in console and "training loss" in console
-    step_4 = out / "checkpoints" / "step-4"
-    for argv in (["generate", str(out), "--prompt", "def ", "--max-new-tokens", "8"],
-                 ["diagnose", str(out), "--out", str(tmp_path / "diagnosis"), "--tokens", "128", "--seq-len", "32"],
-                 ["bench", str(out), "--out", str(tmp_path / "bench"), "--batch", "1", "--prompt", "8",
-                  "--new-tokens", "4", "--repeats", "1", "--systems", "moe-diff"],
-                 ["export", str(out), str(tmp_path / "exported")]):
-        assert cli.main(argv) == 0, argv
-    assert (tmp_path / "diagnosis" / "report.html").is_file() and (tmp_path / "bench.json").is_file()
-    exported = checkpoint.load(tmp_path / "exported").state_dict()
-    assert all(torch.equal(exported[name], value) for name, value in weights(out, 4).items())
-    assert checkpoint.open_model(out).path == step_4
+    assert_layout_equals_one_process(tmp_path, processes, layout, data_ranks, "cpu")
 
 
 def test_a_refused_layout_prints_one_line_on_every_rank(tmp_path: Path) -> None:
