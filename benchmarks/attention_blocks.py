@@ -1,5 +1,6 @@
 """Launch configurations of the Triton attention kernels compared, one kernel at a time with the others at their
-defaults, so that GPU_BLOCKS (moe_diff/kernels/diff_flash_attention.py) follows measurements.
+hand-picked launches, so that the candidates a GPU's autotuning chooses from (CANDIDATES in
+moe_diff/kernels/diff_flash_attention.py) follow measurements.
 
 Wherever Triton's NVIDIA backend is installed, a GPU or not, each candidate is compiled for Hopper (sm_90a) and
 its registers, spills and shared memory recorded. On a GPU each candidate is also timed: a pool of processes
@@ -33,7 +34,7 @@ from moe_diff.inference.bench.measure import median_seconds
 from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels import diff_flash_attention as flash
-from moe_diff.kernels.gpu_compile import compile_in_process, error_line, gpu_launch, launch_key
+from moe_diff.kernels.gpu_compile import compile_in_process, error_line, hand_picked
 from moe_diff.kernels.mask import AttentionMask
 
 Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
@@ -87,14 +88,15 @@ def run_kernel(mode: str, kernel: str, inputs: list[torch.Tensor], window: int |
 
 def with_launch(mode: str, kernel: str, launch: Launch, args: argparse.Namespace,
                 work: Callable[[], object]) -> object:
-    """`work()` with GPU_BLOCKS set to `launch` for this kernel and mode, then restored."""
-    key = launch_key(kernel, mode, args.head_dim)
-    default = flash.GPU_BLOCKS[key]
-    flash.GPU_BLOCKS[key] = launch
+    """`work()` with `launch` the one candidate of this kernel and mode and the mode's other kernels at their
+    hand-picked launches (no autotuning), then the candidates restored."""
+    saved = dict(flash.CANDIDATES)
+    for other in flash.KERNELS:
+        flash.CANDIDATES[other, mode] = (launch if other == kernel else hand_picked(other, mode),)
     try:
         return work()
     finally:
-        flash.GPU_BLOCKS[key] = default
+        flash.CANDIDATES.update(saved)
 
 
 def warm(task: tuple[str, str, Launch, argparse.Namespace]) -> str | None:
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kv-heads must divide --heads; --seq, --repeats and --workers must be positive")
     device = torch.device(args.device)
     launches = list(dict.fromkeys(launch for mode, kernel in itertools.product(args.modes, args.kernels)
-                                  for launch in [gpu_launch(kernel, mode, args.head_dim), *candidates]))
+                                  for launch in [hand_picked(kernel, mode), *candidates]))
     compiled = {}
     if args.static:
         with ThreadPoolExecutor(args.workers) as pool:
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                 strict=True))
     rows = []
     for mode, kernel in itertools.product(args.modes, args.kernels):
-        default = gpu_launch(kernel, mode, args.head_dim)
+        default = hand_picked(kernel, mode)
         for launch in dict.fromkeys([default, *candidates]):
             static = next((row for row in compiled.get(launch, []) if (row["mode"], row["kernel"]) == (mode, kernel)),
                           {})

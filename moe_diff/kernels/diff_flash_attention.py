@@ -13,7 +13,11 @@ one lower bound per query, so key blocks outside it are skipped and a window's c
 or by an explicit boolean mask [B, Tq, Tk] (queries against a KV cache), when every key block is visited.
 """
 
+import functools
+import inspect
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -72,7 +76,7 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                     stride_vb, stride_vt, stride_vh, stride_lb, stride_lt, stride_lh,
                     stride_ob, stride_ot, stride_oh, stride_mb, stride_mq,
-                    n_queries, n_keys, n_heads, group_size, qk_scale,
+                    n_queries, n_keys, n_heads, group_size, qk_scale, length_bucket,
                     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr, SHARED_K: tl.constexpr,
                     HAS_MASK: tl.constexpr, STORE_O2: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -134,7 +138,7 @@ def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY
                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                         stride_vb, stride_vt, stride_vh, stride_lb, stride_lt, stride_lh,
                         stride_ob, stride_ot, stride_oh, stride_mb, stride_mq,
-                        n_queries, n_keys, n_heads, n_groups, group_size, qk_scale, sm_scale,
+                        n_queries, n_keys, n_heads, n_groups, group_size, qk_scale, sm_scale, length_bucket,
                         HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
                         SHARED_K: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -210,7 +214,7 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
                        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                        stride_vb, stride_vt, stride_vh, stride_lb, stride_lt, stride_lh,
                        stride_ob, stride_ot, stride_oh, stride_mb, stride_mq,
-                       n_queries, n_keys, n_heads, group_size, qk_scale, sm_scale,
+                       n_queries, n_keys, n_heads, group_size, qk_scale, sm_scale, length_bucket,
                        HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
                        SHARED_K: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -269,22 +273,51 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
 
 KERNELS = {"forward": _forward_kernel, "backward_kv": _backward_kv_kernel, "backward_q": _backward_q_kernel}
 MODES = ("standard", "diff", "diff_v2")  # one softmax; two with their own keys; two sharing one group's keys
-# Launch parameters on a GPU per kernel, mode and value width (diff's values are 2d wide), picked by hand on an
-# H100 (benchmarks/attention_blocks.py times candidates against them); under Triton's interpreter (CPU tensors)
-# small blocks keep the tests quick.
-HAND_PICKED_BLOCKS = {  # kernel -> (value width <= 128, wider): (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    "forward": ((128, 64, 8, 3), (64, 64, 8, 2)),
-    "backward_kv": ((64, 64, 8, 2), (32, 64, 8, 2)),
-    "backward_q": ((64, 64, 8, 2), (64, 32, 8, 2)),
+Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+# The launches a GPU chooses from, per kernel and mode: first the one picked by hand on an H100 for the mode's
+# value width at head_dim 128 (128 for standard and diff_v2, 256 for diff), then up to three more that the Hopper
+# compile check (benchmarks/attention_blocks.py: benchmarks/results/attention-blocks-static.json) shows spilling at
+# most 64 bytes per thread, within 227 KB of shared memory and on warpgroup MMAs at head_dim 128, largest tiles
+# first. On a GPU, Triton times them on first use for each AUTOTUNE_KEY and dtype and keeps the fastest (on disk
+# too, where its version can); under the interpreter INTERPRETER_BLOCKS alone runs.
+CANDIDATES: dict[tuple[str, str], tuple[Launch, ...]] = {
+    ("forward", "standard"): ((128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2)),
+    ("forward", "diff"): ((64, 64, 8, 2), (64, 32, 8, 2)),
+    ("forward", "diff_v2"): ((128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)),
+    ("backward_kv", "standard"): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("backward_kv", "diff"): ((32, 64, 8, 2),),
+    ("backward_kv", "diff_v2"): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 3)),
+    ("backward_q", "standard"): ((64, 64, 8, 2), (64, 32, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2)),
+    ("backward_q", "diff"): ((64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)),
+    ("backward_q", "diff_v2"): ((64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2)),
 }
-GPU_BLOCKS = {(kernel, mode, wide): HAND_PICKED_BLOCKS[kernel][wide]
-              for kernel in KERNELS for mode in MODES for wide in (False, True)}
-INTERPRETER_BLOCKS = (16, 16, 1, 1)
+AUTOTUNE_KEY = ["HEAD_DIM", "VALUE_DIM", "HAS_MASK", "length_bucket"]  # the mode is in the candidate lists
+INTERPRETER_BLOCKS = (16, 16, 1, 1)  # small blocks keep the interpreted tests quick
 
 
-def launch_blocks(kernel: str, mode: str, value_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel of one mode, values `value_dim` wide, on `device`."""
-    return GPU_BLOCKS[kernel, mode, value_dim > 128] if device.type == "cuda" else INTERPRETER_BLOCKS
+def length_bucket(n_queries: int, n_keys: int) -> int:
+    """The power of two at or above the longer of the two lengths (at least 1024): one tuning per bucket."""
+    return max(1024, triton.next_power_of_2(max(n_queries, n_keys)))
+
+
+@functools.cache
+def tuned(kernel: str, candidates: tuple[Launch, ...]) -> "triton.runtime.Autotuner":
+    """`kernel` autotuned over `candidates`, per AUTOTUNE_KEY and the inputs' dtypes."""
+    configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+               for block_m, block_n, warps, stages in candidates]
+    on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, **on_disk)(KERNELS[kernel])
+
+
+def launch_kernel(kernel: str, mode: str, grid: Callable[[dict], tuple[int, int]], device: torch.device,
+                  *args: Any, **kwargs: Any) -> None:
+    """Run `kernel` of `mode`: autotuned over its candidates on a GPU, with INTERPRETER_BLOCKS elsewhere; `grid`
+    maps the chosen launch's constants to the program grid."""
+    if device.type == "cuda":
+        tuned(kernel, CANDIDATES[kernel, mode])[grid](*args, **kwargs)
+        return
+    block_m, block_n, warps, stages = INTERPRETER_BLOCKS
+    KERNELS[kernel][grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **kwargs)
 
 
 def rule_bounds(n_tokens: int, batch: int, window: int | None, document_ids: torch.Tensor | None,
@@ -324,6 +357,7 @@ class Launch:
         self.two, self.shared_k, self.has_mask = q2 is not None, q2 is not None and k2 is None, mask is not None
         self.mode = MODES[self.two + self.shared_k]
         self.sm_scale = self.head_dim ** -0.5
+        self.length_bucket = length_bucket(self.n_queries, self.n_keys)
         precision = "ieee" if q1.dtype == torch.float32 else "tf32"  # float32 inputs stay exact on a GPU
         lam_strides = lam.stride() if lam is not None else (0, 0, 0)
         mask_strides = mask.stride()[:2] if mask is not None else (0, 0)
@@ -335,11 +369,6 @@ class Launch:
                               BLOCK_DV=max(16, triton.next_power_of_2(self.value_dim)), TWO=self.two,
                               SHARED_K=self.shared_k, HAS_MASK=self.has_mask, DOT_PRECISION=precision)
 
-    def blocks(self, kernel: str, device: torch.device) -> dict:
-        block_m, block_n, warps, stages = launch_blocks(kernel, self.mode, self.value_dim, device)
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-
-
 def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
     launch = Launch(q1, q2, k1, k2, v, lam, mask)
     shape = (launch.batch, launch.n_queries, launch.n_heads, launch.value_dim)
@@ -347,13 +376,14 @@ def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
     o2 = torch.empty(shape, dtype=torch.float32, device=q1.device) if launch.two and store_o2 else None
     lse = torch.empty(2 if launch.two else 1, launch.batch, launch.n_heads, launch.n_queries, dtype=torch.float32,
                       device=q1.device)
-    blocks = launch.blocks("forward", q1.device)
-    grid = (triton.cdiv(launch.n_queries, blocks["BLOCK_M"]), launch.batch * launch.n_heads)
-    _forward_kernel[grid](q1, q2 if launch.two else q1, k1, k2 if k2 is not None else k1, v,
-                          lam if lam is not None else lse, key_start, mask if mask is not None else key_start,
-                          out, o2 if o2 is not None else out, lse, *launch.strides, *launch.out_and_mask_strides,
-                          launch.n_queries, launch.n_keys, launch.n_heads, launch.group_size,
-                          launch.sm_scale * LOG2E, STORE_O2=o2 is not None, **launch.constants, **blocks)
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(launch.n_queries, meta["BLOCK_M"]), launch.batch * launch.n_heads
+
+    launch_kernel("forward", launch.mode, grid, q1.device, q1, q2 if launch.two else q1, k1,
+                  k2 if k2 is not None else k1, v, lam if lam is not None else lse, key_start,
+                  mask if mask is not None else key_start, out, o2 if o2 is not None else out, lse, *launch.strides,
+                  *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.group_size,
+                  launch.sm_scale * LOG2E, launch.length_bucket, STORE_O2=o2 is not None, **launch.constants)
     return out, o2, lse
 
 
@@ -377,18 +407,20 @@ def _backward(grad_out, q1, q2, k1, k2, v, lam, key_start, query_stop, mask, out
     q2_, k2_ = (q2 if launch.two else q1), (k2 if k2 is not None else k1)
     lam_, mask_ = (lam if lam is not None else lse), (mask if mask is not None else key_start)
     scales = (launch.sm_scale * LOG2E, launch.sm_scale)
-    blocks = launch.blocks("backward_kv", q1.device)
-    grid = (triton.cdiv(launch.n_keys, blocks["BLOCK_N"]), launch.batch * launch.n_groups)
-    _backward_kv_kernel[grid](q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta, key_start, query_stop, mask_,
-                              dk1, dk2 if dk2 is not None else dk1, dv, *launch.strides,
-                              *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads,
-                              launch.n_groups, launch.group_size, *scales, **launch.constants, **blocks)
-    blocks = launch.blocks("backward_q", q1.device)
-    grid = (triton.cdiv(launch.n_queries, blocks["BLOCK_M"]), launch.batch * launch.n_heads)
-    _backward_q_kernel[grid](q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta, key_start, mask_,
-                             dq1, dq2 if dq2 is not None else dq1, *launch.strides, *launch.out_and_mask_strides,
-                             launch.n_queries, launch.n_keys, launch.n_heads, launch.group_size, *scales,
-                             **launch.constants, **blocks)
+    def key_grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(launch.n_keys, meta["BLOCK_N"]), launch.batch * launch.n_groups
+
+    def query_grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(launch.n_queries, meta["BLOCK_M"]), launch.batch * launch.n_heads
+
+    launch_kernel("backward_kv", launch.mode, key_grid, q1.device, q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta,
+                  key_start, query_stop, mask_, dk1, dk2 if dk2 is not None else dk1, dv, *launch.strides,
+                  *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.n_groups,
+                  launch.group_size, *scales, launch.length_bucket, **launch.constants)
+    launch_kernel("backward_q", launch.mode, query_grid, q1.device, q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta,
+                  key_start, mask_, dq1, dq2 if dq2 is not None else dq1, *launch.strides,
+                  *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.group_size,
+                  *scales, launch.length_bucket, **launch.constants)
     return dq1, dq2, dk1, dk2, dv, grad_lam
 
 

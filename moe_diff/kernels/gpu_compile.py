@@ -26,7 +26,7 @@ from moe_diff.kernels.triton_compat import triton
 
 POINTER_TYPES = {"KEY_START": "*i32", "QUERY_STOP": "*i32", "MASK": "*i1", "LSE": "*fp32", "DELTA": "*fp32",
                  "O2": "*fp32"}  # the rest hold the inputs' dtype
-UNHINTED = {"n_queries", "n_keys", "n_heads", "n_groups", "group_size",  # any value
+UNHINTED = {"n_queries", "n_keys", "n_heads", "n_groups", "group_size", "length_bucket",  # any value
             "stride_lb", "stride_lt", "stride_lh"}  # lambda's: 0 (one shared value) or 1 (per head) in real launches
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 TRITON_TYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in TRITON_TYPES}
@@ -58,14 +58,9 @@ def mode_launch(mode: str, head_dim: int, dtype: torch.dtype) -> flash.Launch:
     raise ValueError(f"mode must be one of {', '.join(flash.MODES)}, got {mode!r}")
 
 
-def launch_key(kernel: str, mode: str, head_dim: int) -> tuple[str, str, bool]:
-    """Where GPU_BLOCKS keeps the launch of `kernel` of `mode` at head width `head_dim`."""
-    return kernel, mode, mode_launch(mode, head_dim, torch.bfloat16).value_dim > 128
-
-
-def gpu_launch(kernel: str, mode: str, head_dim: int) -> tuple[int, int, int, int]:
-    """The launch configuration a GPU runs `kernel` of `mode` with."""
-    return flash.GPU_BLOCKS[launch_key(kernel, mode, head_dim)]
+def hand_picked(kernel: str, mode: str) -> tuple[int, int, int, int]:
+    """The launch picked by hand for `kernel` of `mode`: the first of its candidates."""
+    return flash.CANDIDATES[kernel, mode][0]
 
 
 def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
@@ -146,21 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", nargs="+", choices=list(flash.KERNELS), default=list(flash.KERNELS))
     parser.add_argument("--head-dim", nargs="+", type=int, default=[128])
     parser.add_argument("--launch", nargs=4, type=int, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
-                        help="one launch configuration for every kernel (default: the one GPUs use)")
+                        help="one launch configuration for every kernel (default: the one picked by hand)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="every launch a GPU's autotuning chooses from, instead of the hand-picked one")
     parser.add_argument("--dtype", choices=list(TRITON_TYPES_BY_NAME), default="bfloat16")
     parser.add_argument("--arch", type=int, default=90, help="compute capability: 80 (A100), 90 (H100/H200)")
     args = parser.parse_args(argv)
     for mode in args.mode:
         for kernel in args.kernel:
             for head_dim in args.head_dim:
-                launch = tuple(args.launch) if args.launch else gpu_launch(kernel, mode, head_dim)
-                row = {"mode": mode, "kernel": kernel, "head_dim": head_dim, "launch": launch, "arch": args.arch}
-                try:
-                    row |= asdict(compile_for(kernel, mode, head_dim, TRITON_TYPES_BY_NAME[args.dtype], launch,
-                                              args.arch))
-                except Exception as error:  # noqa: BLE001 - a configuration that does not compile is a result
-                    row["error"] = error_line(error)
-                print(json.dumps(row), flush=True)
+                if args.launch:
+                    launches = [tuple(args.launch)]
+                else:
+                    launches = flash.CANDIDATES[kernel, mode] if args.candidates else [
+                        hand_picked(kernel, mode)]
+                for launch in launches:
+                    row = {"mode": mode, "kernel": kernel, "head_dim": head_dim, "launch": launch,
+                           "arch": args.arch}
+                    try:
+                        row |= asdict(compile_for(kernel, mode, head_dim, TRITON_TYPES_BY_NAME[args.dtype], launch,
+                                                  args.arch))
+                    except Exception as error:  # noqa: BLE001 - a configuration that does not compile is a result
+                        row["error"] = error_line(error)
+                    print(json.dumps(row), flush=True)
     return 0
 
 
