@@ -166,11 +166,19 @@ def moe_headlines(parts: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ---- tests and multi-gpu: the GPU tests, the compiled Triton kernel tests, and the NCCL parity tests
 
-def pytest_commands(name: str, gpu_paths: list[str], cpu_paths: list[str]) -> Callable[..., dict[str, list[str]]]:
-    """A stage that runs pytest on these paths (fewer at --cpu-size) and keeps its JUnit report as the part."""
+def pytest_commands(name: str, gpu_paths: list[str], cpu_paths: list[str],
+                    compile_figures: bool = False) -> Callable[..., dict[str, list[str]]]:
+    """A stage that runs pytest on these paths (fewer at --cpu-size) and keeps its JUnit report as the part; with
+    `compile_figures`, then every attention launch candidate's Hopper figures from this machine's Triton (the
+    tests just compiled them into its cache; at --cpu-size one kernel's)."""
     def commands(folder: Path, cpu_size: bool, budget_s: float) -> dict[str, list[str]]:
-        return {name: [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                       *(cpu_paths if cpu_size else gpu_paths), "--junitxml", str(folder / f"{name}.xml")]}
+        found = {name: [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                        *(cpu_paths if cpu_size else gpu_paths), "--junitxml", str(folder / f"{name}.xml")]}
+        if compile_figures:
+            which = ["--mode", "diff_v2", "--kernel", "forward"] if cpu_size else []
+            found["compile"] = [PYTHON, "-m", "moe_diff.kernels.gpu_compile", "--candidates", "--head-dim", "128",
+                                *which, "--out", str(folder / "compile.json")]
+        return found
     return commands
 
 
@@ -188,12 +196,18 @@ def junit_counts(path: Path) -> dict[str, Any]:
 
 
 def pytest_headlines(name: str) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
-    """Failed (target 0), passed and skipped counts of a pytest stage."""
+    """Failed (target 0), passed and skipped counts of a pytest stage, and the compile figures' spills."""
     def headlines(parts: dict[str, Any]) -> list[dict[str, Any]]:
         counts = parts[name]
-        return [headline(f"{name} failed", counts["failed"], "0", counts["failed"] == 0),
-                headline(f"{name} passed", counts["passed"], "all that apply", None),
-                headline(f"{name} skipped", counts["skipped"], "none where they apply", None)]
+        found = [headline(f"{name} failed", counts["failed"], "0", counts["failed"] == 0),
+                 headline(f"{name} passed", counts["passed"], "all that apply", None),
+                 headline(f"{name} skipped", counts["skipped"], "none where they apply", None)]
+        figures = parts.get("compile", {})
+        for row in figures.get("rows", []):
+            if "stack_bytes" in row:
+                found.append(at_most(f"{row['mode']} {row['kernel']} {tuple(row['launch'])} spill bytes/thread "
+                                     f"(Triton {figures['triton']})", row["stack_bytes"], 64))
+        return found
     return headlines
 
 
@@ -202,7 +216,8 @@ STAGES = [
     Stage("attention", 120, attention_commands, attention_headlines),
     Stage("decode", 90, decode_commands, decode_headlines),
     Stage("moe", 60, moe_commands, moe_headlines),
-    Stage("tests", 60, pytest_commands("tests", ["tests/test_gpu.py", "tests/kernels"], ["tests/test_gpu.py"]),
+    Stage("tests", 60, pytest_commands("tests", ["tests/test_gpu.py", "tests/kernels"], ["tests/test_gpu.py"],
+                                       compile_figures=True),
           pytest_headlines("tests"), env={"TRITON_INTERPRET": "0"}),
     Stage("multi-gpu", 60, pytest_commands("multi-gpu", ["tests/parallel/test_nccl.py"],
                                            ["tests/parallel/test_nccl.py"]), pytest_headlines("multi-gpu")),

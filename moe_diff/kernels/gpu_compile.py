@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="every launch a GPU's autotuning chooses from, instead of the hand-picked one")
     parser.add_argument("--dtype", choices=list(TRITON_TYPES_BY_NAME), default="bfloat16")
     parser.add_argument("--arch", type=int, default=90, help="compute capability: 80 (A100), 90 (H100/H200)")
+    parser.add_argument("--out", default=None, help="also write the rows, with the environment, to this JSON file")
     args = parser.parse_args(argv)
+    rows = []
     for mode in args.mode:
         for kernel in args.kernel:
             for head_dim in args.head_dim:
@@ -164,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as error:  # noqa: BLE001 - a configuration that does not compile is a result
                         row["error"] = error_line(error)
                     print(json.dumps(row), flush=True)
+                    rows.append(row)
+    if args.out:
+        from moe_diff.device import environment
+
+        Path(args.out).write_text(json.dumps({"environment": environment(torch.device("cpu")), "triton":
+                                              triton.__version__, "settings": vars(args), "rows": rows}) + "\n")
     return 0
 
 
