@@ -145,7 +145,7 @@ def decode_headlines(parts: dict[str, Any]) -> list[dict[str, Any]]:
 # ---- moe: one MoE layer at Mixtral-8x7B's shape (benchmarks/moe.py)
 
 def moe_commands(folder: Path, cpu_size: bool, budget_s: float) -> dict[str, list[str]]:
-    size = ["--cpu-size", "--repeats", "1"] if cpu_size else ["--tokens", "4096", "16384"]
+    size = ["--cpu-size", "--repeats", "1"] if cpu_size else ["--tokens", "1", "16", "4096", "16384"]
     return {"moe": [PYTHON, "benchmarks/moe.py", *size, "--out", str(folder / "moe.json")]}
 
 

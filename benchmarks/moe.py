@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from moe_diff.device import DTYPES, environment, synchronize
 from moe_diff.inference.bench.measure import median_seconds
 from moe_diff.inference.bench.report import write_json
+from moe_diff.kernels.moe_decode import moe_experts_gemv
 from moe_diff.kernels.moe_experts import (
     FEW_TOKENS,
     megablocks_available,
@@ -30,6 +31,7 @@ from moe_diff.kernels.moe_experts import (
     moe_experts_pairs,
     moe_experts_reference,
 )
+from moe_diff.kernels.triton_compat import HAVE_TRITON
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what every backend runs
 
@@ -45,7 +47,12 @@ def backends(device: torch.device, n_tokens: int) -> dict[str, Callable[..., tor
         available |= {"pairs": moe_experts_pairs, "few_tokens": moe_experts_few_tokens}
     if megablocks_available() and device.type == "cuda":
         available["megablocks"] = moe_experts_megablocks
+    if n_tokens <= FEW_TOKENS and device.type == "cuda" and HAVE_TRITON:
+        available["gemv"] = moe_experts_gemv  # the compiled decode step's kernels: inference only
     return available
+
+
+INFERENCE_ONLY = {"gemv"}
 
 
 def megablocks_dmoe(dim: int, ffn: int, n_experts: int, top_k: int, dtype: torch.dtype,
@@ -108,6 +115,8 @@ def measure(n_tokens: int, dim: int, ffn: int, n_experts: int, top_k: int, dtype
     for kind in passes:
         timed_rows = []
         for name, forward in cases.items():
+            if kind == "forward+backward" and name in INFERENCE_ONLY:
+                continue
             if kind == "forward":
                 def step(forward: Callable[[], torch.Tensor] = forward) -> None:
                     with torch.no_grad():

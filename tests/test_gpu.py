@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from moe_diff.config import ModelConfig
+from moe_diff.inference import generation
 from moe_diff.inference.generation import generate, stream
+from moe_diff.kernels.moe_decode import moe_experts_gemv
 from moe_diff.model import MoEDiffTransformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -64,10 +66,20 @@ def test_fused_backends_equal_the_reference_through_the_model(attention: str, at
 @pytest.mark.parametrize("attention", MODES)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("attn_backend", ["sdpa", "triton"])
-def test_compiled_cuda_graph_decode_generates_the_eager_tokens(attention: str, rows: int, attn_backend: str) -> None:
-    """One row gathers its experts' weights inside the graph, three rows run every expert."""
+def test_compiled_cuda_graph_decode_generates_the_eager_tokens(attention: str, rows: int, attn_backend: str,
+                                                              monkeypatch) -> None:
+    """One row's step (2 pairs for 4 experts) runs the two matrix-vector launches inside the graph, three rows'
+    (6 pairs) every expert."""
+    calls = []
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(args[0].shape[0])  # while the graph is traced
+        return moe_experts_gemv(*args)
+
+    monkeypatch.setattr(generation, "moe_experts_gemv", counted)
     model = cuda_model(attention, decisive=True, attn_backend=attn_backend)
     prompts = [torch.randint(0, 64, (3 + 5 * row,), generator=torch.Generator().manual_seed(row)).cuda()
                for row in range(rows)]
     compiled = torch.stack(list(stream(model, prompts, 12, compile=True)), 1)
     assert torch.equal(compiled, generate(model, prompts, 12)[:, -12:])
+    assert bool(calls) == (rows == 1)

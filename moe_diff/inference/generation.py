@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from moe_diff.errors import UsageError
+from moe_diff.kernels.moe_decode import moe_experts_gemv
 from moe_diff.kernels.moe_experts import moe_experts_every, moe_experts_gathered, moe_experts_loop_op
+from moe_diff.kernels.triton_compat import HAVE_TRITON
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the attention scores held at once
@@ -52,16 +54,23 @@ def penalise_repeats(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Ten
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def decode_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                   w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """The experts of a compiled decode step, whose shapes are static: a step with no more (token, slot) pairs than
-    experts gathers just the chosen experts' weights (gpt-fast's way); a larger one runs every expert over its
+def decode_expert_op(device_type: str, n_pairs: int, n_experts: int,
+                     triton_available: bool = HAVE_TRITON) -> Callable[..., torch.Tensor]:
+    """The experts of a compiled decode step, whose shapes are static. A step with no more (token, slot) pairs than
+    experts reads just the chosen experts: on a GPU with Triton through two launches of matrix-vector products
+    that read each pair's expert rows once (moe_decode), elsewhere by gathering the chosen experts' weights
+    (gpt-fast's way, fused into the matmul by inductor on the CPU). A larger step runs every expert over its
     tokens on CUDA (CUDA graphs cannot capture the loop's host synchronisation) and the loop as one opaque
     operator elsewhere."""
-    if expert_ids.numel() <= w1.shape[0]:
-        compute = moe_experts_gathered
-    else:
-        compute = moe_experts_every if x.is_cuda else moe_experts_loop_op
+    if n_pairs <= n_experts:
+        return moe_experts_gemv if device_type == "cuda" and triton_available else moe_experts_gathered
+    return moe_experts_every if device_type == "cuda" else moe_experts_loop_op
+
+
+def decode_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                   w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """The experts of a compiled decode step, by decode_expert_op."""
+    compute = decode_expert_op(x.device.type, expert_ids.numel(), w1.shape[0])
     return compute(x, expert_ids, weights, w1, w2, w3)
 
 

@@ -1,0 +1,65 @@
+"""The decode-step expert kernels (two launches of matrix-vector products) against the loop-over-experts reference,
+and the compiled decode step's choice of them.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before triton is imported);
+with TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled on the GPU.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from moe_diff.inference.generation import decode_expert_op  # noqa: E402
+from moe_diff.kernels import moe_decode  # noqa: E402
+from moe_diff.kernels.moe_experts import (  # noqa: E402
+    moe_experts_every,
+    moe_experts_gathered,
+    moe_experts_loop_op,
+    moe_experts_reference,
+)
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+if INTERPRET and not isinstance(moe_decode._gate_up_kernel, InterpretedFunction):
+    pytest.skip("triton was imported before this file set TRITON_INTERPRET=1: set it in the environment",
+                allow_module_level=True)
+
+
+@pytest.mark.parametrize(("n_tokens", "top_k"), [(1, 2), (3, 2), (2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_experts_equal_the_reference(n_tokens: int, top_k: int, dtype: torch.dtype) -> None:
+    """Widths that are not multiples of the blocks (40 and 72), an idle expert, a token whose two slots weigh
+    differently; bfloat16 against the reference in float32 from the same bfloat16 weights."""
+    generator = torch.Generator().manual_seed(n_tokens * 10 + top_k)
+    dim, ffn, experts = 40, 72, 5
+    x = torch.randn(n_tokens, dim, generator=generator)
+    w1, w3 = (torch.randn(experts, ffn, dim, generator=generator) / dim ** 0.5 for _ in range(2))
+    w2 = torch.randn(experts, dim, ffn, generator=generator) / ffn ** 0.5
+    ids = torch.stack([torch.randperm(experts - 1, generator=generator)[:top_k] for _ in range(n_tokens)])
+    weights = torch.rand(n_tokens, top_k, generator=generator)
+    tensors = [t.to(dtype) for t in (x, w1, w2, w3)]
+    expected = moe_experts_reference(*(t.float() for t in tensors[:1]), ids, weights,
+                                     *(t.float() for t in tensors[1:]))
+    x_, w1_, w2_, w3_ = (t.to(DEVICE) for t in tensors)
+    got = moe_decode.moe_experts_gemv(x_, ids.to(DEVICE), weights.to(DEVICE), w1_, w2_, w3_)
+    assert got.dtype == dtype and got.shape == (n_tokens, dim)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2 ** -7, "atol": 2e-2}
+    torch.testing.assert_close(got.float().cpu(), expected, **tolerance)
+
+
+@pytest.mark.parametrize(("device", "pairs", "expected"), [
+    ("cuda", 4, moe_decode.moe_experts_gemv), ("cuda", 16, moe_experts_every),
+    ("cpu", 4, moe_experts_gathered), ("cpu", 16, moe_experts_loop_op)])
+def test_compiled_decode_steps_take_the_gemv_kernels_on_a_gpu(device: str, pairs: int, expected) -> None:
+    """With no more (token, slot) pairs than experts (8 here), a GPU's compiled step runs the two launches; more,
+    every expert over its tokens; the CPU gathers the chosen experts, or runs the loop as one operator."""
+    assert decode_expert_op(device, pairs, 8, triton_available=True) is expected
+    if device == "cuda":  # without Triton a GPU step gathers, as the CPU's does
+        assert decode_expert_op(device, 4, 8, triton_available=False) is moe_experts_gathered
