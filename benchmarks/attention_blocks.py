@@ -37,16 +37,16 @@ from moe_diff.kernels import diff_flash_attention as flash
 from moe_diff.kernels.gpu_compile import compile_in_process, error_line, hand_picked
 from moe_diff.kernels.mask import AttentionMask
 
-Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+Launch = flash.Launch  # BLOCK_M, BLOCK_N, num_warps, num_stages[, VALUE_SPLITS]
 GRID = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)))
 
 
 def launch_value(text: str) -> Launch:
-    """BLOCK_M,BLOCK_N,WARPS,STAGES from the command line."""
+    """BLOCK_M,BLOCK_N,WARPS,STAGES[,VALUE_SPLITS] from the command line."""
     values = tuple(int(part) for part in text.split(","))
-    if len(values) != 4 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"a launch is BLOCK_M,BLOCK_N,WARPS,STAGES (4 positive integers), got "
-                                         f"{text!r}")
+    if len(values) not in (4, 5) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"a launch is BLOCK_M,BLOCK_N,WARPS,STAGES (4 positive integers, and "
+                                         f"VALUE_SPLITS for the forward kernel), got {text!r}")
     return values
 
 

@@ -79,12 +79,18 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
                     n_queries, n_keys, n_heads, group_size, qk_scale, length_bucket,
                     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr, SHARED_K: tl.constexpr,
-                    HAS_MASK: tl.constexpr, STORE_O2: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_MASK: tl.constexpr, STORE_O2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    VALUE_SPLITS: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     batch, head = (tl.program_id(1) // n_heads).to(tl.int64), tl.program_id(1) % n_heads  # 64-bit offsets
     group = head // group_size
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    # with VALUE_SPLITS programs per query block, each takes its part of the value columns (fewer accumulator
+    # registers) and recomputes the scores
+    PART: tl.constexpr = VALUE_DIM // VALUE_SPLITS
+    split = tl.program_id(2)
+    offs_d, offs_part = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV // VALUE_SPLITS)
+    offs_dv = split * PART + offs_part
     q_offsets = batch * stride_qb + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
     q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
     q1 = tl.load(Q1 + q_offsets, mask=q_mask, other=0.0)
@@ -92,12 +98,12 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
     mask_row = MASK + batch * stride_mb
     m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l1 = tl.zeros([BLOCK_M], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_DV // VALUE_SPLITS], tl.float32)
     if TWO:
         q2 = tl.load(Q2 + q_offsets, mask=q_mask, other=0.0)
         m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l2 = tl.zeros([BLOCK_M], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV // VALUE_SPLITS], tl.float32)
     lo, hi = _key_range(KEY_START + batch * n_queries, start_m, n_queries, n_keys, BLOCK_M, BLOCK_N, HAS_MASK)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -105,7 +111,7 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
         k_offsets = batch * stride_kb + offs_n[None, :] * stride_kt + group * stride_kh + offs_d[:, None]
         k_mask = (offs_n[None, :] < n_keys) & (offs_d[:, None] < HEAD_DIM)
         v_offsets = batch * stride_vb + offs_n[:, None] * stride_vt + group * stride_vh + offs_dv[None, :]
-        v = tl.load(V + v_offsets, mask=(offs_n[:, None] < n_keys) & (offs_dv[None, :] < VALUE_DIM), other=0.0)
+        v = tl.load(V + v_offsets, mask=(offs_n[:, None] < n_keys) & (offs_part[None, :] < PART), other=0.0)
         m1, l1, acc1 = _online_softmax_step(q1, K1 + k_offsets, k_mask, v, allowed, m1, l1, acc1, qk_scale,
                                             DOT_PRECISION)
         if TWO:  # diff_v2 (SHARED_K): the pair's second load of its group's keys hits the cache
@@ -115,13 +121,15 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
     lse_offsets = (batch * n_heads + head) * n_queries + offs_m
     l1 = tl.where(l1 == 0.0, 1.0, l1)  # rows past the end, or that see no key, give 0 (never read back)
     out = acc1 / l1[:, None]
-    tl.store(LSE + lse_offsets, m1 + tl.math.log2(l1), mask=rows)
+    if split == 0:  # the splits' log-sum-exps are equal
+        tl.store(LSE + lse_offsets, m1 + tl.math.log2(l1), mask=rows)
     o_offsets = batch * stride_ob + offs_m[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
-    o_mask = rows[:, None] & (offs_dv[None, :] < VALUE_DIM)
+    o_mask = rows[:, None] & (offs_part[None, :] < PART)
     if TWO:
         l2 = tl.where(l2 == 0.0, 1.0, l2)
         o2 = acc2 / l2[:, None]
-        tl.store(LSE + tl.num_programs(1) * n_queries + lse_offsets, m2 + tl.math.log2(l2), mask=rows)
+        if split == 0:
+            tl.store(LSE + tl.num_programs(1) * n_queries + lse_offsets, m2 + tl.math.log2(l2), mask=rows)
         lam = tl.load(LAM + batch * stride_lb + offs_m * stride_lt + head * stride_lh, mask=rows, other=0.0)
         out = out - lam.to(tl.float32)[:, None] * o2
         if STORE_O2:
@@ -273,16 +281,18 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
 
 KERNELS = {"forward": _forward_kernel, "backward_kv": _backward_kv_kernel, "backward_q": _backward_q_kernel}
 MODES = ("standard", "diff", "diff_v2")  # one softmax; two with their own keys; two sharing one group's keys
-Launch = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+Launch = tuple[int, ...]  # BLOCK_M, BLOCK_N, num_warps, num_stages[, VALUE_SPLITS (the forward kernel's, else 1)]
 # The launches a GPU chooses from, per kernel and mode: first the one picked by hand on an H100 for the mode's
 # value width at head_dim 128 (128 for standard and diff_v2, 256 for diff), then up to three more that the Hopper
 # compile check (benchmarks/attention_blocks.py: benchmarks/results/attention-blocks-static.json) shows spilling at
 # most 64 bytes per thread, within 227 KB of shared memory and on warpgroup MMAs at head_dim 128, largest tiles
-# first. On a GPU, Triton times them on first use for each AUTOTUNE_KEY and dtype and keeps the fastest (on disk
+# first. diff's forward may also split its 2d-wide values over two programs per query block (a fifth number,
+# VALUE_SPLITS: each keeps two d-wide accumulators and recomputes the scores), which cuts its spills from 216 to
+# 8 bytes per thread at 64 x 64. On a GPU, Triton times them on first use for each AUTOTUNE_KEY and dtype and keeps the fastest (on disk
 # too, where its version can); under the interpreter INTERPRETER_BLOCKS alone runs.
 CANDIDATES: dict[tuple[str, str], tuple[Launch, ...]] = {
     ("forward", "standard"): ((128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2)),
-    ("forward", "diff"): ((64, 64, 8, 2), (64, 32, 8, 2)),
+    ("forward", "diff"): ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2, 2), (128, 32, 8, 2, 2)),
     ("forward", "diff_v2"): ((128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)),
     ("backward_kv", "standard"): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
     ("backward_kv", "diff"): ((32, 64, 8, 2),),
@@ -295,6 +305,14 @@ AUTOTUNE_KEY = ["HEAD_DIM", "VALUE_DIM", "HAS_MASK", "length_bucket"]  # the mod
 INTERPRETER_BLOCKS = (16, 16, 1, 1)  # small blocks keep the interpreted tests quick
 
 
+def launch_constants(kernel: str, launch: Launch) -> dict[str, int]:
+    """The kernel's block constants of a launch: BLOCK_M and BLOCK_N, and the forward kernel's VALUE_SPLITS."""
+    constants = {"BLOCK_M": launch[0], "BLOCK_N": launch[1]}
+    if kernel == "forward":
+        constants["VALUE_SPLITS"] = launch[4] if len(launch) > 4 else 1
+    return constants
+
+
 def length_bucket(n_queries: int, n_keys: int) -> int:
     """The power of two at or above the longer of the two lengths (at least 1024): one tuning per bucket."""
     return max(1024, triton.next_power_of_2(max(n_queries, n_keys)))
@@ -303,8 +321,8 @@ def length_bucket(n_queries: int, n_keys: int) -> int:
 @functools.cache
 def tuned(kernel: str, candidates: tuple[Launch, ...]) -> "triton.runtime.Autotuner":
     """`kernel` autotuned over `candidates`, per AUTOTUNE_KEY and the inputs' dtypes."""
-    configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-               for block_m, block_n, warps, stages in candidates]
+    configs = [triton.Config(launch_constants(kernel, launch), num_warps=launch[2], num_stages=launch[3])
+               for launch in candidates]
     on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=configs, key=AUTOTUNE_KEY, **on_disk)(KERNELS[kernel])
 
@@ -316,8 +334,8 @@ def launch_kernel(kernel: str, mode: str, grid: Callable[[dict], tuple[int, int]
     if device.type == "cuda":
         tuned(kernel, CANDIDATES[kernel, mode])[grid](*args, **kwargs)
         return
-    block_m, block_n, warps, stages = INTERPRETER_BLOCKS
-    KERNELS[kernel][grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **kwargs)
+    KERNELS[kernel][grid](*args, **launch_constants(kernel, INTERPRETER_BLOCKS), num_warps=INTERPRETER_BLOCKS[2],
+                          num_stages=INTERPRETER_BLOCKS[3], **kwargs)
 
 
 def rule_bounds(n_tokens: int, batch: int, window: int | None, document_ids: torch.Tensor | None,
@@ -376,8 +394,8 @@ def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
     o2 = torch.empty(shape, dtype=torch.float32, device=q1.device) if launch.two and store_o2 else None
     lse = torch.empty(2 if launch.two else 1, launch.batch, launch.n_heads, launch.n_queries, dtype=torch.float32,
                       device=q1.device)
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(launch.n_queries, meta["BLOCK_M"]), launch.batch * launch.n_heads
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return triton.cdiv(launch.n_queries, meta["BLOCK_M"]), launch.batch * launch.n_heads, meta["VALUE_SPLITS"]
 
     launch_kernel("forward", launch.mode, grid, q1.device, q1, q2 if launch.two else q1, k1,
                   k2 if k2 is not None else k1, v, lam if lam is not None else lse, key_start,

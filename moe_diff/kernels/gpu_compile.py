@@ -64,13 +64,13 @@ def hand_picked(kernel: str, mode: str) -> tuple[int, int, int, int]:
 
 
 def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
-                  blocks: tuple[int, int]) -> "triton.compiler.ASTSource":
+                  launch: flash.Launch) -> "triton.compiler.ASTSource":
     """One kernel of one mode as Triton compiles it ahead of time: the constants its launch sets, the type of
     every argument and which are 16-aligned."""
     from triton.compiler import ASTSource
 
     function = flash.KERNELS[kernel]
-    constants = {**mode_launch(mode, head_dim, dtype).constants, "BLOCK_M": blocks[0], "BLOCK_N": blocks[1],
+    constants = {**mode_launch(mode, head_dim, dtype).constants, **flash.launch_constants(kernel, launch),
                  "STORE_O2": True}
     names = function.arg_names
     signature, aligned = {}, {}
@@ -87,7 +87,7 @@ def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
     return ASTSource(function, signature, constexprs=constexprs, attrs=aligned)
 
 
-def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: tuple[int, int, int, int],
+def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: flash.Launch,
                 arch: int = 90) -> Resources:
     """Compile one kernel of one mode for compute capability `arch` with launch (BLOCK_M, BLOCK_N, num_warps,
     num_stages) (or take it from Triton's cache), and read its resource usage from the binary."""
@@ -96,9 +96,8 @@ def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launc
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1, which does not compile them: run "
                            "python -m moe_diff.kernels.gpu_compile without it")
-    block_m, block_n, warps, stages = launch
-    compiled = triton.compile(kernel_source(kernel, mode, head_dim, dtype, (block_m, block_n)),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    compiled = triton.compile(kernel_source(kernel, mode, head_dim, dtype, launch), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": launch[2], "num_stages": launch[3]})
     usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     op = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
@@ -140,14 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", nargs="+", choices=flash.MODES, default=list(flash.MODES))
     parser.add_argument("--kernel", nargs="+", choices=list(flash.KERNELS), default=list(flash.KERNELS))
     parser.add_argument("--head-dim", nargs="+", type=int, default=[128])
-    parser.add_argument("--launch", nargs=4, type=int, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
-                        help="one launch configuration for every kernel (default: the one picked by hand)")
+    parser.add_argument("--launch", nargs="+", type=int, metavar="N",
+                        help="one launch for every kernel: BLOCK_M BLOCK_N WARPS STAGES [VALUE_SPLITS, the forward "
+                        "kernel's] (default: the one picked by hand)")
     parser.add_argument("--candidates", action="store_true",
                         help="every launch a GPU's autotuning chooses from, instead of the hand-picked one")
     parser.add_argument("--dtype", choices=list(TRITON_TYPES_BY_NAME), default="bfloat16")
     parser.add_argument("--arch", type=int, default=90, help="compute capability: 80 (A100), 90 (H100/H200)")
     parser.add_argument("--out", default=None, help="also write the rows, with the versions, to this JSON file")
     args = parser.parse_args(argv)
+    if args.launch and len(args.launch) not in (4, 5):
+        parser.error("--launch takes BLOCK_M BLOCK_N WARPS STAGES and optionally VALUE_SPLITS")
     rows = []
     for mode in args.mode:
         for kernel in args.kernel:

@@ -134,3 +134,25 @@ def test_float64_and_auto_choices() -> None:
     assert auto_backend(inputs[0], AttentionMask(document_ids=torch.zeros(1, 5, dtype=torch.long))) == on_gpu
     torch.testing.assert_close(attention_op("auto", "diff")(*inputs, AttentionMask()),
                                attention_op("reference", "diff")(*inputs, AttentionMask()), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("window", "explicit"), [(None, False), (6, False), (None, True)])
+def test_diff_forward_split_over_its_values_equals_one_program(monkeypatch, window: int | None,
+                                                               explicit: bool) -> None:
+    """V1's forward with its 2d-wide values split across two programs per query block (each recomputing the
+    scores, with half the accumulators): the same outputs and gradients, bit for bit, as one program."""
+    from moe_diff.kernels import diff_flash_attention as flash
+
+    inputs = mode_inputs("diff", 2, 1, 21, 21, 16)
+    mask = torch.rand(2, 21, 21, generator=torch.Generator().manual_seed(3)) < 0.7 if explicit else None
+    if mask is not None:
+        mask[..., 0] = True
+    results = []
+    for splits in (1, 2):
+        monkeypatch.setattr(flash, "INTERPRETER_BLOCKS", (16, 16, 1, 1, splits))
+        if DEVICE == "cuda":
+            monkeypatch.setitem(flash.CANDIDATES, ("forward", "diff"), ((64, 64, 4, 2, splits),))
+        results.append(values_and_gradients("diff", "triton", inputs, torch.float32, window, explicit=mask,
+                                            device=DEVICE))
+    for split, whole in zip(*results, strict=True):
+        assert torch.equal(split, whole)
