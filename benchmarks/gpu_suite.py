@@ -15,6 +15,7 @@ of --budget is not started.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -225,6 +226,14 @@ STAGES = [
 CPU_BUDGET_S = 120  # each stage's budget at --cpu-size
 
 
+REQUIRED = ("torch", "omegaconf", "yaml", "rich", "safetensors", "matplotlib", "numpy")  # the package's needs
+
+
+def missing_packages() -> list[str]:
+    """The packages the project needs that this machine lacks (a GPU machine without an index may)."""
+    return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+
+
 def device_label() -> tuple[str, dict[str, Any]]:
     """A short name of the device for file names ('h200', 'cpu') and the environment stored with the results."""
     import torch
@@ -306,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.budget <= 0:
         parser.error("--budget must be positive")
+    if missing := missing_packages():
+        print(f"error: this Python lacks {', '.join(missing)}, which the project needs: carry wheels and install them "
+              "first (docs/gpu.md, 'On a GPU machine without a package index')", file=sys.stderr)
+        return 2
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

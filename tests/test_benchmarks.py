@@ -96,6 +96,13 @@ def test_gpu_suite_starts_no_stage_that_would_not_fit(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu-logs.tar.gz", "gpu-summary.json"]
 
 
+def test_gpu_suite_names_the_packages_a_machine_lacks(tmp_path: Path, monkeypatch, capsys) -> None:
+    suite_module = load("gpu_suite")
+    monkeypatch.setattr(suite_module, "REQUIRED", ("torch", "no_such_package_here"))
+    assert suite_module.main(["--out", str(tmp_path)]) == 2
+    assert "lacks no_such_package_here" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_moe_layer_benchmark_at_cpu_size(suite) -> None:
     results = stage_parts(suite[0], "moe")["moe"]
     rows = {(r["backend"], r["pass"], r["tokens"]): r for r in results["results"]}

@@ -288,8 +288,8 @@ Launch = tuple[int, ...]  # BLOCK_M, BLOCK_N, num_warps, num_stages[, VALUE_SPLI
 # most 64 bytes per thread, within 227 KB of shared memory and on warpgroup MMAs at head_dim 128, largest tiles
 # first. diff's forward may also split its 2d-wide values over two programs per query block (a fifth number,
 # VALUE_SPLITS: each keeps two d-wide accumulators and recomputes the scores), which cuts its spills from 216 to
-# 8 bytes per thread at 64 x 64. On a GPU, Triton times them on first use for each AUTOTUNE_KEY and dtype and keeps the fastest (on disk
-# too, where its version can); under the interpreter INTERPRETER_BLOCKS alone runs.
+# 8 bytes per thread at 64 x 64. On a GPU, Triton times them on first use for each AUTOTUNE_KEY and dtype and
+# keeps the fastest (on disk too, where its version can); under the interpreter INTERPRETER_BLOCKS alone runs.
 CANDIDATES: dict[tuple[str, str], tuple[Launch, ...]] = {
     ("forward", "standard"): ((128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2)),
     ("forward", "diff"): ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2, 2), (128, 32, 8, 2, 2)),
