@@ -6,6 +6,8 @@ with TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled on the GPU
 """
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -63,3 +65,30 @@ def test_compiled_decode_steps_take_the_gemv_kernels_on_a_gpu(device: str, pairs
     assert decode_expert_op(device, pairs, 8, triton_available=True) is expected
     if device == "cuda":  # without Triton a GPU step gathers, as the CPU's does
         assert decode_expert_op(device, 4, 8, triton_available=False) is moe_experts_gathered
+
+
+HOPPER_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moe_diff.kernels import moe_decode
+pointers = {"ids_ptr": "*i64", "hidden_ptr": "*fp32", "weights_ptr": "*fp32"}
+for kernel in (moe_decode._gate_up_kernel, moe_decode._down_combine_kernel):
+    names = kernel.arg_names
+    signature = {name: "constexpr" if name.startswith("BLOCK") else pointers.get(name, "*bf16")
+                 if name.endswith("_ptr") else "i32" for name in names}
+    constants = {(names.index("BLOCK_ROWS"),): moe_decode.GPU_BLOCKS["rows"],
+                 (names.index("BLOCK_COLS"),): moe_decode.GPU_BLOCKS["columns"]}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+    print(len(compiled.asm["cubin"]))
+"""
+
+
+def test_gemv_kernels_compile_for_hopper() -> None:
+    """The two launches compile for sm_90 with the GPU's blocks on this machine (the interpreter never compiles)."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend compiles for GPUs")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    process = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], capture_output=True, text=True, env=environment,
+                             timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert [int(size) > 0 for size in process.stdout.split()] == [True, True]
