@@ -34,10 +34,10 @@ from moe_diff.inference.bench.measure import median_seconds
 from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels import diff_flash_attention as flash
-from moe_diff.kernels.gpu_compile import compile_in_process, error_line, hand_picked
+from moe_diff.kernels.gpu_compile import compile_in_process, error_line, hand_picked, wide_values
 from moe_diff.kernels.mask import AttentionMask
 
-Launch = flash.Launch  # BLOCK_M, BLOCK_N, num_warps, num_stages[, VALUE_SPLITS]
+Launch = flash.LaunchParams  # BLOCK_M, BLOCK_N, num_warps, num_stages[, VALUE_SPLITS]
 GRID = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)))
 
 
@@ -89,14 +89,16 @@ def run_kernel(mode: str, kernel: str, inputs: list[torch.Tensor], window: int |
 def with_launch(mode: str, kernel: str, launch: Launch, args: argparse.Namespace,
                 work: Callable[[], object]) -> object:
     """`work()` with `launch` the one candidate of this kernel and mode and the mode's other kernels at their
-    hand-picked launches (no autotuning), then the candidates restored."""
-    saved = dict(flash.CANDIDATES)
+    hand-picked launches (no autotuning), then the autotuned kernels restored."""
+    saved = dict(flash.TUNED)
+    wide = wide_values(mode, args.head_dim)
     for other in flash.KERNELS:
-        flash.CANDIDATES[other, mode] = (launch if other == kernel else hand_picked(other, mode),)
+        chosen = launch if other == kernel else hand_picked(other, mode, args.head_dim)
+        flash.TUNED[other, mode, wide] = flash.tuned(other, (chosen,))
     try:
         return work()
     finally:
-        flash.CANDIDATES.update(saved)
+        flash.TUNED.update(saved)
 
 
 def warm(task: tuple[str, str, Launch, argparse.Namespace]) -> str | None:
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kv-heads must divide --heads; --seq, --repeats and --workers must be positive")
     device = torch.device(args.device)
     launches = list(dict.fromkeys(launch for mode, kernel in itertools.product(args.modes, args.kernels)
-                                  for launch in [hand_picked(kernel, mode), *candidates]))
+                                  for launch in [hand_picked(kernel, mode, args.head_dim), *candidates]))
     compiled = {}
     if args.static:
         with ThreadPoolExecutor(args.workers) as pool:
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                 strict=True))
     rows = []
     for mode, kernel in itertools.product(args.modes, args.kernels):
-        default = hand_picked(kernel, mode)
+        default = hand_picked(kernel, mode, args.head_dim)
         for launch in dict.fromkeys([default, *candidates]):
             static = next((row for row in compiled.get(launch, []) if (row["mode"], row["kernel"]) == (mode, kernel)),
                           {})

@@ -52,6 +52,10 @@ build_one() {  # build_one NAME: install DIR/NAME-*.tar.gz, or say why not
 }
 
 build() {
+    if ! "$python" -c "import torch" 2>/dev/null; then
+        echo "$python has no torch: set PYTHON to the interpreter that holds the torch to build against"
+        exit 2
+    fi
     cuda=$("$python" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)
     if [ -z "$cuda" ]; then
         echo "no CUDA toolkit found for the installed torch (torch.utils.cpp_extension.CUDA_HOME is unset)"

@@ -57,8 +57,9 @@ INFERENCE_ONLY = {"gemv"}
 
 def megablocks_dmoe(dim: int, ffn: int, n_experts: int, top_k: int, dtype: torch.dtype,
                     device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """MegaBlocks' own dropless MoE layer (its router, grouped SwiGLU experts, no biases) at the same shape, where
-    megablocks itself is installed on a CUDA machine; None elsewhere."""
+    """MegaBlocks' own dropless MoE layer (its own router and routing, grouped SwiGLU experts, no biases, no
+    load-balancing loss kept) at the same shape, where megablocks itself is installed on a CUDA machine; None
+    elsewhere. Its time includes its router, so it is beside the others, not held to their target."""
     if device.type != "cuda":
         return None
     try:
@@ -67,7 +68,8 @@ def megablocks_dmoe(dim: int, ffn: int, n_experts: int, top_k: int, dtype: torch
     except ImportError:
         return None
     args = Arguments(hidden_size=dim, ffn_hidden_size=ffn, moe_num_experts=n_experts, moe_top_k=top_k,
-                     moe_normalize_expert_weights=1, mlp_type="glu", mlp_impl="grouped", activation_fn=F.silu,
+                     moe_normalize_expert_weights=1, moe_loss_weight=0.0, mlp_type="glu", mlp_impl="grouped",
+                     activation_fn=F.silu,
                      bias=False, return_bias=False, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
                      device=device)
     layer = dMoE(args)

@@ -68,7 +68,8 @@ def own_system(cfg: ModelConfig, device: torch.device, compiled: bool) -> System
 
 def transformers_system(cfg: ModelConfig, device: torch.device, compiled: bool) -> System:
     """transformers' Mixtral at the same (standard) shapes, with its experts implementation pinned to grouped_mm and
-    SDPA attention, trained as its users do (labels given: its loss adds the router's auxiliary loss)."""
+    SDPA attention, trained as its users do (labels given: its loss adds the router's auxiliary loss). Under
+    autocast its grouped_mm casts the rows to the float32 weights, so its experts multiply in float32."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from moe_diff.checkpoint.mixtral import hf_config_from_model

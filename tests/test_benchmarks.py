@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,39 @@ def test_gpu_suite_starts_no_stage_that_would_not_fit(tmp_path: Path) -> None:
     assert [s["stage"] for s in summary["stages"]] == ["moe", "tests"]
     assert all(s["status"].startswith("not started: its 60 s budget does not fit in the") for s in summary["stages"])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu-logs.tar.gz", "gpu-summary.json"]
+
+
+def test_gpu_suite_goes_on_past_a_part_cut_short_and_a_stage_that_overruns(tmp_path: Path, monkeypatch) -> None:
+    """A part left half written is named and the other parts' headlines kept; a stage past 1.5x its budget is
+    interrupted with its whole process group (a child it started included) and the next stage still runs."""
+    suite_module = load("gpu_suite")
+    marker = tmp_path / "child-still-running"
+
+    def cut_short(folder: Path, cpu_size: bool, budget_s: float) -> dict[str, list[str]]:
+        return {"broken": [sys.executable, "-c", f"open({str(folder / 'broken.json')!r}, 'w').write('[1,')"],
+                "moe": [sys.executable, "-c", "import json, sys; json.dump({'results': [{'pass': 'forward+backward', "
+                        "'backend': 'grouped_mm', 'tokens': 4096, 'time_over_dense_floor': 1.1}]}, "
+                        f"open({str(folder / 'moe.json')!r}, 'w'))"]}
+
+    def overrun(folder: Path, cpu_size: bool, budget_s: float) -> dict[str, list[str]]:
+        child = f"import time; time.sleep(6); open({str(marker)!r}, 'w')"
+        parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
+        return {"slow": [sys.executable, "-c", parent]}
+
+    monkeypatch.setattr(suite_module, "STAGES", [
+        suite_module.Stage("moe", 60, cut_short, suite_module.moe_headlines),
+        suite_module.Stage("train-step", 60, overrun, suite_module.train_step_headlines),
+        suite_module.Stage("tests", 60, cut_short, suite_module.moe_headlines)])
+    monkeypatch.setattr(suite_module, "CPU_BUDGET_S", 2)
+    monkeypatch.setattr(suite_module, "GRACE_S", 1)
+    assert suite_module.main(["--cpu-size", "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "gpu-summary.json").read_text())
+    first, slow, last = summary["stages"]
+    assert first["status"] == "ok" and first["headlines"][0]["value"] == 1.1 and last["status"] == "ok"
+    assert "broken" in json.loads((tmp_path / "out" / "cpu-moe.json").read_text())["unreadable_parts"]
+    assert slow["status"] == "stopped after 3 s (1.5x its budget) in slow"
+    time.sleep(6)
+    assert not marker.exists()  # the child went with its group
 
 
 def test_gpu_suite_names_the_packages_a_machine_lacks(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -13,7 +13,6 @@ one lower bound per query, so key blocks outside it are skipped and a window's c
 or by an explicit boolean mask [B, Tq, Tk] (queries against a KV cache), when every key block is visited.
 """
 
-import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import torch
 
 from moe_diff.errors import UsageError
 from moe_diff.kernels.mask import AttentionMask
-from moe_diff.kernels.triton_compat import tl, triton
+from moe_diff.kernels.triton_compat import HAVE_TRITON, tl, triton
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -87,6 +86,7 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     # with VALUE_SPLITS programs per query block, each takes its part of the value columns (fewer accumulator
     # registers) and recomputes the scores
+    tl.static_assert(VALUE_DIM % VALUE_SPLITS == 0, "the values must split evenly")
     PART: tl.constexpr = VALUE_DIM // VALUE_SPLITS
     split = tl.program_id(2)
     offs_d, offs_part = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV // VALUE_SPLITS)
@@ -281,31 +281,39 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
 
 KERNELS = {"forward": _forward_kernel, "backward_kv": _backward_kv_kernel, "backward_q": _backward_q_kernel}
 MODES = ("standard", "diff", "diff_v2")  # one softmax; two with their own keys; two sharing one group's keys
-Launch = tuple[int, ...]  # BLOCK_M, BLOCK_N, num_warps, num_stages[, VALUE_SPLITS (the forward kernel's, else 1)]
-# The launches a GPU chooses from, per kernel and mode: first the one picked by hand on an H100 for the mode's
-# value width at head_dim 128 (128 for standard and diff_v2, 256 for diff), then up to three more that the Hopper
-# compile check (benchmarks/attention_blocks.py: benchmarks/results/attention-blocks-static.json) shows spilling at
-# most 64 bytes per thread, within 227 KB of shared memory and on warpgroup MMAs at head_dim 128, largest tiles
-# first. diff's forward may also split its 2d-wide values over two programs per query block (a fifth number,
-# VALUE_SPLITS: each keeps two d-wide accumulators and recomputes the scores), which cuts its spills from 216 to
-# 8 bytes per thread at 64 x 64. On a GPU, Triton times them on first use for each AUTOTUNE_KEY and dtype and
-# keeps the fastest (on disk too, where its version can); under the interpreter INTERPRETER_BLOCKS alone runs.
-CANDIDATES: dict[tuple[str, str], tuple[Launch, ...]] = {
-    ("forward", "standard"): ((128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2)),
-    ("forward", "diff"): ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2, 2), (128, 32, 8, 2, 2)),
-    ("forward", "diff_v2"): ((128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)),
-    ("backward_kv", "standard"): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("backward_kv", "diff"): ((32, 64, 8, 2),),
-    ("backward_kv", "diff_v2"): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 3)),
-    ("backward_q", "standard"): ((64, 64, 8, 2), (64, 32, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2)),
-    ("backward_q", "diff"): ((64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)),
-    ("backward_q", "diff_v2"): ((64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2)),
+LaunchParams = tuple[int, ...]  # BLOCK_M, BLOCK_N, num_warps, num_stages[, VALUE_SPLITS: the forward kernel's, or 1]
+# The launches a GPU chooses from, per kernel, mode and value width (up to 128, or wider): first the one picked by
+# hand on an H100, then up to three more that the Hopper compile check (benchmarks/attention_blocks.py,
+# python -m moe_diff.kernels.gpu_compile) shows spilling at most 64 bytes per thread, within 227 KB of shared
+# memory and on warpgroup MMAs, largest tiles first: at head_dim 128 for standard and diff_v2 (values 128 wide)
+# and for diff's wide values (256), at head_dim 64 for diff's narrow ones (128). diff's forward at 256-wide values
+# may also split them over two programs per query block (a fifth number, VALUE_SPLITS: each keeps two d-wide
+# accumulators and recomputes the scores), which cuts its spills from 216 to 8 bytes per thread at 64 x 64. On a
+# GPU, Triton times them on first use for each AUTOTUNE_KEY and dtype and keeps the fastest (on disk too, where
+# its version can); under the interpreter INTERPRETER_BLOCKS alone runs.
+CANDIDATES: dict[tuple[str, str, bool], tuple[LaunchParams, ...]] = {
+    ("forward", "standard", False): ((128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2)),
+    ("forward", "diff", False): ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)),
+    ("forward", "diff_v2", False): ((128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)),
+    ("backward_kv", "standard", False): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("backward_kv", "diff", False): ((64, 64, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2)),
+    ("backward_kv", "diff_v2", False): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 3)),
+    ("backward_q", "standard", False): ((64, 64, 8, 2), (64, 32, 8, 2), (128, 128, 8, 2), (64, 128, 8, 2)),
+    ("backward_q", "diff", False): ((64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)),
+    ("backward_q", "diff_v2", False): ((64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2)),
+    ("forward", "diff", True): ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2, 2), (128, 32, 8, 2, 2)),
+    ("backward_kv", "diff", True): ((32, 64, 8, 2),),
+    ("backward_q", "diff", True): ((64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)),
+    # values wider than 128 in the other modes (head_dim over 128): the hand-picked wide launches alone
+    ("forward", "standard", True): ((64, 64, 8, 2),), ("forward", "diff_v2", True): ((64, 64, 8, 2),),
+    ("backward_kv", "standard", True): ((32, 64, 8, 2),), ("backward_kv", "diff_v2", True): ((32, 64, 8, 2),),
+    ("backward_q", "standard", True): ((64, 32, 8, 2),), ("backward_q", "diff_v2", True): ((64, 32, 8, 2),),
 }
 AUTOTUNE_KEY = ["HEAD_DIM", "VALUE_DIM", "HAS_MASK", "length_bucket"]  # the mode is in the candidate lists
 INTERPRETER_BLOCKS = (16, 16, 1, 1)  # small blocks keep the interpreted tests quick
 
 
-def launch_constants(kernel: str, launch: Launch) -> dict[str, int]:
+def launch_constants(kernel: str, launch: LaunchParams) -> dict[str, int]:
     """The kernel's block constants of a launch: BLOCK_M and BLOCK_N, and the forward kernel's VALUE_SPLITS."""
     constants = {"BLOCK_M": launch[0], "BLOCK_N": launch[1]}
     if kernel == "forward":
@@ -318,8 +326,7 @@ def length_bucket(n_queries: int, n_keys: int) -> int:
     return max(1024, triton.next_power_of_2(max(n_queries, n_keys)))
 
 
-@functools.cache
-def tuned(kernel: str, candidates: tuple[Launch, ...]) -> "triton.runtime.Autotuner":
+def tuned(kernel: str, candidates: tuple[LaunchParams, ...]) -> "triton.runtime.Autotuner":
     """`kernel` autotuned over `candidates`, per AUTOTUNE_KEY and the inputs' dtypes."""
     configs = [triton.Config(launch_constants(kernel, launch), num_warps=launch[2], num_stages=launch[3])
                for launch in candidates]
@@ -327,12 +334,17 @@ def tuned(kernel: str, candidates: tuple[Launch, ...]) -> "triton.runtime.Autotu
     return triton.autotune(configs=configs, key=AUTOTUNE_KEY, **on_disk)(KERNELS[kernel])
 
 
-def launch_kernel(kernel: str, mode: str, grid: Callable[[dict], tuple[int, int]], device: torch.device,
+# built here, not at the first launch: torch.compile traces through a launch but not through making an autotuner
+TUNED = {key: tuned(key[0], candidates) for key, candidates in CANDIDATES.items()} \
+    if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") != "1" else {}
+
+
+def launch_kernel(kernel: str, launch: "Launch", grid: Callable[[dict], tuple[int, ...]], device: torch.device,
                   *args: Any, **kwargs: Any) -> None:
-    """Run `kernel` of `mode`: autotuned over its candidates on a GPU, with INTERPRETER_BLOCKS elsewhere; `grid`
-    maps the chosen launch's constants to the program grid."""
+    """Run `kernel` for this launch's mode and value width: autotuned over its candidates on a GPU, with
+    INTERPRETER_BLOCKS elsewhere; `grid` maps the chosen constants to the program grid."""
     if device.type == "cuda":
-        tuned(kernel, CANDIDATES[kernel, mode])[grid](*args, **kwargs)
+        TUNED[kernel, launch.mode, launch.value_dim > 128][grid](*args, **kwargs)
         return
     KERNELS[kernel][grid](*args, **launch_constants(kernel, INTERPRETER_BLOCKS), num_warps=INTERPRETER_BLOCKS[2],
                           num_stages=INTERPRETER_BLOCKS[3], **kwargs)
@@ -397,7 +409,7 @@ def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(launch.n_queries, meta["BLOCK_M"]), launch.batch * launch.n_heads, meta["VALUE_SPLITS"]
 
-    launch_kernel("forward", launch.mode, grid, q1.device, q1, q2 if launch.two else q1, k1,
+    launch_kernel("forward", launch, grid, q1.device, q1, q2 if launch.two else q1, k1,
                   k2 if k2 is not None else k1, v, lam if lam is not None else lse, key_start,
                   mask if mask is not None else key_start, out, o2 if o2 is not None else out, lse, *launch.strides,
                   *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.group_size,
@@ -431,11 +443,11 @@ def _backward(grad_out, q1, q2, k1, k2, v, lam, key_start, query_stop, mask, out
     def query_grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(launch.n_queries, meta["BLOCK_M"]), launch.batch * launch.n_heads
 
-    launch_kernel("backward_kv", launch.mode, key_grid, q1.device, q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta,
+    launch_kernel("backward_kv", launch, key_grid, q1.device, q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta,
                   key_start, query_stop, mask_, dk1, dk2 if dk2 is not None else dk1, dv, *launch.strides,
                   *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.n_groups,
                   launch.group_size, *scales, launch.length_bucket, **launch.constants)
-    launch_kernel("backward_q", launch.mode, query_grid, q1.device, q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta,
+    launch_kernel("backward_q", launch, query_grid, q1.device, q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta,
                   key_start, mask_, dq1, dq2 if dq2 is not None else dq1, *launch.strides,
                   *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.group_size,
                   *scales, launch.length_bucket, **launch.constants)

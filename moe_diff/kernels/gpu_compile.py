@@ -58,13 +58,23 @@ def mode_launch(mode: str, head_dim: int, dtype: torch.dtype) -> flash.Launch:
     raise ValueError(f"mode must be one of {', '.join(flash.MODES)}, got {mode!r}")
 
 
-def hand_picked(kernel: str, mode: str) -> tuple[int, int, int, int]:
-    """The launch picked by hand for `kernel` of `mode`: the first of its candidates."""
-    return flash.CANDIDATES[kernel, mode][0]
+def wide_values(mode: str, head_dim: int) -> bool:
+    """Whether `mode` at head width `head_dim` has values over 128 wide (the candidates' third key)."""
+    return mode_launch(mode, head_dim, torch.bfloat16).value_dim > 128
+
+
+def candidates(kernel: str, mode: str, head_dim: int) -> tuple[flash.LaunchParams, ...]:
+    """The launches a GPU's autotuning chooses `kernel` of `mode` from at head width `head_dim`."""
+    return flash.CANDIDATES[kernel, mode, wide_values(mode, head_dim)]
+
+
+def hand_picked(kernel: str, mode: str, head_dim: int) -> flash.LaunchParams:
+    """The launch picked by hand: the first candidate."""
+    return candidates(kernel, mode, head_dim)[0]
 
 
 def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
-                  launch: flash.Launch) -> "triton.compiler.ASTSource":
+                  launch: flash.LaunchParams) -> "triton.compiler.ASTSource":
     """One kernel of one mode as Triton compiles it ahead of time: the constants its launch sets, the type of
     every argument and which are 16-aligned."""
     from triton.compiler import ASTSource
@@ -87,7 +97,7 @@ def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
     return ASTSource(function, signature, constexprs=constexprs, attrs=aligned)
 
 
-def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: flash.Launch,
+def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: flash.LaunchParams,
                 arch: int = 90) -> Resources:
     """Compile one kernel of one mode for compute capability `arch` with launch (BLOCK_M, BLOCK_N, num_warps,
     num_stages) (or take it from Triton's cache), and read its resource usage from the binary."""
@@ -157,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.launch:
                     launches = [tuple(args.launch)]
                 else:
-                    launches = flash.CANDIDATES[kernel, mode] if args.candidates else [
-                        hand_picked(kernel, mode)]
+                    launches = candidates(kernel, mode, head_dim) if args.candidates else [
+                        hand_picked(kernel, mode, head_dim)]
                 for launch in launches:
                     row = {"mode": mode, "kernel": kernel, "head_dim": head_dim, "launch": launch,
                            "arch": args.arch}

@@ -64,8 +64,8 @@ def moe_experts_few_tokens(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
     if not outputs:  # no tokens
         return torch.zeros_like(x)
     pair_index = torch.tensor(order, device=x.device)
-    y = torch.cat(outputs).mul_(weights.flatten()[pair_index, None].to(x.dtype))
-    return torch.zeros_like(x).index_add_(0, pair_index // top_k, y)
+    y = torch.cat(outputs).mul_(weights.flatten()[pair_index, None].to(outputs[0].dtype))
+    return torch.zeros_like(x).index_add_(0, pair_index // top_k, y.to(x.dtype))  # autocast: y's dtype may differ
 
 
 FEW_TOKENS = 16  # up to this many tokens the CPU decodes without grouped_mm (benchmarks/results/moe-cpu.json)
@@ -218,7 +218,7 @@ def megablocks_gmm() -> Callable:
 
 
 def megablocks_available() -> bool:
-    """Whether the megablocks backend can run here: MegaBlocks with its extension, and a CUDA device."""
+    """Whether the megablocks backend can run here: grouped_gemm with its CUDA extension, and a CUDA device."""
     try:
         megablocks_gmm()
     except ImportError:

@@ -224,6 +224,22 @@ def test_grouped_mm_under_autocast_multiplies_in_its_dtype() -> None:
         torch.testing.assert_close(grad, loop_grad, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("n", [1, 4, 20])
+def test_auto_without_autograd_runs_under_autocast(n: int) -> None:
+    """Eager decode and evaluation under bfloat16 autocast (one token pair by pair, a few grouped on the host,
+    more through grouped_mm): each path's values as close to the loop's as bfloat16 allows."""
+    torch.manual_seed(n)
+    dim, ffn, experts = 16, 32, 4
+    x = torch.randn(n, dim)
+    w1, w3 = (torch.randn(experts, ffn, dim) / 4 for _ in range(2))
+    w2 = torch.randn(experts, dim, ffn) / 4
+    ids, routing = torch.stack([torch.randperm(experts)[:2] for _ in range(n)]), torch.rand(n, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moe_experts_auto(x, ids, routing, w1, w2, w3)
+        expected = moe_experts_reference(x, ids, routing, w1, w2, w3)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_auto_compiles_in_float32() -> None:
     """grouped_mm's fake kernel takes bfloat16 alone, so a compiled float32 model (train.compile on a CPU) takes
     the loop: compiled forward and backward equal the eager reference."""
