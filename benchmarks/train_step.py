@@ -48,22 +48,34 @@ class System:
     compiled: bool
 
 
-def own_system(cfg: ModelConfig, device: torch.device, compiled: bool) -> System:
-    """This project's model: cross-entropy plus the router losses, as the training job adds them."""
-    torch.manual_seed(0)
-    with device:
-        model = MoEDiffTransformer(cfg)
+def trained(name: str, cfg: ModelConfig, model: nn.Module, device: torch.device, compiled: bool,
+            loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> System:
+    """A system whose step is loss_of(model or its compiled form, tokens) under autocast, its backward, and an
+    AdamW step with the training job's parameter groups."""
     optimizer = build_optimizer(model, TrainConfig())
     forward = torch.compile(model) if compiled else model
 
     def step(tokens: torch.Tensor) -> None:
         with autocast(device, "auto"):
-            out = forward(tokens[:, :-1])
-        (cross_entropy(out.logits, tokens[:, 1:]) + out.aux_loss).backward()
+            loss = loss_of(forward, tokens)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return System(cfg.attention + (" compiled" if compiled else ""), cfg, model, step, compiled)
+    return System(name + (" compiled" if compiled else ""), cfg, model, step, compiled)
+
+
+def own_system(cfg: ModelConfig, device: torch.device, compiled: bool) -> System:
+    """This project's model: cross-entropy plus the router losses, as the training job adds them."""
+    torch.manual_seed(0)
+    with device:
+        model = MoEDiffTransformer(cfg)
+
+    def loss_of(forward: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        out = forward(tokens[:, :-1])
+        return cross_entropy(out.logits, tokens[:, 1:]) + out.aux_loss
+
+    return trained(cfg.attention, cfg, model, device, compiled, loss_of)
 
 
 def transformers_system(cfg: ModelConfig, device: torch.device, compiled: bool) -> System:
@@ -79,18 +91,12 @@ def transformers_system(cfg: ModelConfig, device: torch.device, compiled: bool) 
     with device:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
                                                  experts_implementation="grouped_mm")
-    optimizer = build_optimizer(model, TrainConfig())
-    forward = torch.compile(model) if compiled else model
 
-    def step(tokens: torch.Tensor) -> None:
+    def loss_of(forward: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         inputs = tokens[:, :-1]
-        with autocast(device, "auto"):
-            loss = forward(input_ids=inputs, labels=inputs, output_router_logits=True).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return forward(input_ids=inputs, labels=inputs, output_router_logits=True).loss
 
-    return System("transformers" + (" compiled" if compiled else ""), cfg, model, step, compiled)
+    return trained("transformers", cfg, model, device, compiled, loss_of)
 
 
 def build_systems(cfg: ModelConfig, device: torch.device, compiled: bool, with_transformers: bool) -> list[System]:
