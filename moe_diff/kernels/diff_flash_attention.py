@@ -344,7 +344,7 @@ def launch_kernel(kernel: str, launch: "Launch", grid: Callable[[dict], tuple[in
     """Run `kernel` for this launch's mode and value width: autotuned over its candidates on a GPU, with
     INTERPRETER_BLOCKS elsewhere; `grid` maps the chosen constants to the program grid."""
     if device.type == "cuda":
-        TUNED[kernel, launch.mode, launch.value_dim > 128][grid](*args, **kwargs)
+        TUNED[kernel, launch.mode, launch.wide_values][grid](*args, **kwargs)
         return
     KERNELS[kernel][grid](*args, **launch_constants(kernel, INTERPRETER_BLOCKS), num_warps=INTERPRETER_BLOCKS[2],
                           num_stages=INTERPRETER_BLOCKS[3], **kwargs)
@@ -388,6 +388,7 @@ class Launch:
         self.mode = MODES[self.two + self.shared_k]
         self.sm_scale = self.head_dim ** -0.5
         self.length_bucket = length_bucket(self.n_queries, self.n_keys)
+        self.wide_values = self.value_dim > 128  # which of the mode's two candidate lists applies
         precision = "ieee" if q1.dtype == torch.float32 else "tf32"  # float32 inputs stay exact on a GPU
         lam_strides = lam.stride() if lam is not None else (0, 0, 0)
         mask_strides = mask.stride()[:2] if mask is not None else (0, 0)
@@ -399,6 +400,7 @@ class Launch:
                               BLOCK_DV=max(16, triton.next_power_of_2(self.value_dim)), TWO=self.two,
                               SHARED_K=self.shared_k, HAS_MASK=self.has_mask, DOT_PRECISION=precision)
 
+
 def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
     launch = Launch(q1, q2, k1, k2, v, lam, mask)
     shape = (launch.batch, launch.n_queries, launch.n_heads, launch.value_dim)
@@ -406,6 +408,7 @@ def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
     o2 = torch.empty(shape, dtype=torch.float32, device=q1.device) if launch.two and store_o2 else None
     lse = torch.empty(2 if launch.two else 1, launch.batch, launch.n_heads, launch.n_queries, dtype=torch.float32,
                       device=q1.device)
+
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(launch.n_queries, meta["BLOCK_M"]), launch.batch * launch.n_heads, meta["VALUE_SPLITS"]
 
@@ -437,6 +440,7 @@ def _backward(grad_out, q1, q2, k1, k2, v, lam, key_start, query_stop, mask, out
     q2_, k2_ = (q2 if launch.two else q1), (k2 if k2 is not None else k1)
     lam_, mask_ = (lam if lam is not None else lse), (mask if mask is not None else key_start)
     scales = (launch.sm_scale * LOG2E, launch.sm_scale)
+
     def key_grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(launch.n_keys, meta["BLOCK_N"]), launch.batch * launch.n_groups
 

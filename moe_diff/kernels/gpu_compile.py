@@ -60,7 +60,7 @@ def mode_launch(mode: str, head_dim: int, dtype: torch.dtype) -> flash.Launch:
 
 def wide_values(mode: str, head_dim: int) -> bool:
     """Whether `mode` at head width `head_dim` has values over 128 wide (the candidates' third key)."""
-    return mode_launch(mode, head_dim, torch.bfloat16).value_dim > 128
+    return mode_launch(mode, head_dim, torch.bfloat16).wide_values
 
 
 def candidates(kernel: str, mode: str, head_dim: int) -> tuple[flash.LaunchParams, ...]:

@@ -194,8 +194,8 @@ def moe_experts_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
     Experts that receive no token form empty groups (zero gradient); nothing waits on the host; outputs and
     gradients are bitwise repeatable (see permutation_ops).
     """
-    if matmul_dtype(x) not in GROUPED_MM_DTYPES:
-        raise UsageError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {matmul_dtype(x)}; use "
+    if (dtype := matmul_dtype(x)) not in GROUPED_MM_DTYPES:
+        raise UsageError(f"moe_backend='grouped_mm' runs in float32, bfloat16 or float16, not {dtype}; use "
                          "moe_backend='reference' for float64")
     return sorted_swiglu(x, expert_ids, weights, w1, w2, w3,
                          lambda plan: lambda rows, w: GroupedLinear.apply(rows, w, plan.offsets))
