@@ -302,7 +302,7 @@ CANDIDATES: dict[tuple[str, str, bool], tuple[LaunchParams, ...]] = {
     ("backward_q", "diff", False): ((64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)),
     ("backward_q", "diff_v2", False): ((64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2)),
     ("forward", "diff", True): ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2, 2), (128, 32, 8, 2, 2)),
-    ("backward_kv", "diff", True): ((32, 64, 8, 2),),
+    ("backward_kv", "diff", True): ((32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 8, 3)),
     ("backward_q", "diff", True): ((64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)),
     # values wider than 128 in the other modes (head_dim over 128): the hand-picked wide launches alone
     ("forward", "standard", True): ((64, 64, 8, 2),), ("forward", "diff_v2", True): ((64, 64, 8, 2),),
