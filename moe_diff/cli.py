@@ -48,7 +48,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    console.print(export(Path(args.source), Path(args.dst), args.format, dtype_or_none(args.dtype), tell))
+    console.print(export(Path(args.source), Path(args.dst), args.format, dtype_or_none(args.dtype), tell,
+                         args.tokenizer))
     return 0
 
 
@@ -175,17 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--seed", type=int, default=0, help="seeds the random weights and prompts")
     bench_cmd.set_defaults(run=run_bench)
 
-    convert = commands.add_parser("convert", help="Mixtral directory <-> moe-diff checkpoint")
-    convert.add_argument("src", help="a Hugging Face Mixtral directory or a moe-diff checkpoint")
+    convert = commands.add_parser("convert", help="Mixtral directory <-> moe-diff checkpoint (and an exported "
+                                  "transformers directory -> moe-diff checkpoint)")
+    convert.add_argument("src", help="a Hugging Face Mixtral directory, an `export --format hf` directory or a "
+                         "moe-diff checkpoint")
     convert.add_argument("dst", help="new directory to write (the other format)")
     convert.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
     convert.set_defaults(run=run_convert)
 
-    export = commands.add_parser("export", help="a run or training checkpoint as one checkpoint (or Mixtral)")
+    export = commands.add_parser("export", help="a run or training checkpoint as one checkpoint, a transformers "
+                                 "directory or Mixtral")
     export.add_argument("source", help="a run directory (its newest valid checkpoint), a step-N or a checkpoint")
     export.add_argument("dst", help="new directory to write")
     export.add_argument("--format", choices=FORMATS, default="moe-diff",
-                        help="this project's single-file schema, or Hugging Face Mixtral (standard attention)")
+                        help="this project's single-file schema; hf: a transformers directory (every mode; "
+                        "AutoModelForCausalLM after `import moe_diff`, or with trust_remote_code=True); or "
+                        "Hugging Face Mixtral (standard attention)")
+    export.add_argument("--tokenizer", default=None,
+                        help="--format hf: 'byte' or a tokenizer.json (default: the run's data.tokenizer)")
     export.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
     export.set_defaults(run=run_export)
     return parser

@@ -1,5 +1,6 @@
-"""Checkpoints from one form into another: Hugging Face Mixtral <-> the single-file schema, and any checkpoint form
-(a run, a training checkpoint) into either."""
+"""Checkpoints from one form into another: Hugging Face Mixtral <-> the single-file schema, an exported
+transformers directory -> the single-file schema, and any checkpoint form (a run, a training checkpoint) into the
+single-file schema, Mixtral or a transformers directory."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from pathlib import Path
 import torch
 
 from moe_diff.checkpoint import schema
+from moe_diff.checkpoint.hf_directory import is_moe_diff_directory, load_moe_diff_directory
 from moe_diff.checkpoint.mixtral import from_hf_mixtral, to_hf_mixtral
-from moe_diff.checkpoint.open import open_model
+from moe_diff.checkpoint.open import StoredModel, open_model
+from moe_diff.config import DataConfig
+from moe_diff.data.tokenizers import load_tokenizer
 from moe_diff.errors import UsageError
 
-FORMATS = ("moe-diff", "mixtral")
+FORMATS = ("moe-diff", "mixtral", "hf")
 
 
 def refuse_to_overwrite(dst: Path) -> None:
@@ -22,29 +26,50 @@ def refuse_to_overwrite(dst: Path) -> None:
 
 
 def convert(src: Path, dst: Path, dtype: torch.dtype | None = None) -> str:
-    """A Mixtral directory (config.json) into a single-file checkpoint, or one of those into Mixtral; the direction
-    comes from what `src` holds. Returns what was done, in words."""
+    """A Mixtral or exported transformers directory (config.json) into a single-file checkpoint, or one of those
+    into Mixtral; the direction comes from what `src` holds. Returns what was done, in words."""
     refuse_to_overwrite(dst)
+    if is_moe_diff_directory(src):
+        schema.save(load_moe_diff_directory(src, dtype), dst)
+        return f"imported transformers directory {src} -> moe-diff checkpoint {dst}"
     if (src / "config.json").is_file():
         schema.save(from_hf_mixtral(src, dtype=dtype), dst)
         return f"imported Mixtral {src} -> moe-diff checkpoint {dst}"
     if (src / schema.CONFIG_FILE).is_file():
         to_hf_mixtral(schema.load(src, dtype=dtype), dst)
         return f"exported moe-diff checkpoint {src} -> Mixtral {dst}"
-    raise UsageError(f"{src} is neither a Mixtral directory (config.json) nor a moe-diff checkpoint "
-                     f"({schema.CONFIG_FILE})")
+    raise UsageError(f"{src} is neither a Mixtral or exported transformers directory (config.json) nor a moe-diff "
+                     f"checkpoint ({schema.CONFIG_FILE})")
 
 
 def export(source: Path, dst: Path, format: str, dtype: torch.dtype | None = None,
-           tell: Callable[[str], None] | None = None) -> str:
+           tell: Callable[[str], None] | None = None, tokenizer: str | None = None) -> str:
     """Any checkpoint form (a run: its newest valid checkpoint; verified, experts checked) as one directory in
-    `format` (see FORMATS). Returns what was done, in words."""
+    `format` (see FORMATS); `hf` also writes the tokenizer, `tokenizer` ('byte' or a tokenizer.json) or else the
+    run's. Returns what was done, in words."""
     if format not in FORMATS:
         raise UsageError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+    if tokenizer is not None and format != "hf":
+        raise UsageError(f"--tokenizer is for --format hf (the other formats carry no tokenizer), not {format}")
     refuse_to_overwrite(dst)
     stored = open_model(source, dtype=dtype, tell=tell)
     if format == "mixtral":
         to_hf_mixtral(stored.model, dst)
+    elif format == "hf":
+        save_hf_directory(stored, dst, tokenizer)
     else:
         schema.save(stored.model, dst)
     return f"exported {stored.path} -> {dst} ({format})"
+
+
+def save_hf_directory(stored: StoredModel, dst: Path, tokenizer: str | None) -> None:
+    """`export --format hf` of an opened model, with the tokenizer named or else its run's."""
+    if tokenizer is None and stored.data is None:
+        raise UsageError(f"{stored.path} has no data config to take the tokenizer from; pass --tokenizer byte or "
+                         "--tokenizer PATH/tokenizer.json (the one the model was trained with)")
+    try:
+        from moe_diff.hf.export import save_hf
+    except ImportError as error:
+        raise UsageError(f"--format hf needs transformers: pip install 'moe-diff[hf]' ({error})") from None
+    data = stored.data if tokenizer is None else DataConfig(tokenizer=tokenizer)
+    save_hf(stored.model, load_tokenizer(data), dst)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from moe_diff.checkpoint.hf_directory import read_hf_directory
 from moe_diff.checkpoint.schema import CheckpointError, model_from_state_dict, model_state_dict, unwrap
 from moe_diff.config import ModelConfig
 from moe_diff.errors import UsageError
@@ -57,29 +57,6 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     except (TypeError, ValueError) as error:  # a ConfigError, or a value that is no number
         raise CheckpointError(f"config.json does not map to a valid model: {error}") from None
-
-
-def _read_hf_directory(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: config.json is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} holds no JSON object")
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory} has no *.safetensors files (pickled .bin weights are not "
-                              "loaded; convert them to safetensors first)")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            tensors.update(load_file(path))
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"{path} cannot be read as safetensors: {error}") from None
-    return config, tensors
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -130,7 +107,7 @@ def from_hf_mixtral(src: nn.Module | str | Path, dtype: torch.dtype | None = Non
     if isinstance(src, nn.Module):
         hf_config, tensors, source = src.config.to_dict(), dict(src.state_dict()), type(src).__name__
     else:
-        hf_config, tensors = _read_hf_directory(Path(src))
+        hf_config, tensors = read_hf_directory(Path(src))
         source = str(src)
     cfg = model_config_from_hf(hf_config)
     state = state_dict_from_hf(tensors, cfg)

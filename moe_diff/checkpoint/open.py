@@ -1,5 +1,5 @@
 """Open a model from any checkpoint form: a single-file checkpoint, a training checkpoint `step-N` (whatever
-layout wrote it), or a run directory (its newest checkpoint that verifies)."""
+layout wrote it), a run directory (its newest checkpoint that verifies), or an `export --format hf` directory."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from moe_diff.checkpoint import schema
+from moe_diff.checkpoint.hf_directory import exported_tokenizer, is_moe_diff_directory, load_moe_diff_directory
 from moe_diff.checkpoint.schema import CheckpointError
 from moe_diff.checkpoint.training import (
     STATE,
@@ -47,7 +48,8 @@ class StoredModel:
 def open_model(path: str | Path, dtype: torch.dtype | None = None, tell: Callable[[str], None] | None = None
                ) -> StoredModel:
     """The whole model of a `checkpoint.save` directory, of a training checkpoint `step-N` (whatever layout wrote
-    it; experts checked against its table), or of a run's out_dir (its newest valid checkpoint), in this process.
+    it; experts checked against its table), of a run's out_dir (its newest valid checkpoint) or of an
+    `export --format hf` directory (with its tokenizer as the data config), in this process.
     `tell`, if given, hears StoredModel.notes(): the newer checkpoints skipped and why, and the one opened."""
     stored = _read(Path(path), dtype)
     for note in stored.notes() if tell is not None else ():
@@ -58,6 +60,8 @@ def open_model(path: str | Path, dtype: torch.dtype | None = None, tell: Callabl
 def _read(path: Path, dtype: torch.dtype | None) -> StoredModel:
     if (path / schema.CONFIG_FILE).is_file() and (path / schema.WEIGHTS_FILE).is_file():
         return StoredModel(schema.load(path, dtype=dtype), path)
+    if is_moe_diff_directory(path):
+        return StoredModel(load_moe_diff_directory(path, dtype), path, data=exported_tokenizer(path))
     skipped: list[str] = []
     if (path / CHECKPOINTS_DIR).is_dir():
         newest, skipped = newest_valid(path / CHECKPOINTS_DIR)  # verified
@@ -69,7 +73,8 @@ def _read(path: Path, dtype: torch.dtype | None) -> StoredModel:
         verify(path)
     if not (path / STATE).is_dir() or not (path / schema.CONFIG_FILE).is_file():
         refuse_old_layout(path)
-        raise CheckpointError(f"{path} is not a checkpoint, a training checkpoint or a run directory")
+        raise CheckpointError(f"{path} is not a checkpoint, a training checkpoint, a run directory or an "
+                              "exported transformers directory")
     cfg = schema.load_model_config(path)
     reader = SafeFileSystemReader(path / STATE)
     metadata = reader.read_metadata()
