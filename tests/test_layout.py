@@ -14,6 +14,7 @@ LEVELS = [
     {"costs", "data"},
     {"parallel"},  # applied to a finished model from outside
     {"runs"},
+    {"hf"},  # the model as a transformers model (transformers imported only by its modules that need it)
     {"checkpoint", "routing"},  # what the jobs share
     {"training", "inference", "diagnostics"},  # the jobs
     {"train", "info"},  # commands that combine jobs

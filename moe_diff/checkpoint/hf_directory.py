@@ -1,9 +1,8 @@
 """Hugging Face model directories (config.json and safetensors weights, sharded or not), and the moe-diff model
-in that form: its config.json fields and weight names, read and written without transformers."""
+read from that form without transformers."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,28 +12,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from moe_diff.checkpoint.schema import CheckpointError, model_from_state_dict
-from moe_diff.config import ConfigError, DataConfig, ModelConfig
+from moe_diff.config import ConfigError, DataConfig
+from moe_diff.hf.fields import BASE_MODEL, MODEL_TYPE, model_config_from_fields
 from moe_diff.model import MoEDiffTransformer
 
 HF_CONFIG_FILE = "config.json"
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
-MODEL_TYPE = "moe_diff"  # config.json's model_type of a moe-diff model
-WEIGHT_PREFIX = "model."  # the transformers model holds the project's model as `model`
-MODEL_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
-# ModelConfig fields that config.json stores under another name: transformers reads `top_k` as a sampling setting
-STORED_AS = {"top_k": "num_experts_per_tok"}
-STORED_FIELDS = tuple(STORED_AS.get(name, name) for name in MODEL_FIELDS)
-
-
-def config_fields(cfg: ModelConfig) -> dict[str, Any]:
-    """A ModelConfig's fields as config.json stores them."""
-    return {STORED_AS.get(name, name): value for name, value in dataclasses.asdict(cfg).items()}
-
-
-def model_config_from_fields(values: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig of config.json's fields (others ignored); ConfigError names a bad one."""
-    return ModelConfig(**{name: values[stored] for name, stored in zip(MODEL_FIELDS, STORED_FIELDS, strict=True)
-                          if stored in values})
+WEIGHT_PREFIX = f"{BASE_MODEL}."
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
-from moe_diff.checkpoint.hf_directory import MODEL_TYPE
+from moe_diff.hf.fields import MODEL_TYPE
 
 
 def register() -> None:

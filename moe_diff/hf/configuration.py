@@ -7,8 +7,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from moe_diff.checkpoint.hf_directory import MODEL_TYPE, STORED_FIELDS, config_fields, model_config_from_fields
 from moe_diff.config import ModelConfig
+from moe_diff.hf.fields import MODEL_TYPE, STORED_FIELDS, config_fields, model_config_from_fields
 
 
 class MoeDiffConfig(PretrainedConfig):

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from moe_diff.hf.configuration import MoeDiffConfig
+from moe_diff.hf.fields import BASE_MODEL
 from moe_diff.kernels.mask import AttentionMask, causal_window_mask
 from moe_diff.model import ModelOutput, MoEDiffTransformer, Routing
 
@@ -83,7 +84,7 @@ class MoeDiffForCausalLM(PreTrainedModel, GenerationMixin):
     transformers Cache (a sliding-window one where the config has a window)."""
 
     config_class = MoeDiffConfig
-    base_model_prefix = "model"
+    base_model_prefix = BASE_MODEL  # self.model: the project's model
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
 

@@ -16,10 +16,11 @@ MODES = ["standard", "diff", "diff_v2"]
 WINDOW = 6  # shorter than the prompts and the generations below
 
 
-def hf_model(mode: str, window: int | None = WINDOW, tied: bool = False, seed: int = 0) -> MoeDiffForCausalLM:
+def hf_model(mode: str, window: int | None = WINDOW, tied: bool = False, seed: int = 0,
+             max_seq_len: int = 64) -> MoeDiffForCausalLM:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=257, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=32,
-                      n_experts=4, sliding_window=window, attention=mode, tie_embeddings=tied, max_seq_len=64)
+                      n_experts=4, sliding_window=window, attention=mode, tie_embeddings=tied, max_seq_len=max_seq_len)
     return MoeDiffForCausalLM(MoeDiffConfig.from_model_config(cfg, eos_token_id=256, pad_token_id=256)).eval()
 
 

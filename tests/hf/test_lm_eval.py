@@ -1,0 +1,40 @@
+"""lm-evaluation-harness scores an exported model on the local next-line task, by loglikelihood and by generation,
+through `trust_remote_code` (lm_eval never imports moe_diff itself)."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from moe_diff.data.tokenizers import ByteTokenizer
+from moe_diff.hf.eval_task import TASKS, questions, write_task
+from moe_diff.hf.export import save_hf
+from tests.hf.test_transformers_model import hf_model
+
+
+def test_questions_come_from_held_out_files_with_the_answer_among_distinct_choices() -> None:
+    found = questions(30)
+    assert len(found) == 30
+    for question in found:
+        assert len(set(question["choices"])) == 4 and question["choices"][question["answer"]] == question["target"]
+        assert question["context"].endswith("\n") and question["context"].count("\n") == 4
+
+
+@pytest.mark.skipif(shutil.which("lm_eval") is None, reason="lm-evaluation-harness is not installed")
+def test_lm_eval_scores_an_exported_model_on_the_local_task(tmp_path: Path) -> None:
+    save_hf(hf_model("diff_v2", window=16, max_seq_len=512).model, ByteTokenizer(), tmp_path / "model")
+    write_task(tmp_path / "task", n_questions=8)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(["lm_eval", "--model", "hf", "--model_args",
+                          f"pretrained={tmp_path / 'model'},trust_remote_code=True", "--tasks", ",".join(TASKS),
+                          "--include_path", str(tmp_path / "task"), "--device", "cpu", "--batch_size", "4",
+                          "--output_path", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+    assert 0 <= results["stdlib_next_line"]["acc,none"] <= 1
+    assert results["stdlib_next_line_gen"]["exact_match,none"] == 0  # random weights never write the line
