@@ -13,19 +13,19 @@ import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
-from moe_diff.hf.fields import MODEL_TYPE
+CLASS_MODULES = ("moe_diff.hf.configuration", "moe_diff.hf.modeling")
 
 
 def register() -> None:
-    """AutoConfig and AutoModelForCausalLM learn model_type 'moe_diff' (AutoTokenizer needs nothing: exported
-    directories name their tokenizer class)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """AutoConfig and AutoModelForCausalLM learn model_type 'moe_diff': importing the modeling module registers
+    both classes (AutoTokenizer needs nothing: exported directories name their tokenizer class)."""
+    import moe_diff.hf.modeling  # noqa: F401
 
-    from moe_diff.hf.configuration import MoeDiffConfig
-    from moe_diff.hf.modeling import MoeDiffForCausalLM
 
-    AutoConfig.register(MODEL_TYPE, MoeDiffConfig, exist_ok=True)
-    AutoModelForCausalLM.register(MoeDiffConfig, MoeDiffForCausalLM, exist_ok=True)
+def being_imported(module: str) -> bool:
+    """Whether `module` is part-way through its first import (it registers the classes itself when done)."""
+    spec = getattr(sys.modules.get(module), "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
 
 
 def register_or_warn() -> None:
@@ -59,7 +59,8 @@ class RegisterOnImport(importlib.abc.MetaPathFinder):
                 run_module(module)
                 if self in sys.meta_path:
                     sys.meta_path.remove(self)
-                register_or_warn()
+                if not any(being_imported(name) for name in CLASS_MODULES):  # else they register when done
+                    register_or_warn()
 
             spec.loader.exec_module = run_then_register  # this spec's loader only
         return spec

@@ -39,3 +39,6 @@ class MoeDiffConfig(PretrainedConfig):
 
     def model_config(self) -> ModelConfig:
         return model_config_from_fields({name: getattr(self, name) for name in STORED_FIELDS})
+
+
+import moe_diff.hf.modeling  # noqa: E402, F401  (registers this class and the model with the Auto classes)

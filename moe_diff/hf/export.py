@@ -59,6 +59,9 @@ def save_hf(model: MoEDiffTransformer, tokenizer: Tokenizer, directory: Path,
         write_tokenizer(tokenizer, staging, model.cfg.max_seq_len)
         for file, (cls, module) in REMOTE_CODE.items():
             (staging / file).write_text(remote_code(cls, module))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # as a plain mkdir makes it (mkdtemp's is private)
         if directory.exists():
             directory.rmdir()  # empty (the caller refused anything else)
         os.replace(staging, directory)

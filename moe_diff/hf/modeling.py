@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from moe_diff.hf.configuration import MoeDiffConfig
-from moe_diff.hf.fields import BASE_MODEL
+from moe_diff.hf.fields import BASE_MODEL, MODEL_TYPE
 from moe_diff.kernels.mask import AttentionMask, causal_window_mask
 from moe_diff.model import ModelOutput, MoEDiffTransformer, Routing
 
@@ -158,6 +158,11 @@ class MoeDiffForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _loss(self, out: ModelOutput, labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy over kept, labelled positions, plus the router losses over kept tokens."""
-        targets = labels[:, 1:].masked_fill(~real[:, 1:], IGNORE_INDEX)
+        targets = labels[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), IGNORE_INDEX)  # kept target and input
         loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return loss + self._aux_loss(out, real)
+
+
+# transformers' Auto classes learn the model whichever module of the package was imported first
+AutoConfig.register(MODEL_TYPE, MoeDiffConfig, exist_ok=True)
+AutoModelForCausalLM.register(MoeDiffConfig, MoeDiffForCausalLM, exist_ok=True)

@@ -106,7 +106,9 @@ def test_loss_is_the_training_loss_over_kept_tokens() -> None:
     """A padded row's loss equals the unpadded row's: cross-entropy plus the weighted router losses, as training
     adds them (ModelOutput.aux_loss), padding left out of both."""
     hf = hf_model("diff_v2")
-    ids, mask = left_padded(PROMPTS[1:])
+    ids, mask = left_padded(PROMPTS)
+    ids, mask = ids[1:], mask[1:]  # the short prompt, with 5 pads
+    assert not mask.all()
     prompt = PROMPTS[1][None]
     out = hf.model(prompt)
     expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), prompt[:, 1:].flatten()) + out.aux_loss
@@ -134,3 +136,14 @@ def test_bad_inputs_are_named() -> None:
         hf(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 1, 4, 4))
     with pytest.raises(ValueError, match="inputs_embeds"):
         hf(torch.zeros(1, 4, dtype=torch.long), inputs_embeds=torch.zeros(1, 4, 32))
+
+
+@pytest.mark.parametrize("first", ["moe_diff.hf.modeling", "moe_diff.hf.configuration", "moe_diff"])
+def test_auto_classes_learn_the_model_whichever_module_is_imported_first(first: str) -> None:
+    import subprocess
+    import sys
+    code = (f"import {first}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+            "config = AutoConfig.for_model('moe_diff', n_heads=4, n_kv_heads=2, dim=32, n_layers=1, ffn_dim=32)\n"
+            "print(type(AutoModelForCausalLM.from_config(config)).__name__)")
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
+    assert run.stdout.strip() == "MoeDiffForCausalLM", run.stderr[-2000:]
