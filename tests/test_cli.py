@@ -34,7 +34,7 @@ def test_info_with_overrides_and_forward_check(capsys: pytest.CaptureFixture) ->
     (["info", "missing.yaml"], "does not exist"),
     (["info", str(CONFIGS / "tiny.yaml"), "model.top_k=0"], "model.top_k=0"),
     (["info", str(CONFIGS / "tiny.yaml"), "--seq-len", "0"], "--seq-len must be a positive integer"),
-    (["convert", ".", "elsewhere"], "neither a Mixtral directory"),
+    (["convert", ".", "elsewhere"], "neither a Mixtral or exported transformers directory"),
 ])
 def test_errors_are_reported_with_exit_code_2(argv: list[str], needle: str,
                                               capsys: pytest.CaptureFixture) -> None:
