@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from moe_diff.checkpoint import schema
-from moe_diff.checkpoint.hf_directory import is_moe_diff_directory, load_moe_diff_directory
+from moe_diff.checkpoint.hf_directory import HF_CONFIG_FILE, is_moe_diff_directory, load_moe_diff_directory
 from moe_diff.checkpoint.mixtral import from_hf_mixtral, to_hf_mixtral
 from moe_diff.checkpoint.open import StoredModel, open_model
 from moe_diff.config import DataConfig
@@ -32,7 +32,7 @@ def convert(src: Path, dst: Path, dtype: torch.dtype | None = None) -> str:
     if is_moe_diff_directory(src):
         schema.save(load_moe_diff_directory(src, dtype), dst)
         return f"imported transformers directory {src} -> moe-diff checkpoint {dst}"
-    if (src / "config.json").is_file():
+    if (src / HF_CONFIG_FILE).is_file():
         schema.save(from_hf_mixtral(src, dtype=dtype), dst)
         return f"imported Mixtral {src} -> moe-diff checkpoint {dst}"
     if (src / schema.CONFIG_FILE).is_file():

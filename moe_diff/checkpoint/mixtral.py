@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from moe_diff.checkpoint.hf_directory import read_hf_directory
+from moe_diff.checkpoint.hf_directory import HF_CONFIG_FILE, read_hf_directory
 from moe_diff.checkpoint.schema import CheckpointError, model_from_state_dict, model_state_dict, unwrap
 from moe_diff.config import ModelConfig
 from moe_diff.errors import UsageError
@@ -175,5 +175,5 @@ def to_hf_mixtral(model: nn.Module, directory: str | Path) -> Path:
     dtype = model.tok_embeddings.weight.dtype
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf_config_from_model(model.cfg, dtype), indent=2))
+    (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config_from_model(model.cfg, dtype), indent=2))
     return directory

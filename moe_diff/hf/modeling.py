@@ -86,7 +86,7 @@ class MoeDiffForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MoeDiffConfig
     base_model_prefix = BASE_MODEL  # self.model: the project's model
     _no_split_modules = ["Block"]
-    _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
+    _tied_weights_keys = {f"{BASE_MODEL}.output.weight": f"{BASE_MODEL}.tok_embeddings.weight"}
 
     def __init__(self, config: MoeDiffConfig):
         super().__init__(config)
