@@ -23,8 +23,8 @@ import torch
 
 from moe_diff.costs import mean_keys_per_query
 from moe_diff.device import DTYPES, environment
+from moe_diff.files import write_json
 from moe_diff.inference.bench.measure import median_seconds
-from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.diff_attention import diff_attention, sdpa_attention
 from moe_diff.kernels.mask import AttentionMask

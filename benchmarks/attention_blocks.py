@@ -30,8 +30,8 @@ import torch
 from attention import mode_inputs as attention_inputs  # benchmarks/attention.py, beside this script
 
 from moe_diff.device import environment, synchronize
+from moe_diff.files import write_json
 from moe_diff.inference.bench.measure import median_seconds
-from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels import attention_op
 from moe_diff.kernels import diff_flash_attention as flash
 from moe_diff.kernels.gpu_compile import compile_in_process, error_line, hand_picked, wide_values

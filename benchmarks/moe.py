@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_diff.device import DTYPES, environment, synchronize
+from moe_diff.files import write_json
 from moe_diff.inference.bench.measure import median_seconds
-from moe_diff.inference.bench.report import write_json
 from moe_diff.kernels.moe_decode import moe_experts_gemv
 from moe_diff.kernels.moe_experts import (
     FEW_TOKENS,

@@ -25,8 +25,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from moe_diff.config import ModelConfig
 from moe_diff.device import environment, synchronize
+from moe_diff.files import write_json
 from moe_diff.inference.bench.measure import median_seconds
-from moe_diff.inference.bench.report import write_json
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.dims import average_gradients

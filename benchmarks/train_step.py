@@ -28,7 +28,7 @@ from torch import nn
 from moe_diff.config import ModelConfig, TrainConfig, load_config
 from moe_diff.costs import flops_per_token, param_counts
 from moe_diff.device import environment, peak_flops, reset_peak_memory, synchronize
-from moe_diff.inference.bench.report import write_json
+from moe_diff.files import write_json
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.training.optim import build_optimizer
 from moe_diff.training.trainer import autocast, cross_entropy

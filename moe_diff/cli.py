@@ -15,7 +15,7 @@ from moe_diff.config import DataConfig, load_config
 from moe_diff.data import tokenize_corpus
 from moe_diff.device import DTYPES
 from moe_diff.diagnostics import diagnose
-from moe_diff.errors import run_reporting_errors
+from moe_diff.errors import UsageError, run_reporting_errors
 from moe_diff.inference.bench import SYSTEMS, BenchSettings
 from moe_diff.inference.bench.command import bench_and_write, bench_model, default_systems
 from moe_diff.inference.bench.routing import ROUTING_MODES
@@ -92,6 +92,18 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(args.batch, args.prompt, args.new_tokens, args.routing, args.compile, args.repeats,
                              args.systems or default_systems(model), args.seed)
     bench_and_write(model, settings, Path(args.out), console)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        from moe_diff.inference.evaluate import evaluate, write_results
+    except ImportError as error:
+        raise UsageError(f"moe-diff eval needs transformers: pip install 'moe-diff[hf]' ({error})") from None
+    results = evaluate(args.checkpoint, args.tasks, tokenizer=args.tokenizer, include_path=args.include_path,
+                       limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                       device=args.device, dtype=dtype_or_none(args.dtype), tell=tell)
+    console.print(write_results(results, Path(args.out) if args.out else None), highlight=False)
     return 0
 
 
@@ -176,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--seed", type=int, default=0, help="seeds the random weights and prompts")
     bench_cmd.set_defaults(run=run_bench)
 
+    eval_cmd = commands.add_parser("eval", help="score a checkpoint on lm-evaluation-harness tasks (the local "
+                                   "next-line tasks, or any task whose data is available)")
+    eval_cmd.add_argument("checkpoint", help="a run directory, a step-N, a checkpoint or an exported directory")
+    eval_cmd.add_argument("--tasks", nargs="+", required=True,
+                          help="lm_eval task names, e.g. stdlib_next_line stdlib_next_line_gen (local, no "
+                          "download) or hellaswag")
+    eval_cmd.add_argument("--out", default=None, help="also write lm_eval's results to this JSON file")
+    eval_cmd.add_argument("--limit", type=int, default=None, help="at most this many questions per task")
+    eval_cmd.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    eval_cmd.add_argument("--include-path", nargs="*", default=[], help="directories of your own task YAMLs")
+    eval_cmd.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the run's)")
+    eval_cmd.add_argument("--batch-size", type=int, default=8)
+    eval_cmd.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
+    eval_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    eval_cmd.set_defaults(run=run_eval)
+
     convert = commands.add_parser("convert", help="Mixtral directory <-> moe-diff checkpoint (and an exported "
                                   "transformers directory -> moe-diff checkpoint)")
     convert.add_argument("src", help="a Hugging Face Mixtral directory, an `export --format hf` directory or a "
@@ -201,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("seq_len", "tokens", "max_new_tokens", "new_tokens"):
+    for flag in ("seq_len", "tokens", "max_new_tokens", "new_tokens", "limit", "batch_size"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             errors.print(f"[red]error:[/] --{flag.replace('_', '-')} must be a positive integer")
             return 2

@@ -27,15 +27,19 @@ def byte_tokenizer_file() -> TokenizerFile:
     return tokenizer
 
 
-def write_tokenizer(tokenizer: Tokenizer, directory: Path, max_length: int) -> None:
-    """tokenizer.json and tokenizer_config.json for AutoTokenizer: end-of-text as eos and pad, left padding
-    (generation pads on the left)."""
+def fast_tokenizer(tokenizer: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
+    """`tokenizer` as transformers' tokenizer: end-of-text as eos and pad, left padding (generation pads on the
+    left)."""
     if isinstance(tokenizer, ByteTokenizer):
         file, eot = byte_tokenizer_file(), BYTE_EOT_TOKEN
     else:
         assert isinstance(tokenizer, HFTokenizer)
         file = TokenizerFile.from_file(tokenizer.name)
         eot = file.id_to_token(tokenizer.eot_id)
-    fast = PreTrainedTokenizerFast(tokenizer_object=file, eos_token=eot, pad_token=eot, padding_side="left",
+    return PreTrainedTokenizerFast(tokenizer_object=file, eos_token=eot, pad_token=eot, padding_side="left",
                                    model_max_length=max_length)
-    fast.save_pretrained(directory)
+
+
+def write_tokenizer(tokenizer: Tokenizer, directory: Path, max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json for AutoTokenizer (see fast_tokenizer)."""
+    fast_tokenizer(tokenizer, max_length).save_pretrained(directory)

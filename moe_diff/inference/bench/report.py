@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from moe_diff.files import write_json
 from moe_diff.plotting import pyplot, save
 
 
@@ -57,15 +57,6 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel=unit, title=title)
         axis.legend(fontsize=7)
     return save(figure, path, dpi=100)
-
-
-def write_json(results: dict[str, Any], path: Path) -> Path:
-    """The results as JSON at `path` (folders made), written under a temporary name first and then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(results, indent=1) + "\n")
-    partial.replace(path)
-    return path
 
 
 def write(results: dict[str, Any], stem: Path) -> list[Path]:
