@@ -6,6 +6,7 @@ N = B*T tokens flattened, E experts, K top_k, F ffn_dim, V vocab_size.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -374,6 +375,14 @@ class ModelOutput:
     def aux_loss(self) -> torch.Tensor:
         """Sum over layers of the weighted router losses."""
         return self._cfg.router_aux_loss_coef * self.load_balance_loss + self._cfg.router_z_loss_coef * self.z_loss
+
+
+def parameter_generator(seed: int, name: str) -> torch.Generator:
+    """The generator that draws parameter `name` of a model seeded with `seed`: its own, seeded by both, so that a
+    parameter's initial value does not depend on which other parameters the model has (two attention modes with
+    the same seed start their shared parameters equal)."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 @torch.no_grad()

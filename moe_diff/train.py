@@ -9,6 +9,7 @@ import torch
 from rich import box
 from rich.console import Console
 from rich.panel import Panel
+from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
@@ -23,12 +24,14 @@ from moe_diff.training.trainer import RunResult, Trainer
 SAMPLE_PROMPT_TOKENS = 64
 
 
-def train(cfg: Config, console: Console | None = None, summary: bool = False) -> RunResult:
+def train(cfg: Config, console: Console | None = None, summary: bool = False,
+          progress: Progress | None = None) -> RunResult:
     """Train (or continue training) as the config says; checkpoints and metrics go to train.out_dir. With
-    `summary`, every rank then samples and routes together (the model may be split over them); rank 0 prints."""
+    `summary`, every rank then samples and routes together (the model may be split over them); rank 0 prints.
+    `progress` shows the run's bar among others (Trainer.run)."""
     console = console or Console()
     with training_job(cfg, console) as trainer:
-        result = trainer.run()
+        result = trainer.run(progress)
         if summary:
             print_summary(trainer, result)
     return result

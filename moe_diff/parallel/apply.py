@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.parallel import DistributedDataParallel
 
-from moe_diff.model import MoEDiffTransformer, init_parameter
+from moe_diff.model import MoEDiffTransformer, init_parameter, parameter_generator
 from moe_diff.parallel.dims import is_expert_parameter, keep_shard
 from moe_diff.parallel.expert_parallel import parallelize_experts
 from moe_diff.parallel.runtime import Runtime, local_tensor
@@ -51,8 +51,8 @@ def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
 def materialize(model: MoEDiffTransformer, job: Runtime, device: torch.device, seed: int | None) -> None:
     """Allocate a model built on the meta device (parallelized, and fully sharded with FSDP, there) on `device`, so
     that no rank ever holds more than its pieces. With a seed, fill them as one process would initialise the whole
-    model: each whole parameter drawn in turn on the CPU, this rank's piece kept; without, leave them for a
-    checkpoint to fill."""
+    model: each whole parameter drawn on the CPU from its own generator (model.parameter_generator), this rank's
+    piece kept; without, leave them for a checkpoint to fill."""
     model.to_empty(device=device)
     if model.cfg.tie_embeddings:  # to_empty made the shared parameter two
         model.output.weight = model.tok_embeddings.weight
@@ -60,10 +60,9 @@ def materialize(model: MoEDiffTransformer, job: Runtime, device: torch.device, s
         buffer.zero_()  # the expert biases: zero at the start, stored in checkpoints
     if seed is None:
         return
-    generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         whole = torch.empty(job.whole_shape(name, param.shape), dtype=param.dtype)
-        init_parameter(name, whole, model.cfg.n_layers, generator)
+        init_parameter(name, whole, model.cfg.n_layers, parameter_generator(seed, name))
         for split in job.splits(name):
             whole = keep_shard(whole, split.group, split.dim)
         if isinstance(param, DTensor):  # FSDP's piece of what expert and tensor parallelism left here

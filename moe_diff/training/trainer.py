@@ -123,6 +123,13 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def progress_bars(console: Console) -> Progress:
+    """Bars as the training job shows them: a name, done/total, the bar, a status line (every task has a `status`
+    field) and the time left."""
+    return Progress(TextColumn("[bold]{task.description}"), MofNCompleteColumn(), BarColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console, transient=False)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -264,7 +271,9 @@ class Trainer:
                 record["lambda"] = probe.values
         return record
 
-    def run(self) -> RunResult:
+    def run(self, progress: Progress | None = None) -> RunResult:
+        """Step until train.max_steps or a stop signal, then save. `progress` (see progress_bars) shows the run's
+        bar among others (a study's); by default it has its own."""
         t, start = self.cfg.train, time.perf_counter()
         if self.step >= t.max_steps:
             return self._result(None, None, time.perf_counter() - start, "max_steps already reached")
@@ -273,8 +282,10 @@ class Trainer:
         record: dict[str, Any] = {}
         val_loss, stop_reason = None, "finished"
         interval_start, interval_steps = time.perf_counter(), 0
-        with StopFlag() as stop, self._progress() as progress:
-            task = progress.add_task("train", total=t.max_steps, completed=self.step, loss=float("nan"), tps=0.0)
+        shared = progress is not None and self.runtime.is_main
+        bars = contextlib.nullcontext(progress) if shared else progress_bars(self.console)
+        with StopFlag() as stop, bars as progress:
+            task = progress.add_task("step", total=t.max_steps, completed=self.step, status="")
             while self.step < t.max_steps:
                 log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
                 record = self.train_step(details=log_now)
@@ -307,7 +318,7 @@ class Trainer:
                                        if self.peak_flops else None)}
                     if metrics:
                         metrics.log({"step": self.step} | record)
-                    progress.update(task, loss=record["loss"], tps=tokens_per_s)
+                    progress.update(task, status=f"loss {record['loss']:.3f}  {tokens_per_s:,.0f} tok/s")
                     interval_start, interval_steps = time.perf_counter(), 0
                 progress.update(task, completed=self.step)
                 if self.runtime.any(stop.signal is not None, self.device):  # every rank stops at the same step
@@ -315,16 +326,13 @@ class Trainer:
                     break
                 if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                     self.save()
+            if shared:
+                progress.remove_task(task)
         saved = self.save()
         if metrics:
             metrics.close()
         self.console.print(f"saved {saved} ({stop_reason})")
         return self._result(record.get("loss"), val_loss, time.perf_counter() - start, stop_reason)
-
-    def _progress(self) -> Progress:
-        return Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                        TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-                        TimeRemainingColumn(), console=self.console, transient=False)
 
     def _result(self, loss: float | None, val_loss: float | None, seconds: float, reason: str) -> RunResult:
         return RunResult(self.out_dir, self.step, loss, val_loss, seconds, reason, self.model)
