@@ -13,12 +13,13 @@ from typing import Any
 import torch
 
 from moe_diff.data import Batch
-from moe_diff.kernels.diff_attention import attention_probs
+from moe_diff.kernels.diff_attention import attention_scores
 from moe_diff.kernels.mask import AttentionMask
 from moe_diff.model import Attention, DiffAttention, DiffV2Attention, MoEDiffTransformer
 from moe_diff.plotting import heatmap, pyplot, save
 
 NOISE_TOP_KEYS = 4  # "signal" is a query's 4 strongest keys; the rest of its attention is noise mass
+OUTLIER_RANKS = (1, 2, 3, 10, 100)  # the k-th largest absolute values reported, as in the DIFF Transformer paper
 
 
 @dataclass
@@ -29,22 +30,40 @@ class LayerMaps:
     lam: torch.Tensor | None  # V1: scalar; V2: [B, T, H]
 
 
-def layer_maps(module: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               mask: AttentionMask) -> LayerMaps:
+def layer_scores(module: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: AttentionMask) -> list[torch.Tensor]:
+    """The attention logits of each softmax map, [B, H, T, T] with -inf where a key is hidden: diff's two maps;
+    one otherwise (diff_v2's paired heads interleaved, as it lays them out)."""
     q, k, _ = module.project(x, cos, sin)
     if isinstance(module, DiffAttention):
         B, T, _, d = q.shape
         q, k = q.view(B, T, -1, 2, d), k.view(B, T, -1, 2, d)
-        first = attention_probs(q[..., 0, :], k[..., 0, :], mask).flatten(1, 2)
-        second = attention_probs(q[..., 1, :], k[..., 1, :], mask).flatten(1, 2)
+        return [attention_scores(q[..., i, :], k[..., i, :], mask).flatten(1, 2) for i in range(2)]
+    return [attention_scores(q, k, mask).flatten(1, 2)]
+
+
+def layer_maps(module: Attention, x: torch.Tensor, scores: list[torch.Tensor]) -> LayerMaps:
+    """The maps a layer applies to its values, from its input `x` and its layer_scores."""
+    if isinstance(module, DiffAttention):
+        first, second = (score.softmax(dim=-1) for score in scores)
         lam = module.lambda_value()
         return LayerMaps(first - lam * second, first, second, lam)
-    probs = attention_probs(q, k, mask).flatten(1, 2)  # [B, Hq, T, T]
+    probs = scores[0].softmax(dim=-1)  # [B, Hq, T, T]
     if isinstance(module, DiffV2Attention):
         lam = module.lambda_value(x)  # [B, T, H]
         first, second = probs[:, 0::2], probs[:, 1::2]
         return LayerMaps(first - lam.permute(0, 2, 1)[..., None] * second, first, second, lam)
     return LayerMaps(probs, None, None, None)
+
+
+def outlier_stats(values: list[torch.Tensor]) -> dict[str, float]:
+    """The largest absolute values of all `values` together, as the DIFF Transformer paper reports activation
+    outliers: top-1, top-2, top-3, top-10 and top-100 (the k-th largest), and the median (the lower one of an
+    even count)."""
+    magnitude = torch.cat([value.detach().abs().flatten().double() for value in values])
+    top = magnitude.topk(min(max(OUTLIER_RANKS), magnitude.numel())).values
+    found = {f"top{rank}": top[rank - 1].item() for rank in OUTLIER_RANKS if rank <= top.numel()}
+    return found | {"median": magnitude.kthvalue((magnitude.numel() + 1) // 2).values.item()}
 
 
 def noise_mass(maps: torch.Tensor, top: int = NOISE_TOP_KEYS) -> float:
@@ -92,13 +111,16 @@ class Capture:
 
 @torch.no_grad()
 def attention_stats(model: MoEDiffTransformer, batch: Batch) -> tuple[dict[str, Any], list[LayerMaps]]:
-    """Per layer: lambda, noise mass, entropy, largest activations; plus every layer's maps."""
+    """Per layer: lambda, noise mass, entropy, largest activations; the activation outliers of all layers together
+    (attention logits of the keys each query sees, and the blocks' hidden states); plus every layer's maps."""
     model.eval()
     with Capture(model) as capture:
         model(batch.tokens, batch.positions, batch.document_ids)
-    layers, all_maps = [], []
+    layers, all_maps, logits = [], [], []
     for (module, x, cos, sin, mask), hidden in zip(capture.inputs, capture.outputs, strict=True):
-        maps = layer_maps(module, x, cos, sin, mask)
+        scores = layer_scores(module, x, cos, sin, mask)
+        logits += [score[torch.isfinite(score)] for score in scores]
+        maps = layer_maps(module, x, scores)
         magnitude = hidden.abs().flatten().double()
         stats: dict[str, Any] = {
             "noise_mass": noise_mass(maps.combined), "entropy": attention_entropy(maps.combined),
@@ -113,7 +135,8 @@ def attention_stats(model: MoEDiffTransformer, batch: Batch) -> tuple[dict[str, 
             stats["lambda"] = _distribution(maps.lam)
         layers.append(stats)
         all_maps.append(maps)
-    return {"attention": model.cfg.attention, "layers": layers}, all_maps
+    outliers = {"attention_logits": outlier_stats(logits), "hidden_states": outlier_stats(capture.outputs)}
+    return {"attention": model.cfg.attention, "layers": layers, "outliers": outliers}, all_maps
 
 
 def plot_maps(all_maps: list[LayerMaps], out, tokens: int = 48):

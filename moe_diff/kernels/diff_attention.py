@@ -16,8 +16,8 @@ from moe_diff.kernels.mask import AttentionMask
 from moe_diff.kernels.precision import compute_dtype
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) with GQA, in the compute dtype: [B, Hk, Hq/Hk, Tq, Tk]."""
+def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """q k^T / sqrt(d) with GQA, -inf where the mask hides a key, in the compute dtype: [B, Hk, Hq/Hk, Tq, Tk]."""
     # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]; query head j = h * (Hq/Hk) + i reads kv head h (no copies of k)
     dtype = compute_dtype(q.dtype)
     batch, n_queries, n_query_heads, head_dim = q.shape
@@ -26,7 +26,12 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> to
     allowed = mask.dense(n_queries, q.device)
     if allowed.dim() == 3:
         allowed = allowed[:, None, None]  # [B, 1, 1, Tq, Tk], shared by the heads
-    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) with GQA, in the compute dtype: [B, Hk, Hq/Hk, Tq, Tk]."""
+    return attention_scores(q, k, mask).softmax(dim=-1)
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:

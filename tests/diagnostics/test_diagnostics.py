@@ -1,6 +1,7 @@
 """Routing diagnostics: statistics that add up, a collapsed router, random-routing baselines, checkpoint
 comparison with swapped experts, the trace file and the report."""
 
+import itertools
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def test_report_opens_with_every_image(run, tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
 def test_attention_maps_reproduce_the_layer_and_stats_are_reported(mode: str, run, tmp_path: Path) -> None:
     """Each recomputed map, applied to the values, gives exactly what the attention kernel computed."""
-    from moe_diff.diagnostics.attention import Capture, attention_stats, layer_maps
+    from moe_diff.diagnostics.attention import Capture, attention_stats, layer_maps, layer_scores
     from moe_diff.kernels import attention_op
     from moe_diff.kernels.mask import AttentionMask
 
@@ -173,7 +174,7 @@ def test_attention_maps_reproduce_the_layer_and_stats_are_reported(mode: str, ru
     with Capture(model) as capture:
         model(tokens)
     module, x, cos, sin, mask = capture.inputs[1]
-    maps = layer_maps(module, x, cos, sin, mask)
+    maps = layer_maps(module, x, layer_scores(module, x, cos, sin, mask))
     q, k, v = module.project(x, cos, sin)
     B, T = tokens.shape
     if mode == "diff":
@@ -193,6 +194,35 @@ def test_attention_maps_reproduce_the_layer_and_stats_are_reported(mode: str, ru
     stats, _ = attention_stats(model, Batch(tokens, tokens, torch.arange(12).expand(2, 12), torch.zeros_like(tokens)))
     assert all(0 <= layer["noise_mass"] <= 1 for layer in stats["layers"])
     assert ("lambda" in stats["layers"][0]) == (mode != "standard")
+    brute_force_logits = []  # every (query, visible key) logit of every map, one at a time
+    for module, x, cos, sin, _ in capture.inputs:
+        q, k, _ = module.project(x, cos, sin)
+        maps = 2 if mode == "diff" else 1  # diff: two maps per head, from its two query and key halves
+        q, k = q.view(B, T, -1, maps, 8), k.view(B, T, -1, maps, 8)
+        group = q.shape[2] // k.shape[2]
+        for b, h, c, i in itertools.product(range(B), range(q.shape[2]), range(maps), range(T)):
+            for j in range(max(0, i - 4), i + 1):  # a window of 5 keys, itself included
+                brute_force_logits.append(abs(float(q[b, i, h, c] @ k[b, j, h // group, c])) / 8 ** 0.5)
+    brute_force_logits.sort(reverse=True)
+    found = stats["outliers"]["attention_logits"]
+    for rank in (1, 2, 3, 10, 100):
+        assert found[f"top{rank}"] == pytest.approx(brute_force_logits[rank - 1], rel=1e-9)
+    assert found["median"] == pytest.approx(sorted(brute_force_logits)[(len(brute_force_logits) - 1) // 2], rel=1e-9)
+    hidden = sorted((abs(v) for output in capture.outputs for v in output.flatten().tolist()), reverse=True)
+    assert stats["outliers"]["hidden_states"]["top1"] == hidden[0]
+
+
+def test_outlier_statistics_find_the_planted_activations() -> None:
+    from moe_diff.diagnostics.attention import outlier_stats
+
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(50, 40, generator=generator), torch.randn(7, 301, generator=generator)]
+    planted = [-900.0, 800.0, 700.0, -650.0, 600.0, 550.0, 500.0, 450.0, -400.0, 350.0]  # top-1 ... top-10
+    values[1].view(-1)[torch.randperm(values[1].numel(), generator=generator)[:10]] = torch.tensor(planted)
+    everything = sorted((abs(v) for value in values for v in value.flatten().tolist()), reverse=True)
+    found = outlier_stats(values)
+    assert [found["top1"], found["top2"], found["top3"], found["top10"]] == [900.0, 800.0, 700.0, 350.0]
+    assert found["top100"] == everything[99] and found["median"] == sorted(everything)[(len(everything) - 1) // 2]
 
 
 def test_attention_report_with_a_compared_checkpoint(run, tmp_path: Path) -> None:
