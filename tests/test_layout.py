@@ -18,6 +18,7 @@ LEVELS = [
     {"checkpoint", "routing"},  # what the jobs share
     {"training", "inference", "diagnostics"},  # the jobs
     {"train", "info"},  # commands that combine jobs
+    {"study"},  # many training jobs and their measurements
     {"cli", "__init__"},
 ]
 LEVEL = {part: level for level, parts in enumerate(LEVELS) for part in parts}

@@ -136,6 +136,17 @@ def _attention_table(stats: dict[str, Any]) -> str:
             f"<table><tr><th>layer</th>{header}</tr>{rows}</table>{needle}")
 
 
+def html_page(title: str, body: str) -> str:
+    """A self-contained HTML page of the reports: the title as heading, then `body`."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}td,th{{padding:2px 8px;text-align:right}}
+figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#444}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{body}</body></html>
+"""
+
+
 def write_html(stats: dict[str, Any], images: list[Path], out: Path, title: str) -> Path:
     """One self-contained page: flags, per-layer tables, and every plot with a sentence on reading it."""
     comparison = stats.get("comparison")
@@ -156,13 +167,9 @@ def write_html(stats: dict[str, Any], images: list[Path], out: Path, title: str)
                        f"<tr><td>{i}</td><td>{c['top1_changed']:.3f}</td><td>{c['topk_set_changed']:.3f}</td>"
                        f"<td>{c['jaccard']:.3f}</td><td>{c['matching']}</td></tr>"
                        for i, c in enumerate(comparison["layers"])) + "</table>"
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}td,th{{padding:2px 8px;text-align:right}}
-figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#444}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p>{stats['n_tokens']:,} tokens, {stats['n_layers']} layers, {stats['n_experts']} experts, top-{stats['top_k']},
-{stats['capacity']['mode']} ({stats['capacity']['dropped_assignments']} (token, slot) assignments dropped).</p>
+    body = f"""<p>{stats['n_tokens']:,} tokens, {stats['n_layers']} layers, {stats['n_experts']} experts,
+top-{stats['top_k']}, {stats['capacity']['mode']} ({stats['capacity']['dropped_assignments']} (token, slot)
+assignments dropped).</p>
 <h2>Problems</h2><ul>{flags}</ul>
 <h2>Per layer</h2>
 <p>Max/mean: busiest expert's load over the mean. Entropy: router entropy / ln E. Margin: top-1 minus top-2
@@ -173,10 +180,9 @@ loads in brackets). Class MI: how much the token's class decides its first choic
 {compared}
 {_attention_table(stats) if "attention" in stats else ""}
 <h2>Plots</h2>{figures}
-</body></html>
 """
     path = out / "report.html"
-    path.write_text(page)
+    path.write_text(html_page(title, body))
     return path
 
 

@@ -7,12 +7,16 @@ from torch import nn
 
 from moe_diff.model import DiffAttention, DiffV2Attention
 
+SPREAD_QUANTILES = torch.tensor([0.1, 0.9])
+SPREAD_SAMPLE = 1 << 24  # torch.quantile takes at most this many values
+
 
 class LambdaProbe:
-    """Records each diff layer's lambda: V1 its scalar, V2 the mean of sigmoid(lambda) over tokens.
+    """Records each diff layer's lambda: V1 its scalar, V2 the mean of sigmoid(lambda) over tokens and heads, and
+    its 10th and 90th percentiles.
 
-    Use as a context manager around one forward pass; `values` lists one float per layer (the
-    first call of each layer counts, so activation-checkpoint recomputation is ignored).
+    Use as a context manager around one forward pass; `values` lists one float per layer and `spreads` V2's
+    [p10, p90] per layer (the first call of each layer counts, so activation-checkpoint recomputation is ignored).
     """
 
     def __init__(self, model: nn.Module):
@@ -22,7 +26,11 @@ class LambdaProbe:
 
     @property
     def values(self) -> list[float]:
-        return [self._by_layer[i].item() for i in sorted(self._by_layer)]
+        return [self._by_layer[i][0].item() for i in sorted(self._by_layer)]
+
+    @property
+    def spreads(self) -> list[list[float]]:
+        return [self._by_layer[i][1:].tolist() for i in sorted(self._by_layer) if len(self._by_layer[i]) > 1]
 
     def _hook(self, index: int):
         def record(module: nn.Module, args: tuple) -> None:
@@ -30,10 +38,12 @@ class LambdaProbe:
                 return
             with torch.no_grad():
                 if isinstance(module, DiffV2Attention):
-                    value = module.lambda_value(args[0])
+                    value = module.lambda_value(args[0]).float()
+                    spread = torch.quantile(value.flatten()[:SPREAD_SAMPLE], SPREAD_QUANTILES.to(value.device))
+                    found = torch.cat([value.mean()[None], spread])
                 else:
-                    value = module.lambda_value()
-            self._by_layer[index] = value.float().mean()  # no .item() here: it would break a compiled graph
+                    found = module.lambda_value().float().mean()[None]
+            self._by_layer[index] = found  # no .item() here: it would break a compiled graph
         return record
 
     def __enter__(self) -> LambdaProbe:

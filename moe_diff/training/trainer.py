@@ -269,6 +269,8 @@ class Trainer:
             record |= load_summary(load) | {"router_entropy": self.runtime.reduce(entropy, "mean").tolist()}
             if probe.values:
                 record["lambda"] = probe.values
+            if probe.spreads:
+                record["lambda_spread"] = probe.spreads
         return record
 
     def run(self, progress: Progress | None = None) -> RunResult:

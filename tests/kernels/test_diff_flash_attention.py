@@ -140,7 +140,8 @@ def test_float64_and_auto_choices() -> None:
 def test_diff_forward_split_over_its_values_equals_one_program(monkeypatch, window: int | None,
                                                                explicit: bool) -> None:
     """V1's forward with its 2d-wide values split across two programs per query block (each recomputing the
-    scores, with half the accumulators): the same outputs and gradients, bit for bit, as one program."""
+    scores, with half the accumulators): the same outputs and gradients as one program, bit for bit on the GPU
+    (the interpreter's numpy products of 16 and of 32 value columns may round apart: OpenBLAS on AMD EPYC does)."""
     from moe_diff.kernels import diff_flash_attention as flash
 
     inputs = mode_inputs("diff", 2, 1, 21, 21, 16)
@@ -156,4 +157,7 @@ def test_diff_forward_split_over_its_values_equals_one_program(monkeypatch, wind
         results.append(values_and_gradients("diff", "triton", inputs, torch.float32, window, explicit=mask,
                                             device=DEVICE))
     for split, whole in zip(*results, strict=True):
-        assert torch.equal(split, whole)
+        if DEVICE == "cuda":
+            assert torch.equal(split, whole)
+        else:
+            torch.testing.assert_close(split, whole, rtol=2e-6, atol=2e-6)

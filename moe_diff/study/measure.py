@@ -1,0 +1,88 @@
+"""What a study measures on each final model, on the same held-out tokens for every run: validation loss, the
+needle probe at several context lengths (within and beyond the window), activation outliers, attention noise
+mass and entropy, lambda, routing balance and specialisation, parameters and FLOPs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moe_diff import costs
+from moe_diff.config import Config
+from moe_diff.data import Corpus, Tokenizer, validation_batches
+from moe_diff.diagnostics.attention import attention_stats
+from moe_diff.diagnostics.needle import needle_probe
+from moe_diff.diagnostics.routing import routing_stats
+from moe_diff.model import MoEDiffTransformer
+from moe_diff.routing.collect import collect_trace
+
+
+@dataclass(frozen=True)
+class Measures:
+    """How much of each measurement (stored with every run's results: a run measured otherwise is measured
+    again, without training again)."""
+
+    tokens: int = 16384  # held-out tokens for loss, routing; the first batch of 8 sequences for attention
+    needle_trials: int = 4  # haystacks per context length and depth
+    needle_lengths: tuple[int, ...] = ()  # context lengths in tokens; () : needle_lengths(model)
+
+
+def needle_lengths(model: MoEDiffTransformer) -> list[int]:
+    """Half the window, the window, twice it and the longest context (each at most max_seq_len); without a
+    window, a quarter, half and all of max_seq_len."""
+    longest, window = model.cfg.max_seq_len, model.cfg.sliding_window
+    lengths = (window // 2, window, 2 * window, longest) if window else (longest // 4, longest // 2, longest)
+    return sorted({min(length, longest) for length in lengths if length >= 16})
+
+
+@torch.no_grad()
+def validation_loss(model: MoEDiffTransformer, batches: list) -> tuple[float, int]:
+    """Mean next-token cross-entropy over every token of the batches, and how many tokens that was."""
+    total, count = 0.0, 0
+    for batch, _ in batches:
+        logits = model(batch.tokens, batch.positions, batch.document_ids).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="sum").item()
+        count += batch.targets.numel()
+    return total / count, count
+
+
+def routing_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    """Per layer, from routing_stats: balance (max/mean load, dead experts), router entropy (of ln E) and how
+    much the first choice tells about the token's class, position and source file (normalised mutual
+    information)."""
+    layers = stats["layers"]
+    return {
+        "max_over_mean": [layer["max_over_mean"] for layer in layers],
+        "dead_experts": [len(layer["dead_experts"]) for layer in layers],
+        "router_entropy": [layer["router_entropy"] for layer in layers],
+        "specialisation": {group: [layer["specialisation"][group]["normalised_mutual_information"]
+                                   for layer in layers] for group in layers[0]["specialisation"]},
+        "expert_share": [layer["share"] for layer in layers],
+    }
+
+
+@torch.no_grad()
+def measure(model: MoEDiffTransformer, cfg: Config, tokenizer: Tokenizer, corpus: Corpus,
+            settings: Measures) -> dict[str, Any]:
+    """Every measurement of one final model (eval mode, float32, on the CPU or wherever it is)."""
+    model.eval()
+    batches = validation_batches(corpus, cfg.train.seq_len, settings.tokens)
+    loss, n_tokens = validation_loss(model, batches)
+    header = {"source": "study", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
+    trace = collect_trace(model, batches, corpus.val_names, header)
+    attention, _ = attention_stats(model, batches[0][0])
+    lengths = list(settings.needle_lengths) or needle_lengths(model)
+    needle = {str(length): needle_probe(model, tokenizer, length, trials=settings.needle_trials)
+              for length in lengths}
+    counts = costs.param_counts(model.cfg)
+    return {
+        "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)), "val_tokens": n_tokens,
+        "outlier_tokens": batches[0][0].tokens.numel(),
+        "needle": needle, "attention": attention, "routing": routing_summary(routing_stats(trace)),
+        "costs": {"params_total": counts.total, "params_active": counts.active,
+                  "flops_per_token": costs.flops_per_token(model.cfg, cfg.train.seq_len).total},
+    }
