@@ -141,32 +141,33 @@ def run_in_workers(pending: list[PlannedRun], measures: Measures, parallel: int,
                    study_task: int) -> None:
     """Train and measure `pending` in up to `parallel` worker processes at once, each run's bar following its
     metrics log; a worker that fails stops the study with the end of its log."""
-    queue, active = list(pending), {}
+    queue: list[PlannedRun] = list(pending)
+    active: dict[int, tuple[PlannedRun, subprocess.Popen, Any, int]] = {}  # slot -> run, process, log, bar
     try:
         while queue or active:
-            while queue and len(active) < parallel:
+            for slot in [slot for slot in range(parallel) if slot not in active][:len(queue)]:
                 run = queue.pop(0)
                 run.out_dir.mkdir(parents=True, exist_ok=True)
                 log = (run.out_dir / LOG_FILE).open("w")
                 process = subprocess.Popen(worker_command(run, measures), stdout=log, stderr=subprocess.STDOUT,
-                                           env=worker_environment(len(active), parallel))
+                                           env=worker_environment(slot, parallel))
                 task = progress.add_task(run.name, total=run.cfg.train.max_steps, status="")
-                active[run] = (process, log, task)
+                active[slot] = (run, process, log, task)
             time.sleep(POLL_S)
-            for run, (process, log, task) in list(active.items()):
+            for slot, (run, process, log, task) in list(active.items()):
                 progress.update(task, completed=last_step(run))
                 if process.poll() is None:
                     continue
                 log.close()
                 progress.remove_task(task)
-                del active[run]
+                del active[slot]
                 if process.returncode != 0 or stored_result(run, measures) is None:
                     tail = (run.out_dir / LOG_FILE).read_text().strip().splitlines()[-1:] or ["(no output)"]
                     raise StudyError(f"run {run.name} failed (exit status {process.returncode}): {tail[0]}; its "
                                      f"log is {run.out_dir / LOG_FILE}")
                 progress.advance(study_task)
     finally:
-        for process, log, _ in active.values():
+        for _, process, log, _ in active.values():
             process.terminate()
             process.wait()
             log.close()

@@ -81,6 +81,10 @@ def test_a_study_refuses_other_settings_in_its_directory(tmp_path: Path, capsys)
     assert "train.lr" in capsys.readouterr().err
     assert main(["study", CONFIG, *SETTINGS, "--modes", "diff", "diff", "--out", str(tmp_path / "other")]) == 2
     assert "at most once" in capsys.readouterr().err
+    assert main(["study", CONFIG, *SETTINGS, f"data.source={tmp_path / 'no-such-texts'}", "--modes", "diff",
+                 "standard", "--seeds", "0", "--parallel", "2", "--out", str(tmp_path / "failing")]) == 2
+    error = capsys.readouterr().err  # the worker's last line, and where its log is
+    assert "run diff-seed0 failed" in error and "no-such-texts" in error and "study.log" in error
 
 
 def test_match_params_evens_out_total_parameters() -> None:
@@ -133,3 +137,21 @@ def test_a_planted_difference_comes_out_of_the_paired_report() -> None:
     assert noise["within_spread"] and "Within the spread" in verdict("diff_v2", "standard", "val_loss", noise)
     assert found["per_mode"]["diff"]["val_loss"]["n"] == 4
     assert found["per_mode"]["standard"]["val_loss"]["mean"] == pytest.approx(sum(base.values()) / 4)
+
+
+def test_a_parallel_study_runs_its_runs_in_workers_as_train_would(tmp_path: Path) -> None:
+    assert study(tmp_path / "study", "--parallel", "2") == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two workers on a 2-core machine (OMP_NUM_THREADS=1)
+    try:
+        assert main(["train", CONFIG, *SETTINGS, "model.attention=diff", "train.seed=3",
+                     f"train.out_dir={tmp_path / 'alone'}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    if runner.worker_environment(0, 2).get("OMP_NUM_THREADS") == "1":
+        ours = read_metrics(tmp_path / "study" / "runs" / "diff-seed3" / METRICS_FILE)
+        alone = read_metrics(tmp_path / "alone" / METRICS_FILE)
+        assert [(r["step"], r["loss"]) for r in ours] == [(r["step"], r["loss"]) for r in alone]
+    numbers = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert [run["name"] for run in numbers["runs"]] == ["standard-seed3", "diff-seed3"]
+    assert "saved" in (tmp_path / "study" / "runs" / "diff-seed3" / runner.LOG_FILE).read_text()
