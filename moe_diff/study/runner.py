@@ -207,14 +207,17 @@ def run_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Path
     with progress_bars(console) as progress:
         study_task = progress.add_task("study runs", total=len(runs), completed=len(runs) - len(pending),
                                        status=f"{len(runs) - len(pending)} stored")
-        if parallel > 1:
-            run_in_workers(pending, measures, parallel, progress, study_task)
-        for run in pending if parallel == 1 else ():
-            progress.update(study_task, status=run.name)
-            if train_and_measure(run, measures, console, progress) is None:
-                console.print(f"stopped during {run.name}; run the same command again to continue")
-                return None
-            progress.advance(study_task)
+        try:
+            if parallel > 1:
+                run_in_workers(pending, measures, parallel, progress, study_task)
+            for run in pending if parallel == 1 else ():
+                progress.update(study_task, status=run.name)
+                if train_and_measure(run, measures, console, progress) is None:
+                    raise KeyboardInterrupt  # a signal stopped the training, which saved its checkpoint
+                progress.advance(study_task)
+        except KeyboardInterrupt:
+            console.print("study stopped; the same command continues it (finished runs are kept)")
+            return None
     study = summarise(cfg, runs, {run.name: stored_result(run, measures) for run in runs}, modes, seeds, match,
                       notes)
     write_json(study, out / STUDY_FILE)

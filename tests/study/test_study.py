@@ -19,6 +19,7 @@ from moe_diff.study.aggregate import aggregate
 from moe_diff.study.plan import plan_study
 from moe_diff.study.report import verdict
 from moe_diff.training.job import training_job
+from moe_diff.training.trainer import Trainer
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 SETTINGS = ["model.n_layers=2", "train.max_steps=4", "train.batch_size=4", "train.seq_len=64", "train.log_every=1",
@@ -32,24 +33,27 @@ def study(out: Path, *flags: str) -> int:
 
 
 def test_a_stopped_study_resumes_and_its_runs_are_train_runs(tmp_path: Path, monkeypatch) -> None:
-    trained, train = [], runner.train
+    trained, train, save = [], runner.train, Trainer.save
 
-    def stopped_after_one_run(cfg, *args, **kwargs):
-        if trained:
-            raise KeyboardInterrupt  # the study is killed during its second run
-        trained.append(cfg.model.attention)
-        return train(cfg, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train", stopped_after_one_run)
-    with pytest.raises(KeyboardInterrupt):
-        study(tmp_path / "study")
-    finished = tmp_path / "study" / "runs" / "standard-seed3"
-    kept = {path: path.stat().st_mtime_ns for path in finished.rglob("*") if path.is_file()}
+    def killed_after_a_checkpoint(trainer: Trainer) -> Path:
+        path = save(trainer)
+        if trainer.cfg.model.attention == "diff" and trainer.step == 2:
+            raise KeyboardInterrupt  # the study is stopped in its second run, after its step-2 checkpoint
+        return path
 
     monkeypatch.setattr(runner, "train", lambda cfg, *args, **kwargs: trained.append(cfg.model.attention)
                         or train(cfg, *args, **kwargs))
+    monkeypatch.setattr(Trainer, "save", killed_after_a_checkpoint)
+    assert study(tmp_path / "study") == 1
+    monkeypatch.setattr(Trainer, "save", save)
+    finished = tmp_path / "study" / "runs" / "standard-seed3"
+    kept = {path: path.stat().st_mtime_ns for path in finished.rglob("*") if path.is_file()}
+    assert (finished / runner.RESULT_FILE) in kept and trained == ["standard", "diff"]
+    assert [path.name for path in (tmp_path / "study" / "runs" / "diff-seed3" / "checkpoints").iterdir()] == \
+        ["step-2"]  # where the unfinished run continues from
+
     assert study(tmp_path / "study") == 0
-    assert trained == ["standard", "diff"]  # the finished run was not trained again
+    assert trained == ["standard", "diff", "diff"]  # the finished run was not trained again
     assert {path: path.stat().st_mtime_ns for path in kept} == kept
 
     assert main(["train", CONFIG, *SETTINGS, "model.attention=diff", "train.seed=3",
@@ -57,7 +61,7 @@ def test_a_stopped_study_resumes_and_its_runs_are_train_runs(tmp_path: Path, mon
     ours = read_metrics(tmp_path / "study" / "runs" / "diff-seed3" / METRICS_FILE)
     alone = read_metrics(tmp_path / "alone" / METRICS_FILE)
     assert [(r["step"], r["loss"], r.get("val_loss")) for r in ours] == \
-        [(r["step"], r["loss"], r.get("val_loss")) for r in alone]  # bitwise: the same floats
+        [(r["step"], r["loss"], r.get("val_loss")) for r in alone]  # bitwise, across the resume at step 2
 
     numbers = json.loads((tmp_path / "study" / "study.json").read_text())
     assert [run["name"] for run in numbers["runs"]] == ["standard-seed3", "diff-seed3"]
