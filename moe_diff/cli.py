@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from moe_diff import study
 from moe_diff.checkpoint.convert import FORMATS, convert, export
 from moe_diff.checkpoint.open import open_model
 from moe_diff.config import ATTENTION_MODES, DataConfig, load_config
@@ -21,7 +22,6 @@ from moe_diff.inference.bench.command import bench_and_write, bench_model, defau
 from moe_diff.inference.bench.routing import ROUTING_MODES
 from moe_diff.inference.complete import complete
 from moe_diff.info import print_info
-from moe_diff.study import run_study as run_study_in
 from moe_diff.study.measure import Measures
 from moe_diff.study.plan import MATCHES
 from moe_diff.train import train
@@ -63,9 +63,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_study(args: argparse.Namespace) -> int:
     measures = Measures(args.tokens, args.needle_trials, tuple(args.needle_lengths))
-    study = run_study_in(load_config(args.config, args.overrides), args.modes, args.seeds, Path(args.out),
-                         args.match, args.parallel, measures, console)
-    return 0 if study is not None else 1
+    for item in args.overrides:
+        if item.split("=")[0] in ("model.attention", "train.seed"):
+            tell(f"ignoring {item}: a study sets model.attention and train.seed per run (--modes, --seeds)")
+    numbers = study.run_study(load_config(args.config, args.overrides), args.modes, args.seeds, Path(args.out),
+                              args.match, args.parallel, measures, console)
+    return 0 if numbers is not None else 1
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
@@ -136,26 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=100")
     train_cmd.set_defaults(run=run_train)
 
-    study = commands.add_parser("study", help="train matched runs per attention mode and seed, measure each on the "
+    study_cmd = commands.add_parser("study", help="train matched runs per attention mode and seed, measure each on the "
                                 "same held-out tokens, and report every difference with its spread over seeds")
-    study.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
-    study.add_argument("overrides", nargs="*", help="dotlist overrides shared by every run, e.g. train.max_steps=100")
-    study.add_argument("--out", required=True, help="study directory: runs/MODE-seedN, study.json, report.html")
-    study.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, default=["standard", "diff", "diff_v2"])
-    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    study_cmd.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+    study_cmd.add_argument("overrides", nargs="*", help="dotlist overrides for every run, e.g. train.max_steps=100")
+    study_cmd.add_argument("--out", required=True, help="study directory: runs/MODE-seedN, study.json, report.html")
+    study_cmd.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, default=["standard", "diff", "diff_v2"])
+    study_cmd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                        help="each fixes the data order and the shared initial parameters of its runs")
-    study.add_argument("--match", choices=MATCHES, default="shapes",
+    study_cmd.add_argument("--match", choices=MATCHES, default="shapes",
                        help="shapes: the config's for every mode; params: the other modes' model.ffn_dim changed "
                        "so that total parameters are within 1%% of the baseline's")
-    study.add_argument("--parallel", type=int, default=1, help="runs at once, in worker processes (one GPU each "
+    study_cmd.add_argument("--parallel", type=int, default=1, help="runs at once, in worker processes (one GPU each "
                        "where there are several)")
-    study.add_argument("--tokens", type=int, default=Measures.tokens, help="held-out tokens measured per run")
-    study.add_argument("--needle-trials", type=int, default=Measures.needle_trials,
+    study_cmd.add_argument("--tokens", type=int, default=Measures.tokens, help="held-out tokens measured per run")
+    study_cmd.add_argument("--needle-trials", type=int, default=Measures.needle_trials,
                        help="needle haystacks per context length and depth")
-    study.add_argument("--needle-lengths", type=int, nargs="*", default=[],
+    study_cmd.add_argument("--needle-lengths", type=int, nargs="*", default=[],
                        help="needle context lengths in tokens (default: half the window, the window, twice it "
                        "and max_seq_len)")
-    study.set_defaults(run=run_study)
+    study_cmd.set_defaults(run=run_study)
 
     tokenize = commands.add_parser("tokenize", help="pre-tokenise text into a binary token file")
     tokenize.add_argument("sources", nargs="+", help="text files, directories, globs or .jsonl files, or 'builtin'")

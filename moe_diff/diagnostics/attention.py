@@ -20,6 +20,7 @@ from moe_diff.plotting import heatmap, pyplot, save
 
 NOISE_TOP_KEYS = 4  # "signal" is a query's 4 strongest keys; the rest of its attention is noise mass
 OUTLIER_RANKS = (1, 2, 3, 10, 100)  # the k-th largest absolute values reported, as in the DIFF Transformer paper
+OUTLIER_NAMES = [f"top{rank}" for rank in OUTLIER_RANKS] + ["median"]  # outlier_stats' keys
 
 
 @dataclass

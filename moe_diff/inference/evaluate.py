@@ -79,7 +79,6 @@ def evaluate(source: str | Path, tasks: Sequence[str], tokenizer: str | None = N
     return results
 
 
-
 def write_results(results: dict[str, Any], out: Path | None) -> str:
     """lm_eval's table of `results`; with `out`, the results also as JSON there."""
     from lm_eval.utils import handle_non_serializable, make_table

@@ -7,10 +7,6 @@ from collections.abc import Sequence
 from statistics import fmean, stdev
 from typing import Any
 
-# metric -> True where lower is better (for the sentences of the report); the rest are descriptive
-LOWER_IS_BETTER = {"val_loss": True, "val_perplexity": True, "needle_accuracy": False, "noise_mass": True,
-                   "attention_logits_top1": True, "hidden_states_top1": True, "max_over_mean": True}
-
 
 def scalars(measured: dict[str, Any]) -> dict[str, float]:
     """One run's measurements as flat named numbers (means over layers where a value is per layer)."""
@@ -68,7 +64,7 @@ def aggregate(runs: Sequence[dict[str, Any]], baseline: str) -> dict[str, Any]:
                           for name in metrics}
     differences = {}
     for mode, seeds in by_mode.items():
-        if mode == baseline or baseline not in by_mode:
+        if mode == baseline:
             continue
         ours, theirs = seeds, by_mode[baseline]
         shared = [seed for seed in ours if seed in theirs]

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moe_diff import costs
 from moe_diff.config import Config
@@ -19,6 +18,7 @@ from moe_diff.diagnostics.needle import needle_probe
 from moe_diff.diagnostics.routing import routing_stats
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.routing.collect import collect_trace
+from moe_diff.training.trainer import evaluate
 
 
 @dataclass(frozen=True)
@@ -39,17 +39,6 @@ def needle_lengths(model: MoEDiffTransformer) -> list[int]:
     return sorted({min(length, longest) for length in lengths if length >= 16})
 
 
-@torch.no_grad()
-def validation_loss(model: MoEDiffTransformer, batches: list) -> tuple[float, int]:
-    """Mean next-token cross-entropy over every token of the batches, and how many tokens that was."""
-    total, count = 0.0, 0
-    for batch, _ in batches:
-        logits = model(batch.tokens, batch.positions, batch.document_ids).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="sum").item()
-        count += batch.targets.numel()
-    return total / count, count
-
-
 def routing_summary(stats: dict[str, Any]) -> dict[str, Any]:
     """Per layer, from routing_stats: balance (max/mean load, dead experts), router entropy (of ln E) and how
     much the first choice tells about the token's class, position and source file (normalised mutual
@@ -68,10 +57,12 @@ def routing_summary(stats: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def measure(model: MoEDiffTransformer, cfg: Config, tokenizer: Tokenizer, corpus: Corpus,
             settings: Measures) -> dict[str, Any]:
-    """Every measurement of one final model (eval mode, float32, on the CPU or wherever it is)."""
+    """Every measurement of one final model (float32), on the device it is on."""
+    device = next(model.parameters()).device
+    batches = [(batch.to(device), documents)
+               for batch, documents in validation_batches(corpus, cfg.train.seq_len, settings.tokens)]
+    loss = evaluate(model, [batch for batch, _ in batches], device, precision="float32")
     model.eval()
-    batches = validation_batches(corpus, cfg.train.seq_len, settings.tokens)
-    loss, n_tokens = validation_loss(model, batches)
     header = {"source": "study", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
     trace = collect_trace(model, batches, corpus.val_names, header)
     attention, _ = attention_stats(model, batches[0][0])
@@ -80,7 +71,8 @@ def measure(model: MoEDiffTransformer, cfg: Config, tokenizer: Tokenizer, corpus
               for length in lengths}
     counts = costs.param_counts(model.cfg)
     return {
-        "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)), "val_tokens": n_tokens,
+        "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)),
+        "val_tokens": sum(batch.targets.numel() for batch, _ in batches),
         "outlier_tokens": batches[0][0].tokens.numel(),
         "needle": needle, "attention": attention, "routing": routing_summary(routing_stats(trace)),
         "costs": {"params_total": counts.total, "params_active": counts.active,

@@ -15,8 +15,13 @@ from moe_diff.errors import UsageError
 RUNS_DIR = "runs"  # under the study directory: one run directory per (mode, seed)
 MATCHES = ("shapes", "params")  # keep the config's shapes; or even out total parameters
 BASELINE = "standard"  # the mode the others are compared with, when the study has it
-FFN_STEP = 8  # --match params moves ffn_dim in steps of this
-PARAMS_TOLERANCE = 0.01  # --match params: total parameters within 1% of the baseline's
+FFN_STEP = 8  # --match params gives ffn_dim a multiple of this
+PARAMS_TOLERANCE = 0.01  # --match params: total parameters within 1% of the smallest mode's
+
+
+def run_name(mode: str, seed: int) -> str:
+    """A run's directory name under OUT/runs."""
+    return f"{mode}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class PlannedRun:
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-seed{self.seed}"
+        return run_name(self.mode, self.seed)
 
     @property
     def out_dir(self) -> Path:
@@ -40,25 +45,25 @@ def baseline_mode(modes: Sequence[str]) -> str:
 
 
 def matched_models(base: ModelConfig, modes: Sequence[str], match: str) -> tuple[dict[str, ModelConfig], list[str]]:
-    """Each mode's model config, and what was changed to match, in words. `params`: every mode other than the
-    baseline gets the ffn_dim (the config's, moved in steps of FFN_STEP) whose total parameters come closest to
-    the baseline's, within PARAMS_TOLERANCE."""
+    """Each mode's model config, and what was changed to match, in words. `params`: every mode larger than the
+    smallest gets the ffn_dim (the config's, or a multiple of FFN_STEP below it) whose total parameters come
+    closest to the smallest mode's, within PARAMS_TOLERANCE."""
     models = {mode: dataclasses.replace(base, attention=mode) for mode in modes}
     if match == "shapes":
         return models, []
-    reference = baseline_mode(modes)
+    reference = min(modes, key=lambda mode: param_counts(models[mode]).total)
     target = param_counts(models[reference]).total
     notes = []
     for mode, cfg in models.items():
         if mode == reference:
             continue
-        sizes = range(cfg.ffn_dim % FFN_STEP or FFN_STEP, 4 * cfg.ffn_dim + 1, FFN_STEP)
+        sizes = {cfg.ffn_dim, *range(FFN_STEP, cfg.ffn_dim, FFN_STEP)}
         totals = {size: param_counts(dataclasses.replace(cfg, ffn_dim=size)).total for size in sizes}
         best = min(totals, key=lambda size: (abs(totals[size] - target), abs(size - cfg.ffn_dim)))
         off = totals[best] / target - 1
         if abs(off) > PARAMS_TOLERANCE:
-            raise ConfigError(f"--match params: no model.ffn_dim in steps of {FFN_STEP} brings {mode} within "
-                              f"{PARAMS_TOLERANCE:.0%} of {reference}'s {target:,} parameters (closest: ffn_dim="
+            raise ConfigError(f"--match params: no model.ffn_dim (a multiple of {FFN_STEP} below it) brings {mode} "
+                              f"within {PARAMS_TOLERANCE:.0%} of {reference}'s {target:,} parameters (closest: ffn_dim="
                               f"{best}, {off:+.2%}); use --match shapes")
         if best != cfg.ffn_dim:
             before = param_counts(cfg).total / target - 1
@@ -84,6 +89,6 @@ def plan_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Pat
     runs = []
     for seed in seeds:
         for mode in modes:
-            train = dataclasses.replace(cfg.train, seed=seed, out_dir=str(out / RUNS_DIR / f"{mode}-seed{seed}"))
+            train = dataclasses.replace(cfg.train, seed=seed, out_dir=str(out / RUNS_DIR / run_name(mode, seed)))
             runs.append(PlannedRun(mode, seed, dataclasses.replace(cfg, model=models[mode], train=train)))
     return runs, notes

@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from moe_diff.diagnostics.attention import OUTLIER_RANKS
+from moe_diff.diagnostics.attention import OUTLIER_NAMES
 from moe_diff.diagnostics.report import html_page
 from moe_diff.files import write_text
 from moe_diff.plotting import heatmap, pyplot, save
 
-OUTLIER_STATS = [f"top{rank}" for rank in OUTLIER_RANKS] + ["median"]
 # Table 5 of the DIFF Transformer paper (3B models trained on 350B tokens; statistics over 0.4M tokens)
 PAPER_OUTLIERS = {
     "attention_logits": {"Transformer": [318.0, 308.2, 304.9, 284.7, 251.5, 5.4],
@@ -46,7 +45,7 @@ EXPLANATIONS = {
                        "modes.",
     "needle.png": "Needle retrieval: the share of trials in which the planted value beats the distractor values, "
                   "by the needle's depth in the context (columns) and the context length (rows), mean over seeds. "
-                  "Chance is the dashed level in the legend; rows longer than the window test retrieval beyond it.",
+                  "Chance is in each panel's title; rows longer than the window test retrieval beyond it.",
     "outliers.png": "Activation outliers: the k-th largest absolute attention logit and hidden-state value, and "
                     "the median, on a log scale, mean over seeds (bars span min to max). Smaller top values "
                     "relative to the median mean fewer outliers.",
@@ -109,12 +108,12 @@ def plot_outliers(study: dict[str, Any], out: Path) -> Path:
     modes, width = study["modes"], 0.8 / len(study["modes"])
     for axis, kind in zip(axes, PAPER_OUTLIERS, strict=True):
         for i, mode in enumerate(modes):
-            values = np.array([[run["measured"]["attention"]["outliers"][kind][stat] for stat in OUTLIER_STATS]
+            values = np.array([[run["measured"]["attention"]["outliers"][kind][stat] for stat in OUTLIER_NAMES]
                                for run in runs_of(study, mode)])
             mean = values.mean(0)
-            axis.bar(np.arange(len(OUTLIER_STATS)) + i * width, mean, width, label=mode, color=COLOURS.get(mode),
+            axis.bar(np.arange(len(OUTLIER_NAMES)) + i * width, mean, width, label=mode, color=COLOURS.get(mode),
                      yerr=[mean - values.min(0), values.max(0) - mean], capsize=2)
-        axis.set_xticks(np.arange(len(OUTLIER_STATS)) + width * (len(modes) - 1) / 2, OUTLIER_STATS)
+        axis.set_xticks(np.arange(len(OUTLIER_NAMES)) + width * (len(modes) - 1) / 2, OUTLIER_NAMES)
         axis.set(yscale="log", title=kind.replace("_", " "), ylabel="absolute value")
         axis.legend(fontsize=8)
     return save(figure, out / "outliers.png")
@@ -195,13 +194,13 @@ def final_table(study: dict[str, Any]) -> str:
 
 def outlier_table(study: dict[str, Any]) -> str:
     per_mode = study["aggregate"]["per_mode"]
-    header = "<tr><th></th>" + "".join(f"<th>{stat}</th>" for stat in OUTLIER_STATS) + "</tr>"
+    header = "<tr><th></th>" + "".join(f"<th>{stat}</th>" for stat in OUTLIER_NAMES) + "</tr>"
     parts = []
     for kind, paper in PAPER_OUTLIERS.items():
         rows = "".join(f"<tr><th>paper: {name}</th>" + "".join(f"<td>{value}</td>" for value in values) + "</tr>"
                        for name, values in paper.items())
         rows += "".join(f"<tr><th>this study: {mode}</th>" + "".join(
-            f"<td>{number(per_mode[mode][f'{kind}_{stat}']['mean'])}</td>" for stat in OUTLIER_STATS) + "</tr>"
+            f"<td>{number(per_mode[mode][f'{kind}_{stat}']['mean'])}</td>" for stat in OUTLIER_NAMES) + "</tr>"
                         for mode in study["modes"])
         parts.append(f"<h3>{kind.replace('_', ' ')}</h3><table>{header}{rows}</table>")
     return "".join(parts) + ("<p>The paper's rows are its Table 5: 3B models trained on 350B tokens, statistics over "
@@ -222,9 +221,10 @@ def write_report(study: dict[str, Any], out: Path) -> list[Path]:
     first = study["runs"][0]
     settings = (f"<p>Modes {', '.join(study['modes'])}; seeds {', '.join(map(str, study['seeds']))}; "
                 f"{study['config']['train']['max_steps']} steps of {study['config']['train']['batch_size']} x "
-                f"{study['config']['train']['seq_len']} tokens each; every run has the same data order and "
-                f"initial shared parameters per seed. Measured on {first['measured']['val_tokens']:,} held-out "
-                f"tokens. Parameters: {study['match']} matched.</p>"
+                f"{study['config']['train']['seq_len']} tokens each; the runs of one seed have the same data order "
+                f"and start their shared parameters equal{' (the resized experts excepted)' if study['notes'] else ''}."
+                f" Measured on {first['measured']['val_tokens']:,} held-out tokens. "
+                f"{'Total parameters matched.' if study['match'] == 'params' else 'Shapes as configured.'}</p>"
                 + "".join(f"<p>{html.escape(note)}</p>" for note in study["notes"]))
     figures = "".join(f'<figure><img src="{image.name}" alt="{image.stem}"><figcaption>'
                       f'{html.escape(EXPLANATIONS[image.name])}</figcaption></figure>' for image in images)

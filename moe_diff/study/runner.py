@@ -1,15 +1,13 @@
 """Running a study: each planned run trained by the training job (resumed where it stopped, skipped where its
 results are stored), measured on the held-out tokens, one after another in this process or N at once in worker
-processes; then study.json and the report.
-
-    python -m moe_diff.study.runner SPEC.json    # one worker: train and measure the run SPEC.json describes
-"""
+processes (moe_diff.study.worker); then study.json and the report."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +34,7 @@ from moe_diff.train import train
 from moe_diff.training.trainer import progress_bars
 
 RESULT_FILE = "study-run.json"  # in each run directory: its config, measurement settings and results
-SPEC_FILE = "study-spec.json"  # in each run directory, for a worker process: what to train and measure
+SPEC_FILE = "study-spec.json"  # in each run directory, for a worker process (moe_diff.study.worker)
 LOG_FILE = "study.log"  # a worker's console
 PLAN_FILE = "study-plan.json"  # in the study directory: the base config every run derives from
 STUDY_FILE = "study.json"
@@ -74,8 +72,9 @@ def stored_result(run: PlannedRun, measures: Measures) -> dict[str, Any] | None:
 def check_plan(out: Path, cfg: Config, match: str) -> None:
     """Record the study's base config in OUT, or refuse one that differs from the recorded (modes and seeds may be
     added to a study; what they share may not change)."""
-    plan = {"config": config_dict(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=0))),
-            "match": match}
+    shared = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="standard"),
+                                 train=dataclasses.replace(cfg.train, seed=0))  # both set per run
+    plan = {"config": config_dict(shared), "match": match}
     path = out / PLAN_FILE
     if path.is_file():
         recorded = json.loads(path.read_text())
@@ -95,14 +94,18 @@ def train_and_measure(run: PlannedRun, measures: Measures, console: Console,
     result = train(run.cfg, console, progress=progress)
     if result.step < run.cfg.train.max_steps:
         return None
+    if result.model.cfg != run.cfg.model:  # the trainer resumed a checkpoint of other shapes
+        raise StudyError(f"{run.out_dir} holds a run of another model config than this study plans for "
+                         f"{run.name}; give a new --out")
     tokenizer = load_tokenizer(run.cfg.data)
     model = result.model.float()
     measured = measure(model, run.cfg, tokenizer, load_corpus(run.cfg.data, tokenizer), measures)
     records = read_metrics(run.out_dir / METRICS_FILE)
     speeds = [record["tokens_per_s"] for record in records if record.get("tokens_per_s")]
+    losses = [record["loss"] for record in records if record.get("loss") is not None]
     record = {"mode": run.mode, "seed": run.seed, "name": run.name, "config": config_dict(run.cfg),
               "measures": measures_dict(measures),
-              "train": {"steps": result.step, "final_loss": result.loss,
+              "train": {"steps": result.step, "final_loss": losses[-1] if losses else None,
                         "tokens_per_s": sum(speeds) / len(speeds) if speeds else None},
               "measured": measured}
     write_json(record, run.out_dir / RESULT_FILE)
@@ -114,15 +117,17 @@ def worker_command(run: PlannedRun, measures: Measures) -> list[str]:
     spec = {"mode": run.mode, "seed": run.seed, "config": config_dict(run.cfg),
             "measures": measures_dict(measures)}
     write_json(spec, run.out_dir / SPEC_FILE)
-    return [sys.executable, "-m", "moe_diff.study.runner", str(run.out_dir / SPEC_FILE)]
+    return [sys.executable, "-m", "moe_diff.study.worker", str(run.out_dir / SPEC_FILE)]
 
 
 def worker_environment(slot: int, parallel: int) -> dict[str, str]:
-    """One GPU per worker where there are several; otherwise the CPU's cores shared out."""
+    """One GPU per worker where there are several (of those this process may use); otherwise the CPU's cores
+    shared out."""
     env = dict(os.environ)
     gpus = torch.cuda.device_count()
     if gpus > 1:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+        visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
+        env["CUDA_VISIBLE_DEVICES"] = visible[slot % len(visible)]
     elif gpus == 0:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     return env
@@ -137,12 +142,17 @@ def last_step(run: PlannedRun) -> int:
     return max((record.get("step", 0) for record in records), default=0)
 
 
+def interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_in_workers(pending: list[PlannedRun], measures: Measures, parallel: int, progress: Progress,
                    study_task: int) -> None:
     """Train and measure `pending` in up to `parallel` worker processes at once, each run's bar following its
     metrics log; a worker that fails stops the study with the end of its log."""
     queue: list[PlannedRun] = list(pending)
     active: dict[int, tuple[PlannedRun, subprocess.Popen, Any, int]] = {}  # slot -> run, process, log, bar
+    on_terminate = signal.signal(signal.SIGTERM, interrupt)  # so that the workers are stopped (and save) too
     try:
         while queue or active:
             for slot in [slot for slot in range(parallel) if slot not in active][:len(queue)]:
@@ -167,8 +177,9 @@ def run_in_workers(pending: list[PlannedRun], measures: Measures, parallel: int,
                                      f"log is {run.out_dir / LOG_FILE}")
                 progress.advance(study_task)
     finally:
+        signal.signal(signal.SIGTERM, on_terminate)
         for _, process, log, _ in active.values():
-            process.terminate()
+            process.terminate()  # the trainer saves a checkpoint on SIGTERM
             process.wait()
             log.close()
 
@@ -210,11 +221,12 @@ def run_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Path
         try:
             if parallel > 1:
                 run_in_workers(pending, measures, parallel, progress, study_task)
-            for run in pending if parallel == 1 else ():
-                progress.update(study_task, status=run.name)
-                if train_and_measure(run, measures, console, progress) is None:
-                    raise KeyboardInterrupt  # a signal stopped the training, which saved its checkpoint
-                progress.advance(study_task)
+            else:
+                for run in pending:
+                    progress.update(study_task, status=run.name)
+                    if train_and_measure(run, measures, console, progress) is None:
+                        raise KeyboardInterrupt  # a signal stopped the training, which saved its checkpoint
+                    progress.advance(study_task)
         except KeyboardInterrupt:
             console.print("study stopped; the same command continues it (finished runs are kept)")
             return None
@@ -238,17 +250,3 @@ def summarise(cfg: Config, runs: list[PlannedRun], results: dict[str, dict[str, 
             "config": config_dict(cfg), "measures": results[runs[0].name]["measures"], "runs": rows,
             "aggregate": aggregate(rows, baseline)}
 
-
-def main(argv: list[str] | None = None) -> int:
-    """The worker: train and measure the run of one spec file, its console going to stdout."""
-    argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(argv[0]).read_text())
-    cfg = config_from_dict(spec["config"])
-    run = PlannedRun(spec["mode"], spec["seed"], cfg)
-    measures = Measures(**spec["measures"] | {"needle_lengths": tuple(spec["measures"]["needle_lengths"])})
-    console = Console(force_terminal=False, width=120)
-    return 0 if train_and_measure(run, measures, console) is not None else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

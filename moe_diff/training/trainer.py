@@ -136,16 +136,17 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device, precision: str) -> float:
-    """Mean next-token loss over fixed validation batches."""
+    """Mean next-token loss over every token of the validation batches; leaves the model in training mode."""
     model.eval()
-    losses = []
+    total, count = 0.0, 0
     for batch in batches:
         batch = batch.to(device)
         with autocast(device, precision):
             out = model(batch.tokens, batch.positions, batch.document_ids)
-        losses.append(cross_entropy(out.logits, batch.targets).item())
+        total += cross_entropy(out.logits, batch.targets).item() * batch.targets.numel()
+        count += batch.targets.numel()
     model.train()
-    return sum(losses) / len(losses)
+    return total / count
 
 
 class Trainer:
