@@ -23,7 +23,7 @@ PAPER_OUTLIERS = {
     "hidden_states": {"Transformer": [3608.6, 3607.4, 3603.6, 3552.1, 2448.2, 0.6],
                       "DIFF Transformer": [1688.2, 1672.5, 1672.1, 1624.3, 740.9, 1.2]},
 }
-# metric -> (what it is, True where lower is better): the rows of the final table, in order
+# metric -> (what it is, True where lower is better, None where neither is): the rows of the final table
 METRICS = {
     "val_loss": ("validation loss (nats per token)", True),
     "val_perplexity": ("validation perplexity", True),
@@ -31,7 +31,7 @@ METRICS = {
     "attention_logits_top1": ("largest |attention logit|", True),
     "hidden_states_top1": ("largest |hidden state|", True),
     "noise_mass": ("attention noise mass (outside each query's 4 strongest keys)", True),
-    "attention_entropy": ("attention entropy (nats)", True),
+    "attention_entropy": ("attention entropy (nats)", None),
     "lambda": ("lambda (mean over layers)", None),
     "max_over_mean": ("routing: busiest expert's load / mean", True),
     "router_entropy": ("routing: router entropy / ln E", None),
@@ -55,6 +55,7 @@ EXPLANATIONS = {
     "routing.png": "Routing per layer and mode (mean over seeds): the busiest expert's load over the mean load "
                    "(1 is perfect balance) and the router entropy over ln E (1 is uniform).",
 }
+COSTS = ("params_total", "flops_per_token")  # set by the shapes: in the table, not compared in sentences
 COLOURS = {"standard": "tab:gray", "diff": "tab:blue", "diff_v2": "tab:orange"}
 
 
@@ -217,7 +218,7 @@ def write_report(study: dict[str, Any], out: Path) -> list[Path]:
     baseline, paired = study["baseline"], study["aggregate"]["paired_with_baseline"]
     sentences = "".join(f"<li>{html.escape(verdict(mode, baseline, metric, differences[metric]))}</li>"
                         for mode, differences in paired.items() for metric in METRICS
-                        if metric in differences and METRICS[metric][1] is not None)
+                        if metric in differences and metric not in COSTS)
     first = study["runs"][0]
     settings = (f"<p>Modes {', '.join(study['modes'])}; seeds {', '.join(map(str, study['seeds']))}; "
                 f"{study['config']['train']['max_steps']} steps of {study['config']['train']['batch_size']} x "

@@ -23,6 +23,7 @@ from rich.progress import Progress
 from moe_diff import costs
 from moe_diff.config import Config, section_from_dict
 from moe_diff.data import load_corpus, load_tokenizer
+from moe_diff.device import environment, resolve_device
 from moe_diff.errors import MoeDiffError, UsageError
 from moe_diff.files import write_json
 from moe_diff.runs import METRICS_FILE, read_metrics
@@ -104,7 +105,7 @@ def train_and_measure(run: PlannedRun, measures: Measures, console: Console,
     speeds = [record["tokens_per_s"] for record in records if record.get("tokens_per_s")]
     losses = [record["loss"] for record in records if record.get("loss") is not None]
     record = {"mode": run.mode, "seed": run.seed, "name": run.name, "config": config_dict(run.cfg),
-              "measures": measures_dict(measures),
+              "measures": measures_dict(measures), "environment": environment(next(model.parameters()).device),
               "train": {"steps": result.step, "final_loss": losses[-1] if losses else None,
                         "tokens_per_s": sum(speeds) / len(speeds) if speeds else None},
               "measured": measured}
@@ -246,7 +247,8 @@ def summarise(cfg: Config, runs: list[PlannedRun], results: dict[str, dict[str, 
              "train": results[run.name]["train"], "measured": results[run.name]["measured"], "curves": curves(run)}
             for run in runs]
     baseline = baseline_mode(modes)
-    return {"modes": list(modes), "seeds": list(seeds), "match": match, "notes": notes, "baseline": baseline,
+    return {"environment": environment(resolve_device(cfg.train.device)),  # where the report was written
+            "modes": list(modes), "seeds": list(seeds), "match": match, "notes": notes, "baseline": baseline,
             "config": config_dict(cfg), "measures": results[runs[0].name]["measures"], "runs": rows,
             "aggregate": aggregate(rows, baseline)}
 
