@@ -196,7 +196,7 @@ def test_attention_maps_reproduce_the_layer_and_stats_are_reported(mode: str, ru
     assert ("lambda" in stats["layers"][0]) == (mode != "standard")
     brute_force_logits = []  # every (query, visible key) logit of every map, one at a time
     for module, x, cos, sin, _ in capture.inputs:
-        q, k, _ = module.project(x, cos, sin)
+        q, k, _ = (tensor.detach() for tensor in module.project(x, cos, sin))
         maps = 2 if mode == "diff" else 1  # diff: two maps per head, from its two query and key halves
         q, k = q.view(B, T, -1, maps, 8), k.view(B, T, -1, maps, 8)
         group = q.shape[2] // k.shape[2]
