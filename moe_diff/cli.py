@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each fixes the data order and the shared initial parameters of its runs")
     study_cmd.add_argument("--match", choices=MATCHES, default="shapes",
                        help="shapes: the config's for every mode; params: the other modes' model.ffn_dim changed "
-                       "so that total parameters are within 1%% of the baseline's")
+                       "so that total parameters are within 1%% of the smallest mode's")
     study_cmd.add_argument("--parallel", type=int, default=1, help="runs at once, in worker processes (one GPU each "
                        "where there are several)")
     study_cmd.add_argument("--tokens", type=int, default=Measures.tokens, help="held-out tokens measured per run")
