@@ -140,24 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.set_defaults(run=run_train)
 
     study_cmd = commands.add_parser("study", help="train matched runs per attention mode and seed, measure each on the "
-                                "same held-out tokens, and report every difference with its spread over seeds")
+                                    "same held-out tokens, and report every difference with its spread over seeds")
     study_cmd.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
     study_cmd.add_argument("overrides", nargs="*", help="dotlist overrides for every run, e.g. train.max_steps=100")
     study_cmd.add_argument("--out", required=True, help="study directory: runs/MODE-seedN, study.json, report.html")
     study_cmd.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, default=["standard", "diff", "diff_v2"])
     study_cmd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                       help="each fixes the data order and the shared initial parameters of its runs")
+                           help="each fixes the data order and the shared initial parameters of its runs")
     study_cmd.add_argument("--match", choices=MATCHES, default="shapes",
-                       help="shapes: the config's for every mode; params: the other modes' model.ffn_dim changed "
-                       "so that total parameters are within 1%% of the smallest mode's")
+                           help="shapes: the config's for every mode; params: the larger modes' model.ffn_dim changed "
+                           "so that total parameters are within 1%% of the smallest mode's")
     study_cmd.add_argument("--parallel", type=int, default=1, help="runs at once, in worker processes (one GPU each "
-                       "where there are several)")
+                           "where there are several)")
     study_cmd.add_argument("--tokens", type=int, default=Measures.tokens, help="held-out tokens measured per run")
     study_cmd.add_argument("--needle-trials", type=int, default=Measures.needle_trials,
-                       help="needle haystacks per context length and depth")
+                           help="needle haystacks per context length and depth")
     study_cmd.add_argument("--needle-lengths", type=int, nargs="*", default=[],
-                       help="needle context lengths in tokens (default: half the window, the window, twice it "
-                       "and max_seq_len)")
+                           help="needle context lengths in tokens (default: half the window, the window, twice it "
+                           "and max_seq_len)")
     study_cmd.set_defaults(run=run_study)
 
     tokenize = commands.add_parser("tokenize", help="pre-tokenise text into a binary token file")

@@ -13,8 +13,6 @@ from moe_diff.checkpoint import schema
 from moe_diff.checkpoint.hf_directory import HF_CONFIG_FILE, is_moe_diff_directory, load_moe_diff_directory
 from moe_diff.checkpoint.mixtral import from_hf_mixtral, to_hf_mixtral
 from moe_diff.checkpoint.open import StoredModel, open_model
-from moe_diff.config import DataConfig
-from moe_diff.data.tokenizers import load_tokenizer
 from moe_diff.errors import UsageError
 
 FORMATS = ("moe-diff", "mixtral", "hf")
@@ -64,12 +62,9 @@ def export(source: Path, dst: Path, format: str, dtype: torch.dtype | None = Non
 
 def save_hf_directory(stored: StoredModel, dst: Path, tokenizer: str | None) -> None:
     """`export --format hf` of an opened model, with the tokenizer named or else its run's."""
-    if tokenizer is None and stored.data is None:
-        raise UsageError(f"{stored.path} has no data config to take the tokenizer from; pass --tokenizer byte or "
-                         "--tokenizer PATH/tokenizer.json (the one the model was trained with)")
+    text_tokenizer = stored.tokenizer(tokenizer)
     try:
         from moe_diff.hf.export import save_hf
     except ImportError as error:
         raise UsageError(f"--format hf needs transformers: pip install 'moe-diff[hf]' ({error})") from None
-    data = stored.data if tokenizer is None else DataConfig(tokenizer=tokenizer)
-    save_hf(stored.model, load_tokenizer(data), dst)
+    save_hf(stored.model, text_tokenizer, dst)

@@ -25,6 +25,8 @@ from moe_diff.checkpoint.training import (
     verify,
 )
 from moe_diff.config import DataConfig
+from moe_diff.data import Tokenizer, load_tokenizer
+from moe_diff.errors import UsageError
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.runs import CHECKPOINTS_DIR
 
@@ -43,6 +45,14 @@ class StoredModel:
         """What a command tells its user before it works with the model: the checkpoints it skipped and why, and
         the one it opened."""
         return [f"skipping checkpoint: {note}" for note in self.skipped] + [f"opened {self.path}"]
+
+    def tokenizer(self, name: str | None = None) -> Tokenizer:
+        """The tokenizer named ('byte' or a tokenizer.json), or else the one of the model's run or exported
+        directory; a UsageError when there is neither."""
+        if name is None and self.data is None:
+            raise UsageError(f"{self.path} has no data config to take the tokenizer from; pass --tokenizer byte or "
+                             "--tokenizer PATH/tokenizer.json (the one the model was trained with)")
+        return load_tokenizer(self.data if name is None else DataConfig(tokenizer=name))
 
 
 def open_model(path: str | Path, dtype: torch.dtype | None = None, tell: Callable[[str], None] | None = None

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from moe_diff.checkpoint.open import open_model
-from moe_diff.config import DataConfig
-from moe_diff.data.tokenizers import check_vocabulary, load_tokenizer
+from moe_diff.data.tokenizers import check_vocabulary
 from moe_diff.errors import UsageError
 from moe_diff.files import write_json
 from moe_diff.hf.eval_task import TASKS, write_task
@@ -58,10 +57,7 @@ def evaluate(source: str | Path, tasks: Sequence[str], tokenizer: str | None = N
             raise UsageError(f"--include-path {path}: no such directory (it holds lm_eval task YAML files)")
     evaluator, HFLM, TaskManager = lm_eval_modules()
     stored = open_model(source, dtype=dtype, tell=tell)
-    if tokenizer is None and stored.data is None:
-        raise UsageError(f"{stored.path} has no data config to take the tokenizer from; pass --tokenizer byte or "
-                         "--tokenizer PATH/tokenizer.json (the one the model was trained with)")
-    text_tokenizer = load_tokenizer(DataConfig(tokenizer=tokenizer) if tokenizer else stored.data)
+    text_tokenizer = stored.tokenizer(tokenizer)
     check_vocabulary(stored.model.cfg.vocab_size, text_tokenizer)
     model = hf_model(stored.model.to(device).eval(), text_tokenizer.eot_id)
     with tempfile.TemporaryDirectory(prefix="moe-diff-eval-") as local:
