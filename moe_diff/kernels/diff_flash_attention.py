@@ -7,10 +7,13 @@ the forward saves the two log-sum-exps (and O2, for the lambda gradient) and the
 as FlashAttention does. The references are in diff_attention.py; the mode wrappers at the bottom take the
 same arguments as theirs.
 
-Which keys a query sees: by the rule, query i sees keys key_start[b, i] <= j <= i, where key_start folds the
-sliding window and packed documents (contiguous runs of one document id, as cu_seqlens describe them) into
-one lower bound per query, so key blocks outside it are skipped and a window's cost is linear in length;
-or by an explicit boolean mask [B, Tq, Tk] (queries against a KV cache), when every key block is visited.
+Which keys a query sees: by the rule, query i sees keys key_start[b, i] <= j <= i of its own document, where
+key_start folds the sliding window and the earliest start of a document at or after query i into one lower bound
+per query that never decreases along a row, so key blocks outside it are skipped and a window's cost is linear in
+length. Documents are compared by name (the index of each one's first token), so a document may continue after
+others, as an attention_mask with a hole makes it; where documents are contiguous runs the bound is each query's
+own document start, so every block of an earlier document is skipped. Or by an explicit boolean mask [B, Tq, Tk]
+(queries against a KV cache), when every key block is visited.
 """
 
 import inspect
@@ -29,7 +32,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
-def _allowed(offs_m, offs_n, key_start, mask_row, n_queries, n_keys, stride_mask_q, HAS_MASK: tl.constexpr):
+def _allowed(offs_m, offs_n, key_start, document_row, mask_row, n_queries, n_keys, stride_mask_q,
+             HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr):
     """[BLOCK_M, BLOCK_N] True where query offs_m may attend to key offs_n."""
     inside = (offs_m[:, None] < n_queries) & (offs_n[None, :] < n_keys)
     if HAS_MASK:
@@ -37,6 +41,10 @@ def _allowed(offs_m, offs_n, key_start, mask_row, n_queries, n_keys, stride_mask
         allowed = inside & (explicit != 0)
     else:
         allowed = inside & (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= key_start[:, None])
+        if HAS_DOCUMENTS:
+            query_document = tl.load(document_row + offs_m, mask=offs_m < n_queries, other=-1)
+            key_document = tl.load(document_row + offs_n, mask=offs_n < n_keys, other=-2)
+            allowed = allowed & (query_document[:, None] == key_document[None, :])
     return allowed
 
 
@@ -69,17 +77,18 @@ def _online_softmax_step(q, k_ptrs, k_mask, v, allowed, m_i, l_i, acc, qk_scale,
 
 
 # q1, q2: [B, Tq, H, d]  k1, k2: [B, Tk, G, d]  v: [B, Tk, G, dv]  lam: [B, Tq, H] (any strides)
-# key_start: [B, Tq] int32  mask: [B, Tq, Tk]  ->  out: [B, Tq, H, dv]  o2: [B, Tq, H, dv] fp32  lse: [2, B, H, Tq]
+# key_start, documents (each token's document start, Tq = Tk): [B, Tq] int32  mask: [B, Tq, Tk]
+# ->  out: [B, Tq, H, dv]  o2: [B, Tq, H, dv] fp32  lse: [2, B, H, Tq]
 @triton.jit
-def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
+def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, DOCUMENTS, MASK, OUT, O2, LSE,
                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                     stride_vb, stride_vt, stride_vh, stride_lb, stride_lt, stride_lh,
                     stride_ob, stride_ot, stride_oh, stride_mb, stride_mq,
                     n_queries, n_keys, n_heads, group_size, qk_scale, length_bucket,
                     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr, SHARED_K: tl.constexpr,
-                    HAS_MASK: tl.constexpr, STORE_O2: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    VALUE_SPLITS: tl.constexpr):
+                    HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, STORE_O2: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, VALUE_SPLITS: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     batch, head = (tl.program_id(1) // n_heads).to(tl.int64), tl.program_id(1) % n_heads  # 64-bit offsets
     group = head // group_size
@@ -95,7 +104,7 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
     q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
     q1 = tl.load(Q1 + q_offsets, mask=q_mask, other=0.0)
     key_start = tl.load(KEY_START + batch * n_queries + offs_m, mask=offs_m < n_queries, other=0)
-    mask_row = MASK + batch * stride_mb
+    document_row, mask_row = DOCUMENTS + batch * n_queries, MASK + batch * stride_mb
     m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l1 = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_DV // VALUE_SPLITS], tl.float32)
@@ -107,7 +116,8 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
     lo, hi = _key_range(KEY_START + batch * n_queries, start_m, n_queries, n_keys, BLOCK_M, BLOCK_N, HAS_MASK)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        allowed = _allowed(offs_m, offs_n, key_start, mask_row, n_queries, n_keys, stride_mq, HAS_MASK)
+        allowed = _allowed(offs_m, offs_n, key_start, document_row, mask_row, n_queries, n_keys, stride_mq, HAS_MASK,
+                           HAS_DOCUMENTS)
         k_offsets = batch * stride_kb + offs_n[None, :] * stride_kt + group * stride_kh + offs_d[:, None]
         k_mask = (offs_n[None, :] < n_keys) & (offs_d[:, None] < HEAD_DIM)
         v_offsets = batch * stride_vb + offs_n[:, None] * stride_vt + group * stride_vh + offs_dv[None, :]
@@ -142,14 +152,16 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, MASK, OUT, O2, LSE,
 # delta: [2, B, H, Tq] fp32 = rowsum(dO * O1), rowsum(dO * O2)  query_stop: [B, Tk] int32, one past the last
 # query that may see key j  ->  dk1, dk2: [B, Tk, G, d]  dv: [B, Tk, G, dv]
 @triton.jit
-def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY_STOP, MASK, DK1, DK2, DV,
+def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY_STOP, DOCUMENTS, MASK,
+                        DK1, DK2, DV,
                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                         stride_vb, stride_vt, stride_vh, stride_lb, stride_lt, stride_lh,
                         stride_ob, stride_ot, stride_oh, stride_mb, stride_mq,
                         n_queries, n_keys, n_heads, n_groups, group_size, qk_scale, sm_scale, length_bucket,
                         HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
-                        SHARED_K: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        SHARED_K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     batch, group = (tl.program_id(1) // n_groups).to(tl.int64), tl.program_id(1) % n_groups
     plane = tl.num_programs(1) // n_groups * n_heads * n_queries  # B * H * Tq: the second softmax's offset
@@ -173,13 +185,14 @@ def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY
     else:
         lo_m = (start_n // BLOCK_M) * BLOCK_M
         hi_m = tl.load(QUERY_STOP + batch * n_keys + tl.minimum(start_n + BLOCK_N, n_keys) - 1)
-    mask_row = MASK + batch * stride_mb
+    document_row, mask_row = DOCUMENTS + batch * n_queries, MASK + batch * stride_mb
     for head in range(group * group_size, group * group_size + group_size):
         for start_m in range(lo_m, hi_m, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             rows = offs_m < n_queries
             key_start = tl.load(KEY_START + batch * n_queries + offs_m, mask=rows, other=0)
-            allowed = _allowed(offs_m, offs_n, key_start, mask_row, n_queries, n_keys, stride_mq, HAS_MASK)
+            allowed = _allowed(offs_m, offs_n, key_start, document_row, mask_row, n_queries, n_keys, stride_mq,
+                               HAS_MASK, HAS_DOCUMENTS)
             q_offsets = batch * stride_qb + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
             q_mask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
             do_offsets = batch * stride_ob + offs_m[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
@@ -218,14 +231,15 @@ def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY
 # Backward, dQ: one program per query block and head, over the same key blocks as the forward.
 # -> dq1, dq2: [B, Tq, H, d]
 @triton.jit
-def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, DQ1, DQ2,
+def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, DOCUMENTS, MASK, DQ1, DQ2,
                        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                        stride_vb, stride_vt, stride_vh, stride_lb, stride_lt, stride_lh,
                        stride_ob, stride_ot, stride_oh, stride_mb, stride_mq,
                        n_queries, n_keys, n_heads, group_size, qk_scale, sm_scale, length_bucket,
                        HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
-                       SHARED_K: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       SHARED_K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     batch, head = (tl.program_id(1) // n_heads).to(tl.int64), tl.program_id(1) % n_heads
     group = head // group_size
@@ -250,11 +264,12 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, MASK, 
         lam = lam.to(tl.float32)[:, None]
         dq2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     key_start = tl.load(KEY_START + batch * n_queries + offs_m, mask=rows, other=0)
-    mask_row = MASK + batch * stride_mb
+    document_row, mask_row = DOCUMENTS + batch * n_queries, MASK + batch * stride_mb
     lo, hi = _key_range(KEY_START + batch * n_queries, start_m, n_queries, n_keys, BLOCK_M, BLOCK_N, HAS_MASK)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        allowed = _allowed(offs_m, offs_n, key_start, mask_row, n_queries, n_keys, stride_mq, HAS_MASK)
+        allowed = _allowed(offs_m, offs_n, key_start, document_row, mask_row, n_queries, n_keys, stride_mq, HAS_MASK,
+                           HAS_DOCUMENTS)
         k_offsets = batch * stride_kb + offs_n[:, None] * stride_kt + group * stride_kh + offs_d[None, :]
         k_mask = (offs_n[:, None] < n_keys) & (offs_d[None, :] < HEAD_DIM)
         v_offsets = batch * stride_vb + offs_n[:, None] * stride_vt + group * stride_vh + offs_dv[None, :]
@@ -309,7 +324,7 @@ CANDIDATES: dict[tuple[str, str, bool], tuple[LaunchParams, ...]] = {
     ("backward_kv", "standard", True): ((32, 64, 8, 2),), ("backward_kv", "diff_v2", True): ((32, 64, 8, 2),),
     ("backward_q", "standard", True): ((64, 32, 8, 2),), ("backward_q", "diff_v2", True): ((64, 32, 8, 2),),
 }
-AUTOTUNE_KEY = ["HEAD_DIM", "VALUE_DIM", "HAS_MASK", "length_bucket"]  # the mode is in the candidate lists
+AUTOTUNE_KEY = ["HEAD_DIM", "VALUE_DIM", "HAS_MASK", "HAS_DOCUMENTS", "length_bucket"]  # each mode has its candidates
 INTERPRETER_BLOCKS = (16, 16, 1, 1)  # small blocks keep the interpreted tests quick
 
 
@@ -350,17 +365,18 @@ def launch_kernel(kernel: str, launch: "Launch", grid: Callable[[dict], tuple[in
                           num_stages=INTERPRETER_BLOCKS[3], **kwargs)
 
 
-def rule_bounds(n_tokens: int, batch: int, window: int | None, document_ids: torch.Tensor | None,
+def rule_bounds(n_tokens: int, batch: int, window: int | None, document_starts: torch.Tensor | None,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """key_start [B, T] (query i sees keys key_start[i] <= j <= i) and query_stop [B, T] (key j is seen by queries
-    j <= i < query_stop[j]), both int32, from the window and packed documents (contiguous runs of one id)."""
+    """key_start [B, T] (query i sees keys key_start[i] <= j <= i of its document) and query_stop [B, T] (key j is
+    seen by no query outside j <= i < query_stop[j]), both int32 and never decreasing along a row, from the window
+    and where each token's document begins (AttentionMask.document_starts)."""
     index = torch.arange(n_tokens, device=device)
     start = (index - window + 1).clamp(min=0) if window is not None else torch.zeros_like(index)
     start = start.expand(batch, n_tokens)
-    if document_ids is not None:
-        begins = torch.ones_like(document_ids, dtype=torch.bool)
-        begins[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-        start = torch.maximum(start, torch.where(begins, index, 0).cummax(dim=1).values)
+    if document_starts is not None:
+        # the earliest document start from query i on: i's own where documents are contiguous runs, and never
+        # after it, so with the kernels' comparison of documents the bound stays exact
+        start = torch.maximum(start, document_starts.flip(1).cummin(dim=1).values.flip(1))
     key_start = start.to(torch.int32).contiguous()
     keys = index.to(torch.int32).expand(batch, n_tokens).contiguous()
     query_stop = torch.searchsorted(key_start, keys, right=True).to(torch.int32)
@@ -380,7 +396,8 @@ class Launch:
     """Shapes, strides and flags shared by the three kernels of one attention call."""
 
     def __init__(self, q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor, k2: torch.Tensor | None,
-                 v: torch.Tensor, lam: torch.Tensor | None, mask: torch.Tensor | None):
+                 v: torch.Tensor, lam: torch.Tensor | None, mask: torch.Tensor | None,
+                 documents: torch.Tensor | None = None):
         self.batch, self.n_queries, self.n_heads, self.head_dim = q1.shape
         self.n_keys, self.n_groups, self.value_dim = k1.shape[1], k1.shape[2], v.shape[-1]
         self.group_size = self.n_heads // self.n_groups
@@ -398,11 +415,12 @@ class Launch:
         self.constants = dict(HEAD_DIM=self.head_dim, VALUE_DIM=self.value_dim,
                               BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
                               BLOCK_DV=max(16, triton.next_power_of_2(self.value_dim)), TWO=self.two,
-                              SHARED_K=self.shared_k, HAS_MASK=self.has_mask, DOT_PRECISION=precision)
+                              SHARED_K=self.shared_k, HAS_MASK=self.has_mask,
+                              HAS_DOCUMENTS=documents is not None, DOT_PRECISION=precision)
 
 
-def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
-    launch = Launch(q1, q2, k1, k2, v, lam, mask)
+def _forward(q1, q2, k1, k2, v, lam, key_start, documents, mask, store_o2: bool):
+    launch = Launch(q1, q2, k1, k2, v, lam, mask, documents)
     shape = (launch.batch, launch.n_queries, launch.n_heads, launch.value_dim)
     out = torch.empty(shape, dtype=q1.dtype, device=q1.device)
     o2 = torch.empty(shape, dtype=torch.float32, device=q1.device) if launch.two and store_o2 else None
@@ -414,14 +432,15 @@ def _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2: bool):
 
     launch_kernel("forward", launch, grid, q1.device, q1, q2 if launch.two else q1, k1,
                   k2 if k2 is not None else k1, v, lam if lam is not None else lse, key_start,
-                  mask if mask is not None else key_start, out, o2 if o2 is not None else out, lse, *launch.strides,
+                  documents if documents is not None else key_start, mask if mask is not None else key_start, out,
+                  o2 if o2 is not None else out, lse, *launch.strides,
                   *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.group_size,
                   launch.sm_scale * LOG2E, launch.length_bucket, STORE_O2=o2 is not None, **launch.constants)
     return out, o2, lse
 
 
-def _backward(grad_out, q1, q2, k1, k2, v, lam, key_start, query_stop, mask, out, o2, lse):
-    launch = Launch(q1, q2, k1, k2, v, lam, mask)
+def _backward(grad_out, q1, q2, k1, k2, v, lam, key_start, query_stop, documents, mask, out, o2, lse):
+    launch = Launch(q1, q2, k1, k2, v, lam, mask, documents)
     grad_out = grad_out.contiguous()
     grad_float = grad_out.float()
     grad_lam = None
@@ -439,6 +458,7 @@ def _backward(grad_out, q1, q2, k1, k2, v, lam, key_start, query_stop, mask, out
     dk2 = torch.empty_like(dk1) if launch.two and not launch.shared_k else None
     q2_, k2_ = (q2 if launch.two else q1), (k2 if k2 is not None else k1)
     lam_, mask_ = (lam if lam is not None else lse), (mask if mask is not None else key_start)
+    documents_ = documents if documents is not None else key_start
     scales = (launch.sm_scale * LOG2E, launch.sm_scale)
 
     def key_grid(meta: dict) -> tuple[int, int]:
@@ -448,11 +468,11 @@ def _backward(grad_out, q1, q2, k1, k2, v, lam, key_start, query_stop, mask, out
         return triton.cdiv(launch.n_queries, meta["BLOCK_M"]), launch.batch * launch.n_heads
 
     launch_kernel("backward_kv", launch, key_grid, q1.device, q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta,
-                  key_start, query_stop, mask_, dk1, dk2 if dk2 is not None else dk1, dv, *launch.strides,
+                  key_start, query_stop, documents_, mask_, dk1, dk2 if dk2 is not None else dk1, dv, *launch.strides,
                   *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.n_groups,
                   launch.group_size, *scales, launch.length_bucket, **launch.constants)
     launch_kernel("backward_q", launch, query_grid, q1.device, q1, q2_, k1, k2_, v, lam_, grad_out, lse, delta,
-                  key_start, mask_, dq1, dq2 if dq2 is not None else dq1, *launch.strides,
+                  key_start, documents_, mask_, dq1, dq2 if dq2 is not None else dq1, *launch.strides,
                   *launch.out_and_mask_strides, launch.n_queries, launch.n_keys, launch.n_heads, launch.group_size,
                   *scales, launch.length_bucket, **launch.constants)
     return dq1, dq2, dk1, dk2, dv, grad_lam
@@ -462,25 +482,29 @@ class FlashAttention(torch.autograd.Function):
     """out = softmax(q1 k1^T) v - lam * softmax(q2 k2^T) v (or one softmax when q2 is None; k2 None: k1 for both)."""
 
     @staticmethod
-    def forward(ctx, q1, q2, k1, k2, v, lam, key_start, query_stop, mask):
-        out, o2, lse = _forward(q1, q2, k1, k2, v, lam, key_start, mask, store_o2=any(ctx.needs_input_grad))
-        ctx.save_for_backward(q1, q2, k1, k2, v, lam, key_start, query_stop, mask, out, o2, lse)
+    def forward(ctx, q1, q2, k1, k2, v, lam, key_start, query_stop, documents, mask):
+        out, o2, lse = _forward(q1, q2, k1, k2, v, lam, key_start, documents, mask,
+                                store_o2=any(ctx.needs_input_grad))
+        ctx.save_for_backward(q1, q2, k1, k2, v, lam, key_start, query_stop, documents, mask, out, o2, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*_backward(grad_out, *ctx.saved_tensors), None, None, None)
+        return (*_backward(grad_out, *ctx.saved_tensors), None, None, None, None)
 
 
-def _bounds(mask: AttentionMask, batch: int, n_queries: int, n_keys: int,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """key_start, query_stop and the explicit mask the kernels take, built once per forward."""
+def _bounds(mask: AttentionMask, batch: int, n_queries: int, n_keys: int, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """key_start, query_stop, the documents (each token's document start, int32) and the explicit mask the kernels
+    take, built once per forward."""
     if mask.explicit is not None:
         key_start = torch.zeros(batch, n_queries, dtype=torch.int32, device=device)
-        return key_start, key_start, mask.explicit.contiguous()
+        return key_start, key_start, None, mask.explicit.contiguous()
     if n_queries != n_keys:
         raise ValueError(f"{n_queries} queries against {n_keys} keys need an explicit mask")
-    return *rule_bounds(n_queries, batch, mask.window, mask.document_ids, device), None
+    starts = mask.document_starts() if mask.document_ids is not None else None
+    documents = starts.to(torch.int32).contiguous() if starts is not None else None
+    return *rule_bounds(n_queries, batch, mask.window, starts, device), documents, None
 
 
 def _attend(q1, q2, k1, k2, v, lam, mask: AttentionMask) -> torch.Tensor:
@@ -497,10 +521,10 @@ def _attend(q1, q2, k1, k2, v, lam, mask: AttentionMask) -> torch.Tensor:
     q1, q2 = _rows_contiguous(q1, q2)
     k1, k2 = _rows_contiguous(k1, k2)
     (v,) = _rows_contiguous(v)
-    key_start, query_stop, explicit = mask.form(
+    key_start, query_stop, documents, explicit = mask.form(
         ("triton", batch, n_queries, k1.shape[1], q1.device),
         lambda: _bounds(mask, batch, n_queries, k1.shape[1], q1.device))
-    return FlashAttention.apply(q1, q2, k1, k2, v, lam, key_start, query_stop, explicit)
+    return FlashAttention.apply(q1, q2, k1, k2, v, lam, key_start, query_stop, documents, explicit)
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The `flash_attn` attention backend: the flash-attn package's kernels (CUDA, fp16/bf16), where it is installed.
 
 Causal attention with the window as flash-attn's `window_size=(W - 1, 0)`; packed documents as variable-length
-sequences (`cu_seqlens`, one per document of each row); GQA natively. flash-attn needs values as wide as the
-keys, so diff's 2d-wide values go through as two halves (the official DIFF code's variant without its patched
-kernel), and diff_v2 is one call over the doubled query heads. An explicit cache mask (decoding against a
-rolling KV cache) is not a flash-attn shape: those steps run through SDPA.
+sequences (`cu_seqlens`, one per document of each row), so only documents that are contiguous runs of their row:
+other document ids (an attention_mask with a hole makes them) are refused, and `auto` never picks this backend.
+GQA natively. flash-attn needs values as wide as the keys, so diff's 2d-wide values go through as two halves (the
+official DIFF code's variant without its patched kernel), and diff_v2 is one call over the doubled query heads.
+An explicit cache mask (decoding against a rolling KV cache) is not a flash-attn shape: those steps run through
+SDPA.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from functools import partial
 
 import torch
 
+from moe_diff.errors import UsageError
 from moe_diff.kernels.diff_attention import diff_attention, diff_v2_attention, sdpa_attention, standard_attention
 from moe_diff.kernels.mask import AttentionMask
 
@@ -31,7 +34,7 @@ def flash_attn_module():
 
 def document_sequences(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """cu_seqlens (int32, [sequences + 1]) of the flattened [B*T] tokens, one sequence per run of one document id
-    in a row, and the longest sequence."""
+    in a row (one per document where documents are contiguous runs), and the longest sequence."""
     batch, n_tokens = document_ids.shape
     starts = torch.ones_like(document_ids, dtype=torch.bool)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
@@ -50,6 +53,10 @@ def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     window_size = (mask.window - 1, 0) if mask.window is not None else (-1, -1)
     if mask.document_ids is None:
         return flash.flash_attn_func(q, k, v, causal=True, window_size=window_size)
+    if not mask.documents_are_runs():
+        raise UsageError("attn_backend='flash_attn' takes packed documents only as contiguous runs of one id "
+                         "(cu_seqlens), but a document id here returns after another (an attention_mask with a hole "
+                         "gives such ids): use attn_backend='triton', 'sdpa' or 'auto'")
     batch, n_tokens = q.shape[:2]
     cu_seqlens, longest = mask.form("flash_attn", lambda: document_sequences(mask.document_ids))
     out = flash.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,

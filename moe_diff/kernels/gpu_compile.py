@@ -24,8 +24,8 @@ import torch
 from moe_diff.kernels import diff_flash_attention as flash
 from moe_diff.kernels.triton_compat import triton
 
-POINTER_TYPES = {"KEY_START": "*i32", "QUERY_STOP": "*i32", "MASK": "*i1", "LSE": "*fp32", "DELTA": "*fp32",
-                 "O2": "*fp32"}  # the rest hold the inputs' dtype
+POINTER_TYPES = {"KEY_START": "*i32", "QUERY_STOP": "*i32", "DOCUMENTS": "*i32", "MASK": "*i1", "LSE": "*fp32",
+                 "DELTA": "*fp32", "O2": "*fp32"}  # the rest hold the inputs' dtype
 UNHINTED = {"n_queries", "n_keys", "n_heads", "n_groups", "group_size", "length_bucket",  # any value
             "stride_lb", "stride_lt", "stride_lh"}  # lambda's: 0 (one shared value) or 1 (per head) in real launches
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -43,18 +43,20 @@ class Resources:
     tensor_core_op: str  # "wgmma" (Hopper's warpgroup MMA), "mma" or "none"
 
 
-def mode_launch(mode: str, head_dim: int, dtype: torch.dtype) -> flash.Launch:
-    """The launch description the mode wrappers would build, on meta tensors (shapes only)."""
+def mode_launch(mode: str, head_dim: int, dtype: torch.dtype, documents: bool = False) -> flash.Launch:
+    """The launch description the mode wrappers would build, on meta tensors (shapes only); with `documents`, for
+    packed documents (each key's document compared with the query's)."""
     def meta(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device="meta")
 
     q, k, lam = meta(1, 64, 2, head_dim), meta(1, 64, 1, head_dim), meta(1, 64, 2)
+    starts = torch.empty(1, 64, dtype=torch.int32, device="meta") if documents else None
     if mode == "standard":
-        return flash.Launch(q, None, k, None, meta(1, 64, 1, head_dim), None, None)
+        return flash.Launch(q, None, k, None, meta(1, 64, 1, head_dim), None, None, starts)
     if mode == "diff":
-        return flash.Launch(q, q, k, k, meta(1, 64, 1, 2 * head_dim), lam, None)
+        return flash.Launch(q, q, k, k, meta(1, 64, 1, 2 * head_dim), lam, None, starts)
     if mode == "diff_v2":
-        return flash.Launch(q, q, k, None, meta(1, 64, 1, head_dim), lam, None)
+        return flash.Launch(q, q, k, None, meta(1, 64, 1, head_dim), lam, None, starts)
     raise ValueError(f"mode must be one of {', '.join(flash.MODES)}, got {mode!r}")
 
 
@@ -73,14 +75,14 @@ def hand_picked(kernel: str, mode: str, head_dim: int) -> flash.LaunchParams:
     return candidates(kernel, mode, head_dim)[0]
 
 
-def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
-                  launch: flash.LaunchParams) -> "triton.compiler.ASTSource":
+def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: flash.LaunchParams,
+                  documents: bool = False) -> "triton.compiler.ASTSource":
     """One kernel of one mode as Triton compiles it ahead of time: the constants its launch sets, the type of
     every argument and which are 16-aligned."""
     from triton.compiler import ASTSource
 
     function = flash.KERNELS[kernel]
-    constants = {**mode_launch(mode, head_dim, dtype).constants, **flash.launch_constants(kernel, launch),
+    constants = {**mode_launch(mode, head_dim, dtype, documents).constants, **flash.launch_constants(kernel, launch),
                  "STORE_O2": True}
     names = function.arg_names
     signature, aligned = {}, {}
@@ -98,15 +100,17 @@ def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype,
 
 
 def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: flash.LaunchParams,
-                arch: int = 90) -> Resources:
+                arch: int = 90, documents: bool = False) -> Resources:
     """Compile one kernel of one mode for compute capability `arch` with launch (BLOCK_M, BLOCK_N, num_warps,
-    num_stages) (or take it from Triton's cache), and read its resource usage from the binary."""
+    num_stages) (or take it from Triton's cache), with or without `documents` compared per key, and read its
+    resource usage from the binary."""
     from triton.backends.compiler import GPUTarget
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1, which does not compile them: run "
                            "python -m moe_diff.kernels.gpu_compile without it")
-    compiled = triton.compile(kernel_source(kernel, mode, head_dim, dtype, launch), target=GPUTarget("cuda", arch, 32),
+    compiled = triton.compile(kernel_source(kernel, mode, head_dim, dtype, launch, documents),
+                              target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": launch[2], "num_stages": launch[3]})
     usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="every launch a GPU's autotuning chooses from, instead of the hand-picked one")
     parser.add_argument("--dtype", choices=list(TRITON_TYPES_BY_NAME), default="bfloat16")
     parser.add_argument("--arch", type=int, default=90, help="compute capability: 80 (A100), 90 (H100/H200)")
+    parser.add_argument("--documents", action="store_true",
+                        help="the kernels' variant for packed documents (HAS_DOCUMENTS: each key's document "
+                        "compared with the query's)")
     parser.add_argument("--out", default=None, help="also write the rows, with the versions, to this JSON file")
     args = parser.parse_args(argv)
     if args.launch and len(args.launch) not in (4, 5):
@@ -171,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                         hand_picked(kernel, mode, head_dim)]
                 for launch in launches:
                     row = {"mode": mode, "kernel": kernel, "head_dim": head_dim, "launch": launch,
-                           "arch": args.arch}
+                           "arch": args.arch, "documents": args.documents}
                     try:
                         row |= asdict(compile_for(kernel, mode, head_dim, TRITON_TYPES_BY_NAME[args.dtype], launch,
-                                                  args.arch))
+                                                  args.arch, args.documents))
                     except Exception as error:  # noqa: BLE001 - a configuration that does not compile is a result
                         row["error"] = error_line(error)
                     print(json.dumps(row), flush=True)

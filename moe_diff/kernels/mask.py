@@ -1,10 +1,12 @@
 """Which keys each query may see: one rule per forward pass, shared by every layer and every attention backend.
 
 Query i sees key j when i - window < j <= i (window None: every j <= i) and, for packed sequences, when both carry
-the same document id. Against a KV cache the keys are the cached ones and the new ones, in the cache's slot order,
-so the cache gives the mask explicitly ([B, Tq, Tk]: its rule applied to the keys' sequence indices, a left-padded
-row's padding hidden). Each backend's form of the mask (the dense boolean mask, FlexAttention's block mask, the
-Triton kernel's key bounds) is built on first use and kept, so it is built once per forward, not once per layer.
+the same document id, wherever the id's tokens lie in the row (an attention_mask with a hole gives a document that
+continues after it; a backend that can only express contiguous runs refuses such ids). Against a KV cache the keys
+are the cached ones and the new ones, in the cache's slot order, so the cache gives the mask explicitly
+([B, Tq, Tk]: its rule applied to the keys' sequence indices, a left-padded row's padding hidden). Each backend's
+form of the mask (the dense boolean mask, FlexAttention's block mask, the Triton kernel's key bounds, where each
+document begins) is built on first use and kept, so it is built once per forward, not once per layer.
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ def attention_mask(n_tokens: int, window: int | None, device: torch.device,
     return allowed
 
 
+def run_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the index of the first token of each token's run of one id in its row."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device)
+    begins = torch.ones_like(document_ids, dtype=torch.bool)
+    begins[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.where(begins, index, 0).cummax(dim=1).values
+
+
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the index of the first token of each token's document in its row (a name for the document below T);
+    sorted on the device, no host sync."""
+    ids, order = document_ids.sort(dim=1, stable=True)  # each document's tokens together, in sequence order
+    first = order.gather(1, run_starts(ids))  # [B, T] in sorted order: where each one's document begins
+    return torch.empty_like(order).scatter_(1, order, first)
+
+
 @dataclass(eq=False)
 class AttentionMask:
     """The rule of one forward pass: a window and packed documents over T queries and T keys, or a KV cache's
@@ -54,6 +72,16 @@ class AttentionMask:
         """Whether a kernel that skips fully masked key blocks saves work: a window shorter than the sequence, or
         packed documents."""
         return (self.window is not None and self.window < n_queries) or self.document_ids is not None
+
+    def document_starts(self) -> torch.Tensor:
+        """[B, T]: where each token's document begins in its row (document_starts), built once per forward."""
+        return self.form("document_starts", lambda: document_starts(self.document_ids))
+
+    def documents_are_runs(self) -> bool:
+        """Whether every document is one contiguous run of its row, as cu_seqlens describe them; decided once per
+        forward (a host sync)."""
+        return self.form("documents_are_runs",
+                         lambda: torch.equal(self.document_starts(), run_starts(self.document_ids)))
 
     def form(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """A backend's form of the mask, built by `build` the first time `key` is asked for."""

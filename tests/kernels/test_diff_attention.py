@@ -64,12 +64,33 @@ def test_diff_v2(ratio: int, kv_heads: int, window: int | None) -> None:
     torch.testing.assert_close(out, every[:, :, 0::2] - lam[..., None] * every[:, :, 1::2], rtol=0, atol=1e-12)
 
 
-def test_documents_mask_packed_sequences() -> None:
+def scattered_documents(n: int, seed: int) -> torch.Tensor:
+    """[2, n] document ids that return to a document after others: runs of random ids and lengths, and the ids an
+    attention_mask with a short hole at a random place gives (kept tokens 1 on both sides of the hole's 0s)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (n,), generator=generator)
+    runs = torch.randint(0, 4, (n,), generator=generator).repeat_interleave(lengths)[:n]
+    hole = torch.ones(n, dtype=torch.long)
+    begin = int(torch.randint(1, n // 2, (), generator=generator))
+    hole[begin:begin + int(torch.randint(1, 5, (), generator=generator))] = 0
+    return torch.stack([runs, hole])
+
+
+@pytest.mark.parametrize("documents", [torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 2, 2, 2]]),
+                                       torch.tensor([[1, 1, 0, 1, 1, 1], [2, 0, 1, 0, 2, 2]])])
+def test_documents_mask_packed_sequences(documents: torch.Tensor) -> None:
+    """Keys of the query's document id, wherever they are in the row: contiguous runs or not."""
     torch.manual_seed(0)
     q, k, v = randn(2, 6, 2, 4), randn(2, 6, 1, 4), randn(2, 6, 1, 4)
-    documents = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 2, 2, 2]])
     out = attention_op("reference", "standard")(q, k, v, AttentionMask(4, documents))
     torch.testing.assert_close(out, brute_attention(q, k, v, 4, documents), rtol=0, atol=1e-12)
+
+
+def test_document_starts_name_each_document_by_its_first_token() -> None:
+    documents = torch.tensor([[7, 7, 3, 7, 3, 9], [1, 1, 1, 2, 2, 5]])
+    mask = AttentionMask(document_ids=documents)
+    assert mask.document_starts().tolist() == [[0, 0, 2, 0, 2, 5], [0, 0, 0, 3, 3, 5]]
+    assert not mask.documents_are_runs() and AttentionMask(document_ids=documents[1:]).documents_are_runs()
 
 
 @pytest.mark.parametrize(("n", "window"), [(1, None), (6, None), (6, 1), (6, 3), (6, 10)])
@@ -111,13 +132,15 @@ def mode_inputs(mode: str, ratio: int, kv_heads: int, n: int, keys: int) -> tupl
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
 @pytest.mark.parametrize(("ratio", "kv_heads", "window"), SHAPES)
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, "runs", "scattered"])
 def test_fused_backends_equal_the_reference_in_values_and_gradients(backend: str, mode: str, ratio: int,
                                                                     kv_heads: int, window: int | None,
-                                                                    packed: bool) -> None:
+                                                                    packed: str | None) -> None:
+    """Packed documents as increasing runs, or as ids that return to a document after others."""
     torch.manual_seed(ratio + kv_heads)
     inputs = mode_inputs(mode, ratio, kv_heads, 7, 7)
-    documents = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 2]]) if packed else None
+    documents = {None: None, "runs": torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 2]]),
+                 "scattered": scattered_documents(7, ratio + kv_heads)}[packed]
     results = []
     # FlexAttention has no CPU backward: its gradients are checked where there is a GPU
     device = "cuda" if backend == "flex" and torch.cuda.is_available() else "cpu"

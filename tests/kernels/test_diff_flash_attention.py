@@ -20,6 +20,7 @@ from moe_diff.kernels import attention_op, auto_backend  # noqa: E402
 from moe_diff.kernels.diff_flash_attention import rule_bounds  # noqa: E402
 from moe_diff.kernels.mask import AttentionMask  # noqa: E402
 from moe_diff.model import MoEDiffTransformer  # noqa: E402
+from tests.kernels.test_diff_attention import scattered_documents  # noqa: E402
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 MODES = ["standard", "diff", "diff_v2"]
@@ -97,17 +98,37 @@ def test_explicit_cache_mask_with_fewer_queries_than_keys(mode: str) -> None:
     assert max(relative_errors(got, expected)) < 1e-5
 
 
-def test_rule_bounds_fold_window_and_documents_into_one_lower_bound() -> None:
-    documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2]])
-    key_start, query_stop = rule_bounds(8, 1, 3, documents, torch.device("cpu"))
-    assert key_start.tolist() == [[0, 0, 0, 3, 3, 3, 4, 7]]
-    assert query_stop.tolist() == [[3, 3, 3, 6, 7, 7, 7, 8]]  # key j is seen by queries j <= i < query_stop[j]
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("ratio", "groups", "window"), [(2, 1, None), (1, 2, 6), (4, 1, 20)])
+def test_scattered_documents_equal_the_float64_reference(mode: str, ratio: int, groups: int,
+                                                         window: int | None) -> None:
+    """Document ids that return to a document after others (an attention_mask with a hole): keys are visible by
+    equal ids, not by runs, in every block of 37 tokens, with and without a window."""
+    inputs = mode_inputs(mode, ratio, groups, 37, 37, 16)
+    documents = scattered_documents(37, ratio + 10 * groups)
+    expected = values_and_gradients(mode, "reference", inputs, torch.float64, window, documents)
+    got = values_and_gradients(mode, "triton", inputs, torch.float32, window, documents, device=DEVICE)
+    assert max(relative_errors(got, expected)) < 1e-5
+
+
+@pytest.mark.parametrize(("documents", "key_start", "query_stop"), [
+    ([0, 0, 0, 1, 1, 1, 1, 2], [0, 0, 0, 3, 3, 3, 4, 7], [3, 3, 3, 6, 7, 7, 7, 8]),
+    ([0, 0, 1, 1, 2, 2, 1, 3], [0, 0, 2, 2, 2, 3, 4, 7], [2, 2, 5, 6, 7, 7, 7, 8])])
+def test_rule_bounds_fold_window_and_documents_into_one_lower_bound(documents: list[int], key_start: list[int],
+                                                                    query_stop: list[int]) -> None:
+    """Window 3. Document 1 returns after document 2, so document 2's queries (4, 5) bound their keys by document
+    1's earlier start (2) instead of their own (4), or by their window: neither bound ever decreases along the row,
+    so a query block's first query and a key block's last key bound the whole block (key j is seen only by queries
+    j <= i < query_stop[j])."""
+    mask = AttentionMask(3, torch.tensor([documents]))
+    bounds = rule_bounds(8, 1, mask.window, mask.document_starts(), torch.device("cpu"))
+    assert [b.tolist() for b in bounds] == [[key_start], [query_stop]]
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_the_whole_model_equals_the_reference_backend(mode: str) -> None:
-    """Loss and every parameter's gradient (the four lambda vectors or lambda_proj included), packed documents,
-    a window, head width 8 (padded to the kernel's 16 in registers)."""
+    """Loss and every parameter's gradient (the four lambda vectors or lambda_proj included), packed documents
+    (one row's around a hole), a window, head width 8 (padded to the kernel's 16 in registers)."""
     values = dict(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=16, n_experts=4,
                   top_k=2, sliding_window=6, max_seq_len=64, attention=mode, rope_theta=100.0)
     results = []
@@ -115,7 +136,7 @@ def test_the_whole_model_equals_the_reference_backend(mode: str) -> None:
         torch.manual_seed(0)
         model = MoEDiffTransformer(ModelConfig(**values, attn_backend=backend)).to(DEVICE)
         tokens = torch.randint(0, 40, (2, 19), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-        documents = torch.tensor([[0] * 7 + [1] * 12, [0] * 19]).to(DEVICE)
+        documents = torch.tensor([[0] * 7 + [1] * 12, [1] * 5 + [0] * 4 + [1] * 10]).to(DEVICE)  # a hole
         out = model(tokens, document_ids=documents)
         (out.logits.square().mean() + out.aux_loss).backward()
         results.append({"loss": out.logits.detach()} | {name: p.grad for name, p in model.named_parameters()})

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moe_diff.config import ConfigError, ModelConfig
+from moe_diff.errors import UsageError
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.flash_attn_backend import document_sequences
 from moe_diff.kernels.mask import AttentionMask
@@ -50,13 +51,10 @@ def stand_in() -> types.ModuleType:
     return module
 
 
-@pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
-@pytest.mark.parametrize(("window", "packed"), [(None, False), (3, False), (4, True)])
-def test_flash_attn_calls_equal_the_reference(monkeypatch: pytest.MonkeyPatch, mode: str, window: int | None,
-                                              packed: bool) -> None:
-    monkeypatch.setitem(sys.modules, "flash_attn", stand_in())
+def mode_inputs(mode: str, n: int) -> list[torch.Tensor]:
+    """Float64 q, k, v (and lambda) of one mode over n tokens: 4 query heads (pairs, for diff_v2), 2 kv heads."""
     generator = torch.Generator().manual_seed(0)
-    d, n = 4, 9
+    d = 4
     shapes = {"standard": [(2, n, 4, d), (2, n, 2, d), (2, n, 2, d)],
               "diff": [(2, n, 4, 2, d), (2, n, 2, 2, d), (2, n, 2, 2 * d)],
               "diff_v2": [(2, n, 8, d), (2, n, 2, d), (2, n, 2, d)]}[mode]
@@ -65,7 +63,19 @@ def test_flash_attn_calls_equal_the_reference(monkeypatch: pytest.MonkeyPatch, m
         inputs.append(torch.tensor(0.4, dtype=torch.float64))
     elif mode == "diff_v2":
         inputs.append(torch.rand(2, n, 4, dtype=torch.float64, generator=generator))
-    documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1]]) if packed else None
+    return inputs
+
+
+RUNS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1]])
+UNORDERED_RUNS = torch.tensor([[5, 5, 2, 2, 2, 7, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3, 1]])  # runs, ids in no order
+
+
+@pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
+@pytest.mark.parametrize(("window", "documents"), [(None, None), (3, None), (4, RUNS), (None, UNORDERED_RUNS)])
+def test_flash_attn_calls_equal_the_reference(monkeypatch: pytest.MonkeyPatch, mode: str, window: int | None,
+                                              documents: torch.Tensor | None) -> None:
+    monkeypatch.setitem(sys.modules, "flash_attn", stand_in())
+    inputs = mode_inputs(mode, 9)
     results = []
     for backend in ("reference", "flash_attn"):
         args = [t.clone().requires_grad_() for t in inputs]
@@ -74,6 +84,16 @@ def test_flash_attn_calls_equal_the_reference(monkeypatch: pytest.MonkeyPatch, m
         results.append([out] + [a.grad for a in args])
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
+def test_documents_that_are_not_runs_are_refused(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """cu_seqlens cannot say that a document continues after a hole: flash_attn refuses such ids by name rather
+    than attend within each run."""
+    monkeypatch.setitem(sys.modules, "flash_attn", stand_in())
+    documents = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1, 1], RUNS[0].tolist()])
+    with pytest.raises(UsageError, match=r"attn_backend='flash_attn'.*contiguous run.*'triton', 'sdpa' or 'auto'"):
+        attention_op("flash_attn", mode)(*mode_inputs(mode, 9), AttentionMask(None, documents))
 
 
 def test_documents_become_one_sequence_each() -> None:
