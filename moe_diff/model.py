@@ -209,7 +209,8 @@ ATTENTION_CLASSES: dict[str, type[Attention]] = {
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts with stacked weights, computed by the configured MoE backend."""
+    """E SwiGLU experts with stacked weights, computed by the configured MoE backend (an expert id of E: an
+    assignment dropped for capacity, which the backend leaves out)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -247,6 +248,14 @@ class Routing:
     def dropped(self) -> torch.Tensor:
         """0-dim: assignments dropped for capacity."""
         return self.expert_ids.numel() - self.counts.sum()
+
+    @property
+    def dispatched_ids(self) -> torch.Tensor:
+        """[N, K] the experts' input: expert_ids with E in place of each assignment capacity dropped, so that no
+        backend computes it (nor, under expert parallelism, sends it)."""
+        if self.kept is None:
+            return self.expert_ids
+        return self.expert_ids.masked_fill(~self.kept, self.probs.shape[-1])
 
 
 def within_capacity(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
@@ -316,7 +325,7 @@ class MoE(nn.Module):
             scores_input = flat * torch.empty_like(flat).uniform_(1 - self.jitter, 1 + self.jitter)
         bias = self.expert_bias if self.bias_rate else None
         routing = route(self.gate(scores_input), self.top_k, bias, self.capacity_factor)
-        out = self.experts(flat, routing.expert_ids, routing.weights)
+        out = self.experts(flat, routing.dispatched_ids, routing.weights)
         return out.view(B, T, D), routing
 
     @torch.no_grad()

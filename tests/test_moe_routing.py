@@ -1,5 +1,7 @@
 """Routing options: capacity with drops, router jitter, aux-loss-free expert bias, and the per-layer counts."""
 
+import copy
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -8,16 +10,16 @@ import torch.nn.functional as F
 from helpers import final_weights, small_config  # tests/ is on the path
 
 from moe_diff.config import ConfigError, ModelConfig
-from moe_diff.model import MoE, MoEDiffTransformer, route, within_capacity
+from moe_diff.kernels import moe_experts
+from moe_diff.model import MoE, MoEDiffTransformer, Routing, route, within_capacity
 from moe_diff.runs import read_metrics
 from moe_diff.train import train
 
 
-def moe_layer(**overrides) -> MoE:
+def moe_layer(dtype: torch.dtype = torch.float64, **overrides) -> MoE:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=12, n_experts=4,
-                      top_k=2, **overrides)
-    layer = MoE(cfg).double()
+    settings = dict(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=12, n_experts=4, top_k=2)
+    layer = MoE(ModelConfig(**settings | overrides)).to(dtype)
     with torch.no_grad():
         for param in layer.parameters():
             param.normal_(0, 0.5)
@@ -60,6 +62,66 @@ def test_dropped_assignments_contribute_nothing_and_are_counted(capacity_factor:
     torch.testing.assert_close(out.reshape(18, 8), expected, rtol=0, atol=1e-12)
     assert int(routing.dropped) == int((~kept).sum()) and routing.counts.max() <= capacity
     assert torch.equal(routing.counts, torch.bincount(routing.expert_ids[kept], minlength=4))
+
+
+def every_assignment(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    """The MoE layer with every chosen assignment computed, a dropped one at weight 0, token by token."""
+    flat, w = x.reshape(-1, x.shape[-1]), layer.experts
+    routing = route(layer.gate(flat), layer.top_k, None, layer.capacity_factor)
+    rows = [sum(routing.weights[t, s] * (w.w2[e] @ (F.silu(w.w1[e] @ flat[t]) * (w.w3[e] @ flat[t])))
+                for s, e in enumerate(routing.expert_ids[t].tolist())) for t in range(len(flat))]
+    return torch.stack(rows).view_as(x), routing
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped_mm", "auto"])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
+def test_a_model_with_drops_equals_every_assignment_computed_at_weight_zero(backend: str,
+                                                                           capacity_factor: float) -> None:
+    """Outputs, losses, every parameter's gradient and the routing counts, against the brute force."""
+    torch.manual_seed(0)
+    model = MoEDiffTransformer(ModelConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=24,
+                                           n_experts=4, top_k=2, capacity_factor=capacity_factor,
+                                           moe_backend=backend))
+    brute_force = copy.deepcopy(model)
+    for block in brute_force.layers:
+        block.moe.forward = partial(every_assignment, block.moe)
+    tokens = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for m in (model, brute_force):
+        out = m(tokens)
+        (out.logits.square().mean() + out.aux_loss).backward()
+        outputs.append((out, [p.grad for p in m.parameters()]))
+    (out, grads), (expected, expected_grads) = outputs
+    assert sum(int(r.dropped) for r in out.routings) > 0
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.aux_loss, expected.aux_loss)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for routing, reference in zip(out.routings, expected.routings, strict=True):
+        assert torch.equal(routing.counts, reference.counts) and int(routing.dropped) == int(reference.dropped)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "grouped_mm"])
+def test_the_experts_compute_only_the_assignments_that_fit(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows each expert's SwiGLU runs over (grouped_mm: the rows inside its groups, for each of its three GEMMs)
+    add up to the kept assignments, not to all N*K; auto at 16 tokens without autograd groups them on the host."""
+    rows: list[int] = []
+    if backend == "grouped_mm":
+        grouped_mm = moe_experts.grouped_mm
+        monkeypatch.setattr(moe_experts, "grouped_mm",
+                            lambda a, b, offs: rows.append(int(offs[-1])) or grouped_mm(a, b, offs=offs))
+    else:
+        silu = F.silu
+        monkeypatch.setattr(F, "silu", lambda h: rows.append(len(h)) or silu(h))
+    layer = moe_layer(torch.float32, capacity_factor=0.5, dim=16, ffn_dim=16, moe_backend=backend)
+    with torch.no_grad():
+        _, routing = layer(torch.randn(2, 8, 16))
+    kept = int(routing.counts.sum())
+    assert 0 < kept <= 16  # half the room: at most half the 32 assignments fit
+    if backend == "grouped_mm":
+        assert rows == [kept] * 3
+    else:
+        assert sum(rows) == kept
 
 
 def test_a_roomy_capacity_equals_dropless() -> None:

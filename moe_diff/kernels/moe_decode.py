@@ -5,9 +5,9 @@ one or two rows out to a tile.
 The first launch computes every pair's SwiGLU hidden row, silu(x w1[e]^T) * (x w3[e]^T), one program per pair and
 block of ffn rows, reading its expert's w1 and w3 rows once; the second sums each token's K pairs' down projections
 hidden w2[e]^T weighted by the routing weights, in slot order (no atomics, so results repeat bit for bit), one
-program per token and block of output features. Float32 accumulation whatever the weights' dtype. Inference only
-(no autograd). The reference is moe_experts_reference in moe_experts.py; tests compare the two under Triton's
-interpreter.
+program per token and block of output features. Float32 accumulation whatever the weights' dtype. A pair dropped
+for capacity (expert id E) reads no weights and adds nothing. Inference only (no autograd). The reference is
+moe_experts_reference in moe_experts.py; tests compare the two under Triton's interpreter.
 """
 
 import torch
@@ -20,14 +20,16 @@ GPU_BLOCKS = {"rows": 16, "columns": 256}
 INTERPRETER_BLOCKS = {"rows": 16, "columns": 16}
 
 
-# x: [N, D]  ids: [N*K]  w1, w3: [E, F, D]  ->  hidden: [N*K, F] float32; one program per (pair, block of F rows)
+# x: [N, D]  ids: [N*K]  w1, w3: [E, F, D]  ->  hidden: [N*K, F] float32 (0 for a dropped pair)
+# one program per (pair, block of F rows)
 @triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, w1_ptr, w3_ptr, hidden_ptr, dim, ffn, top_k,
+def _gate_up_kernel(x_ptr, ids_ptr, w1_ptr, w3_ptr, hidden_ptr, dim, ffn, top_k, n_experts,
                     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     pair = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < ffn
     expert = tl.load(ids_ptr + pair).to(tl.int64)
+    read = rows < tl.where(expert < n_experts, ffn, 0)  # no weights read for a pair dropped for capacity
     token = pair // top_k
     matrix = expert * ffn * dim + rows[:, None].to(tl.int64) * dim  # the rows' starts in w1 and w3
     gate = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
@@ -36,7 +38,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w1_ptr, w3_ptr, hidden_ptr, dim, ffn, top_k,
         cols = start + tl.arange(0, BLOCK_COLS)
         col_mask = cols < dim
         x = tl.load(x_ptr + token * dim + cols, mask=col_mask, other=0.0).to(tl.float32)
-        mask = row_mask[:, None] & col_mask[None, :]
+        mask = read[:, None] & col_mask[None, :]
         gate += tl.sum(tl.load(w1_ptr + matrix + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], 1)
         up += tl.sum(tl.load(w3_ptr + matrix + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], 1)
     hidden = gate / (1.0 + tl.exp(-gate)) * up
@@ -46,7 +48,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w1_ptr, w3_ptr, hidden_ptr, dim, ffn, top_k,
 # hidden: [N*K, F] float32  ids, weights: [N*K]  w2: [E, D, F]  ->  out: [N, D]
 # one program per (token, block of D output features)
 @triton.jit
-def _down_combine_kernel(hidden_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, dim, ffn, top_k,
+def _down_combine_kernel(hidden_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, dim, ffn, top_k, n_experts,
                          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -55,13 +57,14 @@ def _down_combine_kernel(hidden_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, dim,
     for slot in range(0, top_k):
         pair = token * top_k + slot
         expert = tl.load(ids_ptr + pair).to(tl.int64)
+        read = rows < tl.where(expert < n_experts, dim, 0)  # nothing read for a dropped pair
         matrix = expert * dim * ffn + rows[:, None].to(tl.int64) * ffn  # the rows' starts in w2
         part = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
         for start in range(0, ffn, BLOCK_COLS):
             cols = start + tl.arange(0, BLOCK_COLS)
             col_mask = cols < ffn
             hidden = tl.load(hidden_ptr + pair * ffn + cols, mask=col_mask, other=0.0)
-            w = tl.load(w2_ptr + matrix + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            w = tl.load(w2_ptr + matrix + cols[None, :], mask=read[:, None] & col_mask[None, :], other=0.0)
             part += tl.sum(w.to(tl.float32) * hidden[None, :], 1)
         total += tl.load(weights_ptr + pair).to(tl.float32) * part
     tl.store(out_ptr + token * dim + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -82,7 +85,7 @@ def moe_experts_gemv(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     out = torch.empty_like(x)
     constants = dict(BLOCK_ROWS=blocks["rows"], BLOCK_COLS=blocks["columns"])
     _gate_up_kernel[(n_tokens * top_k, triton.cdiv(ffn, blocks["rows"]))](
-        x, ids, w1, w3, hidden, dim, ffn, top_k, **constants)
+        x, ids, w1, w3, hidden, dim, ffn, top_k, w1.shape[0], **constants)
     _down_combine_kernel[(n_tokens, triton.cdiv(dim, blocks["rows"]))](
-        hidden, ids, pair_weights, w2, out, dim, ffn, top_k, **constants)
+        hidden, ids, pair_weights, w2, out, dim, ffn, top_k, w1.shape[0], **constants)
     return out

@@ -1,4 +1,10 @@
-"""Sparse SwiGLU experts: each token's output is the weighted sum of its top-k experts."""
+"""Sparse SwiGLU experts: each token's output is the weighted sum of its top-k experts.
+
+Every backend takes x [N, D], expert_ids and weights [N, K], w1 and w3 [E, F, D], w2 [E, D, F] and returns [N, D].
+An expert id of E marks an assignment dropped for capacity: it adds nothing, and every path whose shapes may
+follow the data leaves it out of the computation (the static-shape paths of compiled decode steps run it at
+weight 0).
+"""
 
 from collections.abc import Callable
 
@@ -21,6 +27,8 @@ def moe_experts_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: to
     """
     out = torch.zeros_like(x)
     for expert in expert_ids.unique().tolist():
+        if expert == w1.shape[0]:  # the assignments dropped for capacity
+            continue
         token, slot = torch.where(expert_ids == expert)  # the (token, slot) pairs routed here
         h = x[token]
         y = F.linear(F.silu(F.linear(h, w1[expert])) * F.linear(h, w3[expert]), w2[expert])
@@ -34,13 +42,12 @@ def moe_experts_pairs(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.
     expert's weights taken as views, so nothing is gathered or indexed but the pair's own row; the expert ids are
     read on the host.
     x: [N, D], expert_ids and weights: [N, K] -> [N, D]."""
-    rows = []
+    n_experts, rows = w1.shape[0], []
     for token, (experts, row_weights) in enumerate(zip(expert_ids.tolist(), weights.to(x.dtype), strict=True)):
-        h, row = x[token], None
-        for slot, expert in enumerate(experts):
-            y = F.linear(F.silu(F.linear(h, w1[expert])) * F.linear(h, w3[expert]), w2[expert]) * row_weights[slot]
-            row = y if row is None else row + y
-        rows.append(row)
+        h = x[token]
+        terms = [F.linear(F.silu(F.linear(h, w1[expert])) * F.linear(h, w3[expert]), w2[expert]) * row_weights[slot]
+                 for slot, expert in enumerate(experts) if expert < n_experts]  # none for a dropped assignment
+        rows.append(sum(terms[1:], terms[0]) if terms else torch.zeros_like(h))
     return torch.stack(rows) if rows else torch.zeros_like(x)
 
 
@@ -54,6 +61,7 @@ def moe_experts_few_tokens(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
     pairs_of: dict[int, list[int]] = {}  # expert -> its (token, slot) pairs, as token * K + slot
     for pair, expert in enumerate(expert_ids.flatten().tolist()):
         pairs_of.setdefault(expert, []).append(pair)
+    pairs_of.pop(w1.shape[0], None)  # the pairs dropped for capacity
     order: list[int] = []
     outputs = []
     for expert, pairs in pairs_of.items():
@@ -61,7 +69,7 @@ def moe_experts_few_tokens(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
         hidden = F.silu(F.linear(h, w1[expert])).mul_(F.linear(h, w3[expert]))
         outputs.append(F.linear(hidden, w2[expert]))
         order += pairs
-    if not outputs:  # no tokens
+    if not outputs:  # no tokens, or none kept
         return torch.zeros_like(x)
     pair_index = torch.tensor(order, device=x.device)
     y = torch.cat(outputs).mul_(weights.flatten()[pair_index, None].to(outputs[0].dtype))
@@ -91,6 +99,8 @@ def moe_experts_gathered(x: torch.Tensor, expert_ids: torch.Tensor, weights: tor
 
     Compiled, the gather fuses into the matmul; eager, it copies N*K expert matrices, so keep N*K small.
     """
+    kept = expert_ids < w1.shape[0]  # static shapes: a pair dropped for capacity runs expert 0 at weight 0
+    expert_ids, weights = expert_ids * kept, weights * kept
     if x.is_cuda:  # as products and sums, so that inductor reads each gathered weight once, in one fused kernel
         rows, accumulate = x[:, None, None, :], compute_dtype(x.dtype)  # [N, 1, 1, D]
         hidden = F.silu((w1[expert_ids] * rows).sum(-1, dtype=accumulate)) * \
@@ -109,8 +119,8 @@ def moe_experts_every(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.
     chosen: static shapes and no host synchronisation (CUDA graphs can capture it), each expert's weights read
     once. For compiled decode steps with more (token, slot) pairs than experts, where a step reads nearly every
     expert anyway; it does E/K times the needed FLOPs, which a few decode tokens per step can afford."""
-    gates = torch.zeros(x.shape[0], w1.shape[0], dtype=weights.dtype, device=x.device)
-    gates = gates.scatter_add(1, expert_ids, weights)  # [N, E]
+    gates = torch.zeros(x.shape[0], w1.shape[0] + 1, dtype=weights.dtype, device=x.device)  # [N, E+1]
+    gates = gates.scatter_add(1, expert_ids, weights)[:, :-1]  # [N, E]: the last column took the dropped pairs
     hidden = F.silu(x @ w1.transpose(1, 2)) * (x @ w3.transpose(1, 2))  # [E, N, F]
     out = hidden @ w2.transpose(1, 2)  # [E, N, D]
     return (out * gates.t()[..., None].to(out.dtype)).sum(0)
@@ -121,7 +131,8 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class GroupedLinear(torch.autograd.Function):
-    """y_g = x_g w_g^T for consecutive groups of rows of x; offs [E] holds each group's end row."""
+    """y_g = x_g w_g^T for consecutive groups of rows of x; offs [E] holds each group's end row. Rows past the last
+    group's end are not computed: their outputs and input gradients are left unset."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -151,14 +162,16 @@ def sorted_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
                   grouped_linear_for: Callable[[PermutePlan], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
                   ) -> torch.Tensor:
     """Sort the (token, slot) pairs by expert, run the SwiGLU with the grouped GEMM `grouped_linear_for(plan)`
-    (rows, weight [E, out, in]) -> rows @ weight[group]^T, and combine each token's slots back. Under autocast the
-    rows and weights are cast as F.linear's would be (grouped GEMMs are not on autocast's list)."""
+    (rows, weight [E, out, in]) -> rows @ weight[group]^T, and combine each token's slots back. The pairs dropped
+    for capacity sort after every group, where the GEMMs, which end at the last group's end, do not reach and the
+    combine skips them. Under autocast the rows and weights are cast as F.linear's would be (grouped GEMMs are not
+    on autocast's list)."""
     dtype = matmul_dtype(x)
     x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
     plan, gather, combine = permutation_ops(x.device)
     routed = plan(expert_ids, w1.shape[0])
     linear = grouped_linear_for(routed)
-    rows = gather(x, routed)  # [N*K, D] expert-major
+    rows = gather(x, routed)  # [N*K, D] expert-major, the dropped pairs' rows last (zero)
     hidden = F.silu(linear(rows, w1)) * linear(rows, w3)
     return combine(linear(hidden, w2), routed, weights)
 

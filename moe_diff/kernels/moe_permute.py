@@ -3,8 +3,10 @@
 A plan sorts the N*K (token, slot) pairs by expert, stably (token order within each expert); `gather`
 copies each pair's token into an expert-major buffer [N*K, D], and `combine` sums each token's K expert
 outputs weighted by its routing weights, in slot order and in float32 (float64 for float64), one program
-per token and no atomics, so results repeat bit for bit. Expert ids must lie in [0, n_experts); the
-launchers do not check this, since that would wait on the device.
+per token and no atomics, so results repeat bit for bit. Expert ids must lie in [0, n_experts]; the
+launchers do not check this, since that would wait on the device. An id of n_experts marks a pair dropped for
+capacity: the plan puts those after every expert's group (past offsets[-1], where grouped GEMMs end), `gather`
+leaves their rows zero and `combine` skips them, so whatever those rows hold downstream adds nothing.
 """
 
 from typing import NamedTuple
@@ -24,7 +26,7 @@ class PermutePlan(NamedTuple):
     order: torch.Tensor  # [N*K] int64: flat pair index t*K+k of each permuted row
     rows: torch.Tensor  # [N*K] int64: source token of each permuted row (order // K)
     counts: torch.Tensor  # [E] int64: rows per expert
-    offsets: torch.Tensor  # [E] int32: end row of each expert's group (grouped_mm's `offs`)
+    offsets: torch.Tensor  # [E] int32: end row of each expert's group (grouped_mm's `offs`); the dropped pairs after
 
 
 # ids: [N*K] int64  ->  counts: [E] int64; one program per expert
@@ -39,7 +41,8 @@ def _count_kernel(ids_ptr, counts_ptr, n_pairs, BLOCK: tl.constexpr):
     tl.store(counts_ptr + expert, tl.sum(hits, axis=0))
 
 
-# ids: [N*K] int64  counts: [E] int64  ->  order, rows: [N*K] int64  offsets: [E] int32; one program per expert
+# ids: [N*K] int64  counts: [E] int64  ->  order, rows: [N*K] int64  offsets: [E] int32
+# one program per expert, and one more (expert == n_experts) for the pairs dropped for capacity
 @triton.jit
 def _plan_kernel(ids_ptr, counts_ptr, order_ptr, rows_ptr, offsets_ptr, n_pairs, n_experts, top_k,
                  BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -47,7 +50,8 @@ def _plan_kernel(ids_ptr, counts_ptr, order_ptr, rows_ptr, offsets_ptr, n_pairs,
     experts = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + experts, mask=experts < n_experts, other=0)
     base = tl.sum(tl.where(experts < expert, counts, 0), axis=0)  # rows of the experts before this one
-    tl.store(offsets_ptr + expert, (base + tl.sum(tl.where(experts == expert, counts, 0), axis=0)).to(tl.int32))
+    tl.store(offsets_ptr + expert, (base + tl.sum(tl.where(experts == expert, counts, 0), axis=0)).to(tl.int32),
+             mask=expert < n_experts)
     for start in range(0, n_pairs, BLOCK):
         index = start + tl.arange(0, BLOCK)
         hit = tl.load(ids_ptr + index, mask=index < n_pairs, other=-1) == expert
@@ -66,53 +70,59 @@ def _invert_kernel(order_ptr, positions_ptr, n_pairs, BLOCK: tl.constexpr):
     tl.store(positions_ptr + tl.load(order_ptr + index, mask=mask, other=0), index, mask=mask)
 
 
-# src: [N, D]  rows, order: [N*K] int64  weights: [N*K]  ->  out: [N*K, D], out[r] = src[rows[r]] (* weights[order[r]])
-# one program per (permuted row, block of D)
+# src: [N, D]  rows, order: [N*K] int64  weights: [N*K]  end: [1] int32  ->  out: [N*K, D],
+# out[r] = src[rows[r]] (* weights[order[r]]) for r < end, 0 past it; one program per (permuted row, block of D)
 @triton.jit
-def _gather_kernel(src_ptr, rows_ptr, order_ptr, weights_ptr, out_ptr, dim,
+def _gather_kernel(src_ptr, rows_ptr, order_ptr, weights_ptr, end_ptr, out_ptr, dim,
                    HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < dim
-    values = tl.load(src_ptr + tl.load(rows_ptr + row) * dim + cols, mask=mask)
+    width = tl.where(row < tl.load(end_ptr), dim, 0)  # nothing to read for a dropped pair's row
+    values = tl.load(src_ptr + tl.load(rows_ptr + row) * dim + cols, mask=cols < width, other=0)
     if HAS_WEIGHTS:
         values = values.to(ACC) * tl.load(weights_ptr + tl.load(order_ptr + row)).to(ACC)
     tl.store(out_ptr + row * dim + cols, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# ys: [N*K, D]  positions, weights: [N*K] (pair t*K+k)  ->  out: [N, D], out[t] = sum_k ys[positions[t*K+k]] (* w)
-# one program per (token, block of D), summing in slot order
+# ys: [N*K, D]  positions, weights: [N*K] (pair t*K+k)  end: [1] int32  ->  out: [N, D],
+# out[t] = sum_k ys[positions[t*K+k]] (* w) over the positions before end; one program per (token, block of D),
+# summing in slot order
 @triton.jit
-def _combine_kernel(ys_ptr, positions_ptr, weights_ptr, out_ptr, dim, top_k,
+def _combine_kernel(ys_ptr, positions_ptr, weights_ptr, end_ptr, out_ptr, dim, top_k,
                     HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < dim
+    end = tl.load(end_ptr)
     acc = tl.zeros([BLOCK_D], dtype=ACC)
     for slot in range(top_k):
         pair = token * top_k + slot
-        values = tl.load(ys_ptr + tl.load(positions_ptr + pair) * dim + cols, mask=mask, other=0.0).to(ACC)
+        position = tl.load(positions_ptr + pair)
+        width = tl.where(position < end, dim, 0)  # nothing to read for a dropped pair
+        values = tl.load(ys_ptr + position * dim + cols, mask=cols < width, other=0.0).to(ACC)
         if HAS_WEIGHTS:
             values = values * tl.load(weights_ptr + pair).to(ACC)
         acc += values
     tl.store(out_ptr + token * dim + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# grad: [N, D]  ys: [N*K, D]  positions: [N*K]  ->  out: [N, K], out[t, k] = <grad[t], ys[positions[t*K+k]]>
-# one program per token
+# grad: [N, D]  ys: [N*K, D]  positions: [N*K]  end: [1] int32  ->  out: [N, K],
+# out[t, k] = <grad[t], ys[positions[t*K+k]]>, 0 where the position is at or past end; one program per token
 @triton.jit
-def _weight_grad_kernel(grad_ptr, ys_ptr, positions_ptr, out_ptr, dim, top_k,
+def _weight_grad_kernel(grad_ptr, ys_ptr, positions_ptr, end_ptr, out_ptr, dim, top_k,
                         ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, BLOCK_K)
     slot_mask = slots < top_k
     positions = tl.load(positions_ptr + token * top_k + slots, mask=slot_mask, other=0)
+    kept = slot_mask & (positions < tl.load(end_ptr))
     acc = tl.zeros([BLOCK_K], dtype=ACC)
     for start in range(0, dim, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         col_mask = cols < dim
         grad = tl.load(grad_ptr + token * dim + cols, mask=col_mask, other=0.0).to(ACC)
-        ys = tl.load(ys_ptr + positions[:, None] * dim + cols[None, :], mask=slot_mask[:, None] & col_mask[None, :],
+        ys = tl.load(ys_ptr + positions[:, None] * dim + cols[None, :], mask=kept[:, None] & col_mask[None, :],
                      other=0.0).to(ACC)
         acc += tl.sum(ys * grad[None, :], axis=1)
     tl.store(out_ptr + token * top_k + slots, acc.to(out_ptr.dtype.element_ty), mask=slot_mask)
@@ -162,8 +172,8 @@ def launch_plan(expert_ids: torch.Tensor, n_experts: int) -> PermutePlan:
     offsets = torch.empty(n_experts, dtype=torch.int32, device=device)
     block = _block(n_pairs, PLAN_BLOCK)
     _count_kernel[(n_experts,)](ids, counts, n_pairs, BLOCK=block)
-    _plan_kernel[(n_experts,)](ids, counts, order, rows, offsets, n_pairs, n_experts, expert_ids.shape[1],
-                               BLOCK=block, BLOCK_E=triton.next_power_of_2(n_experts))
+    _plan_kernel[(n_experts + 1,)](ids, counts, order, rows, offsets, n_pairs, n_experts, expert_ids.shape[1],
+                                   BLOCK=block, BLOCK_E=triton.next_power_of_2(n_experts))
     return PermutePlan(order, rows, counts, offsets)
 
 
@@ -177,7 +187,8 @@ def launch_invert(order: torch.Tensor) -> torch.Tensor:
 
 
 def launch_gather(src: torch.Tensor, plan: PermutePlan, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """[N*K, D]: row plan.rows[r] of src [N, D] for each permuted row r, times its pair's weight if given [N, K]."""
+    """[N*K, D]: row plan.rows[r] of src [N, D] for each permuted row r, times its pair's weight if given [N, K];
+    zero for the rows of dropped pairs."""
     _check_rows("x", src, "N")
     (n_tokens, dim), n_pairs = src.shape, plan.order.numel()
     if n_pairs % n_tokens if n_tokens else n_pairs:
@@ -189,14 +200,15 @@ def launch_gather(src: torch.Tensor, plan: PermutePlan, weights: torch.Tensor | 
     out = torch.empty(n_pairs, dim, dtype=src.dtype, device=src.device)
     block_d = _block(dim, MAX_BLOCK_D)
     _gather_kernel[(n_pairs, triton.cdiv(dim, block_d))](
-        src.contiguous(), plan.rows, plan.order, src if weights is None else weights.contiguous(), out, dim,
-        HAS_WEIGHTS=weights is not None, ACC=_accumulator(src.dtype), BLOCK_D=block_d)
+        src.contiguous(), plan.rows, plan.order, src if weights is None else weights.contiguous(), plan.offsets[-1:],
+        out, dim, HAS_WEIGHTS=weights is not None, ACC=_accumulator(src.dtype), BLOCK_D=block_d)
     return out
 
 
-def launch_combine(ys: torch.Tensor, positions: torch.Tensor, top_k: int,
+def launch_combine(ys: torch.Tensor, positions: torch.Tensor, end: torch.Tensor, top_k: int,
                    weights: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, D]: each token's K rows of ys [N*K, D] summed in slot order, times its weights [N, K] if given."""
+    """[N, D]: each token's K rows of ys [N*K, D] summed in slot order, times its weights [N, K] if given, leaving
+    out the rows at or past end [1] (a plan's offsets[-1:]: those of dropped pairs)."""
     _check_rows("ys", ys, "N*K")
     n_pairs, dim = ys.shape
     if top_k < 1 or n_pairs % top_k:
@@ -207,41 +219,44 @@ def launch_combine(ys: torch.Tensor, positions: torch.Tensor, top_k: int,
     out = torch.empty(n_pairs // top_k, dim, dtype=ys.dtype, device=ys.device)
     block_d = _block(dim, MAX_BLOCK_D)
     _combine_kernel[(n_pairs // top_k, triton.cdiv(dim, block_d))](
-        ys.contiguous(), positions, ys if weights is None else weights.contiguous(), out, dim, top_k,
+        ys.contiguous(), positions, ys if weights is None else weights.contiguous(), end, out, dim, top_k,
         HAS_WEIGHTS=weights is not None, ACC=_accumulator(ys.dtype), BLOCK_D=block_d)
     return out
 
 
-def launch_weight_grad(grad: torch.Tensor, ys: torch.Tensor, positions: torch.Tensor, top_k: int,
+def launch_weight_grad(grad: torch.Tensor, ys: torch.Tensor, positions: torch.Tensor, end: torch.Tensor, top_k: int,
                        dtype: torch.dtype) -> torch.Tensor:
-    """[N, K] in `dtype`: the dot product of each token's output gradient [N, D] with each of its K rows of ys."""
+    """[N, K] in `dtype`: the dot product of each token's output gradient [N, D] with each of its K rows of ys, 0 for
+    the rows at or past end [1]."""
     n_tokens, dim = grad.shape
     out = torch.empty(n_tokens, top_k, dtype=dtype, device=grad.device)
-    _weight_grad_kernel[(n_tokens,)](grad.contiguous(), ys.contiguous(), positions, out, dim, top_k,
+    _weight_grad_kernel[(n_tokens,)](grad.contiguous(), ys.contiguous(), positions, end, out, dim, top_k,
                                      ACC=_accumulator(ys.dtype), BLOCK_K=triton.next_power_of_2(top_k),
                                      BLOCK_D=_block(dim, MAX_BLOCK_D))
     return out
 
 
 class Gather(torch.autograd.Function):
-    """xs = x[plan.rows]; the backward sums each token's K row gradients (an unweighted combine)."""
+    """xs = x[plan.rows] (dropped pairs' rows zero); the backward sums each token's kept row gradients (an unweighted
+    combine)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: PermutePlan) -> torch.Tensor:
         # x: [N, D]  ->  [N*K, D]
         out = launch_gather(x, plan)
-        ctx.save_for_backward(plan.order)
+        ctx.save_for_backward(plan.order, plan.offsets)
         ctx.top_k = plan.order.numel() // x.shape[0] if x.shape[0] else 1
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (order,) = ctx.saved_tensors
-        return launch_combine(grad, launch_invert(order), ctx.top_k), None
+        order, offsets = ctx.saved_tensors
+        return launch_combine(grad, launch_invert(order), offsets[-1:], ctx.top_k), None
 
 
 class Combine(torch.autograd.Function):
-    """out[t] = sum_k weights[t, k] ys[row of pair (t, k)]; backward: a weighted gather and row-wise dot products."""
+    """out[t] = sum_k weights[t, k] ys[row of pair (t, k)] over its kept pairs; backward: a weighted gather and
+    row-wise dot products."""
 
     @staticmethod
     def forward(ctx, ys: torch.Tensor, plan: PermutePlan, weights: torch.Tensor) -> torch.Tensor:
@@ -249,15 +264,16 @@ class Combine(torch.autograd.Function):
         if weights.dim() != 2:
             raise ValueError(f"weights must be [N, K], got shape {tuple(weights.shape)}")
         positions = launch_invert(plan.order)
-        out = launch_combine(ys, positions, weights.shape[1], weights)
+        out = launch_combine(ys, positions, plan.offsets[-1:], weights.shape[1], weights)
         ctx.save_for_backward(ys, weights, positions, *plan)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ys, weights, positions, *plan = ctx.saved_tensors
-        grad_ys = launch_gather(grad, PermutePlan(*plan), weights) if ctx.needs_input_grad[0] else None
-        grad_weights = (launch_weight_grad(grad, ys, positions, weights.shape[1], weights.dtype)
+        ys, weights, positions, *saved = ctx.saved_tensors
+        plan = PermutePlan(*saved)
+        grad_ys = launch_gather(grad, plan, weights) if ctx.needs_input_grad[0] else None
+        grad_weights = (launch_weight_grad(grad, ys, positions, plan.offsets[-1:], weights.shape[1], weights.dtype)
                         if ctx.needs_input_grad[2] else None)
         return grad_ys, None, grad_weights
 
@@ -266,10 +282,11 @@ permute_plan = launch_plan
 
 
 def permute_plan_reference(expert_ids: torch.Tensor, n_experts: int) -> PermutePlan:
-    """The plan from a stable argsort of the flattened expert ids."""
+    """The plan from a stable argsort of the flattened expert ids (the dropped pairs' id, n_experts, sorts last)."""
     flat = expert_ids.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    ones = torch.ones_like(flat)
+    counts = torch.zeros(n_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, ones)[:n_experts]
     return PermutePlan(order, order // expert_ids.shape[1], counts, counts.cumsum(0).to(torch.int32))
 
 
@@ -279,8 +296,9 @@ def gather(x: torch.Tensor, plan: PermutePlan) -> torch.Tensor:
 
 
 def gather_reference(x: torch.Tensor, plan: PermutePlan) -> torch.Tensor:
-    """x[plan.rows]."""
-    return x[plan.rows]
+    """x[plan.rows], zero past plan.offsets[-1] (the dropped pairs' rows)."""
+    kept = torch.arange(len(plan.rows), device=x.device) < plan.offsets[-1]
+    return torch.where(kept[:, None], x[plan.rows], 0)
 
 
 def combine(ys: torch.Tensor, plan: PermutePlan, weights: torch.Tensor) -> torch.Tensor:
@@ -289,26 +307,14 @@ def combine(ys: torch.Tensor, plan: PermutePlan, weights: torch.Tensor) -> torch
 
 
 def combine_reference(ys: torch.Tensor, plan: PermutePlan, weights: torch.Tensor) -> torch.Tensor:
-    """The same sum in PyTorch: slot by slot, in float32 (float64 for float64), cast back to ys.dtype."""
+    """The same sum in PyTorch: slot by slot, in float32 (float64 for float64), cast back to ys.dtype; a dropped
+    pair's row (past plan.offsets[-1]) is never read."""
     acc_dtype = torch.float64 if ys.dtype == torch.float64 else torch.float32
     positions = plan.order.argsort().view(weights.shape)  # the permuted row of each (token, slot) pair
+    kept = positions < plan.offsets[-1]
     out = torch.zeros(weights.shape[0], ys.shape[1], dtype=acc_dtype, device=ys.device)
     for slot in range(weights.shape[1]):
-        out = out + ys[positions[:, slot]].to(acc_dtype) * weights[:, slot, None].to(acc_dtype)
+        rows = torch.where(kept[:, slot, None], ys[positions[:, slot]], 0)
+        out = out + rows.to(acc_dtype) * weights[:, slot, None].to(acc_dtype)
     return out.to(ys.dtype)
 
-
-def scatter_add_reference(ys: torch.Tensor, rows: torch.Tensor, row_weights: torch.Tensor,
-                          n_tokens: int) -> torch.Tensor:
-    """out[t] = sum of ys[r] * row_weights[r] over rows[r] == t, in increasing r, like combine_reference's sums."""
-    acc_dtype = torch.float64 if ys.dtype == torch.float64 else torch.float32
-    by_token = rows.argsort(stable=True)  # each token's rows together, in increasing r
-    tokens = rows[by_token]
-    counts = torch.zeros(n_tokens, dtype=torch.int64, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
-    rank = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[tokens]
-    terms = ys[by_token].to(acc_dtype) * row_weights[by_token, None].to(acc_dtype)
-    out = torch.zeros(n_tokens, ys.shape[1], dtype=acc_dtype, device=ys.device)
-    for step in range(int(counts.max()) if n_tokens else 0):  # one row per token at a time: a fixed order
-        hit = rank == step
-        out[tokens[hit]] += terms[hit]
-    return out.to(ys.dtype)

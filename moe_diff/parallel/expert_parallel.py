@@ -1,6 +1,7 @@
 """Expert parallelism: each rank of a process group keeps n_experts / ep of every layer's experts, and the
 (token, slot) pairs travel to their expert's rank and back with all-to-all (uneven splits, counts sent first,
-autograd through both exchanges). No [tokens x experts] tensor is exchanged: only the rows that were routed.
+autograd through both exchanges). No [tokens x experts] tensor is exchanged: only the rows that were routed, less
+those dropped for capacity, which stay behind.
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ class ExpertParallelExperts(nn.Module):
         """Pairs sorted by expert (so by owning rank, and by local expert within) are sent, computed here as
         single-slot tokens, sent back in the same order and combined with the routing weights; a rank may send
         or receive nothing. The per-expert counts exchanged first tell each rank which expert every received
-        row is for."""
-        # N tokens, K slots, D dim, L local experts, R ranks in the group
+        row is for. Pairs dropped for capacity (expert id E) sort last and are neither sent nor computed."""
+        # N tokens, K slots, D dim, L local experts, R ranks in the group, S pairs sent
         n_local, n_ranks, top_k = self.w1.shape[0], self.group.size(), expert_ids.shape[1]
         flat = expert_ids.flatten()
         order = flat.argsort(stable=True)
-        send_counts = torch.bincount(flat, minlength=n_local * n_ranks)  # [E] pairs for each expert
+        send_counts = torch.bincount(flat, minlength=n_local * n_ranks + 1)[:-1]  # [E] pairs for each expert
         recv_counts = _exchange_counts(send_counts, self.group)  # [R, L]
         send, recv = send_counts.view(n_ranks, n_local).sum(1).tolist(), recv_counts.sum(1).tolist()
-        rows = x[order // top_k]  # [N*K, D] grouped by destination rank
+        order = order[:sum(send)]  # [S] the dropped pairs, sorted last, left out
+        rows = x[order // top_k]  # [S, D] grouped by destination rank
         received = exchange(rows, recv, send, self.group)
         local_ids = torch.arange(n_local, device=flat.device).repeat(n_ranks).repeat_interleave(recv_counts.flatten())
         ones = weights.new_ones(len(local_ids), 1)

@@ -34,11 +34,12 @@ if INTERPRET and not isinstance(moe_decode._gate_up_kernel, InterpretedFunction)
                 allow_module_level=True)
 
 
-@pytest.mark.parametrize(("n_tokens", "top_k"), [(1, 2), (3, 2), (2, 1)])
+@pytest.mark.parametrize(("n_tokens", "top_k", "drop"), [(1, 2, False), (3, 2, False), (2, 1, False), (3, 2, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_experts_equal_the_reference(n_tokens: int, top_k: int, dtype: torch.dtype) -> None:
+def test_gemv_experts_equal_the_reference(n_tokens: int, top_k: int, drop: bool, dtype: torch.dtype) -> None:
     """Widths that are not multiples of the blocks (40 and 72), an idle expert, a token whose two slots weigh
-    differently; bfloat16 against the reference in float32 from the same bfloat16 weights."""
+    differently; bfloat16 against the reference in float32 from the same bfloat16 weights. With `drop`, a pair
+    dropped for capacity (id E, weight 1) adds nothing: the reference runs it on expert 0 at weight 0."""
     generator = torch.Generator().manual_seed(n_tokens * 10 + top_k)
     dim, ffn, experts = 40, 72, 5
     x = torch.randn(n_tokens, dim, generator=generator)
@@ -46,9 +47,12 @@ def test_gemv_experts_equal_the_reference(n_tokens: int, top_k: int, dtype: torc
     w2 = torch.randn(experts, dim, ffn, generator=generator) / ffn ** 0.5
     ids = torch.stack([torch.randperm(experts - 1, generator=generator)[:top_k] for _ in range(n_tokens)])
     weights = torch.rand(n_tokens, top_k, generator=generator)
+    dropped = torch.zeros_like(ids, dtype=torch.bool)
+    dropped[1:, -1] = drop  # the first token keeps both pairs, the others their first
     tensors = [t.to(dtype) for t in (x, w1, w2, w3)]
-    expected = moe_experts_reference(*(t.float() for t in tensors[:1]), ids, weights,
-                                     *(t.float() for t in tensors[1:]))
+    expected = moe_experts_reference(*(t.float() for t in tensors[:1]), ids.masked_fill(dropped, 0),
+                                     weights.masked_fill(dropped, 0), *(t.float() for t in tensors[1:]))
+    ids, weights = ids.masked_fill(dropped, experts), weights.masked_fill(dropped, 1.0)
     x_, w1_, w2_, w3_ = (t.to(DEVICE) for t in tensors)
     got = moe_decode.moe_experts_gemv(x_, ids.to(DEVICE), weights.to(DEVICE), w1_, w2_, w3_)
     assert got.dtype == dtype and got.shape == (n_tokens, dim)

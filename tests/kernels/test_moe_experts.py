@@ -53,6 +53,33 @@ def test_decode_expert_paths_equal_the_reference(op, n: int) -> None:
                                rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("op", [moe_experts_reference, moe_experts_grouped_mm, moe_experts_auto, moe_experts_gathered,
+                                moe_experts_every, moe_experts_pairs, moe_experts_few_tokens])
+def test_every_path_leaves_out_the_pairs_dropped_for_capacity(op) -> None:
+    """An expert id of E marks a pair dropped for capacity: outputs and gradients equal the reference's with each
+    dropped pair run on expert 0 at weight 0 (their own weights, 1 here, do not count, and get no gradient); token 2
+    loses both its pairs."""
+    torch.manual_seed(0)
+    n, dim, ffn, experts = 7, 16, 24, 4
+    tensors = [torch.randn(n, dim), torch.randn(experts, ffn, dim) / 4, torch.randn(experts, dim, ffn) / 4,
+               torch.randn(experts, ffn, dim) / 4, torch.rand(n, 2)]
+    ids = torch.stack([torch.randperm(experts)[:2] for _ in range(n)])
+    dropped = torch.zeros_like(ids, dtype=torch.bool)
+    dropped[::3, 1] = dropped[2] = True
+    tensors[4] = tensors[4].masked_fill(dropped, 1.0)
+    results = []
+    for run, run_ids, kept_weights in ((op, ids.masked_fill(dropped, experts), lambda w: w),
+                                       (moe_experts_reference, ids.masked_fill(dropped, 0),
+                                        lambda w: w.masked_fill(dropped, 0))):
+        x, w1, w2, w3, weights = (t.clone().requires_grad_() for t in tensors)
+        out = run(x, run_ids, kept_weights(weights), w1, w2, w3)
+        out.square().sum().backward()
+        results.append([out, x.grad, w1.grad, w2.grad, w3.grad, weights.grad])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.all(results[0][0][2] == 0) and torch.all(results[0][-1][dropped] == 0)
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_mm_matches_the_reference_in_outputs_and_gradients(top_k: int, dtype: torch.dtype) -> None:
@@ -76,13 +103,16 @@ def test_grouped_mm_matches_the_reference_in_outputs_and_gradients(top_k: int, d
 
 
 @pytest.mark.skipif(not megablocks_available(), reason="needs CUDA and MegaBlocks with its grouped_gemm extension")
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_megablocks_matches_the_reference_on_the_gpu(top_k: int) -> None:
+@pytest.mark.parametrize(("top_k", "drop"), [(1, False), (2, False), (2, True)])
+def test_megablocks_matches_the_reference_on_the_gpu(top_k: int, drop: bool) -> None:
+    """With `drop`, every third token's second pair is dropped for capacity (expert id E)."""
     torch.manual_seed(top_k)
     n, dim, ffn, experts = 37, 64, 96, 6
     tensors = [torch.randn(n, dim), torch.randn(experts, ffn, dim) / 8, torch.randn(experts, dim, ffn) / 8,
                torch.randn(experts, ffn, dim) / 8, torch.rand(n, top_k)]
     ids = torch.stack([torch.randperm(experts - 1)[:top_k] for _ in range(n)]).cuda()  # the last expert is idle
+    if drop:
+        ids[::3, -1] = experts
     results = []
     for op in (moe_experts_reference, moe_experts_megablocks):
         x, w1, w2, w3, weights = (t.cuda().bfloat16().requires_grad_() for t in tensors)

@@ -66,6 +66,61 @@ def test_plan_equals_the_stable_argsort(n: int, top_k: int, n_experts: int, idle
                                                                           plan.counts))
 
 
+def dropping(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """ids with every third (token, slot) pair dropped for capacity (expert id n_experts)."""
+    dropped = ids.clone()
+    dropped.view(-1)[::3] = n_experts
+    return dropped
+
+
+@pytest.mark.parametrize("block", [1024, 16])
+def test_plan_puts_the_dropped_pairs_after_every_group(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The groups hold the kept pairs only; the dropped ones follow the last group's end, in their flat order."""
+    monkeypatch.setattr(mp, "PLAN_BLOCK", block)
+    ids = dropping(routing(13, 2, 5, 1, seed=2), 5)
+    plan, expected = mp.permute_plan(ids, 5), mp.permute_plan_reference(ids, 5)
+    for name, got, want in zip(mp.PermutePlan._fields, plan, expected, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    kept = ids.flatten() < 5
+    assert torch.equal(plan.counts, torch.bincount(ids.flatten()[kept], minlength=5))
+    assert int(plan.offsets[-1]) == int(kept.sum())
+    assert torch.equal(plan.order[int(kept.sum()):], torch.where(~kept)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gather_and_combine_leave_the_dropped_pairs_out(dtype: torch.dtype) -> None:
+    """A dropped pair's row is gathered as zeros and never read by the combine, whatever it holds (NaN here, as
+    grouped GEMMs leave rows past their last group unset), forward and backward; against the sum over the kept
+    pairs written from the definition, and against the references."""
+    n, top_k, n_experts, dim = 9, 2, 4, 12
+    ids = dropping(routing(n, top_k, n_experts, 0, seed=4), n_experts)
+    plan = mp.permute_plan(ids, n_experts)
+    end = int(plan.offsets[-1])
+    ys = randn(n * top_k, dim, dtype=dtype, seed=2)
+    ys[end:] = float("nan")
+    grad_xs = randn(n * top_k, dim, dtype=dtype, seed=4)
+    grad_xs[end:] = float("nan")
+    grads = [grad_xs, randn(n, dim, dtype=dtype, seed=5)]
+    results = []
+    for gather, combine in ((mp.gather, mp.combine), (mp.gather_reference, mp.combine_reference)):
+        x, y = randn(n, dim, dtype=dtype, seed=1).requires_grad_(), ys.clone().requires_grad_()
+        weights = randn(n, top_k, dtype=dtype, seed=3).requires_grad_()
+        xs, out = gather(x, plan), combine(y, plan, weights)
+        torch.autograd.backward([xs, out], grads)
+        results.append([xs, out, x.grad, y.grad, weights.grad])
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for name, got, want in zip(["xs", "out", "x.grad", "ys.grad", "weights.grad"], *results, strict=True):
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
+    xs, out, x_grad, ys_grad, weights_grad = results[0]
+    positions = plan.order.argsort().view(n, top_k)
+    expected = torch.zeros(n, dim, dtype=dtype, device=DEVICE)
+    for t, k in zip(*torch.where(ids < n_experts), strict=True):
+        expected[t] += randn(n, top_k, dtype=dtype, seed=3)[t, k] * ys[positions[t, k]]
+    torch.testing.assert_close(out, expected, **tolerance)
+    assert torch.all(xs[end:] == 0) and torch.all(ys_grad[end:] == 0) and torch.all(weights_grad[ids == n_experts] == 0)
+    assert bool(x_grad.isfinite().all())
+
+
 def test_an_empty_batch() -> None:
     plan = mp.permute_plan(torch.zeros(0, 2, dtype=torch.int64, device=DEVICE), 4)
     assert plan.order.shape == (0,) and torch.all(plan.counts == 0) and torch.all(plan.offsets == 0)
@@ -97,22 +152,6 @@ def test_combine_equals_the_reference_and_repeats_bitwise(dtype: torch.dtype, to
     assert out.dtype == dtype and out.shape == (n, dim)
     torch.testing.assert_close(out, mp.combine_reference(ys, plan, weights), **TIGHT[dtype])
     assert torch.equal(out, mp.combine(ys, plan, weights))
-
-
-def test_scatter_add_reference_sums_each_tokens_rows() -> None:
-    """From the definition, with tokens that get no row, and against combine_reference on a plan."""
-    rows = torch.tensor([3, 0, 3, 1, 0, 3], device=DEVICE)  # tokens 2 and 4 get nothing
-    ys, row_weights = randn(6, 5, dtype=torch.float64), randn(6, dtype=torch.float64, seed=1)
-    expected = torch.zeros(5, 5, dtype=torch.float64, device=DEVICE)
-    for r, t in enumerate(rows.tolist()):
-        expected[t] += ys[r] * row_weights[r]
-    out = mp.scatter_add_reference(ys, rows, row_weights, 5)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
-    assert torch.equal(out, mp.scatter_add_reference(ys, rows, row_weights, 5))
-    plan = mp.permute_plan_reference(routing(7, 2, 4, 1, seed=3), 4)
-    ys, weights = randn(14, 5, dtype=torch.float64), randn(7, 2, dtype=torch.float64, seed=2)
-    torch.testing.assert_close(mp.scatter_add_reference(ys, plan.rows, weights.flatten()[plan.order], 7),
-                               mp.combine_reference(ys, plan, weights), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -205,8 +244,11 @@ def test_launchers_reject_bad_inputs_with_clear_errors() -> None:
         mp.combine(ys, plan, torch.ones(6, 2, dtype=torch.int64, device=DEVICE))
 
 
-def test_grouped_mm_through_the_triton_permutation_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The grouped_mm backend as it runs on a GPU (Triton plan, gather and combine), here interpreted."""
+@pytest.mark.parametrize("drop", [False, True])
+def test_grouped_mm_through_the_triton_permutation_equals_the_reference(drop: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grouped_mm backend as it runs on a GPU (Triton plan, gather and combine), here interpreted; with `drop`,
+    every third pair is dropped for capacity."""
     from moe_diff.kernels import moe_experts
 
     monkeypatch.setattr(moe_experts, "permutation_ops", lambda device: (mp.permute_plan, mp.gather, mp.combine))
@@ -215,6 +257,7 @@ def test_grouped_mm_through_the_triton_permutation_equals_the_reference(monkeypa
     tensors = [torch.randn(n, dim), torch.randn(experts, ffn, dim) / 4, torch.randn(experts, dim, ffn) / 4,
                torch.randn(experts, ffn, dim) / 4, torch.rand(n, 2)]
     ids = routing(n, 2, experts, idle=1, seed=5).to(DEVICE)
+    ids = dropping(ids, experts) if drop else ids
     results = []
     for op in (moe_experts.moe_experts_reference, moe_experts.moe_experts_grouped_mm):
         x, w1, w2, w3, weights = (t.to(DEVICE).requires_grad_() for t in tensors)

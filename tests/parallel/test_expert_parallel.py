@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from moe_diff.config import ConfigError, ModelConfig, ParallelConfig
 from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.dims import ParallelDims, average_gradients
 from moe_diff.parallel.expert_parallel import ExpertParallelExperts, parallelize_experts
 
@@ -19,25 +20,47 @@ CONFIG = dict(vocab_size=48, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_di
               max_seq_len=16, attention="diff")
 
 
-def check_rank(rank: int, world: int, init_file: str, all_to_first_experts: bool) -> None:
-    """One rank: its own tokens through the sharded model against the whole batch through the full model."""
+def check_rank(rank: int, world: int, init_file: str, all_to_first_experts: bool,
+               capacity_factor: float | None) -> None:
+    """One rank: its own tokens through the sharded model against the whole batch through the full model (with a
+    capacity, which counts each rank's own tokens, against the full model on this rank's tokens, its gradients
+    summed over the ranks); the rows this rank sends are its kept assignments, dropped ones stay behind."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     torch.manual_seed(0)
-    full = MoEDiffTransformer(ModelConfig(**CONFIG))
+    full = MoEDiffTransformer(ModelConfig(**CONFIG, capacity_factor=capacity_factor))
     if all_to_first_experts:  # equal scores: every token picks experts 0 and 1, so the other ranks get nothing
         with torch.no_grad():
             for block in full.layers:
                 block.moe.gate.weight.zero_()
     sharded = parallelize_experts(copy.deepcopy(full), dist.group.WORLD)
     tokens = torch.randint(0, 48, (world, 11), generator=torch.Generator().manual_seed(1))
+    sent: list[int] = []  # the rows this rank sends in each exchange
+    exchange = expert_parallel.exchange
 
-    mine = sharded(tokens[rank:rank + 1]).logits
+    def recording(rows: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+        sent.append(sum(send))
+        return exchange(rows, recv, send, group)
+
+    expert_parallel.exchange = recording
+    out = sharded(tokens[rank:rank + 1])
+    kept = [int(routing.counts.sum()) for routing in out.routings]
+    # each layer's outgoing exchange (then the one returning what this rank computed) carries its kept assignments
+    assert sent[::2] == kept, f"rows sent {sent[::2]}, assignments kept {kept}"
+    assert capacity_factor is None or all(int(routing.dropped) > 0 for routing in out.routings)
+    mine = out.logits
     mine.square().mean().backward()
-    everyone = full(tokens).logits
-    everyone.square().mean(dim=(1, 2)).sum().backward()  # the sum of every rank's loss
+    if capacity_factor is None:
+        everyone = full(tokens).logits
+        everyone.square().mean(dim=(1, 2)).sum().backward()  # the sum of every rank's loss
+        theirs = everyone[rank:rank + 1]
+    else:
+        theirs = full(tokens[rank:rank + 1]).logits
+        theirs.square().mean().backward()
+        for param in full.parameters():
+            dist.all_reduce(param.grad)
 
-    torch.testing.assert_close(mine, everyone[rank:rank + 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     per_rank = 4 // world
     for block, reference in zip(sharded.layers, full.layers, strict=True):
         assert isinstance(block.moe.experts, ExpertParallelExperts)
@@ -53,9 +76,12 @@ def check_rank(rank: int, world: int, init_file: str, all_to_first_experts: bool
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("world", "all_to_first_experts"), [(2, False), (4, False), (2, True)])
-def test_expert_parallel_equals_one_process(world: int, all_to_first_experts: bool, tmp_path: Path) -> None:
-    mp.spawn(check_rank, args=(world, str(tmp_path / "rendezvous"), all_to_first_experts), nprocs=world)
+@pytest.mark.parametrize(("world", "all_to_first_experts", "capacity_factor"),
+                         [(2, False, None), (4, False, None), (2, True, None), (2, False, 0.5)])
+def test_expert_parallel_equals_one_process(world: int, all_to_first_experts: bool, capacity_factor: float | None,
+                                            tmp_path: Path) -> None:
+    mp.spawn(check_rank, args=(world, str(tmp_path / "rendezvous"), all_to_first_experts, capacity_factor),
+             nprocs=world)
 
 
 def test_ep_must_divide_the_experts() -> None:
