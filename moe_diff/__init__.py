@@ -19,15 +19,24 @@ from moe_diff.checkpoint import (
     save,
     to_hf_mixtral,
 )
-from moe_diff.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, load_config
+from moe_diff.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    Kernels,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    load_config,
+)
 from moe_diff.errors import DataError, MoeDiffError, UsageError
 from moe_diff.hf import register_with_transformers
 from moe_diff.inference.generation import generate, stream
 from moe_diff.model import ModelOutput, MoEDiffTransformer, Routing
 
-__all__ = ["CheckpointError", "Config", "ConfigError", "DataConfig", "DataError", "ModelConfig", "ModelOutput",
-           "MoeDiffError", "MoEDiffTransformer", "ParallelConfig", "Routing", "StoredModel", "TrainConfig",
-           "UsageError", "from_hf_mixtral", "generate", "load", "load_config", "open_model", "save", "stream",
-           "to_hf_mixtral"]
+__all__ = ["CheckpointError", "Config", "ConfigError", "DataConfig", "DataError", "Kernels", "ModelConfig",
+           "ModelOutput", "MoeDiffError", "MoEDiffTransformer", "ParallelConfig", "Routing", "StoredModel",
+           "TrainConfig", "UsageError", "from_hf_mixtral", "generate", "load", "load_config", "open_model", "save",
+           "stream", "to_hf_mixtral"]
 
 register_with_transformers()  # transformers' Auto classes learn model_type 'moe_diff' (see moe_diff.hf)

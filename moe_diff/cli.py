@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -12,11 +14,11 @@ from rich.console import Console
 from moe_diff import study
 from moe_diff.checkpoint.convert import FORMATS, convert, export
 from moe_diff.checkpoint.open import open_model
-from moe_diff.config import ATTENTION_MODES, DataConfig, load_config
+from moe_diff.config import ATTENTION_MODES, ATTN_BACKENDS, MOE_BACKENDS, DataConfig, Kernels, load_config
 from moe_diff.data import tokenize_corpus
 from moe_diff.device import DTYPES
 from moe_diff.diagnostics import diagnose
-from moe_diff.errors import UsageError, run_reporting_errors
+from moe_diff.errors import UsageError, literal, run_reporting_errors
 from moe_diff.inference.bench import SYSTEMS, BenchSettings
 from moe_diff.inference.bench.command import bench_and_write, bench_model, default_systems
 from moe_diff.inference.bench.routing import ROUTING_MODES
@@ -29,15 +31,63 @@ from moe_diff.training.plots import plot_metrics
 
 console = Console()
 errors = Console(stderr=True)
+DESCRIPTION = ("Mixture-of-experts decoders with differential attention: train one from a YAML config, compare the "
+               "attention modes over seeds, sample from it, see where its tokens are routed, time and score it, and "
+               "move checkpoints to and from transformers and Mixtral. Start with `moe-diff info configs/tiny.yaml` "
+               "and `moe-diff train configs/tiny.yaml`; `moe-diff COMMAND --help` describes each command.")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it has none (unset, off, empty) or the help gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if (not action.option_strings or default is None or default is False or default == []
+                or default == argparse.SUPPRESS or "default" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: help with defaults, and an argument it does not know reported with its own usage
+    (argparse leaves that to the top-level parser, whose usage does not show the command's flags)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{"formatter_class": HelpFormatter, **kwargs})
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 def tell(note: str) -> None:
     """Notes on what a command opened, on stderr so that its output stays clean."""
-    errors.print(note, highlight=False, soft_wrap=True)
+    errors.print(literal(note), highlight=False, soft_wrap=True)
 
 
 def dtype_or_none(name: str | None) -> torch.dtype | None:
     return DTYPES[name] if name else None
+
+
+TOKENIZER_HELP = ("'byte' or a tokenizer.json (default: the checkpoint's own tokenizer.json, else its run's "
+                  "data.tokenizer)")
+
+
+def add_model_flags(command: argparse.ArgumentParser) -> None:
+    """--tokenizer and the kernels, for a command that runs a stored model."""
+    command.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    command.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",
+                         help="the attention kernel to run the model on, whatever kernel trained it")
+    command.add_argument("--moe-backend", choices=MOE_BACKENDS, default="auto",
+                         help="the experts' kernel to run the model on, whatever kernel trained it")
+
+
+def kernels(args: argparse.Namespace) -> Kernels:
+    return Kernels(args.attn_backend, args.moe_backend)
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -46,13 +96,13 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    console.print(convert(Path(args.src), Path(args.dst), dtype_or_none(args.dtype)))
+    console.print(literal(convert(Path(args.src), Path(args.dst), dtype_or_none(args.dtype))))
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    console.print(export(Path(args.source), Path(args.dst), args.format, dtype_or_none(args.dtype), tell,
-                         args.tokenizer))
+    console.print(literal(export(Path(args.source), Path(args.dst), args.format, dtype_or_none(args.dtype), tell,
+                                 args.tokenizer)))
     return 0
 
 
@@ -73,26 +123,28 @@ def run_study(args: argparse.Namespace) -> int:
 
 def run_tokenize(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(source=args.sources, tokenizer=args.tokenizer, text_field=args.text_field)
-    info = tokenize_corpus(data_cfg, Path(args.out))
-    console.print(f"wrote {info['n_tokens']:,} tokens of {info['n_documents']:,} documents to {args.out} "
+    info = tokenize_corpus(data_cfg, Path(args.out), tell=tell)
+    console.print(f"wrote {info['n_tokens']:,} tokens of {info['n_documents']:,} documents to {literal(args.out)} "
                   f"({info['dtype']}, vocab {info['vocab_size']})")
     return 0
 
 
 def run_plot_metrics(args: argparse.Namespace) -> int:
-    console.print(f"wrote {plot_metrics(args.run_dir, args.out)}")
+    console.print(f"wrote {literal(plot_metrics(args.run_dir, args.out))}")
     return 0
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
-    data = DataConfig(source=args.data, tokenizer=args.tokenizer) if args.data else None
-    diagnose(args.checkpoint, args.out, data=data, compare=args.compare, trace_path=args.trace,
-             seq_len=args.seq_len, max_tokens=args.tokens, attention=args.attention, console=console)
+    data = DataConfig(source=args.data) if args.data else None
+    diagnose(args.checkpoint, args.out, data=data, tokenizer=args.tokenizer, compare=args.compare,
+             trace_path=args.trace, seq_len=args.seq_len, max_tokens=args.tokens, attention=args.attention,
+             console=console, kernels=kernels(args))
     return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    complete(open_model(args.checkpoint, tell=tell), args.prompt, console, tokenizer=args.tokenizer,
+    stored = open_model(args.checkpoint, tell=tell, kernels=kernels(args))
+    complete(stored, args.prompt, console, tokenizer=args.tokenizer,
              trace=Path(args.trace) if args.trace else None, max_new_tokens=args.max_new_tokens,
              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
              repetition_penalty=args.repetition_penalty, stop_tokens=args.stop, seed=args.seed, compile=args.compile)
@@ -115,14 +167,14 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"moe-diff eval needs transformers: pip install 'moe-diff[hf]' ({error})") from None
     results = evaluate(args.checkpoint, args.tasks, tokenizer=args.tokenizer, include_path=args.include_path,
                        limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                       device=args.device, dtype=dtype_or_none(args.dtype), tell=tell)
-    console.print(write_results(results, Path(args.out) if args.out else None), highlight=False)
+                       device=args.device, dtype=dtype_or_none(args.dtype), tell=tell, kernels=kernels(args))
+    console.print(literal(write_results(results, Path(args.out) if args.out else None)), highlight=False)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-diff", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="moe-diff", description=DESCRIPTION, formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     info = commands.add_parser("info", help="parameters, FLOPs and KV-cache size of a config")
     info.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
@@ -144,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     study_cmd.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
     study_cmd.add_argument("overrides", nargs="*", help="dotlist overrides for every run, e.g. train.max_steps=100")
     study_cmd.add_argument("--out", required=True, help="study directory: runs/MODE-seedN, study.json, report.html")
-    study_cmd.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, default=["standard", "diff", "diff_v2"])
+    study_cmd.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, default=["standard", "diff", "diff_v2"],
+                           help="attention modes to train, each with every seed")
     study_cmd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                            help="each fixes the data order and the shared initial parameters of its runs")
     study_cmd.add_argument("--match", choices=MATCHES, default="shapes",
@@ -174,15 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
     gen.add_argument("checkpoint", help="a checkpoint, a training checkpoint step-N or a run directory")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--prompt", required=True, help="the text to continue (printed dimmed before the continuation)")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="how many tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample from the k most likely tokens only (default: from all)")
+    gen.add_argument("--top-p", type=float, default=None, help="sample from the fewest most likely tokens whose "
+                     "probabilities add up to p, in (0, 1] (default: from all)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="shrink the logits of tokens already in the text by this factor (CTRL's); 1 is off")
     gen.add_argument("--stop", type=int, nargs="*", default=[], help="token ids that end the generation")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the run's)")
+    gen.add_argument("--seed", type=int, default=0, help="seeds the sampling: the same seed gives the same text")
+    add_model_flags(gen)
     gen.add_argument("--compile", action="store_true", help="compile the decode step (pays off for long outputs)")
     gen.add_argument("--trace", default=None, help="write the routing of prompt and continuation to this file")
     gen.set_defaults(run=run_generate)
@@ -193,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--data", nargs="+", default=None,
                       help="text sources to route (default: the run's data, else the built-in corpus); "
                            "their validation split is used")
-    diag.add_argument("--tokenizer", default="byte", help="tokenizer for --data: 'byte' or a tokenizer.json")
+    add_model_flags(diag)
     diag.add_argument("--compare", default=None, help="another checkpoint or trace, run on the same tokens")
     diag.add_argument("--trace", default=None, help="also write the routing trace to this .safetensors file")
     diag.add_argument("--attention", action="store_true",
@@ -205,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd = commands.add_parser("bench", help="time prefill and decode beside transformers' Mixtral and a dense "
                                     "model of the same active size")
     bench_cmd.add_argument("source", help="a YAML config (random weights at its shapes) or a checkpoint/run directory")
-    bench_cmd.add_argument("overrides", nargs="*", help="dotlist overrides for a config, e.g. model.n_layers=2")
+    bench_cmd.add_argument("overrides", nargs="*", help="dotlist overrides for a config, e.g. model.n_layers=2 (a "
+                           "checkpoint takes model.attn_backend and model.moe_backend)")
     bench_cmd.add_argument("--out", required=True, help="output path without suffix: writes .json, .md and .png")
     bench_cmd.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes")
     bench_cmd.add_argument("--prompt", type=int, nargs="+", default=[32, 512], help="prompt lengths in tokens")
@@ -217,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--compile", action="store_true", help="compile this project's decode steps")
     bench_cmd.add_argument("--repeats", type=int, default=3,
                            help="timed generations per system and shape, taken in turns with the other systems")
-    bench_cmd.add_argument("--dtype", choices=DTYPES, default="float32")
-    bench_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench_cmd.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
+    bench_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                           help="where to run: cpu, cuda or cuda:N")
     bench_cmd.add_argument("--seed", type=int, default=0, help="seeds the random weights and prompts")
     bench_cmd.set_defaults(run=run_bench)
 
@@ -232,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("--limit", type=int, default=None, help="at most this many questions per task")
     eval_cmd.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     eval_cmd.add_argument("--include-path", nargs="*", default=[], help="directories of your own task YAMLs")
-    eval_cmd.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the run's)")
-    eval_cmd.add_argument("--batch-size", type=int, default=8)
+    add_model_flags(eval_cmd)
+    eval_cmd.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     eval_cmd.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
-    eval_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    eval_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="where to run: cpu, cuda or cuda:N")
     eval_cmd.set_defaults(run=run_eval)
 
     convert = commands.add_parser("convert", help="Mixtral directory <-> moe-diff checkpoint (and an exported "
@@ -254,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="this project's single-file schema; hf: a transformers directory (every mode; "
                         "AutoModelForCausalLM after `import moe_diff`, or with trust_remote_code=True); or "
                         "Hugging Face Mixtral (standard attention)")
-    export.add_argument("--tokenizer", default=None,
-                        help="--format hf: 'byte' or a tokenizer.json (default: the run's data.tokenizer)")
+    export.add_argument("--tokenizer", default=None, help=f"--format moe-diff or hf: {TOKENIZER_HELP}")
     export.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
     export.set_defaults(run=run_export)
     return parser

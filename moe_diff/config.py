@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from moe_diff.errors import MoeDiffError
 
@@ -40,8 +42,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 32768
     attention: str = "diff"
-    attn_backend: str = "auto"  # the fastest correct kernel for each call's device, dtype and shapes
-    moe_backend: str = "auto"
+    # Kernels, not architecture: left out of comparisons, and a stored checkpoint's are ignored (see Kernels)
+    attn_backend: str = field(default="auto", compare=False)  # auto: the fastest correct kernel for each call
+    moe_backend: str = field(default="auto", compare=False)
     router_aux_loss_coef: float = 0.02
     router_z_loss_coef: float = 0.001
     capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * top_k / E) of N
@@ -57,7 +60,30 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels a model runs on (ModelConfig's attn_backend and moe_backend): chosen where it runs, never fixed
+    by its checkpoint."""
+
+    attn_backend: str = "auto"
+    moe_backend: str = "auto"
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Kernels:
+        return cls(cfg.attn_backend, cfg.moe_backend)
+
+    def on(self, cfg: ModelConfig) -> ModelConfig:
+        """`cfg` running on these kernels (validated like the config fields)."""
+        return dataclasses.replace(cfg, **dataclasses.asdict(self))
+
+
+KERNEL_FIELDS = tuple(f.name for f in dataclasses.fields(Kernels))
+AUTO_KERNELS = Kernels()
+
+
 PRECISIONS = ("auto", "float32", "bfloat16")
+RESUME_ALLOWED = ("auto (continue the run in train.out_dir, if any), never (start a run; refused where one is), "
+                  "restart (move the run there to train.out_dir/previous/N, then start one) or a checkpoint path")
 DATA_PARALLEL = ("allreduce", "ddp", "fsdp")
 
 
@@ -82,7 +108,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200  # 0: no validation during training
     eval_batches: int = 8
-    resume: str = "auto"  # auto: newest valid checkpoint in out_dir; never; or a checkpoint path
+    resume: str = "auto"  # auto: continue out_dir's run, if any; never: a new run; restart; or a checkpoint path
     seed: int = 0
     compile: bool = False
     activation_checkpointing: bool = False
@@ -93,6 +119,8 @@ class TrainConfig:
     trace_every: int = 0  # write a routing trace of fixed validation tokens every N steps; 0: never
 
     def __post_init__(self) -> None:
+        if not self.out_dir.strip():
+            _fail("train.out_dir", self.out_dir, "a directory path (the run's checkpoints and metrics go there)")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches",
                      "keep_checkpoints", "max_nonfinite_steps"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
@@ -113,7 +141,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             _fail("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         if not self.resume:
-            _fail("train.resume", self.resume, "auto, never or a checkpoint directory")
+            _fail("train.resume", self.resume, RESUME_ALLOWED)
 
 
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
@@ -256,15 +284,55 @@ def _field_names(schema: Any, prefix: str = "") -> list[str]:
     return names
 
 
-def _explain(error: OmegaConfBaseException, prefix: str = "") -> ConfigError:
-    """A ConfigError naming the dotted key (under `prefix`) and, for unknown keys, the allowed ones."""
+TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
+
+
+def _explain(error: OmegaConfBaseException, prefix: str = "", given: Sequence[str] = ()) -> ConfigError:
+    """A ConfigError naming the dotted key (under `prefix`): for an unknown key the closest known ones, for a value
+    of the wrong type the type allowed. `given` holds the dotted keys the user typed (overrides)."""
     key = prefix + str(getattr(error, "full_key", None) or getattr(error, "key", None) or "?")
     if isinstance(error, ConfigKeyError):
-        section = key.rsplit(".", 1)[0] if "." in key else ""
-        allowed = [n for n in _field_names(Config) if section == "" or n.startswith(section + ".")]
-        return ConfigError(f"unknown config key {key!r}; allowed keys: {', '.join(allowed)}")
-    message = str(error).splitlines()[0]
-    return ConfigError(f"config key {key!r}: {message}")
+        return _unknown_key(next((name for name in given if name.startswith(key + ".")), key))
+    schema_field = _schema_field(key) if isinstance(error, ValidationError) else None
+    if schema_field is None:
+        return ConfigError(f"config key {key!r}: {str(error).splitlines()[0]}")
+    allowed = " or ".join(TYPE_NAMES.get(part.strip(), part.strip()) for part in str(schema_field.type).split("|"))
+    default = schema_field.default
+    if default is not None and default is not dataclasses.MISSING:
+        allowed += f", e.g. {key}={str(default).lower() if isinstance(default, bool) else default}"
+    value = getattr(error, "value", None)
+    return ConfigError(f"{key}={'null' if value is None else repr(value)} is not allowed: {allowed}"
+                       + ("; an empty value means null" if value is None else ""))
+
+
+def _schema_field(key: str) -> dataclasses.Field | None:
+    """The field of the config schema at a dotted key such as 'model.dim', if there is one."""
+    section, _, name = key.partition(".")
+    schema = next((f.default_factory for f in dataclasses.fields(Config) if f.name == section), None)
+    fields = dataclasses.fields(schema) if dataclasses.is_dataclass(schema) else ()
+    return next((f for f in fields if f.name == name), None)
+
+
+def _unknown_key(typed: str) -> ConfigError:
+    """The ConfigError of an unknown dotted key: the closest known keys and the keys of their section."""
+    keys: dict[str, list[str]] = {}  # section -> its keys
+    for name in _field_names(Config):
+        keys.setdefault(name.split(".")[0], []).append(name.split(".", 1)[1])
+    section, _, name = typed.partition(".")
+    if section in keys:  # a key of a known section: the closest of its keys
+        close = [f"{section}.{key}" for key in _closest(name, keys[section])]
+    else:  # the closest key anywhere (the closest section, for a bare name), which names the intended section
+        close = _closest(typed, _field_names(Config) if name else list(keys))
+        section = close[0].split(".")[0] if close else ""
+    if not section:
+        return ConfigError(f"unknown config key {typed!r}; the sections are {', '.join(keys)}")
+    guess = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return ConfigError(f"unknown config key {typed!r}{guess}; keys of {section}: {', '.join(keys[section])}")
+
+
+def _closest(word: str, options: list[str]) -> list[str]:
+    """The options spelt much like `word`, or else the one spelt most like it, if any is close."""
+    return difflib.get_close_matches(word, options, n=3, cutoff=0.8) or difflib.get_close_matches(word, options, n=1)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -283,7 +351,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise _explain(error) from None
+        raise _explain(error, given=[item.split("=", 1)[0] for item in overrides]) from None
 
 
 def section_from_dict(section: str, values: Any) -> Any:
@@ -298,8 +366,9 @@ def section_from_dict(section: str, values: Any) -> Any:
         raise _explain(error, prefix=f"{section}.") from None
 
 
-def to_yaml(cfg: Config | ModelConfig) -> str:
-    """YAML text of a config; a ModelConfig is written under its `model:` section."""
+def to_yaml(cfg: Config | ModelConfig, data: DataConfig | None = None) -> str:
+    """YAML text of a config; a ModelConfig is written under its `model:` section, with `data:` where given."""
     if isinstance(cfg, ModelConfig):
-        return OmegaConf.to_yaml({"model": OmegaConf.structured(cfg)})
+        sections = {"model": cfg} | ({"data": data} if data is not None else {})
+        return OmegaConf.to_yaml({name: OmegaConf.structured(section) for name, section in sections.items()})
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -97,8 +97,18 @@ def environment(device: torch.device) -> dict[str, Any]:
             versions[package] = __import__(package).__version__
         except ImportError:
             pass  # optional: recorded where installed
-    root = Path(__file__).resolve().parents[1]  # the checkout holding the package
-    commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
-                            text=True).stdout.strip() or None
     return {"device": device.type, "device_name": name, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "versions": versions, "commit": commit}
+            "torch_threads": torch.get_num_threads(), "versions": versions, "commit": source_commit()}
+
+
+def source_commit() -> str:
+    """`git describe` of the checkout holding the package, or "unknown" where git cannot say (git is not
+    installed, the package is not in a repository, git fails)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        described = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                                   text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    commit = described.stdout.strip()
+    return commit if described.returncode == 0 and commit else "unknown"

@@ -1,10 +1,12 @@
-"""The project's error base class, and how commands report one: a single line on stderr and exit status 2."""
+"""The project's error base class, how commands report one (a single line on stderr, exit status 2), and user text
+made safe to print through rich markup."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 
 class MoeDiffError(Exception):
@@ -22,8 +24,14 @@ def run_reporting_errors(command: Callable[[], int]) -> int:
     try:
         return command()
     except (MoeDiffError, OSError) as error:
-        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/] {literal(error)}", highlight=False, soft_wrap=True)
         return 2
+
+
+def literal(value: object) -> str:
+    """`value` as rich markup that prints it as it is: a path or a message may hold square brackets
+    (pip install 'moe-diff[hf]', a directory named [/x]) that rich would otherwise read as tags."""
+    return escape(str(value))
 
 
 class DataError(MoeDiffError, ValueError):

@@ -12,6 +12,7 @@ from rich.table import Table
 from moe_diff import costs
 from moe_diff.config import ATTENTION_MODES, ConfigError, ModelConfig, load_config
 from moe_diff.device import DTYPES
+from moe_diff.errors import literal
 from moe_diff.training.smoke import forward_check
 
 DEFAULT_SEQ_LEN = 4096  # the length FLOPs and cache sizes are given for, unless max_seq_len is shorter
@@ -55,7 +56,7 @@ def print_info(config: str, overrides: list[str], seq_len: int | None, kv_dtype:
     kv_bytes = DTYPES[kv_dtype].itemsize
     params = costs.param_counts(cfg)
     window = "full causal" if cfg.sliding_window is None else f"window {cfg.sliding_window}"
-    console.print(f"[bold]{config}[/]: attention={cfg.attention}, {cfg.n_layers} layers, dim {cfg.dim}, "
+    console.print(f"[bold]{literal(config)}[/]: attention={cfg.attention}, {cfg.n_layers} layers, dim {cfg.dim}, "
                   f"{cfg.n_experts} experts top-{cfg.top_k}, {window}")
 
     table = Table(title="Parameters")

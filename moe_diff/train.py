@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from moe_diff.config import Config, load_config
-from moe_diff.errors import run_reporting_errors
-from moe_diff.inference.generation import generate
+from moe_diff.errors import literal, run_reporting_errors
+from moe_diff.inference.generation import generate, position_limit
 from moe_diff.routing.summary import layer_summary
 from moe_diff.runs import METRICS_FILE
 from moe_diff.training.job import training_job
@@ -43,9 +43,11 @@ def print_summary(trainer: Trainer, result: RunResult) -> None:
     t, model, console = trainer.cfg.train, trainer.model, trainer.console
     batch = trainer.val_batches[0].to(trainer.device)
     model.eval()
-    if t.sample_tokens:
-        prompt = batch.tokens[:1, : min(SAMPLE_PROMPT_TOKENS, t.seq_len)]
-        sample = generate(model, prompt, t.sample_tokens, temperature=0.8, top_k=50, seed=t.seed)
+    prompt = batch.tokens[:1, : min(SAMPLE_PROMPT_TOKENS, t.seq_len)]
+    limit = position_limit(model.cfg)  # a model without a window takes max_seq_len positions at most
+    new_tokens = t.sample_tokens if limit is None else min(t.sample_tokens, limit - prompt.shape[1])
+    if new_tokens > 0:
+        sample = generate(model, prompt, new_tokens, temperature=0.8, top_k=50, seed=t.seed)
         console.print(Panel(Text(trainer.tokenizer.decode(prompt[0].tolist()), style="dim")
                             + Text(trainer.tokenizer.decode(sample[0, prompt.shape[1]:].tolist())),
                             title=f"sample after step {result.step} (prompt dimmed)"))
@@ -61,7 +63,7 @@ def print_summary(trainer: Trainer, result: RunResult) -> None:
     val = f", validation loss {result.val_loss:.3f}" if result.val_loss is not None else ""
     loss = f"{result.loss:.3f}" if result.loss is not None else "n/a"
     console.print(f"step {result.step}: training loss {loss}{val}; {result.seconds:.0f} s; metrics in "
-                  f"{result.out_dir / METRICS_FILE}")
+                  f"{literal(result.out_dir / METRICS_FILE)}")
     model.train()
 
 

@@ -1,7 +1,10 @@
 """The command line: info and convert, including their errors."""
 
+import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,12 +157,12 @@ def test_a_stored_data_section_is_validated_like_a_config_file(run_dir: Path, tm
 def test_a_tokenizer_with_more_ids_than_the_model_is_refused_before_any_work(tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture) -> None:
     """Byte-level text needs 257 ids; a 256-id model would fail only once an end-of-text token was routed."""
-    from moe_diff.config import ModelConfig
+    from moe_diff.config import DataConfig, ModelConfig
     from moe_diff.model import MoEDiffTransformer
 
     model = MoEDiffTransformer(ModelConfig(vocab_size=256, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
                                            ffn_dim=16, n_experts=2, top_k=1, max_seq_len=64))
-    checkpoint.save(model, tmp_path / "ckpt")
+    checkpoint.save(model, tmp_path / "ckpt", DataConfig(tokenizer="byte"))  # recorded: trained on bytes
     needle = "model.vocab_size=256 is too small for data.tokenizer='byte' (257 ids)"
     for argv in (["diagnose", str(tmp_path / "ckpt"), "--out", str(tmp_path / "diag"), "--tokens", "1024"],
                  ["generate", str(tmp_path / "ckpt"), "--prompt", "x", "--max-new-tokens", "1"]):
@@ -188,3 +191,143 @@ def test_damaged_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.Captu
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo\n{"step": 3, "loss": 2.0}\n')
     assert main(["plot-metrics", str(run)]) == 2
     assert "metrics.jsonl:2 is not a metrics record" in " ".join(capsys.readouterr().err.split())
+
+
+def test_brackets_in_messages_and_paths_are_printed_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """Install hints name extras in brackets, and a path may hold what looks like a closing markup tag."""
+    monkeypatch.setattr("moe_diff.kernels.HAVE_TRITON", False)
+    assert main(["info", str(CONFIGS / "tiny.yaml"), "model.attn_backend=triton", "--forward", "--seq-len", "8"]) == 2
+    assert "pip install 'moe-diff[gpu]'" in capsys.readouterr().err
+    odd = tmp_path / "[/x]" / "[bold]tiny.yaml"
+    assert main(["info", str(odd)]) == 2
+    assert capsys.readouterr().err == f"error: config file {str(odd)!r} does not exist\n"
+
+
+def byte_echo_checkpoint(path: Path, max_seq_len: int = 64, window: int | None = None) -> Path:
+    """A byte-level checkpoint whose greedy continuation is byte 0xFF over and over (not UTF-8): every layer adds
+    nothing, every token embeds alike, and only the head row of 0xFF sees the embedding."""
+    from moe_diff.config import ModelConfig
+    from moe_diff.model import MoEDiffTransformer
+
+    model = MoEDiffTransformer(ModelConfig(vocab_size=257, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16,
+                                           n_experts=2, top_k=1, max_seq_len=max_seq_len, sliding_window=window,
+                                           attention="standard"))
+    with torch.no_grad():
+        model.layers[0].attention.wo.weight.zero_()
+        model.layers[0].moe.experts.w2.zero_()
+        model.tok_embeddings.weight.fill_(1.0)
+        model.output.weight.zero_()
+        model.output.weight[0xFF] = 1.0
+    checkpoint.save(model, path)
+    return path
+
+
+def test_a_prompt_that_is_not_utf8_is_generated_from_its_bytes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """argv holds undecodable bytes as surrogates: the byte tokenizer reads the bytes themselves, a tokenizer.json
+    refuses, and a continuation that is not UTF-8 prints as replacement characters."""
+    tokenizers = pytest.importorskip("tokenizers")
+    ckpt = byte_echo_checkpoint(tmp_path / "ckpt")
+    prompt = os.fsdecode(b"abc\xff\xfe")  # as sys.argv holds it
+    trace_file = tmp_path / "trace.safetensors"
+    assert main(["generate", str(ckpt), "--prompt", prompt, "--max-new-tokens", "3", "--temperature", "0",
+                 "--tokenizer", "byte", "--trace", str(trace_file)]) == 0
+    assert capsys.readouterr().out.startswith("abc" + "\ufffd" * 5 + "\n")
+    from moe_diff.routing.trace import load_trace
+
+    assert load_trace(trace_file).token_ids.tolist() == list(b"abc\xff\xfe\xff\xff\xff")
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "abc": 2}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert main(["generate", str(ckpt), "--prompt", prompt, "--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.splitlines()[-1].startswith("error: --prompt is not valid UTF-8")
+
+
+def test_the_environment_record_says_unknown_for_a_commit_git_cannot_give(tmp_path: Path, monkeypatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """No git on PATH, then a git that fails (not a repository): bench still times and writes its record."""
+    ckpt = byte_echo_checkpoint(tmp_path / "ckpt")
+    bench = ["bench", str(ckpt), "--batch", "1", "--prompt", "4", "--new-tokens", "2", "--repeats", "1",
+             "--systems", "moe-diff"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    assert main([*bench, "--out", str(tmp_path / "no-git")]) == 0
+    assert json.loads((tmp_path / "no-git.json").read_text())["environment"]["commit"] == "unknown"
+    failing = tmp_path / "bin" / "git"
+    failing.parent.mkdir()
+    failing.write_text(f"#!{sys.executable}\nimport sys\nsys.exit('fatal: not a git repository')\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("PATH", str(failing.parent))
+    assert main([*bench, "--out", str(tmp_path / "failing-git")]) == 0
+    assert json.loads((tmp_path / "failing-git.json").read_text())["environment"]["commit"] == "unknown"
+    capsys.readouterr()
+
+
+def test_prompt_and_new_tokens_are_checked_against_max_seq_len_before_any_output(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Without a window the model has max_seq_len positions: a long prompt (past one prefill chunk) and a long
+    continuation are refused with their numbers and the way out; with a window a rolling cache goes on past it."""
+    ckpt = byte_echo_checkpoint(tmp_path / "ckpt", max_seq_len=128)
+    for prompt, new, needle in (
+            ("x" * 600, 5, "the prompt (600 tokens) and --max-new-tokens 5 make 605 positions, more than the model's "
+                           "max_seq_len (128) without a sliding window: shorten the prompt to at most 123 tokens"),
+            ("abc", 300, "the prompt (3 tokens) and --max-new-tokens 300 make 303 positions, more than the model's "
+                         "max_seq_len (128) without a sliding window: use --max-new-tokens 125 or fewer")):
+        assert main(["generate", str(ckpt), "--prompt", prompt, "--max-new-tokens", str(new),
+                     "--tokenizer", "byte"]) == 2
+        said = capsys.readouterr()
+        assert said.out == "" and said.err.splitlines()[-1] == f"error: {needle}"
+    windowed = byte_echo_checkpoint(tmp_path / "windowed", max_seq_len=128, window=16)
+    assert main(["generate", str(windowed), "--prompt", "x" * 600, "--max-new-tokens", "30", "--temperature", "0",
+                 "--tokenizer", "byte"]) == 0
+    assert capsys.readouterr().out == "x" * 600 + "\ufffd" * 30 + "\n"
+
+
+def test_every_flag_has_help_and_shows_its_default(capsys: pytest.CaptureFixture) -> None:
+    from moe_diff.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "The `moe-diff` command line" not in top and "moe-diff train" in top
+    commands = next(a for a in build_parser()._actions if a.choices and "generate" in a.choices).choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            assert action.help, (name, action.dest)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    generate_help = " ".join(capsys.readouterr().out.split())
+    for shown in ("--max-new-tokens MAX_NEW_TOKENS how many tokens to generate (default: 200)",
+                  "(default: 0.8)", "--seed SEED", "(default: 1.0)"):
+        assert shown in generate_help
+
+
+def test_an_unknown_flag_is_reported_with_its_subcommands_usage(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["generate", "run", "--prompt", "hi", "--bogus"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.startswith("usage: moe-diff generate ")
+    assert "moe-diff generate: error: unrecognized arguments: --bogus" in err
+
+
+def test_a_sampling_error_is_printed_before_the_prompt_is_echoed(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    ckpt = byte_echo_checkpoint(tmp_path / "ckpt")
+    assert main(["generate", str(ckpt), "--prompt", "hi", "--top-p", "2", "--max-new-tokens", "2",
+                 "--tokenizer", "byte"]) == 2
+    said = capsys.readouterr()
+    assert "hi" not in said.out and said.err.splitlines()[-1].startswith("error: need temperature >= 0")
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["train.out_dir="], "train.out_dir=null is not allowed: a string, e.g. train.out_dir=runs/default"),
+    (["modle.dim=64"], "unknown config key 'modle.dim' (did you mean 'model.dim'?); keys of model: vocab_size, dim,"),
+    (["parallel.tp=2"], "parallel.tp=2 must divide the world size 1 (torchrun --nproc_per_node x nodes): run a "
+                        "multiple of 2 processes under torchrun, or set parallel.tp=1"),
+])
+def test_config_mistakes_name_the_fix(tmp_path: Path, overrides: list[str], needle: str,
+                                      capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", str(CONFIGS / "tiny.yaml"), f"train.out_dir={tmp_path / 'run'}", *overrides]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith(f"error: {needle}") and "train.seed" not in err

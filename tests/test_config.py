@@ -63,9 +63,14 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     (["model.dim=0"], "model.dim=0 is not allowed: a positive integer"),
     (["model.norm_eps=-1"], "model.norm_eps=-1.0 is not allowed: a positive finite number"),
     (["model.router_z_loss_coef=-0.1"], "model.router_z_loss_coef=-0.1"),
-    (["model.n_layerz=2"], "unknown config key 'model.n_layerz'; allowed keys: model.vocab_size"),
-    (["optim.lr=1"], "unknown config key 'optim'"),
-    (["model.dim=big"], "config key 'model.dim'"),
+    (["model.n_layerz=2"], "unknown config key 'model.n_layerz' (did you mean 'model.n_layers'?); keys of model: "
+                           "vocab_size, dim, n_layers,"),
+    (["optim.lr=1"], "unknown config key 'optim.lr' (did you mean 'train.lr'?); keys of train: out_dir,"),
+    (["xyz.abc=1"], "unknown config key 'xyz.abc'; the sections are model, train, data, parallel"),
+    (["model.dim=big"], "model.dim='big' is not allowed: an integer, e.g. model.dim=4096"),
+    (["model.sliding_window=abc"], "model.sliding_window='abc' is not allowed: an integer or null"),
+    (["train.out_dir="], "train.out_dir=null is not allowed: a string, e.g. train.out_dir=runs/default"),
+    (["train.out_dir=''"], "train.out_dir='' is not allowed: a directory path"),
     (["model.n_layers"], "is not of the form section.key=value"),
 ])
 def test_bad_values_name_the_field(overrides: list[str], needle: str) -> None:

@@ -1,5 +1,8 @@
 """The CUDA paths against the CPU-tested references: fused attention and grouped experts through the whole model
-in float32 and bfloat16, and compiled CUDA-graph decode steps against eager generation. Skipped without a GPU."""
+in float32 and bfloat16, and compiled CUDA-graph decode steps against eager generation (skipped without a GPU);
+and how the session chooses between compiled and interpreted Triton kernels."""
+
+import os
 
 import pytest
 import torch
@@ -10,8 +13,21 @@ from moe_diff.inference.generation import generate, stream
 from moe_diff.kernels.moe_decode import moe_experts_gemv
 from moe_diff.model import MoEDiffTransformer
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+WHY_SKIPPED = ("needs a CUDA device" if not torch.cuda.is_available() else
+               "TRITON_INTERPRET=1 interprets the Triton kernels and leaves their CUDA launches untuned: run with "
+               "TRITON_INTERPRET=0 (the default where CUDA is)" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+needs_cuda = pytest.mark.skipif(WHY_SKIPPED is not None, reason=WHY_SKIPPED or "")
 MODES = ["standard", "diff", "diff_v2"]
+
+
+def test_the_tests_compile_triton_kernels_where_cuda_is_and_interpret_them_elsewhere() -> None:
+    from conftest import triton_interpret  # tests/ is on the path
+
+    assert triton_interpret({}, cuda_available=True) == "0"
+    assert triton_interpret({}, cuda_available=False) == "1"
+    for value in ("0", "1"):  # the environment's choice stands
+        assert triton_interpret({"TRITON_INTERPRET": value}, cuda_available=True) == value
+        assert triton_interpret({"TRITON_INTERPRET": value}, cuda_available=False) == value
 
 
 def cuda_model(attention: str, dtype: torch.dtype = torch.float32, decisive: bool = False,
@@ -43,6 +59,8 @@ def relative_errors(got: list[torch.Tensor], truth: list[torch.Tensor]) -> torch
     return torch.stack([torch.linalg.norm(g - t) / torch.linalg.norm(t) for g, t in zip(got, truth, strict=True)])
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("attention", MODES)
 @pytest.mark.parametrize(("attn_backend", "moe_backend"), [("sdpa", "grouped_mm"), ("flex", "grouped_mm"),
                                                            ("triton", "grouped_mm"), ("sdpa", "reference")])
@@ -63,6 +81,8 @@ def test_fused_backends_equal_the_reference_through_the_model(attention: str, at
     assert torch.all(relative_errors(fused, truth) <= 2 * relative_errors(reference, truth) + 1e-3)
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("attention", MODES)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("attn_backend", ["sdpa", "triton"])

@@ -4,15 +4,23 @@ single-file schema, Mixtral or a transformers directory."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from moe_diff.checkpoint import schema
-from moe_diff.checkpoint.hf_directory import HF_CONFIG_FILE, is_moe_diff_directory, load_moe_diff_directory
+from moe_diff.checkpoint.hf_directory import (
+    HF_CONFIG_FILE,
+    exported_tokenizer,
+    is_moe_diff_directory,
+    load_moe_diff_directory,
+)
 from moe_diff.checkpoint.mixtral import from_hf_mixtral, to_hf_mixtral
 from moe_diff.checkpoint.open import StoredModel, open_model
+from moe_diff.checkpoint.schema import TOKENIZER_FILE
+from moe_diff.config import DataConfig
 from moe_diff.errors import UsageError
 
 FORMATS = ("moe-diff", "mixtral", "hf")
@@ -28,10 +36,11 @@ def convert(src: Path, dst: Path, dtype: torch.dtype | None = None) -> str:
     into Mixtral; the direction comes from what `src` holds. Returns what was done, in words."""
     refuse_to_overwrite(dst)
     if is_moe_diff_directory(src):
-        schema.save(load_moe_diff_directory(src, dtype), dst)
+        schema.save(load_moe_diff_directory(src, dtype), dst, exported_tokenizer(src))
         return f"imported transformers directory {src} -> moe-diff checkpoint {dst}"
     if (src / HF_CONFIG_FILE).is_file():
-        schema.save(from_hf_mixtral(src, dtype=dtype), dst)
+        tokenizer = DataConfig(tokenizer=str(src / TOKENIZER_FILE)) if (src / TOKENIZER_FILE).is_file() else None
+        schema.save(from_hf_mixtral(src, dtype=dtype), dst, tokenizer)
         return f"imported Mixtral {src} -> moe-diff checkpoint {dst}"
     if (src / schema.CONFIG_FILE).is_file():
         to_hf_mixtral(schema.load(src, dtype=dtype), dst)
@@ -43,12 +52,12 @@ def convert(src: Path, dst: Path, dtype: torch.dtype | None = None) -> str:
 def export(source: Path, dst: Path, format: str, dtype: torch.dtype | None = None,
            tell: Callable[[str], None] | None = None, tokenizer: str | None = None) -> str:
     """Any checkpoint form (a run: its newest valid checkpoint; verified, experts checked) as one directory in
-    `format` (see FORMATS); `hf` also writes the tokenizer, `tokenizer` ('byte' or a tokenizer.json) or else the
-    run's. Returns what was done, in words."""
+    `format` (see FORMATS). `moe-diff` and `hf` carry the tokenizer: `tokenizer` ('byte' or a tokenizer.json) or
+    else the source's (StoredModel.tokenizer). Returns what was done, in words."""
     if format not in FORMATS:
         raise UsageError(f"format {format!r} is not one of {', '.join(FORMATS)}")
-    if tokenizer is not None and format != "hf":
-        raise UsageError(f"--tokenizer is for --format hf (the other formats carry no tokenizer), not {format}")
+    if tokenizer is not None and format == "mixtral":
+        raise UsageError("--tokenizer is for --format moe-diff or hf (a Mixtral export carries no tokenizer)")
     refuse_to_overwrite(dst)
     stored = open_model(source, dtype=dtype, tell=tell)
     if format == "mixtral":
@@ -56,8 +65,16 @@ def export(source: Path, dst: Path, format: str, dtype: torch.dtype | None = Non
     elif format == "hf":
         save_hf_directory(stored, dst, tokenizer)
     else:
-        schema.save(stored.model, dst)
+        schema.save(stored.model, dst, data_record(stored, tokenizer))
     return f"exported {stored.path} -> {dst} ({format})"
+
+
+def data_record(stored: StoredModel, tokenizer: str | None) -> DataConfig | None:
+    """The data config an export stores: the source's, with its tokenizer as StoredModel.tokenizer resolves it
+    (`tokenizer` where given); None for a source that records no tokenizer and was given none."""
+    if tokenizer is None and stored.data is None and not (stored.path / TOKENIZER_FILE).is_file():
+        return None
+    return dataclasses.replace(stored.data or DataConfig(), tokenizer=stored.tokenizer(tokenizer).name)
 
 
 def save_hf_directory(stored: StoredModel, dst: Path, tokenizer: str | None) -> None:

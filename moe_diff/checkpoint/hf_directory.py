@@ -11,13 +11,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from moe_diff.checkpoint.schema import CheckpointError, model_from_state_dict
-from moe_diff.config import ConfigError, DataConfig
+from moe_diff.checkpoint.schema import TOKENIZER_FILE, CheckpointError, model_from_state_dict
+from moe_diff.config import AUTO_KERNELS, ConfigError, DataConfig, Kernels
 from moe_diff.hf.fields import BASE_MODEL, MODEL_TYPE, model_config_from_fields
 from moe_diff.model import MoEDiffTransformer
 
 HF_CONFIG_FILE = "config.json"
-TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 WEIGHT_PREFIX = f"{BASE_MODEL}."
 
 
@@ -58,11 +58,13 @@ def is_moe_diff_directory(directory: Path) -> bool:
         return False
 
 
-def load_moe_diff_directory(directory: Path, dtype: torch.dtype | None = None) -> MoEDiffTransformer:
-    """The model of an `export --format hf` directory (or a transformers `save_pretrained` of one)."""
+def load_moe_diff_directory(directory: Path, dtype: torch.dtype | None = None,
+                            kernels: Kernels = AUTO_KERNELS) -> MoEDiffTransformer:
+    """The model of an `export --format hf` directory (or a transformers `save_pretrained` of one), on `kernels`
+    whatever config.json records."""
     config, tensors = read_hf_directory(directory)
     try:
-        cfg = model_config_from_fields(config)
+        cfg = kernels.on(model_config_from_fields(config))
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"{directory / HF_CONFIG_FILE} does not map to a valid model: {error}") from None
     outside = sorted(name for name in tensors if not name.startswith(WEIGHT_PREFIX))

@@ -14,12 +14,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moe_diff.config import ConfigError, ModelConfig, section_from_dict, to_yaml
+from moe_diff.config import (
+    AUTO_KERNELS,
+    KERNEL_FIELDS,
+    ConfigError,
+    DataConfig,
+    Kernels,
+    ModelConfig,
+    section_from_dict,
+    to_yaml,
+)
 from moe_diff.errors import MoeDiffError
 from moe_diff.model import MoEDiffTransformer
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer stored with a checkpoint, read before its run's data.tokenizer
 
 
 class CheckpointError(MoeDiffError, ValueError):
@@ -66,21 +76,31 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write `config.yaml` and `model.safetensors`; an existing checkpoint there is replaced whole."""
+def save(model: nn.Module, directory: str | Path, data: DataConfig | None = None) -> Path:
+    """Write `config.yaml` and `model.safetensors`; an existing checkpoint there is replaced whole. `data` (the
+    tokenizer the model reads and writes text with, and where its training text came from) is stored with it: in
+    config.yaml, and a tokenizer.json file copied beside the weights."""
     model = unwrap(model)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model_state_dict(model).items()}
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        (staging / CONFIG_FILE).write_text(to_yaml(model.cfg))
+        (staging / CONFIG_FILE).write_text(to_yaml(model.cfg, data))
+        store_tokenizer(data, staging)
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def store_tokenizer(data: DataConfig | None, directory: Path) -> None:
+    """Copy the tokenizer.json of `data` (if it names one) into a checkpoint directory, which then reads its text
+    with it wherever it goes."""
+    if data is not None and data.tokenizer != "byte":
+        shutil.copyfile(data.tokenizer, directory / TOKENIZER_FILE)
 
 
 def replace_directory(staging: Path, directory: Path) -> None:
@@ -99,8 +119,8 @@ def replace_directory(staging: Path, directory: Path) -> None:
 
 
 def load_config_section(directory: str | Path, section: str = "model", required: bool = True) -> Any:
-    """A validated section of a checkpoint's config.yaml (its defaults where `required` is false and it is
-    absent); CheckpointError naming the file otherwise."""
+    """A validated section of a checkpoint's config.yaml (None where `required` is false and it is absent);
+    CheckpointError naming the file otherwise."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: {CONFIG_FILE} is missing")
@@ -110,13 +130,19 @@ def load_config_section(directory: str | Path, section: str = "model", required:
         raise CheckpointError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(values, dict) or (required and not isinstance(values.get(section), dict)):
         raise CheckpointError(f"{path} has no '{section}:' section")
+    if section not in values:
+        return None
+    stored = values[section]
+    if section == "model" and isinstance(stored, dict):  # the kernels a run used are a record, not part of the model
+        stored = {key: value for key, value in stored.items() if key not in KERNEL_FIELDS}
     try:
-        return section_from_dict(section, values.get(section, {}))
+        return section_from_dict(section, stored)
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from None
 
 
 def load_model_config(directory: str | Path) -> ModelConfig:
+    """The stored model, on the default kernels (`auto`) whatever kernels wrote it."""
     return load_config_section(directory, "model")
 
 
@@ -131,10 +157,10 @@ def read_weights(directory: str | Path, device: str | torch.device = "cpu") -> d
         raise CheckpointError(f"{path} cannot be read as safetensors: {error}") from None
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> MoEDiffTransformer:
-    """Read a checkpoint written by `save`; weights keep their saved dtype unless `dtype` is given."""
-    cfg = load_model_config(directory)
+def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         kernels: Kernels = AUTO_KERNELS) -> MoEDiffTransformer:
+    """Read a checkpoint written by `save`, on `kernels`; weights keep their saved dtype unless `dtype` is given."""
+    cfg = kernels.on(load_model_config(directory))
     state = read_weights(directory, device)
     return model_from_state_dict(cfg, state, source=str(Path(directory) / WEIGHTS_FILE), dtype=dtype)
 

@@ -6,7 +6,8 @@ A checkpoint `OUT_DIR/checkpoints/step-N/` holds:
   load reads them into any layout, one process included;
 - `experts.json`: a SHA-256 of every expert of every layer (w1, w2 and w3 rows), checked at load, so that a
   checkpoint that lost or mixed up the experts of one rank of an expert-parallel job is refused;
-- `trainer.json`: step, data position, RNG states and counters;
+- `trainer.json`: the run's id, step, data position, RNG states and counters;
+- `tokenizer.json`: the tokenizer file of a run that does not train on bytes;
 - `config.yaml`: the whole resolved job config (its model section builds the model);
 - `manifest.json`, written last: size and SHA-256 of every other file. A directory without
   it, or whose files do not match it, is refused.
@@ -47,6 +48,8 @@ from moe_diff.parallel.views import CheckpointViews
 MANIFEST = "manifest.json"
 EXPERTS = "experts.json"
 STATE = "state"
+TRAINER_FILE = "trainer.json"
+RUN_ID = "run_id"  # trainer.json's id of the run: a fresh run draws one, a resumed run keeps it
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -258,9 +261,13 @@ def quiet_dcp(function: Callable, state: dict[str, Any], distributed: bool, dire
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
          trainer_state: dict[str, Any], config: Config, keep: int) -> Path:
-    """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints. Every rank calls it and
-    writes what it holds; rank 0 writes the rest. A shared filesystem is assumed for jobs over several nodes."""
+    """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints of this run (the one whose
+    `run_id` trainer_state holds); a checkpoint of another run is never replaced or deleted. Every rank calls it
+    and writes what it holds; rank 0 writes the rest. A shared filesystem is assumed for jobs over several nodes."""
     final, partial = root / f"step-{step}", root / f".step-{step}.partial"
+    run = trainer_state[RUN_ID]
+    if final.exists() and run_id(final) != run:  # every rank: all fail alike
+        raise CheckpointError(f"{final} exists and was not written by this run; refusing to replace it")
     if runtime.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -276,11 +283,12 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     hashed = {name: entry for entries in runtime.gather_objects(own_share) for name, entry in entries.items()}
     if runtime.is_main:
         (partial / EXPERTS).write_text(json.dumps(table, indent=1))
-        (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "rng": rng}, indent=1))
+        (partial / TRAINER_FILE).write_text(json.dumps({**trainer_state, "step": step, "rng": rng}, indent=1))
         (partial / "config.yaml").write_text(to_yaml(config))
+        schema.store_tokenizer(config.data, partial)
         _write_manifest(partial, step, hashed)
         schema.replace_directory(partial, final)  # an older save of this step stays until the swap
-        for old in list_checkpoints(root)[:-keep]:
+        for old in [path for path in list_checkpoints(root) if run_id(path) == run][:-keep]:
             shutil.rmtree(old)
     runtime.barrier()
     return final
@@ -297,7 +305,7 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ru
     live_optimizer["param_groups"] = state["optimizer"]["param_groups"]
     set_optimizer_state_dict(model, optimizer, live_optimizer)
     check_experts(directory, job_expert_checksums(model, runtime))
-    trainer_state = json.loads((directory / "trainer.json").read_text())
+    trainer_state = json.loads((directory / TRAINER_FILE).read_text())
     _restore_rng(trainer_state.pop("rng"))
     return trainer_state
 
@@ -313,21 +321,34 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Completed-looking step directories, oldest first (verification is separate)."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=step_of)
 
 
-def newest_valid(root: Path, runtime: Runtime | None = None) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that verifies (the job's ranks sharing the reading), and a note for each newer one
-    that did not."""
-    skipped = []
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory `step-N`."""
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def newest_valid(root: Path, runtime: Runtime | None = None) -> tuple[Path | None, dict[Path, str]]:
+    """The newest checkpoint that verifies (the job's ranks sharing the reading), and why each newer one did not."""
+    failed = {}
     for path in reversed(list_checkpoints(root)):
         try:
             verify_in_job(path, runtime) if runtime is not None else verify(path)
-            return path, skipped
+            return path, failed
         except CheckpointError as error:
-            skipped.append(str(error))
-    return None, skipped
+            failed[path] = str(error)
+    return None, failed
+
+
+def run_id(directory: Path) -> str | None:
+    """The id of the run that wrote a checkpoint (trainer.json's run_id); None for an unreadable trainer.json or
+    one written before runs had ids."""
+    try:
+        state = json.loads((directory / TRAINER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get(RUN_ID) if isinstance(state, dict) else None
 
 
 def refuse_old_layout(path: Path) -> None:

@@ -1,5 +1,6 @@
 """Corpora: the built-in one (the Python standard library's sources), text, JSONL and token files, split into
-training and validation streams by a hash of each document's name; and pre-tokenisation to a token file."""
+training and validation streams by a hash of each document's name (a lone document by position); and
+pre-tokenisation to a token file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from rich.progress import track
 
 from moe_diff.config import DataConfig
+from moe_diff.data.text import Utf8Check
 from moe_diff.data.tokenizers import Tokenizer, load_tokenizer, token_dtype
 from moe_diff.errors import DataError
 
@@ -101,9 +103,13 @@ def read_token_file(path: Path, cfg: DataConfig, tokenizer: Tokenizer) -> np.nda
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
+def _jsonl_documents(path: Path, field: str, check: Utf8Check) -> Iterator[Document]:
+    measured = False
     with path.open(encoding="utf-8", errors="replace") as file:
         for number, line in enumerate(file, 1):
+            if not measured and "\ufffd" in line:
+                check.measure(path)
+                measured = True
             if not line.strip():
                 continue
             try:
@@ -124,16 +130,23 @@ def _token_documents(name: str, tokens: np.ndarray, eot_id: int) -> Iterator[Doc
             yield Document(f"{name}:{index}", tokens=tokens[start:stop])
 
 
-def iter_documents(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = False) -> Iterator[Document]:
-    """Every document of the configured sources, in a fixed order."""
-    files = corpus_files(cfg)
+def iter_documents(cfg: DataConfig, tokenizer: Tokenizer, tell: Callable[[str], None] | None = None,
+                   progress: bool = False) -> Iterator[Document]:
+    """Every document of the configured sources, in a fixed order; `tell` hears which text files held invalid
+    UTF-8 (a file with too much of it is refused where the sources name it, else left out)."""
+    files, check = corpus_files(cfg), Utf8Check()
+    named = {Path(entry) for entry in cfg.sources if Path(entry).is_file()}
     for name, path in track(files, description="tokenizing") if progress else files:
         if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, cfg.text_field)
+            yield from _jsonl_documents(path, cfg.text_field, check)
         elif path.suffix == ".bin":
             yield from _token_documents(name, read_token_file(path, cfg, tokenizer), tokenizer.eot_id)
         else:
-            yield Document(name, text=path.read_text(encoding="utf-8", errors="replace"))
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if "\ufffd" not in text or check.measure(path, named=path in named):
+                yield Document(name, text=text)
+    for note in check.notes() if tell is not None else ():
+        tell(note)
 
 
 def document_tokens(document: Document, tokenizer: Tokenizer) -> np.ndarray:
@@ -157,58 +170,77 @@ class Corpus:
     val_names: list[str]  # the validation documents' names, in stream order
 
 
-def load_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
+def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, tell: Callable[[str], None] | None = None) -> Corpus:
     """Tokenise the sources and split their documents into training and validation streams.
 
     Documents are assigned by a hash of their names. A lone .bin source is split without
     copying (it may be larger than memory): its last val_fraction, from a document boundary on,
-    is the validation stream.
+    is the validation stream. A lone document is split by position (`tell` hears so, and which
+    text files held invalid UTF-8).
     """
     lone = cfg.sources[0] if len(cfg.sources) == 1 else ""
     if lone.endswith(".bin") and Path(lone).is_file():
-        return _token_file_corpus(Path(lone), cfg, tokenizer)
-    splits: dict[bool, list[tuple[str, np.ndarray]]] = {False: [], True: []}
+        return _token_file_corpus(Path(lone), cfg, tokenizer, tell)
+    documents = []
     top = tokenizer.vocab_size - 1
-    for document in iter_documents(cfg, tokenizer):
+    for document in iter_documents(cfg, tokenizer, tell):
         tokens = document_tokens(document, tokenizer)
         if len(tokens) > 1:
-            splits[is_validation(document.name, cfg.val_fraction)].append((document.name, tokens))
+            documents.append((document.name, tokens))
             top = max(top, int(tokens.max()))
-    if sum(map(len, splits.values())) < 2:
-        raise DataError(f"data.source={cfg.source!r} holds fewer than two non-empty documents; a corpus "
-                        "needs documents for both training and validation")
+    if not documents:
+        raise DataError(f"data.source={cfg.source!r} holds no non-empty documents")
+    dtype = token_dtype(top + 1)
+    if len(documents) == 1:
+        name, tokens = documents[0]
+        return _position_split(name, tokens.astype(dtype), top + 1, tokenizer.eot_id, cfg.val_fraction, tell)
+    splits: dict[bool, list[tuple[str, np.ndarray]]] = {False: [], True: []}
+    for name, tokens in documents:
+        splits[is_validation(name, cfg.val_fraction)].append((name, tokens))
     if not splits[True]:
         splits[True].append(splits[False].pop())
     if not splits[False]:
         splits[False].append(splits[True].pop())
-    dtype = token_dtype(top + 1)
     train, val = (np.concatenate([tokens for _, tokens in splits[is_val]], dtype=dtype)
                   for is_val in (False, True))
     return Corpus(train, val, top + 1, tokenizer.eot_id, (len(splits[False]), len(splits[True])),
                   [name for name, _ in splits[True]])
 
 
-def _token_file_corpus(path: Path, cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
+def _token_file_corpus(path: Path, cfg: DataConfig, tokenizer: Tokenizer,
+                       tell: Callable[[str], None] | None) -> Corpus:
     """Split one token file at the document boundary nearest to (1 - val_fraction) of its length."""
     tokens = read_token_file(path, cfg, tokenizer)
     ends = np.flatnonzero(tokens == tokenizer.eot_id)
     boundaries = ends[ends < len(tokens) - 1] + 1
+    vocab_size = max(tokenizer.vocab_size, int(tokens.max()) + 1)
     if not len(boundaries):
-        raise DataError(f"{path} holds a single document; a corpus needs documents for both training and "
-                        "validation")
+        return _position_split(f"{path}:0", tokens, vocab_size, tokenizer.eot_id, cfg.val_fraction, tell)
     cut = int(boundaries[np.abs(boundaries - len(tokens) * (1 - cfg.val_fraction)).argmin()])
     n_train = int(np.searchsorted(ends, cut))
     n_val = len(ends) - n_train + int(tokens[-1] != tokenizer.eot_id)
-    vocab_size = max(tokenizer.vocab_size, int(tokens.max()) + 1)
     return Corpus(tokens[:cut], tokens[cut:], vocab_size, tokenizer.eot_id, (n_train, n_val),
                   [f"{path}:{n_train + i}" for i in range(n_val)])
 
 
-def tokenize_corpus(cfg: DataConfig, out_path: str | Path, progress: bool = True) -> dict[str, Any]:
+def _position_split(name: str, tokens: np.ndarray, vocab_size: int, eot_id: int, val_fraction: float,
+                    tell: Callable[[str], None] | None) -> Corpus:
+    """One document: its first (1 - val_fraction) of tokens for training, the rest for validation."""
+    cut = round(len(tokens) * (1 - val_fraction))
+    if tell is not None:
+        tell(f"data.source holds a single document ({name}, {len(tokens):,} tokens): split by position, its first "
+             f"{cut:,} tokens for training and the last {len(tokens) - cut:,} for validation "
+             f"(data.val_fraction={val_fraction})")
+    return Corpus(tokens[:cut], tokens[cut:], vocab_size, eot_id, (1, 1), [name])
+
+
+def tokenize_corpus(cfg: DataConfig, out_path: str | Path, progress: bool = True,
+                    tell: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write every document's tokens, in order, to a .bin file (raw little-endian) with a .json sidecar.
 
     Both files are written under temporary names and renamed into place; the sidecar's n_tokens
-    lets readers notice a .bin and a sidecar from different runs.
+    lets readers notice a .bin and a sidecar from different runs. `tell` hears which text files
+    held invalid UTF-8.
     """
     out = Path(out_path)
     if out.suffix != ".bin":
@@ -220,7 +252,7 @@ def tokenize_corpus(cfg: DataConfig, out_path: str | Path, progress: bool = True
     n_tokens = n_documents = 0
     try:
         with partial.open("wb") as file:
-            for document in iter_documents(cfg, tokenizer, progress=progress):
+            for document in iter_documents(cfg, tokenizer, tell, progress):
                 tokens = document_tokens(document, tokenizer)
                 if len(tokens) == 1:  # empty documents are dropped, as load_corpus does
                     continue

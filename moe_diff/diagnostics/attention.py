@@ -8,6 +8,7 @@ pass itself is untouched. Legend: B batch, T tokens, H heads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ class LayerMaps:
     first: torch.Tensor | None  # [B, H, T, T] A1 (diff modes)
     second: torch.Tensor | None  # [B, H, T, T] A2
     lam: torch.Tensor | None  # V1: scalar; V2: [B, T, H]
+    visible: torch.Tensor  # [B, T, T] True where the query sees the key (the same for every head)
 
 
 def layer_scores(module: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -45,16 +47,17 @@ def layer_scores(module: Attention, x: torch.Tensor, cos: torch.Tensor, sin: tor
 
 def layer_maps(module: Attention, x: torch.Tensor, scores: list[torch.Tensor]) -> LayerMaps:
     """The maps a layer applies to its values, from its input `x` and its layer_scores."""
+    visible = scores[0][:, 0].isfinite()  # [B, T, T]: hidden keys' logits are -inf in every head
     if isinstance(module, DiffAttention):
         first, second = (score.softmax(dim=-1) for score in scores)
         lam = module.lambda_value()
-        return LayerMaps(first - lam * second, first, second, lam)
+        return LayerMaps(first - lam * second, first, second, lam, visible)
     probs = scores[0].softmax(dim=-1)  # [B, Hq, T, T]
     if isinstance(module, DiffV2Attention):
         lam = module.lambda_value(x)  # [B, T, H]
         first, second = probs[:, 0::2], probs[:, 1::2]
-        return LayerMaps(first - lam.permute(0, 2, 1)[..., None] * second, first, second, lam)
-    return LayerMaps(probs, None, None, None)
+        return LayerMaps(first - lam.permute(0, 2, 1)[..., None] * second, first, second, lam, visible)
+    return LayerMaps(probs, None, None, None, visible)
 
 
 def outlier_stats(values: list[torch.Tensor]) -> dict[str, float]:
@@ -140,15 +143,17 @@ def attention_stats(model: MoEDiffTransformer, batch: Batch) -> tuple[dict[str, 
     return {"attention": model.cfg.attention, "layers": layers, "outliers": outliers}, all_maps
 
 
-def plot_maps(all_maps: list[LayerMaps], out, tokens: int = 48):
-    """Head 0 of the first sequence, per layer: the first map, the second map and the combined map."""
+def plot_maps(all_maps: list[LayerMaps], out: Path, tokens: int = 48) -> Path:
+    """Head 0 of the first sequence, per layer: the first map, the second map and the combined map (a diverging
+    map centred on 0 in the diff modes), hidden keys masked."""
     plt = pyplot()
     panels = 3 if all_maps[0].first is not None else 1
     figure, axes = plt.subplots(len(all_maps), panels, figsize=(3.4 * panels, 3 * len(all_maps)), squeeze=False)
     for layer, maps in enumerate(all_maps):
-        shown = [("combined", maps.combined)] if panels == 1 else [
-            ("A1", maps.first), ("A2", maps.second), ("A1 - λ A2", maps.combined)]
-        for axis, (name, values) in zip(axes[layer], shown, strict=True):
-            shown_map = values[0, 0, :tokens, :tokens].float().cpu().numpy()
-            heatmap(axis, shown_map, f"layer {layer}: {name}", "key", "query")
+        shown = [("combined", maps.combined, False)] if panels == 1 else [
+            ("A1", maps.first, False), ("A2", maps.second, False), ("A1 - λ A2", maps.combined, True)]
+        hidden = ~maps.visible[0, :tokens, :tokens].cpu().numpy()
+        for axis, (name, values, centred) in zip(axes[layer], shown, strict=True):
+            heatmap(axis, values[0, 0, :tokens, :tokens].float().cpu().numpy(), f"layer {layer}: {name}", "key",
+                    "query", vmin=None if centred else 0, hidden=hidden, centred=centred)
     return save(figure, out / "attention_maps.png")

@@ -3,6 +3,7 @@ stats.json, plots and an HTML report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,8 @@ import torch
 from rich.console import Console
 
 from moe_diff.checkpoint.open import open_model
-from moe_diff.config import DataConfig
-from moe_diff.data import Batch, check_vocabulary, load_corpus, load_tokenizer, validation_batches
+from moe_diff.config import AUTO_KERNELS, DataConfig, Kernels
+from moe_diff.data import Batch, Tokenizer, check_vocabulary, load_corpus, validation_batches
 from moe_diff.diagnostics.attention import attention_stats, plot_maps
 from moe_diff.diagnostics.compare import compare_traces
 from moe_diff.diagnostics.needle import needle_probe
@@ -27,6 +28,7 @@ from moe_diff.diagnostics.report import (
     write_html,
 )
 from moe_diff.diagnostics.routing import routing_stats
+from moe_diff.errors import literal
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.routing.collect import collect_trace
 from moe_diff.routing.trace import RoutingTrace, TraceError, is_trace, load_trace, save_trace
@@ -37,36 +39,45 @@ NEEDLE_CONTEXT = 1024  # tokens of distractors around the planted key (capped at
 
 @dataclass
 class Target:
-    """What `diagnose` examines: a routing trace, and the model and tokens behind it when it ran one."""
+    """What `diagnose` examines: a routing trace, and the model, text and tokens behind it when it ran one."""
 
     trace: RoutingTrace
     run_dir: Path | None = None
-    data: DataConfig | None = None
+    data: DataConfig | None = None  # the text routed, with the tokenizer that read it
     model: MoEDiffTransformer | None = None
     batches: list[tuple[Batch, torch.Tensor]] | None = None
+    tokenizer: Tokenizer | None = None
 
 
-def load_target(path: Path, data: DataConfig | None, seq_len: int, max_tokens: int, console: Console) -> Target:
-    """Read a trace file, or run a checkpoint on validation tokens and trace its routing."""
+def load_target(path: Path, data: DataConfig | None, tokenizer: str | None, seq_len: int, max_tokens: int,
+                console: Console, kernels: Kernels) -> Target:
+    """Read a trace file, or run a checkpoint (on `kernels`) on the validation split of `data` (default: its run's
+    text, else the built-in corpus) read with `tokenizer` (default: the checkpoint's, StoredModel.tokenizer), and
+    trace its routing."""
     if path.is_file() and is_trace(path):
         return Target(load_trace(path), data=data)
-    stored = open_model(path, tell=lambda note: console.print(note, highlight=False, soft_wrap=True))
-    data = data or stored.data or DataConfig()
+
+    def tell(note: str) -> None:
+        console.print(literal(note), highlight=False, soft_wrap=True)
+
+    stored = open_model(path, tell=tell, kernels=kernels)
+    text_tokenizer = stored.tokenizer(tokenizer)
+    data = dataclasses.replace(data or stored.data or DataConfig(), tokenizer=text_tokenizer.name)
     model = stored.model.float()
-    tokenizer = load_tokenizer(data)
-    check_vocabulary(model.cfg.vocab_size, tokenizer)
-    corpus = load_corpus(data, tokenizer)
-    check_vocabulary(model.cfg.vocab_size, tokenizer, corpus.vocab_size)
+    corpus = load_corpus(data, text_tokenizer, tell=tell)
+    check_vocabulary(model.cfg.vocab_size, text_tokenizer, corpus.vocab_size)
     batches = validation_batches(corpus, min(seq_len, model.cfg.max_seq_len), max_tokens)
-    header = {"source": f"diagnose {stored.path}", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
+    header = {"source": f"diagnose {stored.path}", "tokenizer": text_tokenizer.name, "model": vars(model.cfg)}
     return Target(collect_trace(model, batches, corpus.val_names, header, progress=True), stored.run_dir, data, model,
-                  batches)
+                  batches, text_tokenizer)
 
 
-def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None, compare: str | Path | None = None,
-             trace_path: str | Path | None = None, seq_len: int = 256, max_tokens: int = 16384,
-             attention: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Trace (or read) the routing of `target`, write stats.json, plots and report.html to `out`.
+def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None, tokenizer: str | None = None,
+             compare: str | Path | None = None, trace_path: str | Path | None = None, seq_len: int = 256,
+             max_tokens: int = 16384, attention: bool = False, console: Console | None = None,
+             kernels: Kernels = AUTO_KERNELS) -> dict[str, Any]:
+    """Trace (or read) the routing of `target`, write stats.json, plots and report.html to `out`. A checkpoint runs
+    on the validation split of `data`'s sources (default: its run's) read with `tokenizer` (default: its own).
 
     With `attention`, also lambda, attention maps, noise mass, entropy and activation outliers
     (of `compare` too when it is a checkpoint).
@@ -74,7 +85,7 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ours = load_target(Path(target), data, seq_len, max_tokens, console)
+    ours = load_target(Path(target), data, tokenizer, seq_len, max_tokens, console, kernels)
     if trace_path is not None:
         save_trace(ours.trace, trace_path)
     stats = routing_stats(ours.trace)
@@ -84,23 +95,24 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
         images += [training] if training else []
     theirs = None
     if compare is not None:
-        theirs = load_target(Path(compare), ours.data, trace_seq_len(ours.trace), ours.trace.n_tokens, console)
+        same_text = ours.data.tokenizer if ours.data is not None else tokenizer
+        theirs = load_target(Path(compare), ours.data, same_text, trace_seq_len(ours.trace), ours.trace.n_tokens,
+                             console, kernels)
         stats["comparison"] = compare_traces(ours.trace, theirs.trace)
         images.append(plot_comparison(stats["comparison"], out))
     if attention:
         if ours.model is None:
             raise TraceError("attention diagnostics need a checkpoint, not a trace file")
-        tokenizer = load_tokenizer(ours.data)
         stats["attention"], maps = attention_stats(ours.model, ours.batches[0][0])
-        stats["attention"]["needle"] = needle_probe(ours.model, tokenizer, NEEDLE_CONTEXT)
+        stats["attention"]["needle"] = needle_probe(ours.model, ours.tokenizer, NEEDLE_CONTEXT)
         images.append(plot_maps(maps, out))
         if theirs is not None and theirs.model is not None:
             stats["attention_compare"], _ = attention_stats(theirs.model, ours.batches[0][0])
-            stats["attention_compare"]["needle"] = needle_probe(theirs.model, tokenizer, NEEDLE_CONTEXT)
+            stats["attention_compare"]["needle"] = needle_probe(theirs.model, ours.tokenizer, NEEDLE_CONTEXT)
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     write_html(stats, images, out, f"Routing of {target}")
     print_summary(stats, console)
-    console.print(f"wrote {out / 'stats.json'}, {len(images)} plots and {out / 'report.html'}")
+    console.print(f"wrote {literal(out / 'stats.json')}, {len(images)} plots and {literal(out / 'report.html')}")
     return stats
 
 

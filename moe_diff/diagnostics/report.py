@@ -10,12 +10,13 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from moe_diff.plotting import heatmap, pyplot, save
+from moe_diff.plotting import heatmap, integer_ticks, pyplot, save
 
 
 def plot_load(stats: dict[str, Any], out: Path) -> Path:
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(1.2 + 0.5 * stats["n_experts"], 1.0 + 0.35 * stats["n_layers"]))
+    height = 1.0 + 0.35 * max(stats["n_layers"], 4)  # room for the colour bar when there are few layers
+    figure, axis = plt.subplots(figsize=(1.2 + 0.5 * stats["n_experts"], height))
     heatmap(axis, [layer["utilisation"] for layer in stats["layers"]], "Load / ideal load", "expert", "layer",
              vmin=0)
     return save(figure, out / "load_heatmap.png")
@@ -34,6 +35,8 @@ def plot_layers(stats: dict[str, Any], out: Path) -> Path:
     right.axhline(2.0, color="red", linestyle=":", label="flag at 2")
     right.set(title="Expert load", xlabel="layer")
     right.legend()
+    integer_ticks(left)
+    integer_ticks(right)
     return save(figure, out / "layers.png")
 
 
@@ -62,14 +65,14 @@ def plot_training_load(records: list[dict[str, Any]], out: Path) -> Path | None:
     rows = -(-n // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
     steps = [r["step"] for r in records]
+    half = (steps[-1] - steps[0]) / (len(steps) - 1) / 2  # each column centred on its step
     for layer, axis in enumerate(axes.flat):
         if layer >= n:
             axis.axis("off")
             continue
         shares = [[r["expert_share"][layer][e] for r in records] for e in range(len(records[0]["expert_share"][0]))]
-        axis.imshow(shares, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
-                    extent=(steps[0], steps[-1], len(shares) - 0.5, -0.5))
-        axis.set(title=f"layer {layer}", xlabel="step", ylabel="expert")
+        heatmap(axis, shares, f"layer {layer}: share", "step", "expert", vmin=0,
+                extent=(steps[0] - half, steps[-1] + half, len(shares) - 0.5, -0.5))
     return save(figure, out / "training_load.png")
 
 
@@ -82,6 +85,7 @@ def plot_comparison(comparison: dict[str, Any], out: Path) -> Path:
         axis.plot(layers, [layer[key] for layer in comparison["layers"]], "o-", label=label)
     axis.set(title="Routing change between checkpoints", xlabel="layer", ylabel="share of tokens", ylim=(0, 1.05))
     axis.legend()
+    integer_ticks(axis)
     return save(figure, out / "comparison.png")
 
 
@@ -96,8 +100,9 @@ EXPLANATIONS = {
     "training_load.png": "Each expert's share of the assignments (rows) over training steps (columns): watch for "
                          "rows that fade to zero (dying experts) or dominate.",
     "attention_maps.png": "Head 0 of the first sequence in each layer: the two softmax maps and the map "
-                          "actually applied to the values (their difference in the diff modes); a sharp "
-                          "combined map with a faint background is the noise cancelling at work.",
+                          "actually applied to the values (their difference in the diff modes, red above 0, blue "
+                          "below, white at 0); grey cells are keys the query cannot see. A sharp combined map with "
+                          "a faint background is the noise cancelling at work.",
     "comparison.png": "Share of tokens whose routing differs between the two checkpoints, before and after "
                       "matching experts one to one (experts can swap labels between runs).",
 }

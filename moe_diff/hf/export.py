@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from moe_diff.config import KERNEL_FIELDS
 from moe_diff.data.tokenizers import Tokenizer, check_vocabulary
 from moe_diff.hf.configuration import MoeDiffConfig
 from moe_diff.hf.modeling import MoeDiffForCausalLM
@@ -50,6 +51,8 @@ def save_hf(model: MoEDiffTransformer, tokenizer: Tokenizer, directory: Path,
     trust_remote_code files into `directory`, which must not exist or be empty: written beside it, then moved."""
     check_vocabulary(model.cfg.vocab_size, tokenizer)
     wrapper = hf_model(model, tokenizer.eot_id)
+    for name in KERNEL_FIELDS:  # where it is loaded picks its kernels, not where it was exported
+        setattr(wrapper.config, name, "auto")
     wrapper.config.auto_map = {AUTO_CLASSES[cls]: f"{file.removesuffix('.py')}.{cls}"
                                for file, (cls, _) in REMOTE_CODE.items()}
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from moe_diff.checkpoint.open import open_model
-from moe_diff.data.tokenizers import check_vocabulary
+from moe_diff.config import AUTO_KERNELS, Kernels
 from moe_diff.errors import UsageError
 from moe_diff.files import write_json
 from moe_diff.hf.eval_task import TASKS, write_task
@@ -44,10 +44,10 @@ def check_tasks(tasks: Sequence[str], known: Sequence[str]) -> None:
 def evaluate(source: str | Path, tasks: Sequence[str], tokenizer: str | None = None,
              include_path: Sequence[str | Path] = (), limit: int | None = None, num_fewshot: int | None = None,
              batch_size: int = 8, device: str = "cpu", dtype: torch.dtype | None = None,
-             tell: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """lm_eval's results for `tasks` on the model at `source` (any form open_model reads), with `tokenizer`
-    ('byte' or a tokenizer.json; default: the run's or the exported directory's). Tasks outside the local ones
-    come from lm_eval's own registry and `include_path`; their data must be available to `datasets`."""
+             tell: Callable[[str], None] | None = None, kernels: Kernels = AUTO_KERNELS) -> dict[str, Any]:
+    """lm_eval's results for `tasks` on the model at `source` (any form open_model reads, run on `kernels`), with
+    `tokenizer` ('byte' or a tokenizer.json; default: the checkpoint's, StoredModel.tokenizer). Tasks outside the
+    local ones come from lm_eval's own registry and `include_path`; their data must be available to `datasets`."""
     if not tasks:
         raise UsageError(f"--tasks: name at least one task (the local ones: {', '.join(TASKS)})")
     if limit is not None and limit < 1:
@@ -56,9 +56,8 @@ def evaluate(source: str | Path, tasks: Sequence[str], tokenizer: str | None = N
         if not Path(path).is_dir():
             raise UsageError(f"--include-path {path}: no such directory (it holds lm_eval task YAML files)")
     evaluator, HFLM, TaskManager = lm_eval_modules()
-    stored = open_model(source, dtype=dtype, tell=tell)
+    stored = open_model(source, dtype=dtype, tell=tell, kernels=kernels)
     text_tokenizer = stored.tokenizer(tokenizer)
-    check_vocabulary(stored.model.cfg.vocab_size, text_tokenizer)
     model = hf_model(stored.model.to(device).eval(), text_tokenizer.eot_id)
     with tempfile.TemporaryDirectory(prefix="moe-diff-eval-") as local:
         if any(task in TASKS for task in tasks):

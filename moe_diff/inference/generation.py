@@ -7,13 +7,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from moe_diff.config import ModelConfig
 from moe_diff.errors import UsageError
 from moe_diff.kernels.moe_decode import moe_experts_gemv
 from moe_diff.kernels.moe_experts import moe_experts_every, moe_experts_gathered, moe_experts_loop_op
 from moe_diff.kernels.triton_compat import HAVE_TRITON
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 
-PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the attention scores held at once
+PREFILL_CHUNK = 512  # prompt tokens per prefill step (at most max_seq_len); bounds the attention scores held at once
 
 
 def left_pad(prompts: torch.Tensor | Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +30,32 @@ def left_pad(prompts: torch.Tensor | Sequence[torch.Tensor], pad_id: int = 0) ->
     for row, prompt in enumerate(prompts):
         tokens[row, longest - len(prompt):] = prompt
     return tokens, torch.tensor([longest - len(p) for p in prompts], device=tokens.device)
+
+
+def position_limit(cfg: ModelConfig) -> int | None:
+    """How many positions a prompt and its continuation may take together: max_seq_len, or any number (None) with a
+    sliding window no wider than max_seq_len."""
+    window = cfg.sliding_window
+    return None if window is not None and window <= cfg.max_seq_len else cfg.max_seq_len
+
+
+def check_length(cfg: ModelConfig, prompt_length: int, max_new_tokens: int, name: str = "max_new_tokens") -> None:
+    """UsageError unless the model has a position for every token of the prompt and its continuation: at most
+    max_seq_len of them, or any number with a sliding window no wider than max_seq_len (the KV cache rolls, no
+    query sees further back than the window, and rotary angles are computed for any position). `name` is what
+    the caller calls max_new_tokens."""
+    total, limit, window = prompt_length + max_new_tokens, cfg.max_seq_len, cfg.sliding_window
+    if position_limit(cfg) is None or total <= limit:
+        return
+    ways = []
+    if max_new_tokens < limit:
+        ways.append(f"shorten the prompt to at most {limit - max_new_tokens} tokens")
+    if prompt_length < limit:
+        ways.append(f"use {name} {limit - prompt_length} or fewer")
+    beyond = "without a sliding window" if window is None else f"with a sliding window ({window}) wider than that"
+    raise UsageError(f"the prompt ({prompt_length} tokens) and {name} {max_new_tokens} make {total} positions, more "
+                     f"than the model's max_seq_len ({limit}) {beyond}: "
+                     + (" or ".join(ways) or f"keep the prompt and {name} within {limit} together"))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -130,8 +157,9 @@ class Decoder:
         if n_new == 1:  # fresh dense strides, so a compiled step sees the same input layout every time
             return self._seen(self.step(tokens[:, -1:].clone(memory_format=torch.contiguous_format),
                                         self._inputs(length - 1, length)[0]))
-        for start in range(length - n_new, length, PREFILL_CHUNK):
-            stop = min(start + PREFILL_CHUNK, length)
+        chunk = min(PREFILL_CHUNK, self.model.cfg.max_seq_len)  # the longest sequence one forward takes
+        for start in range(length - n_new, length, chunk):
+            stop = min(start + chunk, length)
             logits = self._seen(self.model(tokens[:, start:stop], self._inputs(start, stop)[0]))
         return logits
 
@@ -146,13 +174,13 @@ class Decoder:
             self.model.clear_caches()
 
 
-@torch.no_grad()
 def stream(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.Tensor], max_new_tokens: int,
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (), seed: int | None = None,
            use_cache: bool = True, compile: bool = False,
            on_forward: Callable[[ModelOutput], None] | None = None) -> Iterator[torch.Tensor]:
-    """Yield each step's new tokens [B] as they are produced (see `generate` for the arguments).
+    """An iterator of each step's new tokens [B], produced as they are asked for (see `generate` for the
+    arguments); the arguments are checked here, before the first step.
 
     on_forward, if given, sees every forward's ModelOutput (prefill chunks, then one per step), e.g. to
     record which experts each step chose.
@@ -165,6 +193,17 @@ def stream(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.Ten
     if compile and not use_cache:
         raise UsageError("compile=True compiles the one-token step against the KV cache; it needs use_cache=True")
     tokens, pad = left_pad(prompts)
+    check_length(model.cfg, tokens.shape[1], max_new_tokens)
+    return _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens,
+                  seed, use_cache, compile, on_forward)
+
+
+@torch.no_grad()
+def _steps(model: MoEDiffTransformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_tokens: int,
+           temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float,
+           stop_tokens: Sequence[int], seed: int | None, use_cache: bool, compile: bool,
+           on_forward: Callable[[ModelOutput], None] | None) -> Iterator[torch.Tensor]:
+    """stream's steps, from left-padded prompt tokens [B, T] and each row's padding [B]."""
     generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
     real = torch.arange(tokens.shape[1], device=tokens.device)[None] >= pad[:, None]
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
@@ -203,10 +242,11 @@ def generate(model: MoEDiffTransformer, prompts: torch.Tensor | Sequence[torch.T
     positions count from each prompt's first token and padding is never attended to).
     temperature 0 is greedy; top_k and top_p filter before sampling; `seed` makes sampling
     repeatable. Generation stops early once every row has produced one of `stop_tokens`; a
-    finished row repeats its stop token. With a sliding window the KV cache is a rolling buffer
-    of `sliding_window` positions, so memory stays flat however long the generation; without
-    one it holds the prompt and the new tokens (at most max_seq_len positions). use_cache=False
-    recomputes the whole context each step.
+    finished row repeats its stop token. With a sliding window (no wider than max_seq_len) the KV
+    cache is a rolling buffer of `sliding_window` positions, so memory stays flat however long the
+    generation; without one it holds the prompt and the new tokens, which may not exceed
+    max_seq_len (a UsageError says so before any step). use_cache=False recomputes the whole
+    context each step.
     compile=True runs the decode steps through torch.compile (static shapes; the first call per batch
     size and length compiles, later ones reuse it).
     """

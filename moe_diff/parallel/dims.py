@@ -35,9 +35,15 @@ class ParallelDims:
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
         """dp * tp must be the world size (dp inferred when null); ep must divide it."""
         dp = cfg.dp if cfg.dp is not None else world_size // cfg.tp
+        if dp * cfg.tp != world_size and cfg.dp is None:
+            divisors = [str(d) for d in range(1, world_size + 1) if world_size % d == 0]
+            raise ConfigError(f"parallel.tp={cfg.tp} must divide the world size {world_size} (torchrun "
+                              f"--nproc_per_node x nodes): run a multiple of {cfg.tp} processes under torchrun, or "
+                              f"set parallel.tp={' or '.join(divisors)}")
         if dp * cfg.tp != world_size:
             raise ConfigError(f"parallel.dp={cfg.dp} x parallel.tp={cfg.tp} must equal the world size {world_size} "
-                              "(torchrun --nproc_per_node x nodes)")
+                              f"(torchrun --nproc_per_node x nodes): run {cfg.dp * cfg.tp} processes, or set "
+                              "parallel.dp=null to use them all")
         if world_size % cfg.ep:
             raise ConfigError(f"parallel.ep={cfg.ep} must divide the world size {world_size}")
         if world_size % (cfg.ep * cfg.tp):

@@ -9,6 +9,8 @@ the logits (gathered whole for the loss).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -115,12 +117,14 @@ def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
     """Whole heads (pairs of them for diff), kv groups and FFN columns on every rank."""
     cfg = model.cfg
     pairs = 2 if cfg.attention == "diff" else 1
+    whole = math.gcd(cfg.n_heads // pairs, cfg.n_kv_heads // pairs, cfg.ffn_dim)  # what every tp must divide
+    fits = f"; parallel.tp that fit these shapes: {', '.join(str(d) for d in range(1, whole + 1) if whole % d == 0)}"
     for field, value in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads)):
         if value % (tp * pairs):
             raise ConfigError(f"parallel.tp={tp} must split model.{field}={value} into whole "
-                              f"{'differential heads (pairs)' if pairs == 2 else 'heads'} per rank")
+                              f"{'differential heads (pairs)' if pairs == 2 else 'heads'} per rank{fits}")
     if cfg.ffn_dim % tp:
-        raise ConfigError(f"parallel.tp={tp} must divide model.ffn_dim={cfg.ffn_dim}")
+        raise ConfigError(f"parallel.tp={tp} must divide model.ffn_dim={cfg.ffn_dim}{fits}")
 
 
 def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:

@@ -14,7 +14,7 @@ import numpy as np
 from moe_diff.diagnostics.attention import OUTLIER_NAMES
 from moe_diff.diagnostics.report import html_page
 from moe_diff.files import write_text
-from moe_diff.plotting import heatmap, pyplot, save
+from moe_diff.plotting import heatmap, integer_ticks, pyplot, save
 
 # Table 5 of the DIFF Transformer paper (3B models trained on 350B tokens; statistics over 0.4M tokens)
 PAPER_OUTLIERS = {
@@ -40,9 +40,9 @@ METRICS = {
     "flops_per_token": ("forward FLOPs per token", None),
 }
 EXPLANATIONS = {
-    "loss_curves.png": "Loss during training per mode: the line is the mean over seeds, the band spans the lowest "
-                       "and highest seed. Lower is better; where the bands overlap, the seeds do not separate the "
-                       "modes.",
+    "loss_curves.png": "Loss during training per mode (validation loss only where the runs evaluated, "
+                       "train.eval_every > 0): the line is the mean over seeds, the band spans the lowest and highest "
+                       "seed. Lower is better; where the bands overlap, the seeds do not separate the modes.",
     "needle.png": "Needle retrieval: the share of trials in which the planted value beats the distractor values, "
                   "by the needle's depth in the context (columns) and the context length (rows), mean over seeds. "
                   "Chance is in each panel's title; rows longer than the window test retrieval beyond it.",
@@ -70,10 +70,15 @@ def band(curves: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray, np.nd
     return np.array(steps), values.mean(0), values.min(0), values.max(0)
 
 
-def plot_loss_curves(study: dict[str, Any], out: Path) -> Path:
+def plot_loss_curves(study: dict[str, Any], out: Path) -> Path | None:
+    """Validation and training loss per mode, each panel only where some run logged that loss."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, name, title in ((axes[0], "val_loss", "validation loss"), (axes[1], "loss", "training loss")):
+    panels = [(name, title) for name, title in (("val_loss", "validation loss"), ("loss", "training loss"))
+              if any(run["curves"][name] for run in study["runs"])]
+    if not panels:
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for axis, (name, title) in zip(axes[0], panels, strict=True):
         for mode in study["modes"]:
             curves = [run["curves"][name] for run in runs_of(study, mode) if run["curves"][name]]
             if not curves:
@@ -82,6 +87,7 @@ def plot_loss_curves(study: dict[str, Any], out: Path) -> Path:
             axis.plot(steps, mean, label=f"{mode} ({len(curves)} seeds)", color=COLOURS.get(mode))
             axis.fill_between(steps, low, high, alpha=0.25, color=COLOURS.get(mode))
         axis.set(title=title, xlabel="step", ylabel="nats per token")
+        integer_ticks(axis)
         axis.legend(fontsize=8)
     return save(figure, out / "loss_curves.png")
 
@@ -138,6 +144,7 @@ def plot_lambda(study: dict[str, Any], out: Path) -> Path | None:
             axis.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
         kind = "mean, band p10-p90 over tokens and heads" if spreads else "band: min to max over seeds"
         axis.set(title=f"{mode}: lambda ({kind})", xlabel="step")
+        integer_ticks(axis)
         axis.legend(fontsize=7)
     return save(figure, out / "lambda.png")
 
@@ -151,6 +158,7 @@ def plot_routing(study: dict[str, Any], out: Path) -> Path:
             values = np.array([run["measured"]["routing"][name] for run in runs_of(study, mode)])
             axis.plot(range(values.shape[1]), values.mean(0), "o-", label=mode, color=COLOURS.get(mode))
         axis.set(title=title, xlabel="layer")
+        integer_ticks(axis)
         axis.legend(fontsize=8)
     return save(figure, out / "routing.png")
 

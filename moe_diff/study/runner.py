@@ -24,7 +24,7 @@ from moe_diff import costs
 from moe_diff.config import Config, section_from_dict
 from moe_diff.data import load_corpus, load_tokenizer
 from moe_diff.device import environment, resolve_device
-from moe_diff.errors import MoeDiffError, UsageError
+from moe_diff.errors import MoeDiffError, UsageError, literal
 from moe_diff.files import write_json
 from moe_diff.runs import METRICS_FILE, read_metrics
 from moe_diff.study.aggregate import aggregate, scalars
@@ -209,7 +209,7 @@ def run_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Path
     out.mkdir(parents=True, exist_ok=True)
     check_plan(out, cfg, match)
     for note in notes:
-        console.print(note, highlight=False)
+        console.print(literal(note), highlight=False)
     for mode in modes:
         model = next(run.cfg.model for run in runs if run.mode == mode)
         console.print(f"{mode}: {costs.param_counts(model).total:,} parameters, "
@@ -235,7 +235,8 @@ def run_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Path
                       notes)
     write_json(study, out / STUDY_FILE)
     images = write_report(study, out)
-    console.print(f"wrote {out / STUDY_FILE}, {out / 'report.html'} and {len(images)} plots", highlight=False)
+    console.print(f"wrote {literal(out / STUDY_FILE)}, {literal(out / 'report.html')} and {len(images)} plots",
+                  highlight=False)
     return study
 
 

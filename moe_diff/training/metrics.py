@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moe_diff.runs import METRICS_FILE, read_metrics
+from moe_diff.runs import METRICS_FILE, TENSORBOARD_DIR, read_metrics
 
 
 class MetricsLog:
@@ -17,7 +17,7 @@ class MetricsLog:
         self.path = out_dir / METRICS_FILE
         truncate_after(self.path, resume_step)
         self.file = self.path.open("a")
-        self.tensorboard = _tensorboard_writer(out_dir / "tensorboard")
+        self.tensorboard = _tensorboard_writer(out_dir / TENSORBOARD_DIR)
 
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe_diff.errors import UsageError
-from moe_diff.plotting import pyplot, save
+from moe_diff.plotting import integer_ticks, pyplot, save
 from moe_diff.runs import METRICS_FILE, read_metrics
 
 
@@ -30,4 +30,6 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     speed = [r for r in records if r.get("tokens_per_s")]
     speed_axis.plot([r["step"] for r in speed], [r["tokens_per_s"] for r in speed])
     speed_axis.set(xlabel="step", ylabel="tokens/s", title="Throughput")
+    integer_ticks(loss_axis)
+    integer_ticks(speed_axis)
     return save(figure, out, dpi=100)

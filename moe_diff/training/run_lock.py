@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from moe_diff.errors import MoeDiffError
+from moe_diff.errors import MoeDiffError, literal
 from moe_diff.parallel.runtime import Runtime
 
 LOCK_FILE = "run.lock"
@@ -34,6 +34,7 @@ TAKEOVER_FILE = "run.lock.takeover"  # held while a dead holder's lock is replac
 REFRESH_S = 30.0
 STALE_AFTER_S = 600.0  # ten minutes without a refresh: the holder is gone (or hung past any save)
 TAKEOVER_STALE_S = 60.0  # a takeover file this old belongs to a job that died while taking over
+UNREADABLE_WAIT_S = 2.0  # how long an unreadable lock may be one still being written in place
 
 
 def pid_namespace() -> int | None:
@@ -108,14 +109,20 @@ class RunLock:
     def acquire(self) -> list[str]:
         """Take the lock (RunLockError if another job holds it); return a note for each dead holder's lock taken
         over."""
-        notes = []
+        notes, unreadable_since = [], None
         while not self._place():
             holder = read_holder(self.path)
             reason = self._stale_reason(holder)
             if reason is None:
-                if holder is None:  # unreadable and recent: debris of a write that failed, stale in time
-                    time.sleep(0.1)
-                    continue
+                if holder is None:  # a lock being created in place (no hard links), or debris
+                    unreadable_since = unreadable_since or time.monotonic()
+                    if time.monotonic() - unreadable_since < UNREADABLE_WAIT_S:
+                        time.sleep(0.1)
+                        continue
+                    raise RunLockError(f"{self.path} is not a lock a job wrote (it is empty or not a lock's JSON), "
+                                       f"so whether a job uses {self.path.parent} is unknown. If none does, remove "
+                                       f"{self.path} and start again; an unreadable lock unchanged for "
+                                       f"{self.stale_after_s:.0f} s is taken over")
                 raise RunLockError(f"{self.path.parent} is in use by another job ({holder.describe()}; lock "
                                    f"{self.path}): wait for it to end, or give this job another train.out_dir")
             if self._take_over(holder):
@@ -143,6 +150,8 @@ class RunLock:
 
     def _place(self) -> bool:
         """Link this holder's lock into place if there is none; False if there is one."""
+        if self.path.exists():
+            return False
         own = self._written()
         try:
             os.link(own, self.path)
@@ -207,7 +216,7 @@ def holding_run_directory(out_dir: Path, job: Runtime, console: Console) -> Iter
     if job.is_main:
         try:
             for note in lock.acquire():
-                console.print(f"[yellow]{note}[/]", soft_wrap=True)
+                console.print(f"[yellow]{literal(note)}[/]", soft_wrap=True)
         except RunLockError as error:
             refusal = str(error)
     refusals = [message for message in job.gather_objects(refusal) if message]

@@ -21,8 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moe_diff import costs
 from moe_diff.checkpoint import training as checkpoints
-from moe_diff.checkpoint.schema import CheckpointError, load_model_config
-from moe_diff.config import Config, ConfigError, TrainConfig
+from moe_diff.checkpoint.schema import load_model_config
+from moe_diff.config import Config, ConfigError, Kernels
 from moe_diff.data import (
     Batch,
     BatchSampler,
@@ -35,7 +35,7 @@ from moe_diff.data import (
     validation_batches,
 )
 from moe_diff.device import peak_flops, peak_memory, resolve_device
-from moe_diff.errors import MoeDiffError
+from moe_diff.errors import MoeDiffError, literal
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import runtime
 from moe_diff.parallel.apply import materialize, parallelize, shard_fully, wrap
@@ -47,6 +47,7 @@ from moe_diff.runs import CHECKPOINTS_DIR, TRACES_DIR
 from moe_diff.training.metrics import MetricsLog
 from moe_diff.training.optim import build_optimizer, learning_rate, set_learning_rate
 from moe_diff.training.probes import LambdaProbe
+from moe_diff.training.start import plan_start
 
 
 class TrainingError(MoeDiffError, RuntimeError):
@@ -78,28 +79,15 @@ def enable_activation_checkpointing(model: MoEDiffTransformer) -> None:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
-def find_resume_checkpoint(cfg: TrainConfig, console: Console, job: runtime.Runtime) -> Path | None:
-    """The checkpoint to continue from (train.resume: auto, never or a path), verified by the job's ranks."""
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume)
-        try:
-            checkpoints.verify_in_job(path, job)
-        except CheckpointError as error:
-            raise CheckpointError(f"train.resume={cfg.resume!r}: {error}") from None
-        return path
-    path, skipped = checkpoints.newest_valid(Path(cfg.out_dir) / CHECKPOINTS_DIR, job)
-    for note in skipped:
-        console.print(f"[yellow]skipping checkpoint:[/] {note}")
-    return path
-
-
 def with_stored_model(cfg: Config, checkpoint_dir: Path, console: Console) -> Config:
-    """The job config with the checkpoint's model section, which wins over the command line."""
-    stored = load_model_config(checkpoint_dir)
-    if stored != cfg.model:
-        console.print(f"[yellow]resuming:[/] the model config stored in {checkpoint_dir} replaces the given one")
+    """The job config with the checkpoint's model, which wins over the given one, on the given kernels."""
+    stored = Kernels.of(cfg.model).on(load_model_config(checkpoint_dir))
+    given = vars(cfg.model)
+    changed = [f"model.{f.name}={value!r} (given {given[f.name]!r})" for f in dataclasses.fields(stored)
+               if f.compare and (value := getattr(stored, f.name)) != given[f.name]]
+    if changed:
+        console.print(f"[yellow]resuming:[/] the model is the checkpoint's, so it keeps {literal(', '.join(changed))}",
+                      soft_wrap=True)
     return dataclasses.replace(cfg, model=stored)
 
 
@@ -162,7 +150,8 @@ class Trainer:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.data_ranks} "
                               f"data-parallel ranks x train.grad_accum={cfg.train.grad_accum} micro-batches must "
                               "divide it")
-        resume_from = find_resume_checkpoint(cfg.train, console, self.runtime)
+        start = plan_start(cfg.train, console, self.runtime)
+        self.run_id, resume_from = start.run_id, start.checkpoint
         if resume_from is not None:
             cfg = with_stored_model(cfg, resume_from, console)
         self.cfg, t = cfg, cfg.train
@@ -170,7 +159,8 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         self.tokenizer = load_tokenizer(cfg.data)
-        corpus = load_corpus(cfg.data, self.tokenizer)
+        corpus = load_corpus(cfg.data, self.tokenizer,
+                             tell=lambda note: console.print(literal(note), highlight=False, soft_wrap=True))
         check_vocabulary(cfg.model.vocab_size, self.tokenizer, corpus.vocab_size)
         self.train_windows = PackedSequences(corpus.train, t.seq_len, corpus.eot_id)
         val_windows = PackedSequences(corpus.val, t.seq_len, corpus.eot_id, split="validation")
@@ -198,7 +188,7 @@ class Trainer:
             state = checkpoints.load(resume_from, self.model, self.optimizer, self.runtime)
             self.sampler.load_state_dict(state["sampler"])
             self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
-            console.print(f"resumed from {resume_from} at step {self.step}")
+            console.print(f"resumed from {literal(resume_from)} at step {self.step}")
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.forward = torch.compile(self.data_parallel) if t.compile else self.data_parallel
@@ -207,7 +197,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Every rank writes the parts of the model and optimizer state it holds."""
-        trainer_state = {"sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
+        trainer_state = {checkpoints.RUN_ID: self.run_id, "sampler": self.sampler.state_dict(),
+                         "nonfinite_streak": self.nonfinite_streak}
         return checkpoints.save(self.out_dir / CHECKPOINTS_DIR, self.step, self.model, self.optimizer,
                                      self.runtime, trainer_state, self.cfg, self.cfg.train.keep_checkpoints)
 
@@ -334,7 +325,7 @@ class Trainer:
         saved = self.save()
         if metrics:
             metrics.close()
-        self.console.print(f"saved {saved} ({stop_reason})")
+        self.console.print(f"saved {literal(saved)} ({stop_reason})")
         return self._result(record.get("loss"), val_loss, time.perf_counter() - start, stop_reason)
 
     def _result(self, loss: float | None, val_loss: float | None, seconds: float, reason: str) -> RunResult:

@@ -174,7 +174,7 @@ def test_hf_tokenizer_json_end_to_end(tmp_path: Path) -> None:
     (lambda d: DataConfig(source=str(d / "missing.txt")), "missing.txt' matches no file"),
     (lambda d: DataConfig(source=str(d / "*.nothing")), "*.nothing' matches no file"),
     (lambda d: DataConfig(source=[str(d / "empty.txt"), str(d / "blank.jsonl")]),
-     "empty.txt', '/TMP/blank.jsonl'] holds fewer than two non-empty documents"),
+     "empty.txt', '/TMP/blank.jsonl'] holds no non-empty documents"),
     (lambda d: DataConfig(source=str(d / "bad.jsonl")), "bad.jsonl:2 is not valid JSON"),
     (lambda d: DataConfig(source=str(d / "nofield.jsonl")),
      "nofield.jsonl:1 has no string field 'text' (data.text_field)"),

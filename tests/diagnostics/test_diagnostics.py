@@ -107,7 +107,8 @@ def diagnose_quietly(target, out, run, **kwargs):
     from rich.console import Console
 
     data = DataConfig(source=str(run["texts"]), val_fraction=0.4)
-    return diagnose(target, out, data=data, seq_len=32, max_tokens=512, console=Console(quiet=True), **kwargs)
+    return diagnose(target, out, data=data, tokenizer="byte", seq_len=32, max_tokens=512, console=Console(quiet=True),
+                    **kwargs)
 
 
 def test_comparing_a_checkpoint_with_itself_and_with_swapped_experts(run, tmp_path: Path) -> None:
@@ -188,6 +189,7 @@ def test_attention_maps_reproduce_the_layer_and_stats_are_reported(mode: str, ru
         expected = attention_op("reference", "standard")(q, k, v, AttentionMask(5))
         values = v.repeat_interleave(2, dim=2)
     torch.testing.assert_close(torch.einsum("bhqk,bkhd->bqhd", maps.combined, values), expected)
+    assert torch.equal(maps.visible, AttentionMask(5).dense(T, x.device).expand(B, T, T))  # the rest drawn masked
     assert len(capture.outputs) == 2
     from moe_diff.data import Batch
 

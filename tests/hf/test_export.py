@@ -157,7 +157,7 @@ def test_export_refusals_name_what_to_do(tmp_path: Path, capsys) -> None:
                  str(tmp_path / "big.json")]) != 0
     assert "model.vocab_size=257 is too small" in capsys.readouterr().err
     assert main(["export", str(source), str(tmp_path / "c"), "--format", "mixtral", "--tokenizer", "byte"]) != 0
-    assert "--tokenizer is for --format hf" in capsys.readouterr().err
+    assert "--tokenizer is for --format moe-diff or hf" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main(["export", str(source), str(tmp_path / "full"), "--format", "hf", "--tokenizer", "byte"]) != 0

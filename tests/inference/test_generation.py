@@ -85,6 +85,31 @@ def test_rolling_cache_memory_is_flat_in_generated_length() -> None:
     assert all(block.attention.kv_cache is None for block in model.layers)  # caches are released
 
 
+def test_a_windowed_model_generates_past_max_seq_len_from_a_prompt_longer_than_it() -> None:
+    """Prefill chunks stay within max_seq_len; rotary angles are computed for any position and no query sees more
+    than the window, so the rolling cache equals recomputing the last max_seq_len tokens (2 layers of a window of
+    4 reach back 6 tokens)."""
+    model = decisive_model("diff", window=4, max_seq_len=16)
+    tokens = prompt(23)[None]
+    assert torch.equal(generate(model, tokens, 30), generate(model, tokens, 30, use_cache=False))
+
+
+@pytest.mark.parametrize(("length", "new", "needle"), [
+    (60, 5, "the prompt (60 tokens) and max_new_tokens 5 make 65 positions, more than the model's max_seq_len (64) "
+            "without a sliding window: shorten the prompt to at most 59 tokens or use max_new_tokens 4 or fewer"),
+    (70, 1, "the prompt (70 tokens) and max_new_tokens 1 make 71 positions, more than the model's max_seq_len (64) "
+            "without a sliding window: shorten the prompt to at most 63 tokens"),
+])
+def test_positions_past_max_seq_len_without_a_window_are_refused_at_the_call(length: int, new: int,
+                                                                            needle: str) -> None:
+    model = decisive_model("standard", window=None)
+    for use_cache in (True, False):
+        with pytest.raises(ValueError) as refused:
+            stream(model, prompt(length)[None], new, use_cache=use_cache)  # before the first step is asked for
+        assert str(refused.value) == needle
+    assert generate(model, prompt(60)[None], 4).shape == (1, 64)
+
+
 def test_sampling_options() -> None:
     model = decisive_model("standard", window=None).float()
     tokens = prompt(4)[None]
@@ -109,6 +134,8 @@ def test_sampling_options() -> None:
 def test_bad_sampling_arguments(kwargs: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle.replace("(", "\\(")):
         generate(decisive_model("standard", None), prompt(3)[None], 2, **kwargs)
+    with pytest.raises(ValueError, match=needle.replace("(", "\\(")):
+        stream(decisive_model("standard", None), prompt(3)[None], 2, **kwargs)  # at the call, not the first step
     with pytest.raises(ValueError, match="non-empty"):
         generate(decisive_model("standard", None), [], 2)
 

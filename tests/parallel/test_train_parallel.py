@@ -69,7 +69,7 @@ def test_a_refused_layout_prints_one_line_on_every_rank(tmp_path: Path) -> None:
     assert process.returncode != 0
     said = [line for line in process.stderr.splitlines() if "n_kv_heads=2" in line]
     assert said == ["error: parallel.tp=2 must split model.n_kv_heads=2 into whole differential heads (pairs) per "
-                    "rank"] * 2
+                    "rank; parallel.tp that fit these shapes: 1"] * 2
     ranks = [line for line in process.stderr.splitlines() if re.match(r"\[rank\d\]", line)]
     assert not ranks and "moe_diff/parallel" not in process.stderr  # no rank's traceback
 

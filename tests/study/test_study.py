@@ -1,9 +1,11 @@
 """`moe-diff study`: its runs are `moe-diff train` runs (bitwise on the CPU), a stopped study resumes without
 retraining what it finished, `--match params` matches, shared parameters start equal across modes, a planted
-difference comes out of the paired report, and the report's images are PNGs the HTML names."""
+difference comes out of the paired report, and the report's images are PNGs the HTML names, with no empty
+validation panel when the runs never evaluate."""
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,12 @@ from rich.console import Console
 from moe_diff.cli import main
 from moe_diff.config import ConfigError, load_config
 from moe_diff.costs import param_counts
+from moe_diff.plotting import pyplot
 from moe_diff.runs import METRICS_FILE, read_metrics
 from moe_diff.study import runner
 from moe_diff.study.aggregate import aggregate
 from moe_diff.study.plan import plan_study
-from moe_diff.study.report import verdict
+from moe_diff.study.report import plot_loss_curves, verdict
 from moe_diff.training.job import training_job
 from moe_diff.training.trainer import Trainer
 
@@ -141,6 +144,20 @@ def test_a_planted_difference_comes_out_of_the_paired_report() -> None:
     assert noise["within_spread"] and "Within the spread" in verdict("diff_v2", "standard", "val_loss", noise)
     assert found["per_mode"]["diff"]["val_loss"]["n"] == 4
     assert found["per_mode"]["standard"]["val_loss"]["mean"] == pytest.approx(sum(base.values()) / 4)
+
+
+def test_loss_curves_without_validation_draw_only_the_training_panel(tmp_path: Path) -> None:
+    widths = {}
+    for evaluated in (True, False):  # train.eval_every=0 leaves every run's validation curve empty
+        curves = {"loss": [[10, 4.0], [20, 3.5]], "val_loss": [[20, 3.6]] if evaluated else []}
+        planned = {"modes": ["standard", "diff"], "runs": [{"mode": "standard", "curves": curves},
+                                                          {"mode": "diff", "curves": curves}]}
+        out = tmp_path / str(evaluated)
+        out.mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # matplotlib warns of a legend with nothing in it
+            widths[evaluated] = pyplot().imread(plot_loss_curves(planned, out)).shape[1]
+    assert widths[False] == widths[True] // 2  # one panel, not an empty validation panel beside it
 
 
 def test_a_parallel_study_runs_its_runs_in_workers_as_train_would(tmp_path: Path) -> None:

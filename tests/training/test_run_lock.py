@@ -56,7 +56,7 @@ def test_a_second_job_stops_at_once_and_a_killed_holder_is_taken_over(tmp_path: 
         first.wait(timeout=60)
     assert read_holder(out / LOCK_FILE).pid == first.pid  # left behind by the killed job
     third = subprocess.run([sys.executable, "-m", "moe_diff.train", str(config), "train.max_steps=2",
-                            "train.resume=never"], capture_output=True, text=True, timeout=300)
+                            "train.resume=restart"], capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr
     said = " ".join(third.stdout.split())
     assert f"took over the lock of a job that is gone (host {holder.host}, pid {first.pid}" in said
@@ -147,3 +147,18 @@ def test_an_unreadable_lock_is_taken_over_once_stale(tmp_path: Path) -> None:
     (note,) = lock.acquire()
     assert "an unreadable lock" in note and read_holder(tmp_path / LOCK_FILE) == lock.holder
     lock.release()
+
+
+def test_a_lock_that_is_not_a_locks_json_stops_the_job_at_once_with_the_way_out(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("{}")  # as a user or another tool left it
+    config = tmp_path / "job.yaml"
+    config.write_text(to_yaml(small_config(out)))
+    job = subprocess.run([sys.executable, "-m", "moe_diff.train", str(config)], capture_output=True, text=True,
+                         timeout=120)  # not the 10 minutes after which an unreadable lock counts as stale
+    assert job.returncode == 2
+    message = " ".join(job.stderr.split())
+    assert (f"error: {out / LOCK_FILE} is not a lock a job wrote (it is empty or not a lock's JSON), so whether a "
+            f"job uses {out} is unknown. If none does, remove {out / LOCK_FILE} and start again") in message
+    assert (out / LOCK_FILE).read_text() == "{}" and not (out / "checkpoints").exists()

@@ -11,23 +11,27 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 
 from moe_diff.checkpoint.open import open_model
-from moe_diff.config import load_config
-from moe_diff.errors import UsageError
+from moe_diff.config import KERNEL_FIELDS, Kernels, load_config
+from moe_diff.errors import UsageError, literal
 from moe_diff.inference.bench import SYSTEMS, BenchSettings, report, run_bench
 from moe_diff.model import MoEDiffTransformer
 
 
 def bench_model(source: Path, overrides: list[str], dtype: torch.dtype, device: torch.device, seed: int,
                 tell: Callable[[str], None]) -> MoEDiffTransformer:
-    """Random weights (seeded) at a YAML config's shapes, or the weights of any checkpoint form."""
+    """Random weights (seeded) at a YAML config's shapes, or the weights of any checkpoint form, which takes only
+    the kernel overrides (model.attn_backend, model.moe_backend)."""
     if source.suffix in (".yaml", ".yml"):
         cfg = load_config(source, overrides).model
         torch.manual_seed(seed)
         with device:  # initialised where it runs: a multi-GB model need not pass through host memory
             return MoEDiffTransformer(cfg).to(dtype=dtype)
-    if overrides:
-        raise UsageError("dotlist overrides apply to a YAML config, not to a checkpoint")
-    return open_model(source, dtype=dtype, tell=tell).model.to(device)
+    fixed = [item for item in overrides if item.split("=")[0] not in (f"model.{name}" for name in KERNEL_FIELDS)]
+    if fixed:
+        raise UsageError(f"a checkpoint fixes its model: of the overrides, only model.attn_backend and "
+                         f"model.moe_backend apply to it, not {', '.join(fixed)}")
+    kernels = Kernels.of(load_config(None, overrides).model)
+    return open_model(source, dtype=dtype, tell=tell, kernels=kernels).model.to(device)
 
 
 def default_systems(model: MoEDiffTransformer) -> list[str]:
@@ -51,5 +55,5 @@ def bench_and_write(model: MoEDiffTransformer, settings: BenchSettings, out: Pat
         progress.update(task, completed=runs, label="done")
     console.out(report.markdown(results), highlight=False)
     written = report.write(results, out)
-    console.print("wrote " + ", ".join(str(path) for path in written))
+    console.print("wrote " + ", ".join(literal(path) for path in written))
     return written
