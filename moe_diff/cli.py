@@ -18,7 +18,7 @@ from moe_diff.config import ATTENTION_MODES, ATTN_BACKENDS, MOE_BACKENDS, DataCo
 from moe_diff.data import tokenize_corpus
 from moe_diff.device import DTYPES
 from moe_diff.diagnostics import diagnose
-from moe_diff.errors import UsageError, literal, run_reporting_errors
+from moe_diff.errors import UsageError, literal, run_reporting_errors, teller
 from moe_diff.inference.bench import SYSTEMS, BenchSettings
 from moe_diff.inference.bench.command import bench_and_write, bench_model, default_systems
 from moe_diff.inference.bench.routing import ROUTING_MODES
@@ -64,9 +64,7 @@ class CommandParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def tell(note: str) -> None:
-    """Notes on what a command opened, on stderr so that its output stays clean."""
-    errors.print(literal(note), highlight=False, soft_wrap=True)
+tell = teller(errors)  # notes on what a command opened or read, on stderr so that its output stays clean
 
 
 def dtype_or_none(name: str | None) -> torch.dtype | None:

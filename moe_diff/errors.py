@@ -28,6 +28,11 @@ def run_reporting_errors(command: Callable[[], int]) -> int:
         return 2
 
 
+def teller(console: Console) -> Callable[[str], None]:
+    """A `tell` callback (what functions use for notes to the user) that prints each note on `console` as it is."""
+    return lambda note: console.print(literal(note), highlight=False, soft_wrap=True)
+
+
 def literal(value: object) -> str:
     """`value` as rich markup that prints it as it is: a path or a message may hold square brackets
     (pip install 'moe-diff[hf]', a directory named [/x]) that rich would otherwise read as tags."""

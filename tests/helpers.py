@@ -1,4 +1,5 @@
-"""What several test files share: the small training config and reading a run's losses and final weights."""
+"""What several test files share: the small training config, reading a run's losses and final weights, and document
+ids that return to a document after others."""
 
 import sysconfig
 from pathlib import Path
@@ -35,3 +36,15 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert losses(a) == losses(b)
     weights_a, weights_b = final_weights(a), final_weights(b)
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def scattered_documents(n: int, seed: int) -> torch.Tensor:
+    """[2, n] document ids that return to a document after others: runs of random ids and lengths, and the ids an
+    attention_mask with a short hole at a random place gives (kept tokens 1 on both sides of the hole's 0s)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (n,), generator=generator)
+    runs = torch.randint(0, 4, (n,), generator=generator).repeat_interleave(lengths)[:n]
+    hole = torch.ones(n, dtype=torch.long)
+    begin = int(torch.randint(1, n // 2, (), generator=generator))
+    hole[begin:begin + int(torch.randint(1, 5, (), generator=generator))] = 0
+    return torch.stack([runs, hole])

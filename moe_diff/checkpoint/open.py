@@ -46,6 +46,12 @@ class StoredModel:
         the one it opened."""
         return [f"skipping checkpoint: {note}" for note in self.skipped] + [f"opened {self.path}"]
 
+    @property
+    def records_tokenizer(self) -> bool:
+        """Whether the checkpoint says which tokenizer its model reads: a tokenizer.json of its own, or its run's
+        data config."""
+        return (self.path / TOKENIZER_FILE).is_file() or self.data is not None
+
     def tokenizer(self, name: str | None = None) -> Tokenizer:
         """The tokenizer of the model's text, checked against its vocabulary: the one named ('byte' or a
         tokenizer.json) where given, else the checkpoint's own tokenizer.json, else its run's data.tokenizer; a
@@ -55,7 +61,7 @@ class StoredModel:
             data = DataConfig(tokenizer=name, eot_token=eot_token)
         elif (self.path / TOKENIZER_FILE).is_file():
             data = DataConfig(tokenizer=str(self.path / TOKENIZER_FILE), eot_token=eot_token)
-        elif self.data is None:
+        elif not self.records_tokenizer:
             raise UsageError(f"{self.path} records no tokenizer: pass --tokenizer byte if the model was trained on "
                              "bytes, or --tokenizer PATH/tokenizer.json (the one it was trained with)")
         elif self.data.tokenizer != "byte" and not Path(self.data.tokenizer).is_file():

@@ -76,10 +76,11 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(model: nn.Module, directory: str | Path, data: DataConfig | None = None) -> Path:
+def save(model: nn.Module, directory: str | Path, data: DataConfig | None = None,
+         tokenizer_json: str | None = None) -> Path:
     """Write `config.yaml` and `model.safetensors`; an existing checkpoint there is replaced whole. `data` (the
-    tokenizer the model reads and writes text with, and where its training text came from) is stored with it: in
-    config.yaml, and a tokenizer.json file copied beside the weights."""
+    tokenizer the model reads and writes text with, and where its training text came from) goes into config.yaml,
+    and the text of its tokenizer.json, where it has one, beside the weights."""
     model = unwrap(model)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,7 @@ def save(model: nn.Module, directory: str | Path, data: DataConfig | None = None
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         (staging / CONFIG_FILE).write_text(to_yaml(model.cfg, data))
-        store_tokenizer(data, staging)
+        store_tokenizer(tokenizer_json, staging)
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         replace_directory(staging, directory)
     except BaseException:
@@ -96,11 +97,11 @@ def save(model: nn.Module, directory: str | Path, data: DataConfig | None = None
     return directory
 
 
-def store_tokenizer(data: DataConfig | None, directory: Path) -> None:
-    """Copy the tokenizer.json of `data` (if it names one) into a checkpoint directory, which then reads its text
-    with it wherever it goes."""
-    if data is not None and data.tokenizer != "byte":
-        shutil.copyfile(data.tokenizer, directory / TOKENIZER_FILE)
+def store_tokenizer(tokenizer_json: str | None, directory: Path) -> None:
+    """Write a tokenizer.json's text (None: a model of bytes, nothing to write) into a checkpoint directory, which
+    then reads its text with it wherever it goes."""
+    if tokenizer_json is not None:
+        (directory / TOKENIZER_FILE).write_bytes(tokenizer_json.encode("utf-8"))
 
 
 def replace_directory(staging: Path, directory: Path) -> None:

@@ -50,6 +50,7 @@ EXPERTS = "experts.json"
 STATE = "state"
 TRAINER_FILE = "trainer.json"
 RUN_ID = "run_id"  # trainer.json's id of the run: a fresh run draws one, a resumed run keeps it
+EARLIER_RUN = ""  # the id of checkpoints written before runs had ids: one run per directory, continued as such
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -260,7 +261,7 @@ def quiet_dcp(function: Callable, state: dict[str, Any], distributed: bool, dire
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
-         trainer_state: dict[str, Any], config: Config, keep: int) -> Path:
+         trainer_state: dict[str, Any], config: Config, keep: int, tokenizer_json: str | None = None) -> Path:
     """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints of this run (the one whose
     `run_id` trainer_state holds); a checkpoint of another run is never replaced or deleted. Every rank calls it
     and writes what it holds; rank 0 writes the rest. A shared filesystem is assumed for jobs over several nodes."""
@@ -285,7 +286,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         (partial / EXPERTS).write_text(json.dumps(table, indent=1))
         (partial / TRAINER_FILE).write_text(json.dumps({**trainer_state, "step": step, "rng": rng}, indent=1))
         (partial / "config.yaml").write_text(to_yaml(config))
-        schema.store_tokenizer(config.data, partial)
+        schema.store_tokenizer(tokenizer_json, partial)  # as the job read it, whatever became of the file since
         _write_manifest(partial, step, hashed)
         schema.replace_directory(partial, final)  # an older save of this step stays until the swap
         for old in [path for path in list_checkpoints(root) if run_id(path) == run][:-keep]:
@@ -342,13 +343,13 @@ def newest_valid(root: Path, runtime: Runtime | None = None) -> tuple[Path | Non
 
 
 def run_id(directory: Path) -> str | None:
-    """The id of the run that wrote a checkpoint (trainer.json's run_id); None for an unreadable trainer.json or
-    one written before runs had ids."""
+    """The id of the run that wrote a checkpoint (trainer.json's run_id; EARLIER_RUN where it has none), or None
+    where trainer.json cannot be read: such a checkpoint belongs to no run, so no run prunes or replaces it."""
     try:
         state = json.loads((directory / TRAINER_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return state.get(RUN_ID) if isinstance(state, dict) else None
+    return state.get(RUN_ID, EARLIER_RUN) if isinstance(state, dict) else None
 
 
 def refuse_old_layout(path: Path) -> None:

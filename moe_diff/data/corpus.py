@@ -108,7 +108,7 @@ def _jsonl_documents(path: Path, field: str, check: Utf8Check) -> Iterator[Docum
     with path.open(encoding="utf-8", errors="replace") as file:
         for number, line in enumerate(file, 1):
             if not measured and "\ufffd" in line:
-                check.measure(path)
+                check.admit(path)
                 measured = True
             if not line.strip():
                 continue
@@ -143,7 +143,7 @@ def iter_documents(cfg: DataConfig, tokenizer: Tokenizer, tell: Callable[[str], 
             yield from _token_documents(name, read_token_file(path, cfg, tokenizer), tokenizer.eot_id)
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
-            if "\ufffd" not in text or check.measure(path, named=path in named):
+            if "\ufffd" not in text or check.admit(path, named=path in named):
                 yield Document(name, text=text)
     for note in check.notes() if tell is not None else ():
         tell(note)

@@ -26,7 +26,7 @@ class Utf8Check:
         self.flawed: list[tuple[Path, int, int]] = []  # (file, invalid bytes, bytes): read, with U+FFFD
         self.left_out: list[tuple[Path, int, int]] = []  # not text: turned up by a directory or glob
 
-    def measure(self, path: Path, named: bool = True) -> bool:
+    def admit(self, path: Path, named: bool = True) -> bool:
         """Whether to read the file, from its share of invalid bytes (a U+FFFD written on purpose counts for
         nothing); above the limit, a DataError for a file the sources name, else False."""
         invalid, size = invalid_bytes(path), path.stat().st_size

@@ -18,6 +18,7 @@ class Tokenizer(Protocol):
     name: str  # "byte" or the tokenizer.json path; recorded in token files' sidecars
     vocab_size: int
     eot_id: int  # ends every document
+    file_text: str | None  # the tokenizer.json read, as it was read (None: bytes), for checkpoints to store
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -27,7 +28,7 @@ class Tokenizer(Protocol):
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; 256 ends a document."""
 
-    name, vocab_size, eot_id = "byte", 257, 256
+    name, vocab_size, eot_id, file_text = "byte", 257, 256, None
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -47,7 +48,8 @@ class HFTokenizer:
         if not Path(path).is_file():
             raise DataError(f"data.tokenizer={path!r}: no such file (use 'byte' or a tokenizer.json path)")
         try:
-            self._tokenizer = TokenizerFile.from_file(path)
+            self.file_text = Path(path).read_bytes().decode("utf-8")  # newlines kept as they are
+            self._tokenizer = TokenizerFile.from_str(self.file_text)
         except Exception as error:  # the library raises a bare Exception for unreadable files
             raise DataError(f"data.tokenizer={path!r} is not readable as a tokenizer.json: {error}") from None
         self.name = path

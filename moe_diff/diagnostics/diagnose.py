@@ -28,7 +28,7 @@ from moe_diff.diagnostics.report import (
     write_html,
 )
 from moe_diff.diagnostics.routing import routing_stats
-from moe_diff.errors import literal
+from moe_diff.errors import literal, teller
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.routing.collect import collect_trace
 from moe_diff.routing.trace import RoutingTrace, TraceError, is_trace, load_trace, save_trace
@@ -54,12 +54,11 @@ def load_target(path: Path, data: DataConfig | None, tokenizer: str | None, seq_
     """Read a trace file, or run a checkpoint (on `kernels`) on the validation split of `data` (default: its run's
     text, else the built-in corpus) read with `tokenizer` (default: the checkpoint's, StoredModel.tokenizer), and
     trace its routing."""
-    if path.is_file() and is_trace(path):
-        return Target(load_trace(path), data=data)
-
-    def tell(note: str) -> None:
-        console.print(literal(note), highlight=False, soft_wrap=True)
-
+    if path.is_file() and is_trace(path):  # its tokens were read with the tokenizer its header names
+        trace = load_trace(path)
+        read_with = tokenizer or trace.header.get("tokenizer")
+        return Target(trace, data=dataclasses.replace(data, tokenizer=read_with) if data and read_with else data)
+    tell = teller(console)
     stored = open_model(path, tell=tell, kernels=kernels)
     text_tokenizer = stored.tokenizer(tokenizer)
     data = dataclasses.replace(data or stored.data or DataConfig(), tokenizer=text_tokenizer.name)
@@ -83,9 +82,9 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
     (of `compare` too when it is a checkpoint).
     """
     console = console or Console()
+    ours = load_target(Path(target), data, tokenizer, seq_len, max_tokens, console, kernels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ours = load_target(Path(target), data, tokenizer, seq_len, max_tokens, console, kernels)
     if trace_path is not None:
         save_trace(ours.trace, trace_path)
     stats = routing_stats(ours.trace)

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from moe_diff.config import ModelConfig
+from moe_diff.config import KERNEL_FIELDS, ModelConfig
 from moe_diff.hf.fields import MODEL_TYPE, STORED_FIELDS, config_fields, model_config_from_fields
 
 
@@ -32,6 +32,13 @@ class MoeDiffConfig(PretrainedConfig):
         self.use_cache = kwargs.pop("use_cache", True)  # generation keeps a KV cache
         self.output_router_logits = kwargs.pop("output_router_logits", False)  # and the aux loss
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> MoeDiffConfig:
+        """The config of a config.json (what from_pretrained reads): the kernels it records are the exporter's, not
+        this machine's, so the model runs on `auto` unless from_pretrained is given attn_backend= or moe_backend=."""
+        recorded = {key: value for key, value in config_dict.items() if key not in KERNEL_FIELDS}
+        return super().from_dict(recorded, **kwargs)
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs: Any) -> MoeDiffConfig:

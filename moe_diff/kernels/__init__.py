@@ -62,10 +62,10 @@ def auto_backend(q: torch.Tensor, mask: AttentionMask) -> str:
     """The fastest attention backend for these inputs, as measured on an H100 (benchmarks/results/attention-h100*):
     on a GPU, the Triton kernel where a window shorter than the sequence or packed documents let it skip key
     blocks (1.6-8.9x faster than SDPA's dense-mask path with a 4K window at 4K-32K tokens; packed documents put
-    SDPA on the same path, which the kernel beats even where it skips nothing, 6.2 against 9.9 ms at 4K tokens
-    with a 4K window, so document ids in any pattern go to it), SDPA's fused kernels for plain causal attention
-    (1.7x faster than the Triton kernel at 16K); on the CPU, SDPA. Never flash_attn, which refuses documents that
-    are not contiguous runs."""
+    SDPA on the same path, which the kernel beat even where it skipped nothing, 6.2 against 9.9 ms at 4K tokens
+    with a 4K window, measured before the kernel compared each key's document, so document ids in any pattern go
+    to it, unmeasured since), SDPA's fused kernels for plain causal attention (1.7x faster than the Triton kernel
+    at 16K); on the CPU, SDPA. Never flash_attn, which refuses documents that are not contiguous runs."""
     skips = mask.skips_blocks(q.shape[1])
     return "triton" if HAVE_TRITON and q.is_cuda and q.dtype in TRITON_DTYPES and skips else "sdpa"
 

@@ -17,7 +17,7 @@ import torch
 
 from moe_diff.errors import UsageError
 from moe_diff.kernels.diff_attention import diff_attention, diff_v2_attention, sdpa_attention, standard_attention
-from moe_diff.kernels.mask import AttentionMask
+from moe_diff.kernels.mask import AttentionMask, run_begins
 
 FLASH_ATTN_MISSING = ("flash-attn is not installed: pip install 'moe-diff[flash-attn]' on a CUDA machine "
                       "(it builds from source), or use attn_backend='triton' or 'sdpa'")
@@ -36,9 +36,7 @@ def document_sequences(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """cu_seqlens (int32, [sequences + 1]) of the flattened [B*T] tokens, one sequence per run of one document id
     in a row (one per document where documents are contiguous runs), and the longest sequence."""
     batch, n_tokens = document_ids.shape
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    begin = starts.flatten().nonzero().flatten()
+    begin = run_begins(document_ids).flatten().nonzero().flatten()
     cu_seqlens = torch.cat([begin, begin.new_tensor([batch * n_tokens])]).to(torch.int32)
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 

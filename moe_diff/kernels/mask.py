@@ -37,12 +37,17 @@ def attention_mask(n_tokens: int, window: int | None, device: torch.device,
     return allowed
 
 
+def run_begins(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] boolean: True where a token begins a run of one id in its row."""
+    begins = torch.ones_like(document_ids, dtype=torch.bool)
+    begins[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return begins
+
+
 def run_starts(document_ids: torch.Tensor) -> torch.Tensor:
     """[B, T]: the index of the first token of each token's run of one id in its row."""
     index = torch.arange(document_ids.shape[1], device=document_ids.device)
-    begins = torch.ones_like(document_ids, dtype=torch.bool)
-    begins[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    return torch.where(begins, index, 0).cummax(dim=1).values
+    return torch.where(run_begins(document_ids), index, 0).cummax(dim=1).values
 
 
 def document_starts(document_ids: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from moe_diff import costs
-from moe_diff.config import Config, section_from_dict
+from moe_diff.config import KERNEL_FIELDS, Config, section_from_dict
 from moe_diff.data import load_corpus, load_tokenizer
 from moe_diff.device import environment, resolve_device
 from moe_diff.errors import MoeDiffError, UsageError, literal
@@ -72,19 +72,21 @@ def stored_result(run: PlannedRun, measures: Measures) -> dict[str, Any] | None:
 
 def check_plan(out: Path, cfg: Config, match: str) -> None:
     """Record the study's base config in OUT, or refuse one that differs from the recorded (modes and seeds may be
-    added to a study; what they share may not change)."""
+    added to a study; what they share may not change; the kernels that run it are not part of it)."""
     shared = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="standard"),
                                  train=dataclasses.replace(cfg.train, seed=0))  # both set per run
     plan = {"config": config_dict(shared), "match": match}
     path = out / PLAN_FILE
-    if path.is_file():
-        recorded = json.loads(path.read_text())
-        if recorded != plan:
-            fields = [f"{section}.{key}" for section in plan["config"] for key in plan["config"][section]
-                      if recorded.get("config", {}).get(section, {}).get(key) != plan["config"][section][key]]
-            differ = ", ".join(fields[:6]) or f"--match ({recorded.get('match')} before)"
-            raise StudyError(f"{out} holds a study of other settings ({differ} differ); continue it with the same "
-                             "config and overrides, or give a new --out")
+    recorded = json.loads(path.read_text()) if path.is_file() else plan
+    for config in (plan["config"], recorded.get("config", {})):
+        for name in KERNEL_FIELDS:
+            config.get("model", {}).pop(name, None)
+    if recorded != plan:
+        fields = [f"{section}.{key}" for section in plan["config"] for key in plan["config"][section]
+                  if recorded.get("config", {}).get(section, {}).get(key) != plan["config"][section][key]]
+        differ = ", ".join(fields[:6]) or f"--match ({recorded.get('match')} before)"
+        raise StudyError(f"{out} holds a study of other settings ({differ} differ); continue it with the same "
+                         "config and overrides, or give a new --out")
     write_json(plan, path)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from moe_diff.errors import UsageError
 from moe_diff.plotting import integer_ticks, pyplot, save
-from moe_diff.runs import METRICS_FILE, read_metrics
+from moe_diff.runs import METRICS_FILE, PLOT_FILE, read_metrics
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -19,7 +19,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = [r for r in read_metrics(path) if r.get("loss") is not None]
     if not records:
         raise UsageError(f"{path} holds no logged steps yet")
-    out = Path(out) if out else run_dir / "metrics.png"
+    out = Path(out) if out else run_dir / PLOT_FILE
     figure, (loss_axis, speed_axis) = plt.subplots(1, 2, figsize=(11, 4))
     loss_axis.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
     val = [r for r in records if r.get("val_loss") is not None]

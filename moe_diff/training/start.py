@@ -49,8 +49,11 @@ def plan_start(cfg: TrainConfig, console: Console, job: Runtime) -> Start:
             raise CheckpointError(none_verifies(out, failed))
         set_aside_damaged(failed, root, console, job)
         if newest is None:
+            if held_run(out) and job.is_main:  # the metrics of a run that saved no checkpoint
+                set_aside_run(out, console)
+            job.barrier()
             return Start(None, new_run_id(job))
-        return Start(newest, checkpoints.run_id(newest) or new_run_id(job))
+        return Start(newest, continued_id(newest))
     path = Path(cfg.resume)
     if not path.is_dir():
         raise ConfigError(f"train.resume={cfg.resume!r} is not allowed: no such directory; {RESUME_ALLOWED}")
@@ -59,12 +62,17 @@ def plan_start(cfg: TrainConfig, console: Console, job: Runtime) -> Start:
     except CheckpointError as error:
         raise CheckpointError(f"train.resume={cfg.resume!r}: {error}") from None
     refuse_other_checkpoints(cfg.resume, out, path, step)
-    return Start(path, checkpoints.run_id(path) or new_run_id(job))
+    return Start(path, continued_id(path))
 
 
 def new_run_id(job: Runtime) -> str:
     """A fresh run id, rank 0's on every rank."""
     return job.gather_objects(uuid.uuid4().hex)[0]
+
+
+def continued_id(checkpoint: Path) -> str:
+    """The id of the run a verified checkpoint belongs to (its trainer.json reads), which the job continues."""
+    return checkpoints.run_id(checkpoint) or checkpoints.EARLIER_RUN
 
 
 def held_run(out: Path) -> list[str]:
@@ -84,32 +92,34 @@ def refuse_earlier_run(out: Path) -> None:
 
 
 def refuse_other_checkpoints(resume: str, out: Path, path: Path, step: int) -> None:
-    """Refuse checkpoints in `out` that resuming `path` (at `step`) does not continue: another run's, or this
-    run's newer ones, which the resumed run would write over; or, without checkpoints, another run's metrics."""
+    """Refuse what continuing `path` (at `step`) in `out` would write over or mix with: a newer checkpoint of its
+    run, another run's checkpoints (and so its metrics), or, where there are no checkpoints, another run's
+    metrics."""
     resumed = checkpoints.run_id(path)
-    others = [f"{other.name} ({'a newer one of this run' if checkpoints.run_id(other) == resumed else 'another run'})"
-              for other in checkpoints.list_checkpoints(out / CHECKPOINTS_DIR)
-              if other.resolve() != path.resolve()
-              and (checkpoints.run_id(other) != resumed or checkpoints.step_of(other) > step)]
-    if not others and not checkpoints.list_checkpoints(out / CHECKPOINTS_DIR):
+    found = [(other, checkpoints.run_id(other)) for other in checkpoints.list_checkpoints(out / CHECKPOINTS_DIR)]
+    others = [f"{other.name} ({'a newer one of this run' if run == resumed else 'another run'})"
+              for other, run in found if other.resolve() != path.resolve()
+              and (run != resumed or checkpoints.step_of(other) > step)]
+    if not found:
         others = [f"{name} (another run)" for name in held_run(out)]
     if others:
         raise ConfigError(f"train.resume={resume!r} is not allowed with train.out_dir={str(out)!r}: it holds "
-                          f"{', '.join(others)}, which this run does not continue and would write over. Give this "
-                          "job another train.out_dir")
+                          f"{', '.join(others)}, which this run would write over or mix its metrics with. Give "
+                          "this job another train.out_dir")
 
 
 def none_verifies(out: Path, failed: dict[Path, str]) -> str:
     return (f"no checkpoint in {out / CHECKPOINTS_DIR} verifies, so the job neither resumes nor writes over them: "
-            f"{'; '.join(failed.values())}. To resume, name a checkpoint that verifies with train.resume=PATH; to "
-            f"start a new run, train.resume=restart moves these to {out / PREVIOUS_DIR}/N (nothing is deleted)")
+            f"{'; '.join(failed.values())}. To resume, name a checkpoint that verifies with train.resume=PATH and "
+            f"another train.out_dir; to start a new run here, train.resume=restart moves these to "
+            f"{out / PREVIOUS_DIR}/N (nothing is deleted)")
 
 
 def set_aside_damaged(failed: dict[Path, str], root: Path, console: Console, job: Runtime) -> None:
     """Move each checkpoint that failed verification to checkpoints/damaged/, where no save or pruning reaches."""
     if job.is_main:
         for path, reason in failed.items():
-            destination = unused(root / DAMAGED_DIR / path.name)
+            destination = free_name(root / DAMAGED_DIR / path.name)
             destination.parent.mkdir(exist_ok=True)
             os.replace(path, destination)
             console.print(f"[yellow]set aside:[/] {literal(reason)}; moved to {literal(destination)}",
@@ -131,7 +141,7 @@ def set_aside_run(out: Path, console: Console) -> None:
     console.print("starting a new run at step 0")
 
 
-def unused(path: Path) -> Path:
+def free_name(path: Path) -> Path:
     """`path`, or else the first of `path.1`, `path.2`, ... that does not exist."""
     candidate, number = path, 0
     while candidate.exists():

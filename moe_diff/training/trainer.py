@@ -35,7 +35,7 @@ from moe_diff.data import (
     validation_batches,
 )
 from moe_diff.device import peak_flops, peak_memory, resolve_device
-from moe_diff.errors import MoeDiffError, literal
+from moe_diff.errors import MoeDiffError, literal, teller
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import runtime
 from moe_diff.parallel.apply import materialize, parallelize, shard_fully, wrap
@@ -160,7 +160,7 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.data)
         corpus = load_corpus(cfg.data, self.tokenizer,
-                             tell=lambda note: console.print(literal(note), highlight=False, soft_wrap=True))
+                             tell=teller(console))
         check_vocabulary(cfg.model.vocab_size, self.tokenizer, corpus.vocab_size)
         self.train_windows = PackedSequences(corpus.train, t.seq_len, corpus.eot_id)
         val_windows = PackedSequences(corpus.val, t.seq_len, corpus.eot_id, split="validation")
@@ -199,8 +199,8 @@ class Trainer:
         """Every rank writes the parts of the model and optimizer state it holds."""
         trainer_state = {checkpoints.RUN_ID: self.run_id, "sampler": self.sampler.state_dict(),
                          "nonfinite_streak": self.nonfinite_streak}
-        return checkpoints.save(self.out_dir / CHECKPOINTS_DIR, self.step, self.model, self.optimizer,
-                                     self.runtime, trainer_state, self.cfg, self.cfg.train.keep_checkpoints)
+        return checkpoints.save(self.out_dir / CHECKPOINTS_DIR, self.step, self.model, self.optimizer, self.runtime,
+                                trainer_state, self.cfg, self.cfg.train.keep_checkpoints, self.tokenizer.file_text)
 
     def write_trace(self) -> Path:
         """OUT_DIR/traces/step-N.safetensors: how the model routes the fixed validation tokens now."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import small_config  # tests/ is on the path
+from helpers import JSON_PACKAGE, small_config  # tests/ is on the path
 
 from moe_diff.checkpoint import open_model
 from moe_diff.checkpoint import training as checkpoints
@@ -25,11 +25,17 @@ def said(capsys: pytest.CaptureFixture) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished small run trained with a tokenizer.json (the byte-level one, as a file)."""
-    from moe_diff.hf.tokenizer import byte_tokenizer_file
-
+    """A finished small run trained with a tokenizer.json: byte-level BPE of 300 ids learned on its own text, so that
+    its ids are not the bytes'."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train(sorted(str(path) for path in Path(JSON_PACKAGE).glob("*.py")), trainer)
     root = tmp_path_factory.mktemp("tokenizer-run")
-    byte_tokenizer_file().save(str(root / "tok.json"))
+    tokenizer.save(str(root / "tok.json"))
     train(small_config(root / "run", f"data.tokenizer={root / 'tok.json'}"))
     return root
 
@@ -50,6 +56,13 @@ def test_every_command_reads_text_with_the_tokenizer_the_model_was_trained_with(
         assert main(["diagnose", str(source), "--out", str(tmp_path / "diag"), "--tokens", "64", "--seq-len", "32",
                      "--trace", str(diagnosed)]) == 0
         assert load_trace(diagnosed).header["tokenizer"] == str(stored / "tokenizer.json")
+    # a trace read back, compared with the checkpoint on the same text: read with the tokenizer the trace names
+    on_text = ["--data", JSON_PACKAGE, "--tokens", "64", "--seq-len", "32"]
+    assert main(["diagnose", str(run), *on_text, "--out", str(tmp_path / "d"), "--trace", str(tmp_path / "t")]) == 0
+    assert main(["diagnose", str(tmp_path / "t"), *on_text, "--compare", str(run), "--out",
+                 str(tmp_path / "compared")]) == 0
+    comparison = json.loads((tmp_path / "compared" / "stats.json").read_text())["comparison"]
+    assert all(layer["top1_changed"] == 0.0 for layer in comparison["layers"])
     capsys.readouterr()
 
 
@@ -65,6 +78,8 @@ def test_a_model_without_a_tokenizer_record_needs_the_flag(
     assert main(["diagnose", str(bare), "--out", str(tmp_path / "diag"), "--tokens", "64"]) == 2
     assert "records no tokenizer" in said(capsys)
     assert main([*argv, "--tokenizer", "byte"]) == 0
+    assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "def"]) == 2
+    assert f"error: {tmp_path / 'nowhere'} does not exist" in said(capsys)
     legacy = tmp_path / "legacy"  # a training checkpoint without its own tokenizer.json, the run's file gone
     shutil.copytree(tokenizer_run / "run" / "checkpoints" / "step-6", legacy)
     (legacy / "tokenizer.json").unlink()
@@ -128,7 +143,7 @@ def test_a_resume_names_the_model_fields_the_checkpoint_keeps(tmp_path: Path, ca
     assert (cfg.model.ffn_dim, cfg.model.attn_backend) == (64, "sdpa")
 
 
-def test_an_exported_transformers_directory_records_no_kernels(tmp_path: Path) -> None:
+def test_an_exported_transformers_directory_fixes_no_kernels(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     run = tmp_path / "run"
     train(small_config(run, "train.max_steps=3", "model.attn_backend=reference"))
@@ -138,3 +153,28 @@ def test_an_exported_transformers_directory_records_no_kernels(tmp_path: Path) -
     config["attn_backend"] = "flash_attn"  # as an earlier export of a GPU run recorded it
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     assert open_model(tmp_path / "hf").model.cfg.attn_backend == "auto"
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").model.cfg.attn_backend == "auto"
+    chosen = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_backend="reference").model
+    assert all(layer.attention.attend is attention_op("reference", "diff") for layer in chosen.layers)
+
+
+def test_checkpoints_store_the_tokenizer_as_the_job_read_it(tokenizer_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe_diff.training import trainer as trainer_module
+
+    shutil.copy(tokenizer_run / "tok.json", tmp_path / "tok.json")
+    original = (tmp_path / "tok.json").read_bytes()
+    step = trainer_module.Trainer.train_step
+
+    def step_then_remove_the_file(self, details):
+        (tmp_path / "tok.json").unlink(missing_ok=True)  # moved or deleted while the job runs
+        return step(self, details)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_remove_the_file)
+    result = train(small_config(tmp_path / "run", f"data.tokenizer={tmp_path / 'tok.json'}", "train.max_steps=2",
+                                "train.save_every=1"))
+    assert result.step == 2
+    for step_dir in checkpoints.list_checkpoints(tmp_path / "run" / "checkpoints"):
+        assert (step_dir / "tokenizer.json").read_bytes() == original

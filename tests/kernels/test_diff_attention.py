@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import scattered_documents  # tests/ is on the path
 
 from moe_diff.kernels import ATTENTION_BACKENDS, attention_op
 from moe_diff.kernels.mask import AttentionMask, attention_mask
@@ -62,18 +63,6 @@ def test_diff_v2(ratio: int, kv_heads: int, window: int | None) -> None:
     out = attention_op("reference", "diff_v2")(q, k, v, lam, AttentionMask(window))
     every = brute_attention(q, k, v, window)  # query head j reads kv head j // (2 * ratio)
     torch.testing.assert_close(out, every[:, :, 0::2] - lam[..., None] * every[:, :, 1::2], rtol=0, atol=1e-12)
-
-
-def scattered_documents(n: int, seed: int) -> torch.Tensor:
-    """[2, n] document ids that return to a document after others: runs of random ids and lengths, and the ids an
-    attention_mask with a short hole at a random place gives (kept tokens 1 on both sides of the hole's 0s)."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 6, (n,), generator=generator)
-    runs = torch.randint(0, 4, (n,), generator=generator).repeat_interleave(lengths)[:n]
-    hole = torch.ones(n, dtype=torch.long)
-    begin = int(torch.randint(1, n // 2, (), generator=generator))
-    hole[begin:begin + int(torch.randint(1, 5, (), generator=generator))] = 0
-    return torch.stack([runs, hole])
 
 
 @pytest.mark.parametrize("documents", [torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 2, 2, 2]]),

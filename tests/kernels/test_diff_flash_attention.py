@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import scattered_documents  # noqa: E402  (tests/ is on the path)
 
 pytest.importorskip("triton")
 
@@ -20,7 +21,6 @@ from moe_diff.kernels import attention_op, auto_backend  # noqa: E402
 from moe_diff.kernels.diff_flash_attention import rule_bounds  # noqa: E402
 from moe_diff.kernels.mask import AttentionMask  # noqa: E402
 from moe_diff.model import MoEDiffTransformer  # noqa: E402
-from tests.kernels.test_diff_attention import scattered_documents  # noqa: E402
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 MODES = ["standard", "diff", "diff_v2"]

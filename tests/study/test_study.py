@@ -86,6 +86,7 @@ def test_a_study_refuses_other_settings_in_its_directory(tmp_path: Path, capsys)
     assert main(["study", CONFIG, *SETTINGS, "train.lr=0.001", "--modes", "diff", "--seeds", "0", "--out",
                  str(out)]) == 2
     assert "train.lr" in capsys.readouterr().err
+    runner.check_plan(out, load_config(CONFIG, [*SETTINGS, "model.attn_backend=reference"]), "shapes")  # not a setting
     assert main(["study", CONFIG, *SETTINGS, "--modes", "diff", "diff", "--out", str(tmp_path / "other")]) == 2
     assert "at most once" in capsys.readouterr().err
     assert main(["study", CONFIG, *SETTINGS, f"data.source={tmp_path / 'no-such-texts'}", "--modes", "diff",

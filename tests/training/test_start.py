@@ -1,5 +1,6 @@
-"""A run directory holds one run: a new run never starts over another's checkpoints, only the run's own
-checkpoints are pruned, and no checkpoint that fails verification is deleted or overwritten."""
+"""Where a job starts (training/start.py): a run directory holds one run, a new run never starts over another's
+checkpoints, only the run's own checkpoints are pruned, and no checkpoint that fails verification is deleted or
+overwritten."""
 
 import hashlib
 import json
@@ -95,3 +96,27 @@ def test_resuming_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path: Pat
     result = train(small_config(tmp_path / "branch", f"train.resume={out / 'checkpoints' / 'step-3'}",
                                 "train.max_steps=9"))
     assert result.step == 9 and files(out) == before
+
+
+def test_checkpoints_written_before_run_ids_are_continued_as_one_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(small_config(out))
+    for step in (3, 6):  # as an earlier version wrote them: no run id
+        checkpoint = out / "checkpoints" / f"step-{step}"
+        state = json.loads((checkpoint / "trainer.json").read_text())
+        del state["run_id"]
+        (checkpoint / "trainer.json").write_text(json.dumps(state))
+        checkpoints._write_manifest(checkpoint, step)
+    train(small_config(out, "train.max_steps=12", "train.keep_checkpoints=2"))
+    assert [p.name for p in checkpoints.list_checkpoints(out / "checkpoints")] == ["step-9", "step-12"]
+    result = train(small_config(out, f"train.resume={out / 'checkpoints' / 'step-12'}", "train.max_steps=13"))
+    assert result.step == 13
+
+
+def test_the_metrics_of_a_run_that_saved_no_checkpoint_are_moved_aside(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')  # killed before its first checkpoint
+    train(small_config(out, "train.max_steps=2"))
+    assert (out / "previous" / "1" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+    assert [record["step"] for record in read_metrics(out / "metrics.jsonl")] == [1, 2]
