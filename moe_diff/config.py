@@ -81,6 +81,12 @@ KERNEL_FIELDS = tuple(f.name for f in dataclasses.fields(Kernels))
 AUTO_KERNELS = Kernels()
 
 
+def without_kernels(model: dict[str, Any]) -> dict[str, Any]:
+    """A model config's stored values (a model section, or a transformers config.json) without the kernels, which
+    record how it ran, not what it is."""
+    return {key: value for key, value in model.items() if key not in KERNEL_FIELDS}
+
+
 PRECISIONS = ("auto", "float32", "bfloat16")
 RESUME_ALLOWED = ("auto (continue the run in train.out_dir, if any), never (start a run; refused where one is), "
                   "restart (move the run there to train.out_dir/previous/N, then start one) or a checkpoint path")

@@ -14,7 +14,7 @@ TRACES_DIR = "traces"  # step-N.safetensors routing traces (train.trace_every)
 TENSORBOARD_DIR = "tensorboard"  # event files, where tensorboard is installed
 PLOT_FILE = "metrics.png"  # moe-diff plot-metrics
 RUN_FILES = (CHECKPOINTS_DIR, METRICS_FILE, TRACES_DIR, TENSORBOARD_DIR, PLOT_FILE)  # what one run writes
-PREVIOUS_DIR = "previous"  # previous/N: the files of an earlier run, moved aside by train.resume=restart
+PREVIOUS_DIR = "previous"  # previous/N: the files of an earlier run, moved aside (training/start.py)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -21,7 +21,6 @@ from moe_diff.checkpoint.mixtral import from_hf_mixtral, to_hf_mixtral
 from moe_diff.checkpoint.open import StoredModel, open_model
 from moe_diff.checkpoint.schema import TOKENIZER_FILE
 from moe_diff.config import DataConfig
-from moe_diff.data import Tokenizer
 from moe_diff.errors import UsageError
 
 FORMATS = ("moe-diff", "mixtral", "hf")
@@ -37,12 +36,11 @@ def convert(src: Path, dst: Path, dtype: torch.dtype | None = None) -> str:
     into Mixtral; the direction comes from what `src` holds. Returns what was done, in words."""
     refuse_to_overwrite(dst)
     if is_moe_diff_directory(src):
-        schema.save(load_moe_diff_directory(src, dtype), dst, exported_tokenizer(src), tokenizer_json(src))
+        schema.save(load_moe_diff_directory(src, dtype), dst, exported_tokenizer(src))
         return f"imported transformers directory {src} -> moe-diff checkpoint {dst}"
     if (src / HF_CONFIG_FILE).is_file():
-        text = tokenizer_json(src)
-        record = DataConfig(tokenizer=str(src / TOKENIZER_FILE)) if text is not None else None
-        schema.save(from_hf_mixtral(src, dtype=dtype), dst, record, text)
+        record = DataConfig(tokenizer=str(src / TOKENIZER_FILE)) if (src / TOKENIZER_FILE).is_file() else None
+        schema.save(from_hf_mixtral(src, dtype=dtype), dst, record)
         return f"imported Mixtral {src} -> moe-diff checkpoint {dst}"
     if (src / schema.CONFIG_FILE).is_file():
         to_hf_mixtral(schema.load(src, dtype=dtype), dst)
@@ -67,27 +65,20 @@ def export(source: Path, dst: Path, format: str, dtype: torch.dtype | None = Non
     elif format == "hf":
         save_hf_directory(stored, dst, tokenizer)
     else:
-        record, text_tokenizer = exported_data(stored, tokenizer)
-        schema.save(stored.model, dst, record, text_tokenizer.file_text if text_tokenizer is not None else None)
+        schema.save(stored.model, dst, *exported_data(stored, tokenizer))
     return f"exported {stored.path} -> {dst} ({format})"
 
 
-def exported_data(stored: StoredModel, tokenizer: str | None) -> tuple[DataConfig | None, Tokenizer | None]:
+def exported_data(stored: StoredModel, tokenizer: str | None) -> tuple[DataConfig | None, str | None]:
     """What an export records of its data (the source's data config, its tokenizer the one named where given) and
-    the tokenizer it stores (StoredModel.tokenizer's); neither for a source that records no tokenizer and was
-    given none."""
+    the text of the tokenizer.json it stores (StoredModel.tokenizer's; None for bytes); neither for a source that
+    records no tokenizer and was given none."""
     if tokenizer is None and not stored.records_tokenizer:
         return None, None
-    text_tokenizer = stored.tokenizer(tokenizer)
-    if tokenizer is None and stored.data is not None:
-        return stored.data, text_tokenizer
-    return dataclasses.replace(stored.data or DataConfig(), tokenizer=tokenizer or text_tokenizer.name), text_tokenizer
-
-
-def tokenizer_json(directory: Path) -> str | None:
-    """The text of a directory's tokenizer.json, if it has one."""
-    path = directory / TOKENIZER_FILE
-    return path.read_bytes().decode("utf-8") if path.is_file() else None
+    text = stored.tokenizer(tokenizer)
+    record = stored.data if tokenizer is None and stored.data is not None else dataclasses.replace(
+        stored.data or DataConfig(), tokenizer=tokenizer or text.name)
+    return record, text.file_text
 
 
 def save_hf_directory(stored: StoredModel, dst: Path, tokenizer: str | None) -> None:

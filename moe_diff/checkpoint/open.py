@@ -61,7 +61,7 @@ class StoredModel:
             data = DataConfig(tokenizer=name, eot_token=eot_token)
         elif (self.path / TOKENIZER_FILE).is_file():
             data = DataConfig(tokenizer=str(self.path / TOKENIZER_FILE), eot_token=eot_token)
-        elif not self.records_tokenizer:
+        elif self.data is None:
             raise UsageError(f"{self.path} records no tokenizer: pass --tokenizer byte if the model was trained on "
                              "bytes, or --tokenizer PATH/tokenizer.json (the one it was trained with)")
         elif self.data.tokenizer != "byte" and not Path(self.data.tokenizer).is_file():

@@ -16,13 +16,13 @@ from torch import nn
 
 from moe_diff.config import (
     AUTO_KERNELS,
-    KERNEL_FIELDS,
     ConfigError,
     DataConfig,
     Kernels,
     ModelConfig,
     section_from_dict,
     to_yaml,
+    without_kernels,
 )
 from moe_diff.errors import MoeDiffError
 from moe_diff.model import MoEDiffTransformer
@@ -80,7 +80,10 @@ def save(model: nn.Module, directory: str | Path, data: DataConfig | None = None
          tokenizer_json: str | None = None) -> Path:
     """Write `config.yaml` and `model.safetensors`; an existing checkpoint there is replaced whole. `data` (the
     tokenizer the model reads and writes text with, and where its training text came from) goes into config.yaml,
-    and the text of its tokenizer.json, where it has one, beside the weights."""
+    and its tokenizer.json beside the weights: `tokenizer_json` (the text as read before), else the file that
+    data.tokenizer names."""
+    if tokenizer_json is None and data is not None and data.tokenizer != "byte":
+        tokenizer_json = read_tokenizer_json(Path(data.tokenizer))
     model = unwrap(model)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,14 @@ def save(model: nn.Module, directory: str | Path, data: DataConfig | None = None
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def read_tokenizer_json(path: Path) -> str:
+    """A tokenizer.json's text as it is (newlines kept); CheckpointError where it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a tokenizer.json: not UTF-8 text") from None
 
 
 def store_tokenizer(tokenizer_json: str | None, directory: Path) -> None:
@@ -135,7 +146,7 @@ def load_config_section(directory: str | Path, section: str = "model", required:
         return None
     stored = values[section]
     if section == "model" and isinstance(stored, dict):  # the kernels a run used are a record, not part of the model
-        stored = {key: value for key, value in stored.items() if key not in KERNEL_FIELDS}
+        stored = without_kernels(stored)
     try:
         return section_from_dict(section, stored)
     except ConfigError as error:

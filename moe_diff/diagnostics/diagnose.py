@@ -43,10 +43,11 @@ class Target:
 
     trace: RoutingTrace
     run_dir: Path | None = None
-    data: DataConfig | None = None  # the text routed, with the tokenizer that read it
+    data: DataConfig | None = None  # where the routed text came from
     model: MoEDiffTransformer | None = None
     batches: list[tuple[Batch, torch.Tensor]] | None = None
     tokenizer: Tokenizer | None = None
+    read_with: str | None = None  # the name of the tokenizer that read the text, where it can be read again
 
 
 def load_target(path: Path, data: DataConfig | None, tokenizer: str | None, seq_len: int, max_tokens: int,
@@ -56,8 +57,9 @@ def load_target(path: Path, data: DataConfig | None, tokenizer: str | None, seq_
     trace its routing."""
     if path.is_file() and is_trace(path):  # its tokens were read with the tokenizer its header names
         trace = load_trace(path)
-        read_with = tokenizer or trace.header.get("tokenizer")
-        return Target(trace, data=dataclasses.replace(data, tokenizer=read_with) if data and read_with else data)
+        named = tokenizer or trace.header.get("tokenizer")
+        readable = named == "byte" or (named is not None and Path(named).is_file())
+        return Target(trace, data=data, read_with=named if readable else None)
     tell = teller(console)
     stored = open_model(path, tell=tell, kernels=kernels)
     text_tokenizer = stored.tokenizer(tokenizer)
@@ -68,7 +70,7 @@ def load_target(path: Path, data: DataConfig | None, tokenizer: str | None, seq_
     batches = validation_batches(corpus, min(seq_len, model.cfg.max_seq_len), max_tokens)
     header = {"source": f"diagnose {stored.path}", "tokenizer": text_tokenizer.name, "model": vars(model.cfg)}
     return Target(collect_trace(model, batches, corpus.val_names, header, progress=True), stored.run_dir, data, model,
-                  batches, text_tokenizer)
+                  batches, text_tokenizer, text_tokenizer.name)
 
 
 def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None, tokenizer: str | None = None,
@@ -94,8 +96,7 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
         images += [training] if training else []
     theirs = None
     if compare is not None:
-        same_text = ours.data.tokenizer if ours.data is not None else tokenizer
-        theirs = load_target(Path(compare), ours.data, same_text, trace_seq_len(ours.trace), ours.trace.n_tokens,
+        theirs = load_target(Path(compare), ours.data, ours.read_with, trace_seq_len(ours.trace), ours.trace.n_tokens,
                              console, kernels)
         stats["comparison"] = compare_traces(ours.trace, theirs.trace)
         images.append(plot_comparison(stats["comparison"], out))

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from moe_diff.config import KERNEL_FIELDS, ModelConfig
+from moe_diff.config import ModelConfig, without_kernels
 from moe_diff.hf.fields import MODEL_TYPE, STORED_FIELDS, config_fields, model_config_from_fields
 
 
@@ -37,8 +37,7 @@ class MoeDiffConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> MoeDiffConfig:
         """The config of a config.json (what from_pretrained reads): the kernels it records are the exporter's, not
         this machine's, so the model runs on `auto` unless from_pretrained is given attn_backend= or moe_backend=."""
-        recorded = {key: value for key, value in config_dict.items() if key not in KERNEL_FIELDS}
-        return super().from_dict(recorded, **kwargs)
+        return super().from_dict(without_kernels(config_dict), **kwargs)
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs: Any) -> MoeDiffConfig:

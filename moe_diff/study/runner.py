@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.progress import Progress
 
 from moe_diff import costs
-from moe_diff.config import KERNEL_FIELDS, Config, section_from_dict
+from moe_diff.config import Config, section_from_dict, without_kernels
 from moe_diff.data import load_corpus, load_tokenizer
 from moe_diff.device import environment, resolve_device
-from moe_diff.errors import MoeDiffError, UsageError, literal
+from moe_diff.errors import MoeDiffError, UsageError, literal, teller
 from moe_diff.files import write_json
 from moe_diff.runs import METRICS_FILE, read_metrics
 from moe_diff.study.aggregate import aggregate, scalars
@@ -44,6 +44,13 @@ POLL_S = 1.0  # how often the parent looks at its workers
 
 class StudyError(MoeDiffError, RuntimeError):
     """A run of the study failed, or the study directory holds a study of other settings."""
+
+
+def comparable(config: Any) -> dict[str, Any]:
+    """A stored job config as two studies or runs compare it: without the kernels, which do not change what is
+    trained (an empty one where nothing was stored)."""
+    config = config if isinstance(config, dict) else {}
+    return config | {"model": without_kernels(config.get("model", {}))}
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:
@@ -66,7 +73,8 @@ def stored_result(run: PlannedRun, measures: Measures) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    same = result.get("config") == config_dict(run.cfg) and result.get("measures") == measures_dict(measures)
+    same = (comparable(result.get("config")) == comparable(config_dict(run.cfg))
+            and result.get("measures") == measures_dict(measures))
     return result if same else None
 
 
@@ -77,16 +85,15 @@ def check_plan(out: Path, cfg: Config, match: str) -> None:
                                  train=dataclasses.replace(cfg.train, seed=0))  # both set per run
     plan = {"config": config_dict(shared), "match": match}
     path = out / PLAN_FILE
-    recorded = json.loads(path.read_text()) if path.is_file() else plan
-    for config in (plan["config"], recorded.get("config", {})):
-        for name in KERNEL_FIELDS:
-            config.get("model", {}).pop(name, None)
-    if recorded != plan:
-        fields = [f"{section}.{key}" for section in plan["config"] for key in plan["config"][section]
-                  if recorded.get("config", {}).get(section, {}).get(key) != plan["config"][section][key]]
-        differ = ", ".join(fields[:6]) or f"--match ({recorded.get('match')} before)"
-        raise StudyError(f"{out} holds a study of other settings ({differ} differ); continue it with the same "
-                         "config and overrides, or give a new --out")
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        ours, theirs = comparable(plan["config"]), comparable(recorded.get("config"))
+        if (theirs, recorded.get("match")) != (ours, match):
+            fields = [f"{section}.{key}" for section, values in ours.items() for key, value in values.items()
+                      if theirs.get(section, {}).get(key) != value]
+            differ = ", ".join(fields[:6]) or f"--match ({recorded.get('match')} before)"
+            raise StudyError(f"{out} holds a study of other settings ({differ} differ); continue it with the same "
+                             "config and overrides, or give a new --out")
     write_json(plan, path)
 
 
@@ -210,8 +217,9 @@ def run_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Path
     runs, notes = plan_study(cfg, modes, seeds, out, match)
     out.mkdir(parents=True, exist_ok=True)
     check_plan(out, cfg, match)
+    tell = teller(console)
     for note in notes:
-        console.print(literal(note), highlight=False)
+        tell(note)
     for mode in modes:
         model = next(run.cfg.model for run in runs if run.mode == mode)
         console.print(f"{mode}: {costs.param_counts(model).total:,} parameters, "

@@ -1,7 +1,7 @@
 """Where a training job starts, from `train.resume` and what its run directory holds. A run directory holds one
-run: a new run never starts beside the checkpoints or metrics of another, a checkpoint that fails verification is
-never deleted or overwritten (it is set aside, or the job stops), and only `train.resume=restart` moves an
-earlier run out of the way, to `OUT_DIR/previous/N`."""
+run: a new run never starts beside the checkpoints or metrics of another, and a checkpoint that fails verification
+is never deleted or overwritten (it is set aside, or the job stops). An earlier run is moved out of the way, to
+`OUT_DIR/previous/N`, by `train.resume=restart`, and by `auto` where it left only metrics (no checkpoint)."""
 
 from __future__ import annotations
 
@@ -49,11 +49,11 @@ def plan_start(cfg: TrainConfig, console: Console, job: Runtime) -> Start:
             raise CheckpointError(none_verifies(out, failed))
         set_aside_damaged(failed, root, console, job)
         if newest is None:
-            if held_run(out) and job.is_main:  # the metrics of a run that saved no checkpoint
+            if job.is_main and held_run(out):  # the metrics of a run that saved no checkpoint
                 set_aside_run(out, console)
             job.barrier()
             return Start(None, new_run_id(job))
-        return Start(newest, continued_id(newest))
+        return Start(newest, continued_id(newest, out, job))
     path = Path(cfg.resume)
     if not path.is_dir():
         raise ConfigError(f"train.resume={cfg.resume!r} is not allowed: no such directory; {RESUME_ALLOWED}")
@@ -61,8 +61,9 @@ def plan_start(cfg: TrainConfig, console: Console, job: Runtime) -> Start:
         step = checkpoints.verify_in_job(path, job)
     except CheckpointError as error:
         raise CheckpointError(f"train.resume={cfg.resume!r}: {error}") from None
-    refuse_other_checkpoints(cfg.resume, out, path, step)
-    return Start(path, continued_id(path))
+    run = continued_id(path, out, job)
+    refuse_other_checkpoints(cfg.resume, out, path, step, run)
+    return Start(path, run)
 
 
 def new_run_id(job: Runtime) -> str:
@@ -70,9 +71,13 @@ def new_run_id(job: Runtime) -> str:
     return job.gather_objects(uuid.uuid4().hex)[0]
 
 
-def continued_id(checkpoint: Path) -> str:
-    """The id of the run a verified checkpoint belongs to (its trainer.json reads), which the job continues."""
-    return checkpoints.run_id(checkpoint) or checkpoints.EARLIER_RUN
+def continued_id(checkpoint: Path, out: Path, job: Runtime) -> str:
+    """The id of the run that continuing `checkpoint` in `out` writes: the checkpoint's; for one written before run
+    ids, that earlier run's only in its own directory (elsewhere the id-less checkpoints are another run's), so a
+    fresh id there."""
+    run = checkpoints.run_id(checkpoint)
+    at_home = checkpoint.resolve().parent == (out / CHECKPOINTS_DIR).resolve()
+    return run if run is not None and (run != checkpoints.EARLIER_RUN or at_home) else new_run_id(job)
 
 
 def held_run(out: Path) -> list[str]:
@@ -91,11 +96,10 @@ def refuse_earlier_run(out: Path) -> None:
                           "(nothing is deleted), or train.resume=auto to continue it")
 
 
-def refuse_other_checkpoints(resume: str, out: Path, path: Path, step: int) -> None:
-    """Refuse what continuing `path` (at `step`) in `out` would write over or mix with: a newer checkpoint of its
-    run, another run's checkpoints (and so its metrics), or, where there are no checkpoints, another run's
-    metrics."""
-    resumed = checkpoints.run_id(path)
+def refuse_other_checkpoints(resume: str, out: Path, path: Path, step: int, resumed: str) -> None:
+    """Refuse what continuing `path` (at `step`, as run `resumed`) in `out` would write over or mix with: a newer
+    checkpoint of its run, another run's checkpoints (and so its metrics), or, where there are no checkpoints,
+    another run's metrics."""
     found = [(other, checkpoints.run_id(other)) for other in checkpoints.list_checkpoints(out / CHECKPOINTS_DIR)]
     others = [f"{other.name} ({'a newer one of this run' if run == resumed else 'another run'})"
               for other, run in found if other.resolve() != path.resolve()

@@ -159,8 +159,7 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         self.tokenizer = load_tokenizer(cfg.data)
-        corpus = load_corpus(cfg.data, self.tokenizer,
-                             tell=teller(console))
+        corpus = load_corpus(cfg.data, self.tokenizer, tell=teller(console))
         check_vocabulary(cfg.model.vocab_size, self.tokenizer, corpus.vocab_size)
         self.train_windows = PackedSequences(corpus.train, t.seq_len, corpus.eot_id)
         val_windows = PackedSequences(corpus.val, t.seq_len, corpus.eot_id, split="validation")

@@ -13,6 +13,7 @@ from helpers import JSON_PACKAGE, small_config  # tests/ is on the path
 from moe_diff.checkpoint import open_model
 from moe_diff.checkpoint import training as checkpoints
 from moe_diff.cli import main
+from moe_diff.config import DataConfig
 from moe_diff.kernels import attention_op
 from moe_diff.routing.trace import load_trace
 from moe_diff.train import train
@@ -78,6 +79,9 @@ def test_a_model_without_a_tokenizer_record_needs_the_flag(
     assert main(["diagnose", str(bare), "--out", str(tmp_path / "diag"), "--tokens", "64"]) == 2
     assert "records no tokenizer" in said(capsys)
     assert main([*argv, "--tokenizer", "byte"]) == 0
+    with_record = moe_diff.save(open_model(tokenizer_run / "run").model, tmp_path / "with-record",  # as a script would
+                                DataConfig(tokenizer=str(tokenizer_run / "tok.json")))
+    assert (with_record / "tokenizer.json").read_bytes() == (tokenizer_run / "tok.json").read_bytes()
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "def"]) == 2
     assert f"error: {tmp_path / 'nowhere'} does not exist" in said(capsys)
     legacy = tmp_path / "legacy"  # a training checkpoint without its own tokenizer.json, the run's file gone

@@ -107,10 +107,16 @@ def test_checkpoints_written_before_run_ids_are_continued_as_one_run(tmp_path: P
         del state["run_id"]
         (checkpoint / "trainer.json").write_text(json.dumps(state))
         checkpoints._write_manifest(checkpoint, step)
+    other = tmp_path / "other"  # a second directory of the same age: its id-less checkpoints are another run
+    shutil.copytree(out, other)
     train(small_config(out, "train.max_steps=12", "train.keep_checkpoints=2"))
     assert [p.name for p in checkpoints.list_checkpoints(out / "checkpoints")] == ["step-9", "step-12"]
     result = train(small_config(out, f"train.resume={out / 'checkpoints' / 'step-12'}", "train.max_steps=13"))
     assert result.step == 13
+    before = files(other)
+    with pytest.raises(ConfigError, match=r"step-3 \(another run\), step-6 \(another run\)"):
+        train(small_config(other, f"train.resume={out / 'checkpoints' / 'step-13'}", "train.max_steps=15"))
+    assert files(other) == before
 
 
 def test_the_metrics_of_a_run_that_saved_no_checkpoint_are_moved_aside(tmp_path: Path) -> None:
