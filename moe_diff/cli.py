@@ -23,6 +23,7 @@ from moe_diff.inference.bench import SYSTEMS, BenchSettings
 from moe_diff.inference.bench.command import bench_and_write, bench_model, default_systems
 from moe_diff.inference.bench.routing import ROUTING_MODES
 from moe_diff.inference.complete import complete
+from moe_diff.inference.serve import serve
 from moe_diff.info import print_info
 from moe_diff.study.measure import Measures
 from moe_diff.study.plan import MATCHES
@@ -149,6 +150,11 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    return serve(Path(args.source), args.host, args.port, args.api_key, Path(args.export_dir) if args.export_dir else
+                 None, args.vllm_args, tell)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     model = bench_model(Path(args.source), args.overrides, DTYPES[args.dtype], torch.device(args.device), args.seed,
                         tell)
@@ -256,6 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--seq-len", type=int, default=256, help="sequence length of the routed windows")
     diag.set_defaults(run=run_diagnose)
 
+    serve_cmd = commands.add_parser("serve", help="serve a run, checkpoint or export through vLLM's OpenAI-compatible "
+                                    "server (every attention mode; needs vLLM, see docs/serving.md)",
+                                    usage="moe-diff serve SOURCE [options] [-- vLLM server arguments]",
+                                    epilog="Arguments after -- go to vLLM's server as they are, e.g. -- "
+                                    "--max-model-len 4096 --dtype bfloat16 --tensor-parallel-size 2.")
+    serve_cmd.add_argument("source", help="a run directory, a step-N, a checkpoint or an `export --format hf` "
+                           "directory (the others are exported first)")
+    serve_cmd.add_argument("--host", default="127.0.0.1",
+                           help="the interface to listen on; 0.0.0.0 for every one, which vLLM itself would pick")
+    serve_cmd.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    serve_cmd.add_argument("--api-key", default=None, help="requests must carry it (Authorization: Bearer KEY)")
+    serve_cmd.add_argument("--export-dir", default=None,
+                           help="where to write the export a source needs (default: a temporary directory)")
+    serve_cmd.set_defaults(run=run_serve)
+
     bench_cmd = commands.add_parser("bench", help="time prefill and decode beside transformers' Mixtral and a dense "
                                     "model of the same active size")
     bench_cmd.add_argument("source", help="a YAML config (random weights at its shapes) or a checkpoint/run directory")
@@ -318,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passed = argv[argv.index("--") + 1:] if "--" in argv else []  # serve's arguments for vLLM's server
+    parser = build_parser()
+    args = parser.parse_args(argv[:len(argv) - len(passed) - ("--" in argv)])
+    if passed and args.command != "serve":
+        parser.error(f"arguments after -- are for moe-diff serve, not moe-diff {args.command}")
+    args.vllm_args = passed
     for flag in ("seq_len", "tokens", "max_new_tokens", "new_tokens", "limit", "batch_size", "needle_trials"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             errors.print(f"[red]error:[/] --{flag.replace('_', '-')} must be a positive integer")

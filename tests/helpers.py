@@ -1,5 +1,5 @@
-"""What several test files share: the small training config, reading a run's losses and final weights, and document
-ids that return to a document after others."""
+"""What several test files share: the small training config, reading a run's losses and final weights, document
+ids that return to a document after others, and a small model vLLM serves."""
 
 import sysconfig
 from pathlib import Path
@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from moe_diff.checkpoint import open_model
-from moe_diff.config import Config, load_config
+from moe_diff.config import Config, ModelConfig, load_config
+from moe_diff.model import MoEDiffTransformer
 from moe_diff.runs import METRICS_FILE, read_metrics
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -48,3 +49,17 @@ def scattered_documents(n: int, seed: int) -> torch.Tensor:
     begin = int(torch.randint(1, n // 2, (), generator=generator))
     hole[begin:begin + int(torch.randint(1, 5, (), generator=generator))] = 0
     return torch.stack([runs, hole])
+
+
+def servable_model(attention: str) -> MoEDiffTransformer:
+    """A float32 model whose large random weights keep greedy choices far from ties; head width 32 (one of the sizes
+    vLLM's CPU attention takes) and a window of 8, shorter than prompt and generation."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=64,
+                      n_experts=4, top_k=2, sliding_window=8, max_seq_len=128, attention=attention, rope_theta=100.0)
+    model = MoEDiffTransformer(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0, 0.1 if "lambda_q" in name or "lambda_k" in name else 0.4)
+    return model.eval()

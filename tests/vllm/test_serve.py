@@ -1,0 +1,105 @@
+"""`moe-diff serve` on vLLM's CPU build: the OpenAI-compatible server answers with moe_diff.generate's greedy tokens,
+listens on 127.0.0.1 only, refuses requests without the API key, stops cleanly on SIGINT, and a model the CPU
+backend cannot run is refused before any engine starts."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import servable_model  # tests/ is on the path
+
+from moe_diff.config import ModelConfig
+from moe_diff.data import ByteTokenizer
+from moe_diff.inference.generation import generate
+from moe_diff.model import MoEDiffTransformer
+
+ENVIRONMENT = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # vLLM's CPU backend would reserve most free memory
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def request(url: str, body: dict | None = None, key: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as response:
+        return json.loads(response.read())
+
+
+def other_address() -> str | None:
+    """An IPv4 address of this machine that is not a loopback one, where it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_the_server_answers_with_moe_diffs_tokens_on_loopback_only(vllm_python: Path, tmp_path: Path) -> None:
+    from moe_diff.hf.export import save_hf
+
+    model = servable_model("diff")
+    save_hf(model, ByteTokenizer(), tmp_path / "tiny-diff")
+    prompt = list(range(40, 52))
+    expected = generate(model, torch.tensor([prompt]), 8)[0, len(prompt):].tolist()
+    port = free_port()
+    server = subprocess.Popen([str(vllm_python), "-m", "moe_diff.cli", "serve", str(tmp_path / "tiny-diff"), "--port",
+                               str(port), "--api-key", "secret", "--", "--dtype", "float32", "--enforce-eager",
+                               "--max-model-len", "128"], env=ENVIRONMENT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                models = request(f"{base}/models", key="secret")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(1)
+        assert [entry["id"] for entry in models["data"]] == ["tiny-diff"]
+        body = {"model": "tiny-diff", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0, "return_tokens_as_token_ids": True}
+        tokens = request(f"{base}/completions", body, key="secret")["choices"][0]["logprobs"]["tokens"]
+        assert [int(token.removeprefix("token_id:")) for token in tokens] == expected
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            request(f"{base}/completions", body)
+        if (address := other_address()) is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((address, port), timeout=5).close()
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=120)
+    finally:
+        server.kill()
+        output = server.communicate()[0]
+    assert f"serving tiny-diff at http://127.0.0.1:{port}/v1" in " ".join(output.split())
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_model_the_cpu_backend_cannot_run_is_refused_before_the_engine_starts(vllm_python: Path,
+                                                                                tmp_path: Path) -> None:
+    from moe_diff.hf.export import save_hf
+
+    cfg = ModelConfig(vocab_size=257, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, ffn_dim=32,
+                      n_experts=2, top_k=1, max_seq_len=64, attention="standard")
+    save_hf(MoEDiffTransformer(cfg), ByteTokenizer(), tmp_path / "narrow")
+    refused = subprocess.run([str(vllm_python), "-m", "moe_diff.cli", "serve", str(tmp_path / "narrow")],
+                             env=ENVIRONMENT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert ("error: model.head_dim=16 cannot be served on a CPU: vLLM's CPU attention takes head widths 32, 64"
+            in " ".join(refused.stderr.split()))
+    assert "vllm" not in refused.stdout.lower()  # no engine, no server
