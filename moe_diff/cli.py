@@ -338,14 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    passed = argv[argv.index("--") + 1:] if "--" in argv else []  # serve's arguments for vLLM's server
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """The command's arguments; those after `--` (serve's, for vLLM's server) as `vllm_args`."""
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
     parser = build_parser()
-    args = parser.parse_args(argv[:len(argv) - len(passed) - ("--" in argv)])
-    if passed and args.command != "serve":
+    args = parser.parse_args(argv[:cut])
+    if cut < len(argv) and args.command != "serve":
         parser.error(f"arguments after -- are for moe-diff serve, not moe-diff {args.command}")
-    args.vllm_args = passed
+    args.vllm_args = argv[cut + 1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
     for flag in ("seq_len", "tokens", "max_new_tokens", "new_tokens", "limit", "batch_size", "needle_trials"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             errors.print(f"[red]error:[/] --{flag.replace('_', '-')} must be a positive integer")

