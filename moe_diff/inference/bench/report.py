@@ -9,6 +9,11 @@ from moe_diff.files import write_json
 from moe_diff.plotting import pyplot, save
 
 
+def shown(value: float | None, spec: str, scale: float = 1.0) -> str:
+    """A table cell: `value` times `scale` in `spec`, or n/a where the system does not report it."""
+    return "n/a" if value is None else format(value * scale, spec)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """One row per system, prompt length and batch size, then moe-diff's speed-ups."""
     env = results["environment"]
@@ -30,8 +35,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['system']} | {r['prompt_length']} | {r['batch']} | {r['ttft_s'] * 1e3:.1f} | "
             f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {r['itl_p50_s'] * 1e3:.2f} | "
-            f"{r['itl_p90_s'] * 1e3:.2f} | {r['itl_p99_s'] * 1e3:.2f} | {r['experts_read_per_step']:.1f} | "
-            f"{r['bandwidth_bytes_per_s'] / 1e9:.2f} | {r['bandwidth_share']:.0%} | {memory} |")
+            f"{r['itl_p90_s'] * 1e3:.2f} | {r['itl_p99_s'] * 1e3:.2f} | {shown(r['experts_read_per_step'], '.1f')} | "
+            f"{shown(r['bandwidth_bytes_per_s'], '.2f', 1e-9)} | {shown(r['bandwidth_share'], '.0%')} | {memory} |")
     if results["speedups"]:
         lines += ["", "| moe-diff versus | prompt | batch | decode speed-up | prefill speed-up |",
                   "|---|---:|---:|---:|---:|"]

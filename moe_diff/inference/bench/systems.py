@@ -1,5 +1,6 @@
 """The systems the inference benchmark times on the same prompts: this project's model (optionally with
-compiled decode steps), transformers' Mixtral on the same weights, and a dense model of the same active size."""
+compiled decode steps), transformers' Mixtral and vLLM's engine on the same weights, and a dense model of the same
+active size."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import torch
 
 from moe_diff.checkpoint.mixtral import to_hf_mixtral
 from moe_diff.device import synchronize
+from moe_diff.errors import UsageError
 from moe_diff.inference.bench.routing import force_routing
 from moe_diff.inference.generation import PREFILL_CHUNK, stream
 from moe_diff.model import ModelOutput, MoEDiffTransformer
+from moe_diff.vllm import VLLM_MISSING, check_servable
 
 
 @dataclass
@@ -27,7 +30,7 @@ class Timing:
 
     ttft: float
     itls: list[float]
-    experts_read: list[int]
+    experts_read: list[int]  # empty where the system does not say which experts it read (vLLM)
 
     @classmethod
     def pooled(cls, timings: list[Timing]) -> Timing:
@@ -126,6 +129,49 @@ class TransformersSystem:
         self._files.cleanup()
 
 
+class VLLMSystem:
+    """vLLM's engine on the same weights (this package's plugin, its paged KV cache and batching; greedy,
+    ignore_eos), stepped here so that every decode step is timed as this project's are. Its compiled mode where
+    `compile`, else eager; the model's own routing only."""
+
+    def __init__(self, model: MoEDiffTransformer, routing: str, compile: bool):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise UsageError(f"the vllm system needs vLLM in this environment: {VLLM_MISSING}") from None
+        from moe_diff.hf.export import hf_model
+
+        if routing != "own":
+            raise UsageError(f"--routing {routing} forces this project's and transformers' routers; vLLM runs the "
+                             "model's own (use --routing own with the vllm system)")
+        self.name, self.cfg = "vllm", model.cfg
+        weight = model.tok_embeddings.weight
+        check_servable(self.cfg, on_cpu=weight.device.type == "cpu")
+        self._files = tempfile.TemporaryDirectory(prefix="moe-diff-bench-")
+        hf_model(model).save_pretrained(self._files.name)  # weights and config: prompts go in as token ids
+        self.engine = LLM(model=self._files.name, dtype=str(weight.dtype).removeprefix("torch."), seed=0,
+                          enforce_eager=not compile, skip_tokenizer_init=True, max_model_len=self.cfg.max_seq_len)
+
+    def run(self, prompts: torch.Tensor, new_tokens: int) -> Timing:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        engine = self.engine.llm_engine
+        sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+        start, stamps, produced = time.perf_counter(), [], {}
+        for index, row in enumerate(prompts.tolist()):
+            engine.add_request(str(index), TokensPrompt(prompt_token_ids=row), sampling)
+        while engine.has_unfinished_requests():
+            produced |= {out.request_id: len(out.outputs[0].token_ids) for out in engine.step()}
+            while len(produced) == len(prompts) and min(produced.values()) > len(stamps):  # every row's next token
+                stamps.append(time.perf_counter())
+        return Timing.from_stamps(start, stamps, [])
+
+    def close(self) -> None:
+        del self.engine
+        self._files.cleanup()
+
+
 def dense_twin(model: MoEDiffTransformer) -> MoEDiffTransformer:
     """A dense model of the same active size: one always-chosen expert of top_k * ffn_dim (random weights)."""
     cfg = dataclasses.replace(model.cfg, n_experts=1, top_k=1, ffn_dim=model.cfg.top_k * model.cfg.ffn_dim)
@@ -134,10 +180,11 @@ def dense_twin(model: MoEDiffTransformer) -> MoEDiffTransformer:
 
 
 def build_systems(model: MoEDiffTransformer, names: list[str], routing: str, compile: bool) -> list:
-    """The named systems over `model`: 'moe-diff', 'transformers' and 'dense'."""
+    """The named systems over `model`: 'moe-diff', 'transformers', 'vllm' and 'dense'."""
     makers = {
         "moe-diff": lambda: MoEDiffSystem("moe-diff", model, routing, compile),
         "transformers": lambda: TransformersSystem(model, routing),
+        "vllm": lambda: VLLMSystem(model, routing, compile),
         "dense": lambda: MoEDiffSystem("dense", dense_twin(model), "own", compile),
     }
     return [makers[name]() for name in names]
