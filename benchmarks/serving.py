@@ -1,0 +1,137 @@
+"""The cost of each attention mode inside one serving engine: for every mode, random weights at a config's shapes
+(the same seed) are exported, served by `moe-diff serve` (vLLM's OpenAI-compatible server, this package's plugin)
+on 127.0.0.1, and sent N streaming completion requests, C at a time, from a pool of threads. Per mode: throughput
+(generated tokens/s over the whole run), time to first token and inter-token latency percentiles. Bounded in
+requests and in time.
+
+CPU (what is committed):  python benchmarks/serving.py configs/bench-13m.yaml --out benchmarks/results/serving-cpu-13m
+GPU:                      python benchmarks/serving.py configs/bench-13m.yaml --dtype bfloat16 --out serving-gpu
+Needs vLLM in the environment (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_diff.config import ATTENTION_MODES, load_config
+from moe_diff.data import ByteTokenizer
+from moe_diff.device import environment
+from moe_diff.files import write_json
+from moe_diff.hf.export import save_hf
+from moe_diff.inference.bench.measure import percentile
+from moe_diff.model import MoEDiffTransformer
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(base: str, server: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/models", timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start (exit status {server.poll()})") from None
+            time.sleep(1)
+
+
+def stream_one(base: str, name: str, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    """One streaming completion: the time to its first token and the gaps between the later ones."""
+    body = {"model": name, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    request = urllib.request.Request(f"{base}/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    start, stamps = time.perf_counter(), []
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - start, "itls": [b - a for a, b in itertools.pairwise(stamps)], "tokens": len(stamps)}
+
+
+def serve_and_load(directory: Path, settings: argparse.Namespace) -> dict[str, Any]:
+    """Start the server on `directory`, send the requests, stop it; the mode's figures."""
+    port, name = free_port(), directory.name
+    base = f"http://127.0.0.1:{port}/v1"
+    argv = [sys.executable, "-m", "moe_diff.cli", "serve", str(directory), "--port", str(port), "--", "--dtype",
+            settings.dtype, "--max-model-len", str(settings.prompt_tokens + settings.new_tokens)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_up(base, server, settings.start_timeout)
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(1, 256, (settings.prompt_tokens,), generator=generator).tolist()
+                   for _ in range(settings.requests)]
+        stream_one(base, name, prompts[0], 4)  # warm-up
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(settings.concurrency) as pool:
+            done = list(pool.map(lambda prompt: stream_one(base, name, prompt, settings.new_tokens), prompts,
+                                 timeout=settings.time_limit))
+        wall = time.perf_counter() - start
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    ttfts, itls = [r["ttft"] for r in done], [gap for r in done for gap in r["itls"]]
+    return {"requests": len(done), "concurrency": settings.concurrency, "wall_s": wall,
+            "output_tokens_per_s": sum(r["tokens"] for r in done) / wall,
+            "ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90),
+            "itl_p50_s": percentile(itls, 50), "itl_p90_s": percentile(itls, 90), "itl_p99_s": percentile(itls, 99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="a YAML config: the shapes every mode is served at")
+    parser.add_argument("--out", required=True, help="output path without suffix: writes .json")
+    parser.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, default=list(ATTENTION_MODES))
+    parser.add_argument("--requests", type=int, default=32, help="requests per mode")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to start")
+    parser.add_argument("--time-limit", type=float, default=1800, help="seconds the requests of one mode may take")
+    settings = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's CPU backend would reserve most free memory
+    results: dict[str, Any] = {"environment": environment(torch.device("cpu")), "settings": vars(settings),
+                               "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="moe-diff-serving-") as scratch:
+        for mode in settings.modes:
+            cfg = load_config(settings.config, [f"model.attention={mode}"]).model
+            torch.manual_seed(0)
+            directory = Path(scratch) / f"{Path(settings.config).stem}-{mode}"
+            save_hf(MoEDiffTransformer(cfg), ByteTokenizer(), directory)
+            results["modes"][mode] = serve_and_load(directory, settings) | {"model": vars(cfg)}
+            print(mode, json.dumps({k: v for k, v in results["modes"][mode].items() if k != "model"}), flush=True)
+    baseline = results["modes"].get("standard")
+    if baseline:
+        results["relative_to_standard"] = {
+            mode: {key: figures[key] / baseline[key] for key in ("output_tokens_per_s", "ttft_p50_s", "itl_p50_s")}
+            for mode, figures in results["modes"].items()}
+    print(f"wrote {write_json(results, Path(settings.out).with_suffix('.json'))}")
+
+
+if __name__ == "__main__":
+    main()
