@@ -21,7 +21,7 @@ MODES = ["standard", "diff", "diff_v2"]
 
 
 def test_the_tests_compile_triton_kernels_where_cuda_is_and_interpret_them_elsewhere() -> None:
-    from conftest import triton_interpret  # tests/ is on the path
+    from interpret import triton_interpret  # tests/ is on the path
 
     assert triton_interpret({}, cuda_available=True) == "0"
     assert triton_interpret({}, cuda_available=False) == "1"
