@@ -44,7 +44,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_up(base: str, server: subprocess.Popen, seconds: float) -> None:
+def wait_until_up(base: str, server: subprocess.Popen, seconds: float, log: Path) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -52,48 +52,56 @@ def wait_until_up(base: str, server: subprocess.Popen, seconds: float) -> None:
                 return
         except (urllib.error.URLError, ConnectionError):
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start (exit status {server.poll()})") from None
+                tail = "\n".join(log.read_text().splitlines()[-20:])
+                raise RuntimeError(f"the server did not start (exit status {server.poll()}):\n{tail}") from None
             time.sleep(1)
 
 
 def stream_one(base: str, name: str, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-    """One streaming completion: the time to its first token and the gaps between the later ones."""
+    """One streaming completion: the time to its first token, and the gap before each later token (a chunk that
+    brings several tokens, as a server behind its client sends them, counts its gap once per token, divided)."""
     body = {"model": name, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "logprobs": 0}  # each chunk lists its tokens
     request = urllib.request.Request(f"{base}/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-    start, stamps = time.perf_counter(), []
+    start, chunks = time.perf_counter(), []  # (arrival, tokens)
     with urllib.request.urlopen(request, timeout=600) as response:
         for line in response:
             if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-                stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - start, "itls": [b - a for a, b in itertools.pairwise(stamps)], "tokens": len(stamps)}
+                choice = json.loads(line[len(b"data: "):])["choices"][0]
+                chunks.append((time.perf_counter(), len(choice["logprobs"]["tokens"])))
+    itls = [(b - a) / tokens for (a, _), (b, tokens) in itertools.pairwise(chunks) for _ in range(tokens)]
+    return {"ttft": chunks[0][0] - start, "itls": itls, "tokens": sum(tokens for _, tokens in chunks)}
 
 
 def serve_and_load(directory: Path, settings: argparse.Namespace) -> dict[str, Any]:
-    """Start the server on `directory`, send the requests, stop it; the mode's figures."""
+    """Start the server on `directory` (its output in a log beside it), send the requests, stop it; the mode's
+    figures."""
     port, name = free_port(), directory.name
     base = f"http://127.0.0.1:{port}/v1"
     argv = [sys.executable, "-m", "moe_diff.cli", "serve", str(directory), "--port", str(port), "--", "--dtype",
             settings.dtype, "--max-model-len", str(settings.prompt_tokens + settings.new_tokens)]
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = directory.with_suffix(".log")
+    with log_path.open("w") as log:
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    pool = concurrent.futures.ThreadPoolExecutor(settings.concurrency)
     try:
-        wait_until_up(base, server, settings.start_timeout)
+        wait_until_up(base, server, settings.start_timeout, log_path)
         generator = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(1, 256, (settings.prompt_tokens,), generator=generator).tolist()
-                   for _ in range(settings.requests)]
-        stream_one(base, name, prompts[0], 4)  # warm-up
+        warmup, *prompts = [torch.randint(1, 256, (settings.prompt_tokens,), generator=generator).tolist()
+                            for _ in range(settings.requests + 1)]
+        stream_one(base, name, warmup, 4)  # a prompt of its own: the timed ones find nothing of it cached
         start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(settings.concurrency) as pool:
-            done = list(pool.map(lambda prompt: stream_one(base, name, prompt, settings.new_tokens), prompts,
-                                 timeout=settings.time_limit))
+        done = list(pool.map(lambda prompt: stream_one(base, name, prompt, settings.new_tokens), prompts,
+                             timeout=settings.time_limit))
         wall = time.perf_counter() - start
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         server.send_signal(signal.SIGINT)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)  # the server and vLLM's processes under it
     ttfts, itls = [r["ttft"] for r in done], [gap for r in done for gap in r["itls"]]
     return {"requests": len(done), "concurrency": settings.concurrency, "wall_s": wall,
             "output_tokens_per_s": sum(r["tokens"] for r in done) / wall,
@@ -115,8 +123,10 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=1800, help="seconds the requests of one mode may take")
     settings = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's CPU backend would reserve most free memory
-    results: dict[str, Any] = {"environment": environment(torch.device("cpu")), "settings": vars(settings),
-                               "modes": {}}
+    from vllm.platforms import current_platform  # where vLLM serves: what the environment record describes
+
+    device = torch.device("cpu" if current_platform.is_cpu() else current_platform.device_type)
+    results: dict[str, Any] = {"environment": environment(device), "settings": vars(settings), "modes": {}}
     with tempfile.TemporaryDirectory(prefix="moe-diff-serving-") as scratch:
         for mode in settings.modes:
             cfg = load_config(settings.config, [f"model.attention={mode}"]).model

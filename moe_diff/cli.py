@@ -151,8 +151,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    return serve(Path(args.source), args.host, args.port, args.api_key, Path(args.export_dir) if args.export_dir else
-                 None, args.vllm_args, tell)
+    export_dir = Path(args.export_dir) if args.export_dir else None
+    return serve(Path(args.source), args.host, args.port, args.api_key, export_dir, args.vllm_args, tell)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", default="127.0.0.1",
                            help="the interface to listen on; 0.0.0.0 for every one, which vLLM itself would pick")
     serve_cmd.add_argument("--port", type=int, default=8000, help="the port to listen on")
-    serve_cmd.add_argument("--api-key", default=None, help="requests must carry it (Authorization: Bearer KEY)")
+    serve_cmd.add_argument("--api-key", default=None, help="requests must carry it (Authorization: Bearer KEY); "
+                           "vLLM also reads it from VLLM_API_KEY, which keeps it off the command line")
     serve_cmd.add_argument("--export-dir", default=None,
                            help="where to write the export a source needs (default: a temporary directory)")
     serve_cmd.set_defaults(run=run_serve)

@@ -92,7 +92,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                     platform.processor() or "cpu")
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("transformers", "triton"):
+    for package in ("transformers", "triton", "vllm"):
         try:
             versions[package] = __import__(package).__version__
         except ImportError:

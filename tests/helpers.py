@@ -51,15 +51,18 @@ def scattered_documents(n: int, seed: int) -> torch.Tensor:
     return torch.stack([runs, hole])
 
 
-def servable_model(attention: str) -> MoEDiffTransformer:
+def servable_model(attention: str, **overrides: object) -> MoEDiffTransformer:
     """A float32 model whose large random weights keep greedy choices far from ties; head width 32 (one of the sizes
-    vLLM's CPU attention takes) and a window of 8, shorter than prompt and generation."""
+    vLLM's CPU attention takes) and by default a window of 8, shorter than prompt and generation; with an expert
+    bias rate, random expert biases (as training would have moved them)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=257, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=64,
-                      n_experts=4, top_k=2, sliding_window=8, max_seq_len=128, attention=attention, rope_theta=100.0)
-    model = MoEDiffTransformer(cfg)
+    values = dict(vocab_size=257, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=64, n_experts=4,
+                  top_k=2, sliding_window=8, max_seq_len=128, attention=attention, rope_theta=100.0)
+    model = MoEDiffTransformer(ModelConfig(**(values | overrides)))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.normal_(0, 0.1 if "lambda_q" in name or "lambda_k" in name else 0.4)
+        for block in model.layers if model.cfg.expert_bias_rate else ():
+            block.moe.expert_bias.normal_(0, 0.5)
     return model.eval()

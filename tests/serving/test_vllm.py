@@ -18,11 +18,15 @@ GREEDY = Path(__file__).with_name("greedy.py")
 NEW_TOKENS = 12
 
 
-@pytest.mark.parametrize("attention", ["standard", "diff", "diff_v2"])
-def test_vllm_serves_the_greedy_tokens_of_moe_diff(attention: str, vllm_python: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("attention", "overrides"), [
+    ("standard", {}), ("diff", {}), ("diff_v2", {}),
+    ("diff", {"expert_bias_rate": 0.01, "tie_embeddings": True, "sliding_window": None}),  # what else vLLM must get
+], ids=["standard", "diff", "diff_v2", "diff-bias-tied-no-window"])
+def test_vllm_serves_the_greedy_tokens_of_moe_diff(attention: str, overrides: dict, vllm_python: Path,
+                                                   tmp_path: Path) -> None:
     from moe_diff.hf.export import save_hf
 
-    model = servable_model(attention)
+    model = servable_model(attention, **overrides)
     save_hf(model, ByteTokenizer(), tmp_path / "exported")
     prompts = [torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(length)).tolist()
                for length in (3, 11, 20)]

@@ -20,6 +20,7 @@ from moe_diff.inference.bench.systems import Timing, build_systems
 from moe_diff.model import MoEDiffTransformer
 
 SYSTEMS = ("moe-diff", "transformers", "vllm", "dense")
+DEFAULT_SYSTEMS = ("moe-diff", "transformers", "dense")  # vllm when asked for: it needs vLLM installed
 
 
 @dataclass
@@ -30,7 +31,7 @@ class BenchSettings:
     routing: str = "own"  # see moe_diff.inference.bench.routing
     compile: bool = False  # compile this project's decode steps (compile time is reported apart)
     repeats: int = 3  # timed generations per system and shape, taken in turns with the other systems
-    systems: list[str] = field(default_factory=lambda: [name for name in SYSTEMS if name != "vllm"])  # no install
+    systems: list[str] = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
     seed: int = 0
 
     def check(self, model: MoEDiffTransformer) -> None:
@@ -55,10 +56,13 @@ class BenchSettings:
         if "transformers" in self.systems and cfg.attention != "standard":
             raise UsageError(f"the transformers comparison runs Mixtral, which has standard attention; this model "
                              f"has attention={cfg.attention!r} (leave 'transformers' out of the systems)")
+        if "vllm" in self.systems and self.routing != "own":
+            raise UsageError(f"--routing {self.routing} forces this project's and transformers' routers; vLLM runs the "
+                             "model's own (use --routing own with the vllm system)")
 
 
 def summarise(system: str, cfg: ModelConfig, element_size: int, batch: int, prompt_length: int, warmup_s: float,
-              timing: Timing, peak_bandwidth: float, peak_bytes: int) -> dict[str, Any]:
+              timing: Timing, peak_bandwidth: float, peak_bytes: int | None) -> dict[str, Any]:
     """One run's row: latencies, tokens/s, memory, and the bytes each decode step must read as a share of the
     measured peak bandwidth (step s feeds position prompt_length + s, which sees min(that + 1, window) keys)."""
     window = cfg.sliding_window or cfg.max_seq_len
@@ -100,9 +104,9 @@ def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, 
             advance(label)
             reset_peak_memory(device)
             timings[index].append(system.run(prompts, settings.new_tokens))
-            peaks[index].append(peak_memory(device))
+            peaks[index].append(peak_memory(device) if system.in_process else None)
     return [summarise(system.name, system.cfg, element_size, batch, prompt_length, warmup_s, Timing.pooled(timed),
-                      peak_bandwidth, max(peak))
+                      peak_bandwidth, max(peak) if system.in_process else None)
             for system, warmup_s, timed, peak in zip(systems, warmups, timings, peaks, strict=True)]
 
 
@@ -122,7 +126,8 @@ def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
         else "process_peak_rss", "runs": [],
     }
     generator = torch.Generator().manual_seed(settings.seed)
-    systems = build_systems(model, settings.systems, settings.routing, settings.compile)
+    systems = build_systems(model, settings.systems, settings.routing, settings.compile,
+                            max(settings.prompt_lengths) + settings.new_tokens, max(settings.batch_sizes))
     try:
         with torch._dynamo.config.patch(recompile_limit=256, cache_size_limit=256):
             for prompt_length in settings.prompt_lengths:

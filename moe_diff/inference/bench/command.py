@@ -3,7 +3,6 @@ progress bar, and the written results."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from rich.progress import Progress, TextColumn
 from moe_diff.checkpoint.open import open_model
 from moe_diff.config import KERNEL_FIELDS, Kernels, load_config
 from moe_diff.errors import UsageError, literal
-from moe_diff.inference.bench import SYSTEMS, BenchSettings, report, run_bench
+from moe_diff.inference.bench import DEFAULT_SYSTEMS, BenchSettings, report, run_bench
 from moe_diff.model import MoEDiffTransformer
 
 
@@ -36,9 +35,8 @@ def bench_model(source: Path, overrides: list[str], dtype: torch.dtype, device: 
 
 
 def default_systems(model: MoEDiffTransformer) -> list[str]:
-    """Every system that applies: transformers' Mixtral only for standard attention, vLLM where it is installed."""
-    applies = {"transformers": model.cfg.attention == "standard", "vllm": importlib.util.find_spec("vllm") is not None}
-    return [name for name in SYSTEMS if applies.get(name, True)]
+    """The default systems that apply: transformers' Mixtral only for standard attention."""
+    return [name for name in DEFAULT_SYSTEMS if name != "transformers" or model.cfg.attention == "standard"]
 
 
 def bench_and_write(model: MoEDiffTransformer, settings: BenchSettings, out: Path, console: Console) -> list[Path]:

@@ -31,7 +31,7 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
-        memory = f"{r['peak_memory_bytes'] / 2**30:.2f}"
+        memory = shown(r["peak_memory_bytes"], ".2f", 2**-30)
         lines.append(
             f"| {r['system']} | {r['prompt_length']} | {r['batch']} | {r['ttft_s'] * 1e3:.1f} | "
             f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {r['itl_p50_s'] * 1e3:.2f} | "

@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 
 from moe_diff.checkpoint.mixtral import to_hf_mixtral
+from moe_diff.costs import kv_cache_bytes_per_token
 from moe_diff.device import synchronize
 from moe_diff.errors import UsageError
 from moe_diff.inference.bench.routing import force_routing
 from moe_diff.inference.generation import PREFILL_CHUNK, stream
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 from moe_diff.vllm import VLLM_MISSING, check_servable
+
+KV_BLOCK_TOKENS = 16  # vLLM's CPU cache block: each sequence may leave one partly filled
 
 
 @dataclass
@@ -47,6 +50,8 @@ class Timing:
 
 class MoEDiffSystem:
     """This project's generation (`moe_diff.stream`), eager or with compiled decode steps."""
+
+    in_process = True  # its memory is this process's
 
     def __init__(self, name: str, model: MoEDiffTransformer, routing: str, compile: bool):
         self.name, self.model, self.compile = name, model.eval(), compile
@@ -78,6 +83,8 @@ class MoEDiffSystem:
 
 class TransformersSystem:
     """transformers' MixtralForCausalLM.generate (greedy, its default cache and attention) on the same weights."""
+
+    in_process = True
 
     def __init__(self, model: MoEDiffTransformer, routing: str):
         from transformers import MixtralForCausalLM
@@ -131,26 +138,36 @@ class TransformersSystem:
 
 class VLLMSystem:
     """vLLM's engine on the same weights (this package's plugin, its paged KV cache and batching; greedy,
-    ignore_eos), stepped here so that every decode step is timed as this project's are. Its compiled mode where
-    `compile`, else eager; the model's own routing only."""
+    ignore_eos; no prefix cache, since every round sends the same prompts), stepped here so that every decode step
+    is timed as this project's are. Its compiled mode where `compile`, else eager; the model's own routing only;
+    a KV cache sized for the largest batch of the longest prompt. vLLM compiles while the engine starts, which the
+    warm-up generation does not include."""
 
-    def __init__(self, model: MoEDiffTransformer, routing: str, compile: bool):
+    in_process = False  # the engine core runs in a process of its own, whose memory this one does not see
+
+    def __init__(self, model: MoEDiffTransformer, compile: bool, longest: int, largest_batch: int):
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError:
             raise UsageError(f"the vllm system needs vLLM in this environment: {VLLM_MISSING}") from None
         from moe_diff.hf.export import hf_model
 
-        if routing != "own":
-            raise UsageError(f"--routing {routing} forces this project's and transformers' routers; vLLM runs the "
-                             "model's own (use --routing own with the vllm system)")
         self.name, self.cfg = "vllm", model.cfg
         weight = model.tok_embeddings.weight
-        check_servable(self.cfg, on_cpu=weight.device.type == "cpu")
+        if current_platform.is_cpu() != (weight.device.type == "cpu"):
+            raise UsageError(f"the vllm system runs on vLLM's {current_platform.device_type}, the other systems on "
+                             f"--device {weight.device}: time them on one device")
+        check_servable(self.cfg, on_cpu=current_platform.is_cpu())
         self._files = tempfile.TemporaryDirectory(prefix="moe-diff-bench-")
         hf_model(model).save_pretrained(self._files.name)  # weights and config: prompts go in as token ids
+        cache_tokens = largest_batch * (longest + KV_BLOCK_TOKENS)
         self.engine = LLM(model=self._files.name, dtype=str(weight.dtype).removeprefix("torch."), seed=0,
-                          enforce_eager=not compile, skip_tokenizer_init=True, max_model_len=self.cfg.max_seq_len)
+                          enforce_eager=not compile, skip_tokenizer_init=True, enable_prefix_caching=False,
+                          max_model_len=longest, max_num_seqs=largest_batch,
+                          kv_cache_memory_bytes=2 * cache_tokens * kv_cache_bytes_per_token(
+                              self.cfg, weight.element_size()))
+        self._requests = itertools.count()
 
     def run(self, prompts: torch.Tensor, new_tokens: int) -> Timing:
         from vllm import SamplingParams
@@ -159,8 +176,8 @@ class VLLMSystem:
         engine = self.engine.llm_engine
         sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
         start, stamps, produced = time.perf_counter(), [], {}
-        for index, row in enumerate(prompts.tolist()):
-            engine.add_request(str(index), TokensPrompt(prompt_token_ids=row), sampling)
+        for row in prompts.tolist():
+            engine.add_request(f"bench-{next(self._requests)}", TokensPrompt(prompt_token_ids=row), sampling)
         while engine.has_unfinished_requests():
             produced |= {out.request_id: len(out.outputs[0].token_ids) for out in engine.step()}
             while len(produced) == len(prompts) and min(produced.values()) > len(stamps):  # every row's next token
@@ -168,7 +185,7 @@ class VLLMSystem:
         return Timing.from_stamps(start, stamps, [])
 
     def close(self) -> None:
-        del self.engine
+        self.engine.llm_engine.engine_core.shutdown()
         self._files.cleanup()
 
 
@@ -179,12 +196,14 @@ def dense_twin(model: MoEDiffTransformer) -> MoEDiffTransformer:
     return MoEDiffTransformer(cfg).to(device=weight.device, dtype=weight.dtype)
 
 
-def build_systems(model: MoEDiffTransformer, names: list[str], routing: str, compile: bool) -> list:
-    """The named systems over `model`: 'moe-diff', 'transformers', 'vllm' and 'dense'."""
+def build_systems(model: MoEDiffTransformer, names: list[str], routing: str, compile: bool, longest: int,
+                  largest_batch: int) -> list:
+    """The named systems over `model`: 'moe-diff', 'transformers', 'vllm' and 'dense' (`longest`: the most tokens
+    of prompt and generation, `largest_batch`: the most prompts of one generation, for vLLM's cache)."""
     makers = {
         "moe-diff": lambda: MoEDiffSystem("moe-diff", model, routing, compile),
         "transformers": lambda: TransformersSystem(model, routing),
-        "vllm": lambda: VLLMSystem(model, routing, compile),
+        "vllm": lambda: VLLMSystem(model, compile, longest, largest_batch),
         "dense": lambda: MoEDiffSystem("dense", dense_twin(model), "own", compile),
     }
     return [makers[name]() for name in names]
