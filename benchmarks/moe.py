@@ -22,18 +22,18 @@ from moe_diff.files import write_json
 from moe_diff.inference.bench.measure import median_seconds
 from moe_diff.kernels.moe_decode import moe_experts_gemv
 from moe_diff.kernels.moe_experts import (
-    FEW_TOKENS,
     megablocks_available,
     moe_experts_auto,
-    moe_experts_few_tokens,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
     moe_experts_pairs,
     moe_experts_reference,
+    moe_experts_sorted,
 )
 from moe_diff.kernels.triton_compat import HAVE_TRITON
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what every backend runs
+FEW_TOKENS = 16  # the most tokens the pair-by-pair loop is timed at (it runs one SwiGLU per token and slot)
 
 
 def dense_floor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -42,9 +42,10 @@ def dense_floor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
 
 
 def backends(device: torch.device, n_tokens: int) -> dict[str, Callable[..., torch.Tensor]]:
-    available = {"reference": moe_experts_reference, "grouped_mm": moe_experts_grouped_mm, "auto": moe_experts_auto}
+    available = {"reference": moe_experts_reference, "grouped_mm": moe_experts_grouped_mm, "sorted": moe_experts_sorted,
+                 "auto": moe_experts_auto}
     if n_tokens <= FEW_TOKENS:
-        available |= {"pairs": moe_experts_pairs, "few_tokens": moe_experts_few_tokens}
+        available["pairs"] = moe_experts_pairs
     if megablocks_available() and device.type == "cuda":
         available["megablocks"] = moe_experts_megablocks
     if n_tokens <= FEW_TOKENS and device.type == "cuda" and HAVE_TRITON:
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe-DEVICE.json)")
     args = parser.parse_args(argv)
     if args.cpu_size:
-        args.dim, args.ffn, args.tokens, args.dtype, args.device = 256, 512, [1, 4, 16, 512, 2048], "float32", "cpu"
+        args.dim, args.ffn, args.tokens, args.dtype, args.device = 256, 512, [1, 4, 16, 64, 512, 2048], "float32", "cpu"
     if min(args.tokens) < 1 or args.repeats < 1 or not 1 <= args.top_k <= args.experts:
         parser.error("--tokens and --repeats must be positive and --top-k within 1..--experts")
     device = torch.device(args.device)

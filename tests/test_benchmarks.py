@@ -140,9 +140,9 @@ def test_gpu_suite_names_the_packages_a_machine_lacks(tmp_path: Path, monkeypatc
 def test_moe_layer_benchmark_at_cpu_size(suite) -> None:
     results = stage_parts(suite[0], "moe")["moe"]
     rows = {(r["backend"], r["pass"], r["tokens"]): r for r in results["results"]}
-    assert {backend for backend, _, _ in rows} >= {"reference", "grouped_mm", "dense floor", "pairs", "few_tokens"}
+    assert {backend for backend, _, _ in rows} >= {"reference", "grouped_mm", "dense floor", "pairs", "sorted"}
     assert {kind for _, kind, _ in rows} == {"forward+backward", "forward"}
-    assert {tokens for _, _, tokens in rows} == {1, 4, 16, 512, 2048} and results["dim"] == 256
+    assert {tokens for _, _, tokens in rows} == {1, 4, 16, 64, 512, 2048} and results["dim"] == 256
     assert all(r["seconds"] > 0 and r["tflops"] > 0 for r in rows.values())
     assert rows[("dense floor", "forward", 512)]["time_over_dense_floor"] == 1.0
 

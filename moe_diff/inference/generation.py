@@ -10,7 +10,7 @@ import torch
 from moe_diff.config import ModelConfig
 from moe_diff.errors import UsageError
 from moe_diff.kernels.moe_decode import moe_experts_gemv
-from moe_diff.kernels.moe_experts import moe_experts_every, moe_experts_gathered, moe_experts_loop_op
+from moe_diff.kernels.moe_experts import moe_experts_every, moe_experts_gathered, moe_experts_sorted_op
 from moe_diff.kernels.triton_compat import HAVE_TRITON
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 
@@ -87,11 +87,11 @@ def decode_expert_op(device_type: str, n_pairs: int, n_experts: int,
     experts reads just the chosen experts: on a GPU with Triton through two launches of matrix-vector products
     that read each pair's expert rows once (moe_decode), elsewhere by gathering the chosen experts' weights
     (gpt-fast's way, fused into the matmul by inductor on the CPU). A larger step runs every expert over its
-    tokens on CUDA (CUDA graphs cannot capture the loop's host synchronisation) and the loop as one opaque
-    operator elsewhere."""
+    tokens on CUDA (CUDA graphs cannot capture the host synchronisation of a loop over experts) and elsewhere the
+    pairs sorted by expert, one SwiGLU per chosen expert, as one opaque operator."""
     if n_pairs <= n_experts:
         return moe_experts_gemv if device_type == "cuda" and triton_available else moe_experts_gathered
-    return moe_experts_every if device_type == "cuda" else moe_experts_loop_op
+    return moe_experts_every if device_type == "cuda" else moe_experts_sorted_op
 
 
 def decode_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,

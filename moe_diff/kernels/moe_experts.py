@@ -51,42 +51,37 @@ def moe_experts_pairs(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.
     return torch.stack(rows) if rows else torch.zeros_like(x)
 
 
-def moe_experts_few_tokens(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                           w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """The same for a few tokens on the CPU (eager decode), in as few operators as possible, since each costs
-    about as much as a small GEMV: the (token, slot) pairs are grouped by expert on the host, each chosen
-    expert runs one SwiGLU over its tokens, and one weighted scatter adds the results into place.
+def moe_experts_sorted(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                       w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """The same in the fewest operators per expert, for inference on the CPU, where each operator costs about as much
+    as a small GEMV: the (token, slot) pairs sorted by expert, the rows gathered once, each chosen expert one SwiGLU
+    over its slice of them (the group sizes read on the host once), and one weighted scatter back.
     x: [N, D], expert_ids and weights: [N, K] -> [N, D]."""
-    top_k = expert_ids.shape[1]
-    pairs_of: dict[int, list[int]] = {}  # expert -> its (token, slot) pairs, as token * K + slot
-    for pair, expert in enumerate(expert_ids.flatten().tolist()):
-        pairs_of.setdefault(expert, []).append(pair)
-    pairs_of.pop(w1.shape[0], None)  # the pairs dropped for capacity
-    order: list[int] = []
-    outputs = []
-    for expert, pairs in pairs_of.items():
-        h = x[[pair // top_k for pair in pairs]]
-        hidden = F.silu(F.linear(h, w1[expert])).mul_(F.linear(h, w3[expert]))
-        outputs.append(F.linear(hidden, w2[expert]))
-        order += pairs
+    n_experts, top_k = w1.shape[0], expert_ids.shape[1]
+    pairs = expert_ids.flatten()
+    order = pairs.argsort(stable=True)  # expert-major; the pairs dropped for capacity (id E) last
+    rows = x[order // top_k]
+    outputs, start = [], 0
+    for expert, count in enumerate(torch.bincount(pairs, minlength=n_experts + 1)[:n_experts].tolist()):
+        if count:
+            h = rows[start:start + count]
+            outputs.append(F.linear(F.silu(F.linear(h, w1[expert])) * F.linear(h, w3[expert]), w2[expert]))
+            start += count
     if not outputs:  # no tokens, or none kept
         return torch.zeros_like(x)
-    pair_index = torch.tensor(order, device=x.device)
-    y = torch.cat(outputs).mul_(weights.flatten()[pair_index, None].to(outputs[0].dtype))
-    return torch.zeros_like(x).index_add_(0, pair_index // top_k, y.to(x.dtype))  # autocast: y's dtype may differ
+    kept = order[:start]
+    y = torch.cat(outputs) * weights.flatten()[kept, None].to(outputs[0].dtype)
+    return torch.zeros_like(x).index_add_(0, kept // top_k, y.to(x.dtype))  # autocast: y's dtype may differ
 
 
-FEW_TOKENS = 16  # up to this many tokens the CPU decodes without grouped_mm (benchmarks/results/moe-cpu.json)
+@torch.library.custom_op("moe_diff::experts_sorted", mutates_args=())
+def moe_experts_sorted_op(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                          w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """moe_experts_sorted as one opaque operator, so a compiled inference graph calls it whole (no autograd)."""
+    return moe_experts_sorted(x, expert_ids, weights, w1, w2, w3)
 
 
-@torch.library.custom_op("moe_diff::experts_loop", mutates_args=())
-def moe_experts_loop_op(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                        w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """The reference as one opaque operator, so a compiled inference graph calls it whole (no autograd)."""
-    return moe_experts_reference(x, expert_ids, weights, w1, w2, w3)
-
-
-@moe_experts_loop_op.register_fake
+@moe_experts_sorted_op.register_fake
 def _(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
       w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
@@ -187,14 +182,12 @@ def grouped_mm_applies(x: torch.Tensor, w1: torch.Tensor) -> bool:
 def moe_experts_auto(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                      w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """The fastest correct backend for these inputs (benchmarks/results/moe-*.json): on the CPU without autograd
-    (eager decode) one token runs pair by pair (2.3x grouped_mm's speed) and up to FEW_TOKENS tokens grouped by
-    expert on the host (1.1-1.2x grouped_mm's speed at 4 and 16 tokens); otherwise grouped_mm where
-    its rules hold (on an H100 1.5-2.6x the loop's speed at Mixtral's layer shape; on the CPU 1.1-4x in training,
-    within noise of the loop in inference at 512 and 2048 tokens); the loop where they do not (float64, unaligned
-    shapes)."""
-    if x.shape[0] <= FEW_TOKENS and x.device.type == "cpu" and not torch.is_grad_enabled():
-        few_tokens = moe_experts_pairs if x.shape[0] == 1 else moe_experts_few_tokens
-        return few_tokens(x, expert_ids, weights, w1, w2, w3)
+    (inference) one token runs pair by pair and more tokens sorted by expert (MEASURED); otherwise grouped_mm where
+    its rules hold (on an H100 1.5-2.6x the loop's speed at Mixtral's layer shape; on the CPU 1.1-4x in training);
+    the loop where they do not (float64, unaligned shapes)."""
+    if x.device.type == "cpu" and not torch.is_grad_enabled():
+        inference = moe_experts_pairs if x.shape[0] == 1 else moe_experts_sorted
+        return inference(x, expert_ids, weights, w1, w2, w3)
     if grouped_mm_applies(x, w1):
         return moe_experts_grouped_mm(x, expert_ids, weights, w1, w2, w3)
     return moe_experts_reference(x, expert_ids, weights, w1, w2, w3)

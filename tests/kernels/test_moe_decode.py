@@ -23,8 +23,8 @@ from moe_diff.kernels import moe_decode  # noqa: E402
 from moe_diff.kernels.moe_experts import (  # noqa: E402
     moe_experts_every,
     moe_experts_gathered,
-    moe_experts_loop_op,
     moe_experts_reference,
+    moe_experts_sorted_op,
 )
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
@@ -62,10 +62,11 @@ def test_gemv_experts_equal_the_reference(n_tokens: int, top_k: int, drop: bool,
 
 @pytest.mark.parametrize(("device", "pairs", "expected"), [
     ("cuda", 4, moe_decode.moe_experts_gemv), ("cuda", 16, moe_experts_every),
-    ("cpu", 4, moe_experts_gathered), ("cpu", 16, moe_experts_loop_op)])
+    ("cpu", 4, moe_experts_gathered), ("cpu", 16, moe_experts_sorted_op)])
 def test_compiled_decode_steps_take_the_gemv_kernels_on_a_gpu(device: str, pairs: int, expected) -> None:
     """With no more (token, slot) pairs than experts (8 here), a GPU's compiled step runs the two launches; more,
-    every expert over its tokens; the CPU gathers the chosen experts, or runs the loop as one operator."""
+    every expert over its tokens; the CPU gathers the chosen experts, or runs the pairs sorted by expert as one
+    operator."""
     assert decode_expert_op(device, pairs, 8, triton_available=True) is expected
     if device == "cuda":  # without Triton a GPU step gathers, as the CPU's does
         assert decode_expert_op(device, 4, 8, triton_available=False) is moe_experts_gathered

@@ -9,12 +9,12 @@ from moe_diff.kernels.moe_experts import (
     megablocks_available,
     moe_experts_auto,
     moe_experts_every,
-    moe_experts_few_tokens,
     moe_experts_gathered,
     moe_experts_grouped_mm,
     moe_experts_megablocks,
     moe_experts_pairs,
     moe_experts_reference,
+    moe_experts_sorted,
 )
 
 
@@ -37,11 +37,11 @@ def test_weighted_sum_of_chosen_experts_including_idle_ones() -> None:
 
 
 @pytest.mark.parametrize("op", [moe_experts_gathered, moe_experts_every, moe_experts_pairs,
-                                 moe_experts_few_tokens])
+                                 moe_experts_sorted])
 @pytest.mark.parametrize("n", [1, 3, 9])
 def test_decode_expert_paths_equal_the_reference(op, n: int) -> None:
-    """The static-shape paths of compiled decode steps, and the two loops of eager decode (pair by pair, grouped
-    on the host); with 9 tokens on 5 experts, expert 4 stays idle."""
+    """The static-shape paths of compiled decode steps, and the two loops of CPU inference (pair by pair, sorted
+    by expert); with 9 tokens on 5 experts, expert 4 stays idle."""
     torch.manual_seed(n)
     dim, ffn, experts = 6, 10, 5
     x = torch.randn(n, dim, dtype=torch.float64)
@@ -54,7 +54,7 @@ def test_decode_expert_paths_equal_the_reference(op, n: int) -> None:
 
 
 @pytest.mark.parametrize("op", [moe_experts_reference, moe_experts_grouped_mm, moe_experts_auto, moe_experts_gathered,
-                                moe_experts_every, moe_experts_pairs, moe_experts_few_tokens])
+                                moe_experts_every, moe_experts_pairs, moe_experts_sorted])
 def test_every_path_leaves_out_the_pairs_dropped_for_capacity(op) -> None:
     """An expert id of E marks a pair dropped for capacity: outputs and gradients equal the reference's with each
     dropped pair run on expert 0 at weight 0 (their own weights, 1 here, do not count, and get no gradient); token 2
@@ -256,8 +256,8 @@ def test_grouped_mm_under_autocast_multiplies_in_its_dtype() -> None:
 
 @pytest.mark.parametrize("n", [1, 4, 20])
 def test_auto_without_autograd_runs_under_autocast(n: int) -> None:
-    """Eager decode and evaluation under bfloat16 autocast (one token pair by pair, a few grouped on the host,
-    more through grouped_mm): each path's values as close to the loop's as bfloat16 allows."""
+    """Eager decode and evaluation under bfloat16 autocast (one token pair by pair, more sorted by expert): each
+    path's values as close to the loop's as bfloat16 allows."""
     torch.manual_seed(n)
     dim, ffn, experts = 16, 32, 4
     x = torch.randn(n, dim)
