@@ -290,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--routing", choices=ROUTING_MODES, default="own",
                            help="the model's own routing, or forced uniform or Zipf-skewed expert choices")
     bench_cmd.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
-                           help="what to time (default: all that apply; transformers needs standard attention, vllm "
-                           "an installed vLLM, see docs/serving.md)")
+                           help="what to time (default: moe-diff, dense and, for standard attention, transformers; "
+                           "vllm when named, in an environment with vLLM, see docs/serving.md)")
     bench_cmd.add_argument("--compile", action="store_true",
-                           help="compile this project's decode steps (and run vLLM in its compiled mode)")
+                           help="time moe-diff with compiled decode steps beside its eager run, the dense model's "
+                           "compiled, and vLLM in its compiled mode")
     bench_cmd.add_argument("--repeats", type=int, default=3,
                            help="timed generations per system and shape, taken in turns with the other systems")
     bench_cmd.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")

@@ -67,6 +67,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
         self.register_buffer("slot_index", torch.full((capacity,), -1, device=device), persistent=False)
         self.register_buffer("key_start", key_start.to(device), persistent=False)  # [B] first real (unpadded) index
+        self.padded = bool((key_start > 0).any())  # whether some row's first keys are padding
         self.register_buffer("length", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.window = window
 
@@ -83,6 +84,8 @@ class KVCache(nn.Module):
             new_index = torch.arange(length, length + n_new, device=self.slot_index.device)
             key_index = torch.cat([self.slot_index[:min(length, self.k.shape[1])], new_index])
         visible = causal_window_mask(new_index, key_index, self.window) & (key_index >= 0)
+        if not self.padded:  # one mask for every row, as a view: attention may take it once for all
+            return AttentionMask(self.window, explicit=visible.expand(len(self.key_start), -1, -1))
         visible = (visible[None] & (key_index >= self.key_start[:, None, None])) | (key_index == new_index[:, None])
         return AttentionMask(self.window, explicit=visible)
 

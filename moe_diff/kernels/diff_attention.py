@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import flex_attention as flex
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from moe_diff.kernels.mask import AttentionMask
+from moe_diff.kernels.mask import AttentionMask, shared_rows
 from moe_diff.kernels.precision import compute_dtype
 
 
@@ -49,7 +49,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     if mask.plain_causal(q.shape[1]):
         attn_mask, causal = None, True
     else:
-        allowed = mask.dense(q.shape[1], q.device)
+        allowed = shared_rows(mask.dense(q.shape[1], q.device))
         attn_mask, causal = (allowed[:, None] if allowed.dim() == 3 else allowed), False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask, is_causal=causal, enable_gqa=True)

@@ -27,6 +27,12 @@ def causal_window_mask(query_index: torch.Tensor, key_index: torch.Tensor, windo
     return allowed
 
 
+def shared_rows(mask: torch.Tensor) -> torch.Tensor:
+    """A [B, ...] mask as [1, ...] where it is one row expanded to B (a batch stride of 0), else as it is: a
+    backend that broadcasts the mask then reads, and converts, one row."""
+    return mask[:1] if mask.dim() == 3 and mask.stride(0) == 0 else mask
+
+
 def attention_mask(n_tokens: int, window: int | None, device: torch.device,
                    document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask, True where query i may attend to key j: [T, T], or [B, T, T] with document ids."""

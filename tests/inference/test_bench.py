@@ -12,6 +12,7 @@ from moe_diff.cli import main
 from moe_diff.config import ModelConfig
 from moe_diff.inference.bench import BenchSettings, run_bench
 from moe_diff.inference.bench.measure import decode_step_bytes, percentile
+from moe_diff.inference.bench.report import markdown
 from moe_diff.inference.bench.routing import ForcedScores, expert_log_probs
 from moe_diff.model import MoEDiffTransformer
 
@@ -70,9 +71,25 @@ def test_every_system_runs_and_forced_routing_reaches_transformers_too() -> None
             assert 2 * layers <= row["experts_read_per_step"] <= min(2 * batch, 8) * layers
             assert row["experts_read_per_step"] == pytest.approx(
                 runs[("transformers", batch, prompt_length)]["experts_read_per_step"], abs=0.5)
-    assert {(s["versus"], s["batch"], s["prompt_length"]) for s in results["speedups"]} == {
-        (versus, b, p) for versus in ("transformers", "dense") for b in (1, 3) for p in (4, 12)}
+    assert {(s["system"], s["versus"], s["batch"], s["prompt_length"]) for s in results["speedups"]} == {
+        ("moe-diff", versus, b, p) for versus in ("transformers", "dense") for b in (1, 3) for p in (4, 12)}
     assert all(block.moe.gate._forward_hooks == {} for block in model.layers)  # the model's own router is back
+
+
+def test_compile_times_moe_diff_eager_and_compiled_side_by_side() -> None:
+    """With compile, moe-diff runs twice, eager and with compiled decode steps, under one forced routing, and each
+    has its speed-ups over the other systems."""
+    model = small_model()
+    settings = BenchSettings(batch_sizes=[3], prompt_lengths=[4], new_tokens=4, routing="zipf", compile=True,
+                             repeats=1, systems=["moe-diff", "dense"])
+    results = run_bench(model, settings)
+    runs = {r["system"]: r for r in results["runs"]}
+    assert list(runs) == ["moe-diff", "moe-diff compiled", "dense"]
+    assert all(2 * 2 <= runs[name]["experts_read_per_step"] <= 6 * 2 for name in ("moe-diff", "moe-diff compiled"))
+    assert {(s["system"], s["versus"]) for s in results["speedups"]} == {("moe-diff", "dense"),
+                                                                          ("moe-diff compiled", "dense")}
+    assert "| moe-diff compiled | dense | 4 | 3 |" in markdown(results)
+    assert all(block.moe.gate._forward_hooks == {} for block in model.layers)
 
 
 def test_bench_command_writes_json_markdown_and_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

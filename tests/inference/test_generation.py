@@ -58,10 +58,22 @@ def test_chunked_prefill_of_a_prompt_longer_than_window_and_chunk(monkeypatch: p
     assert torch.equal(generate(model, tokens, 8), generate(model, tokens, 8, use_cache=False))
 
 
+def test_a_batch_prefilled_in_chunks_of_a_token_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a batch's prefill forward takes at most CPU_PREFILL_TOKENS: 3 padded prompts in chunks of 3
+    tokens per row generate what full recomputation does, with one forward per chunk."""
+    model = decisive_model("diff_v2", window=4)
+    prompts = [prompt(n, seed=n) for n in (11, 5, 8)]
+    monkeypatch.setattr(generate_module, "CPU_PREFILL_TOKENS", 10)
+    forwards = []
+    chunked = torch.stack(list(stream(model, prompts, 6, on_forward=forwards.append)), 1)
+    assert torch.equal(chunked, generate(model, prompts, 6, use_cache=False)[:, -6:])
+    assert [out.logits.shape[1] for out in forwards[:4]] == [3, 3, 3, 2]
+
+
 @pytest.mark.parametrize("rows", [2, 3])
 def test_compiled_decode_steps_generate_the_same_tokens(rows: int) -> None:
     """Static-shape steps over the whole rolling buffer: one graph, same greedy tokens. Two rows gather their
-    experts' weights (4 (token, slot) pairs for 4 experts); three call the expert loop as one operator."""
+    experts' weights (4 (token, slot) pairs for 4 experts); three sort their pairs by expert in one operator."""
     model = decisive_model("diff", window=4).float()
     prompts = [prompt(2 + 4 * row, seed=row) for row in range(rows)]
     outputs = []

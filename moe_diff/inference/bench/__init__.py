@@ -21,6 +21,7 @@ from moe_diff.model import MoEDiffTransformer
 
 SYSTEMS = ("moe-diff", "transformers", "vllm", "dense")
 DEFAULT_SYSTEMS = ("moe-diff", "transformers", "dense")  # vllm when asked for: it needs vLLM installed
+OURS = ("moe-diff", "moe-diff compiled")  # the rows of the 'moe-diff' system: eager, and compiled with `compile`
 
 
 @dataclass
@@ -29,7 +30,7 @@ class BenchSettings:
     prompt_lengths: list[int] = field(default_factory=lambda: [32, 512])
     new_tokens: int = 64  # per generation; the first is the prefill's, the others give the inter-token gaps
     routing: str = "own"  # see moe_diff.inference.bench.routing
-    compile: bool = False  # compile this project's decode steps (compile time is reported apart)
+    compile: bool = False  # time moe-diff with compiled decode steps too, and the others compiled (reported apart)
     repeats: int = 3  # timed generations per system and shape, taken in turns with the other systems
     systems: list[str] = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
     seed: int = 0
@@ -144,16 +145,17 @@ def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
 
 
 def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """moe-diff's decode and prefill tokens/s over each other system's, per batch size and prompt length."""
+    """Decode and prefill tokens/s of this project's model (eager, and compiled where timed) over each other
+    system's, per batch size and prompt length."""
     by_key = {(r["system"], r["batch"], r["prompt_length"]): r for r in runs}
     rows = []
     for (system, batch, prompt_length), ours in by_key.items():
-        if system != "moe-diff":
+        if system not in OURS:
             continue
         for other in SYSTEMS[1:]:
             theirs = by_key.get((other, batch, prompt_length))
             if theirs:
-                rows.append({"versus": other, "batch": batch, "prompt_length": prompt_length,
+                rows.append({"system": system, "versus": other, "batch": batch, "prompt_length": prompt_length,
                              "decode": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
                              "prefill": ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]})
     return rows

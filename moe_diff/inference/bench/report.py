@@ -15,7 +15,7 @@ def shown(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """One row per system, prompt length and batch size, then moe-diff's speed-ups."""
+    """One row per system, prompt length and batch size, then this project's speed-ups over the others."""
     env = results["environment"]
     cfg, bandwidth = results["model"], results["bandwidth_bytes_per_s"]
     lines = [
@@ -38,10 +38,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['itl_p90_s'] * 1e3:.2f} | {r['itl_p99_s'] * 1e3:.2f} | {shown(r['experts_read_per_step'], '.1f')} | "
             f"{shown(r['bandwidth_bytes_per_s'], '.2f', 1e-9)} | {shown(r['bandwidth_share'], '.0%')} | {memory} |")
     if results["speedups"]:
-        lines += ["", "| moe-diff versus | prompt | batch | decode speed-up | prefill speed-up |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {s['versus']} | {s['prompt_length']} | {s['batch']} | {s['decode']:.2f}x | {s['prefill']:.2f}x |"
-                  for s in results["speedups"]]
+        lines += ["", "| this project | versus | prompt | batch | decode speed-up | prefill speed-up |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {s['system']} | {s['versus']} | {s['prompt_length']} | {s['batch']} | {s['decode']:.2f}x | "
+                  f"{s['prefill']:.2f}x |" for s in results["speedups"]]
     return "\n".join(lines) + "\n"
 
 

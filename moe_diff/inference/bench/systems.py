@@ -20,7 +20,7 @@ from moe_diff.costs import kv_cache_bytes_per_token
 from moe_diff.device import synchronize
 from moe_diff.errors import UsageError
 from moe_diff.inference.bench.routing import force_routing
-from moe_diff.inference.generation import PREFILL_CHUNK, stream
+from moe_diff.inference.generation import prefill_chunk, stream
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 from moe_diff.vllm import VLLM_MISSING, check_servable
 
@@ -54,11 +54,11 @@ class MoEDiffSystem:
 
     in_process = True  # its memory is this process's
 
-    def __init__(self, name: str, model: MoEDiffTransformer, routing: str, compile: bool):
+    def __init__(self, name: str, model: MoEDiffTransformer, compile: bool,
+                 hooks: list[torch.utils.hooks.RemovableHandle] | None = None):
         self.name, self.model, self.compile = name, model.eval(), compile
         self.cfg = model.cfg
-        self.hooks = force_routing([block.moe.gate for block in model.layers], routing, self.cfg.dim,
-                                   self.cfg.n_experts, lambda scores, output: scores.to(output.dtype))
+        self.hooks = hooks or []  # the forced routing, removed when this system closes
 
     def close(self) -> None:
         """Give the model back its own router."""
@@ -77,7 +77,8 @@ class MoEDiffSystem:
         for _ in stream(self.model, prompts, new_tokens, compile=self.compile, on_forward=keep_choices):
             synchronize(device)
             stamps.append(time.perf_counter())
-        steps = chosen[math.ceil(prompts.shape[1] / PREFILL_CHUNK):]  # the one-token steps after prefill
+        prefills = math.ceil(prompts.shape[1] / prefill_chunk(self.cfg, len(prompts), device.type))
+        steps = chosen[prefills:]  # the one-token steps after prefill
         read = [sum(ids.unique().numel() for ids in layers) for layers in steps]
         return Timing.from_stamps(start, stamps, read)
 
@@ -225,14 +226,24 @@ def dense_twin(model: MoEDiffTransformer) -> MoEDiffTransformer:
     return MoEDiffTransformer(cfg).to(device=weight.device, dtype=weight.dtype)
 
 
+def moe_diff_systems(model: MoEDiffTransformer, routing: str, compile: bool) -> list[MoEDiffSystem]:
+    """This project's model eager, and with `compile` also with compiled decode steps; one forced routing for both."""
+    cfg = model.cfg
+    hooks = force_routing([block.moe.gate for block in model.layers], routing, cfg.dim, cfg.n_experts,
+                          lambda scores, output: scores.to(output.dtype))
+    eager = MoEDiffSystem("moe-diff", model, compile=False, hooks=hooks)
+    return [eager, MoEDiffSystem("moe-diff compiled", model, compile=True)] if compile else [eager]
+
+
 def build_systems(model: MoEDiffTransformer, names: list[str], routing: str, compile: bool, longest: int,
                   largest_batch: int) -> list:
-    """The named systems over `model`: 'moe-diff', 'transformers', 'vllm' and 'dense' (`longest`: the most tokens
-    of prompt and generation, `largest_batch`: the most prompts of one generation, for vLLM's cache)."""
+    """The named systems over `model`: 'moe-diff' (eager, and compiled too where `compile`), 'transformers', 'vllm'
+    (compiled where `compile`) and 'dense' (likewise) (`longest`: the most tokens of prompt and generation,
+    `largest_batch`: the most prompts of one generation, for vLLM's cache)."""
     makers = {
-        "moe-diff": lambda: MoEDiffSystem("moe-diff", model, routing, compile),
-        "transformers": lambda: TransformersSystem(model, routing),
-        "vllm": lambda: VLLMSystem(model, compile, longest, largest_batch),
-        "dense": lambda: MoEDiffSystem("dense", dense_twin(model), "own", compile),
+        "moe-diff": lambda: moe_diff_systems(model, routing, compile),
+        "transformers": lambda: [TransformersSystem(model, routing)],
+        "vllm": lambda: [VLLMSystem(model, compile, longest, largest_batch)],
+        "dense": lambda: [MoEDiffSystem("dense", dense_twin(model), compile)],
     }
-    return [makers[name]() for name in names]
+    return [system for name in names for system in makers[name]()]
