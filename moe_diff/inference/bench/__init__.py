@@ -88,9 +88,10 @@ def summarise(system: str, cfg: ModelConfig, element_size: int, batch: int, prom
 def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, advance: Callable[[str], None],
                  element_size: int, peak_bandwidth: float) -> list[dict[str, Any]]:
     """One warm-up generation per system, then `repeats` rounds in which every system runs one timed generation
-    in turn, so a machine whose speed drifts over seconds slows every system alike; each system's rounds are
-    pooled into one row. (The medians of the gaps are unmoved by a round's first step, which pays for weights
-    that went cold while the other systems ran.)"""
+    in turn, so a machine whose speed drifts over seconds slows every system alike; each round begins with the
+    next system, so the one that runs first after another's (and pays for the weights that went cold meanwhile,
+    in its time to first token most) changes from round to round. Each system's rounds are pooled into one
+    row."""
     batch, prompt_length = prompts.shape
     device = prompts.device
     labels = [f"{system.name} batch {batch} prompt {prompt_length}" for system in systems]
@@ -100,12 +101,13 @@ def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, 
         start = time.perf_counter()
         system.run(prompts, settings.new_tokens)
         warmups.append(time.perf_counter() - start)
-    for _ in range(settings.repeats):
-        for index, (system, label) in enumerate(zip(systems, labels, strict=True)):
-            advance(label)
+    for round_index in range(settings.repeats):
+        for turn in range(len(systems)):
+            index = (round_index + turn) % len(systems)  # each round begins with the next system
+            advance(labels[index])
             reset_peak_memory(device)
-            timings[index].append(system.run(prompts, settings.new_tokens))
-            peaks[index].append(peak_memory(device) if system.in_process else None)
+            timings[index].append(systems[index].run(prompts, settings.new_tokens))
+            peaks[index].append(peak_memory(device) if systems[index].in_process else None)
     return [summarise(system.name, system.cfg, element_size, batch, prompt_length, warmup_s, Timing.pooled(timed),
                       peak_bandwidth, max(peak) if system.in_process else None)
             for system, warmup_s, timed, peak in zip(systems, warmups, timings, peaks, strict=True)]
