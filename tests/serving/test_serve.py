@@ -114,14 +114,14 @@ def test_the_serving_benchmark_measures_every_mode(vllm_python: Path, tmp_path: 
                       "ffn_dim: 64, n_experts: 4, top_k: 2, sliding_window: 8, max_seq_len: 64}\n"
                       "train: {seq_len: 32}\n")
     argv = [str(vllm_python), str(Path(__file__).parents[2] / "benchmarks" / "serving.py"), str(config), "--out",
-            str(tmp_path / "serving"), "--requests", "3", "--concurrency", "2", "--prompt-tokens", "6",
-            "--new-tokens", "4", "--modes", "standard", "diff"]  # two engines, to keep CI's time in hand
+            str(tmp_path / "serving"), "--requests", "3", "--rounds", "2", "--concurrency", "2",
+            "--prompt-tokens", "6", "--new-tokens", "4", "--modes", "standard", "diff"]  # two engines, to keep CI's time in hand
     run = subprocess.run(argv, env=ENVIRONMENT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "serving.json").read_text())
     assert list(results["modes"]) == ["standard", "diff"]
     for figures in results["modes"].values():
-        assert figures["requests"] == 3 and figures["output_tokens_per_s"] > 0
+        assert figures["requests"] == 3 * 2 and figures["output_tokens_per_s"] > 0
         assert 0 < figures["itl_p50_s"] <= figures["itl_p90_s"] <= figures["itl_p99_s"]
     assert results["relative_to_standard"]["standard"]["output_tokens_per_s"] == 1.0
     assert set(results["relative_to_standard"]["diff"]) == {"output_tokens_per_s", "ttft_p50_s", "itl_p50_s"}
