@@ -130,7 +130,8 @@ def decode_commands(folder: Path, cpu_size: bool, budget_s: float) -> dict[str, 
                                    "--new-tokens", "8", "--repeats", "1", "--systems", "moe-diff", "transformers",
                                    "--out", str(folder / "decode")]}
     return {"decode": bench + ["configs/bench-mixtral-4l.yaml", "--dtype", "bfloat16", "--compile", "--routing",
-                               "uniform", "--batch", "1", "16", "--out", str(folder / "decode")]}
+                               "uniform", "--batch", "1", "16", "--systems", "moe-diff", "transformers", "--out",
+                               str(folder / "decode")]}
 
 
 def decode_headlines(parts: dict[str, Any]) -> list[dict[str, Any]]:

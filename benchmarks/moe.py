@@ -33,7 +33,7 @@ from moe_diff.kernels.moe_experts import (
 from moe_diff.kernels.triton_compat import HAVE_TRITON
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what every backend runs
-FEW_TOKENS = 16  # the most tokens the pair-by-pair loop is timed at (it runs one SwiGLU per token and slot)
+DECODE_TOKENS = 16  # the most tokens the decode-only paths are timed at (pair by pair, the GPU's gemv kernels)
 
 
 def dense_floor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -44,11 +44,11 @@ def dense_floor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
 def backends(device: torch.device, n_tokens: int) -> dict[str, Callable[..., torch.Tensor]]:
     available = {"reference": moe_experts_reference, "grouped_mm": moe_experts_grouped_mm, "sorted": moe_experts_sorted,
                  "auto": moe_experts_auto}
-    if n_tokens <= FEW_TOKENS:
+    if n_tokens <= DECODE_TOKENS:
         available["pairs"] = moe_experts_pairs
     if megablocks_available() and device.type == "cuda":
         available["megablocks"] = moe_experts_megablocks
-    if n_tokens <= FEW_TOKENS and device.type == "cuda" and HAVE_TRITON:
+    if n_tokens <= DECODE_TOKENS and device.type == "cuda" and HAVE_TRITON:
         available["gemv"] = moe_experts_gemv  # the compiled decode step's kernels: inference only
     return available
 

@@ -97,21 +97,26 @@ class Server:
         return []
 
     def stop(self) -> None:
+        """Interrupt the server and wait for it; kill its process group if it has not ended within a minute."""
         self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the server and vLLM's processes under it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # the server and vLLM's processes under it
 
 
 def send_round(server: Server, prompts: list[list[int]], settings: argparse.Namespace) -> dict[str, Any]:
     """The prompts as streaming requests to one server, `concurrency` at a time: each one's figures and the wall
     time of the whole round."""
-    with concurrent.futures.ThreadPoolExecutor(settings.concurrency) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(settings.concurrency)
+    try:
         start = time.perf_counter()
         done = list(pool.map(lambda prompt: stream_one(server.base, server.name, prompt, settings.new_tokens),
                              prompts, timeout=settings.time_limit))
         return {"done": done, "wall": time.perf_counter() - start}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # past the time limit, requests in flight are left behind
 
 
 def figures(rounds: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
@@ -175,6 +180,8 @@ def main() -> None:
                 servers[mode] = Server(directory, settings)
             measured = load_in_rounds(servers, settings)
         finally:
+            for server in servers.values():
+                server.process.send_signal(signal.SIGINT)  # all at once, then each waited for
             for server in servers.values():
                 server.stop()
         for mode, figures_of_mode in measured.items():

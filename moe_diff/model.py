@@ -60,14 +60,14 @@ class KVCache(nn.Module):
     A one-token step has static shapes (it attends over the whole buffer), so it compiles once."""
 
     def __init__(self, batch: int, capacity: int, n_kv_heads: int, head_dim: int, window: int | None,
-                 key_start: torch.Tensor, dtype: torch.dtype, device: torch.device):
+                 key_start: torch.Tensor, padded: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.register_buffer("k", torch.zeros(batch, capacity, n_kv_heads, head_dim, dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
         self.register_buffer("slot_index", torch.full((capacity,), -1, device=device), persistent=False)
         self.register_buffer("key_start", key_start.to(device), persistent=False)  # [B] first real (unpadded) index
-        self.padded = bool((key_start > 0).any())  # whether some row's first keys are padding
+        self.padded = padded  # whether some row's first keys are padding (key_start > 0)
         self.register_buffer("length", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.window = window
 
@@ -445,10 +445,11 @@ class MoEDiffTransformer(nn.Module):
         cfg, weight = self.cfg, self.tok_embeddings.weight
         capacity = min(cfg.sliding_window or cfg.max_seq_len, max_length or cfg.max_seq_len)
         key_start = torch.zeros(batch_size, dtype=torch.long) if key_start is None else key_start
+        padded = bool((key_start > 0).any())  # read once; a compiled step has one graph for each answer
         for block in self.layers:
             kv_heads = block.attention.wk.weight.shape[0] // cfg.resolved_head_dim  # a tensor-parallel rank's share
             block.attention.kv_cache = KVCache(batch_size, capacity, kv_heads, cfg.resolved_head_dim,
-                                               cfg.sliding_window, key_start, weight.dtype, weight.device)
+                                               cfg.sliding_window, key_start, padded, weight.dtype, weight.device)
 
     def attention_mask(self, n_tokens: int, document_ids: torch.Tensor | None) -> AttentionMask:
         """The keys each of the `n_tokens` queries may see: the window and document rule, or with KV caches the

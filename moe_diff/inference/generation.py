@@ -88,7 +88,7 @@ def prefill_chunk(cfg: ModelConfig, batch: int, device_type: str) -> int:
     the time in chunks of 64 as in chunks of 512: activations of a few MB stay in cache and in the allocator's
     reach)."""
     chunk = min(PREFILL_CHUNK, cfg.max_seq_len)
-    return max(1, min(chunk, CPU_PREFILL_TOKENS // batch)) if device_type == "cpu" else chunk
+    return max(1, min(chunk, CPU_PREFILL_TOKENS // max(batch, 1))) if device_type == "cpu" else chunk
 
 
 def decode_expert_op(device_type: str, n_pairs: int, n_experts: int,
@@ -127,7 +127,8 @@ def experts_computed_by(model: MoEDiffTransformer, compute: Callable[..., torch.
 
 def compiled_decode_step(model: MoEDiffTransformer) -> Callable[..., ModelOutput]:
     """The model compiled for one-token steps against its KV caches: static shapes, one graph (CUDA graphs
-    on GPU), its experts computed by decode_experts; it compiles again for each new batch size or cache length."""
+    on GPU), its experts computed by decode_experts; it compiles again for each new batch size or cache length, and
+    for a batch with left padding after one without (or the reverse)."""
     mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else None
     compiled = torch.compile(model, dynamic=False, fullgraph=True, mode=mode)
 

@@ -181,11 +181,12 @@ def grouped_mm_applies(x: torch.Tensor, w1: torch.Tensor) -> bool:
 
 def moe_experts_auto(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                      w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """The fastest correct backend for these inputs (benchmarks/results/moe-*.json): on the CPU without autograd
-    (inference) one token runs pair by pair and more tokens sorted by expert (MEASURED); otherwise grouped_mm where
-    its rules hold (on an H100 1.5-2.6x the loop's speed at Mixtral's layer shape; on the CPU 1.1-4x in training);
+    """The fastest correct backend for these inputs (benchmarks/results/moe-*.json): on the CPU in eager inference
+    one token runs pair by pair and more tokens sorted by expert (1.04-1.35x grouped_mm's speed at 4-2048 tokens in
+    moe-cpu.json); otherwise grouped_mm where its
+    rules hold (on an H100 1.5-2.6x the loop's speed at Mixtral's layer shape; on the CPU 1.1-4x in training);
     the loop where they do not (float64, unaligned shapes)."""
-    if x.device.type == "cpu" and not torch.is_grad_enabled():
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         inference = moe_experts_pairs if x.shape[0] == 1 else moe_experts_sorted
         return inference(x, expert_ids, weights, w1, w2, w3)
     if grouped_mm_applies(x, w1):

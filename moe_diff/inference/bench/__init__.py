@@ -16,7 +16,7 @@ from moe_diff.device import environment, peak_memory, reset_peak_memory
 from moe_diff.errors import UsageError
 from moe_diff.inference.bench.measure import decode_step_bytes, memory_bandwidth, percentile
 from moe_diff.inference.bench.routing import ROUTING_MODES, ZIPF_EXPONENT
-from moe_diff.inference.bench.systems import Timing, build_systems
+from moe_diff.inference.bench.systems import Timing, build_system
 from moe_diff.model import MoEDiffTransformer
 
 SYSTEMS = ("moe-diff", "transformers", "vllm", "dense")
@@ -101,6 +101,7 @@ def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, 
         start = time.perf_counter()
         system.run(prompts, settings.new_tokens)
         warmups.append(time.perf_counter() - start)
+        system.settle()
     for round_index in range(settings.repeats):
         for turn in range(len(systems)):
             index = (round_index + turn) % len(systems)  # each round begins with the next system
@@ -108,6 +109,7 @@ def time_systems(systems: list, prompts: torch.Tensor, settings: BenchSettings, 
             reset_peak_memory(device)
             timings[index].append(systems[index].run(prompts, settings.new_tokens))
             peaks[index].append(peak_memory(device) if systems[index].in_process else None)
+            systems[index].settle()
     return [summarise(system.name, system.cfg, element_size, batch, prompt_length, warmup_s, Timing.pooled(timed),
                       peak_bandwidth, max(peak) if system.in_process else None)
             for system, warmup_s, timed, peak in zip(systems, warmups, timings, peaks, strict=True)]
@@ -129,9 +131,11 @@ def run_bench(model: MoEDiffTransformer, settings: BenchSettings,
         else "process_peak_rss", "runs": [],
     }
     generator = torch.Generator().manual_seed(settings.seed)
-    systems = build_systems(model, settings.systems, settings.routing, settings.compile,
-                            max(settings.prompt_lengths) + settings.new_tokens, max(settings.batch_sizes))
+    systems: list = []
     try:
+        for name in settings.systems:  # one at a time, so that those built are closed if a later one fails
+            systems += build_system(model, name, settings.routing, settings.compile,
+                                    max(settings.prompt_lengths) + settings.new_tokens, max(settings.batch_sizes))
         with torch._dynamo.config.patch(recompile_limit=256, cache_size_limit=256):
             for prompt_length in settings.prompt_lengths:
                 for batch in settings.batch_sizes:

@@ -23,7 +23,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{env['versions']['torch']}, commit {env['commit']}. Model: dim {cfg['dim']}, {cfg['n_layers']} layers, "
         f"{cfg['n_experts']} experts top-{cfg['top_k']}, ffn {cfg['ffn_dim']}, {cfg['attention']} attention, window "
         f"{cfg['sliding_window']}, {results['dtype']}. Routing: {results['routing']}. {results['new_tokens']} new "
-        f"tokens per generation, {results['settings']['repeats']} timed rounds. Measured bandwidth: copy "
+        f"tokens per generation, {results['settings']['repeats']} timed rounds"
+        f"{'; moe-diff eager and compiled, vLLM and dense compiled' if results['settings']['compile'] else ''}. Measured "
+        f"bandwidth: copy "
         f"{bandwidth['copy'] / 1e9:.1f} GB/s (read + written), read {bandwidth['read'] / 1e9:.1f} GB/s.",
         "",
         "| system | prompt | batch | TTFT ms | prefill tok/s | decode tok/s | ITL p50 ms | ITL p90 ms | ITL p99 ms "

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,11 +19,12 @@ from moe_diff.costs import kv_cache_bytes_per_token
 from moe_diff.device import synchronize
 from moe_diff.errors import UsageError
 from moe_diff.inference.bench.routing import force_routing
-from moe_diff.inference.generation import prefill_chunk, stream
+from moe_diff.inference.generation import stream
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 from moe_diff.vllm import VLLM_MISSING, check_servable
 
 KV_BLOCK_TOKENS = 16  # vLLM's CPU cache block: each sequence may leave one partly filled
+QUIET_TICKS = 3  # ticks in a row (CPU times count in 10 ms steps) that make a process idle
 
 
 @dataclass
@@ -60,6 +60,9 @@ class MoEDiffSystem:
         self.cfg = model.cfg
         self.hooks = hooks or []  # the forced routing, removed when this system closes
 
+    def settle(self) -> None:
+        """Nothing runs on after a generation here."""
+
     def close(self) -> None:
         """Give the model back its own router."""
         for hook in self.hooks:
@@ -77,8 +80,7 @@ class MoEDiffSystem:
         for _ in stream(self.model, prompts, new_tokens, compile=self.compile, on_forward=keep_choices):
             synchronize(device)
             stamps.append(time.perf_counter())
-        prefills = math.ceil(prompts.shape[1] / prefill_chunk(self.cfg, len(prompts), device.type))
-        steps = chosen[prefills:]  # the one-token steps after prefill
+        steps = chosen[len(chosen) - (len(stamps) - 1):]  # the one-token steps after the prefill's forwards
         read = [sum(ids.unique().numel() for ids in layers) for layers in steps]
         return Timing.from_stamps(start, stamps, read)
 
@@ -134,12 +136,16 @@ class TransformersSystem:
         read = [sum(ids.unique().numel() for ids in step) for step in steps]
         return Timing.from_stamps(start, stamps, read)
 
+    def settle(self) -> None:
+        """Nothing runs on after a generation here."""
+
     def close(self) -> None:
         self._files.cleanup()
 
 
 def wait_until_idle(processes: list, tick_s: float = 0.05, busy_share: float = 0.1, limit_s: float = 5.0) -> None:
-    """Return once `processes` (psutil) used less than `busy_share` of one core over a tick, or after `limit_s`.
+    """Return once `processes` (psutil) used less than `busy_share` of one core over each of QUIET_TICKS ticks in a
+    row, or after `limit_s`.
     vLLM's CPU engine core keeps a core busy for about a second after its last step (measured here: a full core,
     then half a core after 0.5 s, idle after 2 s), which would slow the system timed after it."""
     import psutil  # a dependency of vLLM, not of this package
@@ -152,13 +158,12 @@ def wait_until_idle(processes: list, tick_s: float = 0.05, busy_share: float = 0
                 total += times.user + times.system
         return total
 
-    deadline = time.monotonic() + limit_s
+    deadline, quiet = time.monotonic() + limit_s, 0
     before = cpu_seconds()
-    while time.monotonic() < deadline:
+    while quiet < QUIET_TICKS and time.monotonic() < deadline:
         time.sleep(tick_s)
         after = cpu_seconds()
-        if after - before < busy_share * tick_s:
-            return
+        quiet = quiet + 1 if after - before < busy_share * tick_s else 0
         before = after
 
 
@@ -211,8 +216,11 @@ class VLLMSystem:
             produced |= {out.request_id: len(out.outputs[0].token_ids) for out in engine.step()}
             while len(produced) == len(prompts) and min(produced.values()) > len(stamps):  # every row's next token
                 stamps.append(time.perf_counter())
-        wait_until_idle(self._engine_processes)
         return Timing.from_stamps(start, stamps, [])
+
+    def settle(self) -> None:
+        """Wait until the engine core is idle (wait_until_idle), so that the next system runs on a quiet machine."""
+        wait_until_idle(self._engine_processes)
 
     def close(self) -> None:
         self.engine.llm_engine.engine_core.shutdown()
@@ -235,15 +243,15 @@ def moe_diff_systems(model: MoEDiffTransformer, routing: str, compile: bool) -> 
     return [eager, MoEDiffSystem("moe-diff compiled", model, compile=True)] if compile else [eager]
 
 
-def build_systems(model: MoEDiffTransformer, names: list[str], routing: str, compile: bool, longest: int,
-                  largest_batch: int) -> list:
-    """The named systems over `model`: 'moe-diff' (eager, and compiled too where `compile`), 'transformers', 'vllm'
-    (compiled where `compile`) and 'dense' (likewise) (`longest`: the most tokens of prompt and generation,
+def build_system(model: MoEDiffTransformer, name: str, routing: str, compile: bool, longest: int,
+                 largest_batch: int) -> list:
+    """The systems of `name` over `model`: 'moe-diff' (eager, and compiled too where `compile`), 'transformers',
+    'vllm' (compiled where `compile`) or 'dense' (likewise) (`longest`: the most tokens of prompt and generation,
     `largest_batch`: the most prompts of one generation, for vLLM's cache)."""
-    makers = {
-        "moe-diff": lambda: moe_diff_systems(model, routing, compile),
-        "transformers": lambda: [TransformersSystem(model, routing)],
-        "vllm": lambda: [VLLMSystem(model, compile, longest, largest_batch)],
-        "dense": lambda: [MoEDiffSystem("dense", dense_twin(model), compile)],
-    }
-    return [system for name in names for system in makers[name]()]
+    if name == "moe-diff":
+        return moe_diff_systems(model, routing, compile)
+    if name == "transformers":
+        return [TransformersSystem(model, routing)]
+    if name == "vllm":
+        return [VLLMSystem(model, compile, longest, largest_batch)]
+    return [MoEDiffSystem("dense", dense_twin(model), compile)]
