@@ -6,7 +6,7 @@ import torch
 from moe_diff.config import ModelConfig
 from moe_diff.inference import generation as generate_module
 from moe_diff.inference.generation import generate, stream
-from moe_diff.model import MoEDiffTransformer
+from moe_diff.model import KVCache, MoEDiffTransformer
 
 MODES = ["standard", "diff", "diff_v2"]
 
@@ -70,6 +70,18 @@ def test_a_batch_prefilled_in_chunks_of_a_token_budget(monkeypatch: pytest.Monke
     assert [out.logits.shape[1] for out in forwards[:4]] == [3, 3, 3, 2]
 
 
+def test_a_cache_without_padding_gives_one_mask_row_equal_to_the_padded_rule() -> None:
+    """Without padding the cache's mask is one row expanded over the batch (stride 0, which SDPA takes once), equal
+    to the per-row rule with no key hidden, for a chunk that overruns the window and for one-token steps."""
+    caches = [KVCache(3, 4, 1, 2, 4, torch.zeros(3, dtype=torch.long), padded, torch.float32, torch.device("cpu"))
+              for padded in (False, True)]
+    for n_new in (6, 1, 1):
+        shared, per_row = (cache.mask(n_new).explicit for cache in caches)
+        assert shared.stride(0) == 0 and per_row.stride(0) != 0 and torch.equal(shared, per_row)
+        for cache in caches:
+            cache.update(torch.zeros(3, n_new, 1, 2), torch.zeros(3, n_new, 1, 2))
+
+
 @pytest.mark.parametrize("rows", [2, 3])
 def test_compiled_decode_steps_generate_the_same_tokens(rows: int) -> None:
     """Static-shape steps over the whole rolling buffer: one graph, same greedy tokens. Two rows gather their
@@ -80,6 +92,8 @@ def test_compiled_decode_steps_generate_the_same_tokens(rows: int) -> None:
     compiled = torch.stack(list(stream(model, prompts, 9, compile=True, on_forward=outputs.append)), 1)
     assert torch.equal(compiled, generate(model, prompts, 9)[:, -9:])
     assert len(outputs) == 9 and all(out.logits.shape == (rows, 1, 50) for out in outputs[1:])  # prefill, steps
+    unpadded = torch.stack([prompt(5, seed=row) for row in range(rows)])  # one mask row for the batch
+    assert torch.equal(generate(model, unpadded, 6, compile=True), generate(model, unpadded, 6))
 
 
 def test_rolling_cache_memory_is_flat_in_generated_length() -> None:

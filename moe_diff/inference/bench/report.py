@@ -18,14 +18,13 @@ def markdown(results: dict[str, Any]) -> str:
     """One row per system, prompt length and batch size, then this project's speed-ups over the others."""
     env = results["environment"]
     cfg, bandwidth = results["model"], results["bandwidth_bytes_per_s"]
+    compiled = "; moe-diff eager and compiled, vLLM and dense compiled" if results["settings"]["compile"] else ""
     lines = [
         f"Device: {env['device_name']} ({env['device']}, {env['torch_threads']} threads), torch "
         f"{env['versions']['torch']}, commit {env['commit']}. Model: dim {cfg['dim']}, {cfg['n_layers']} layers, "
         f"{cfg['n_experts']} experts top-{cfg['top_k']}, ffn {cfg['ffn_dim']}, {cfg['attention']} attention, window "
         f"{cfg['sliding_window']}, {results['dtype']}. Routing: {results['routing']}. {results['new_tokens']} new "
-        f"tokens per generation, {results['settings']['repeats']} timed rounds"
-        f"{'; moe-diff eager and compiled, vLLM and dense compiled' if results['settings']['compile'] else ''}. Measured "
-        f"bandwidth: copy "
+        f"tokens per generation, {results['settings']['repeats']} timed rounds{compiled}. Measured bandwidth: copy "
         f"{bandwidth['copy'] / 1e9:.1f} GB/s (read + written), read {bandwidth['read'] / 1e9:.1f} GB/s.",
         "",
         "| system | prompt | batch | TTFT ms | prefill tok/s | decode tok/s | ITL p50 ms | ITL p90 ms | ITL p99 ms "
