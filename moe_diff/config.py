@@ -88,6 +88,7 @@ def without_kernels(model: dict[str, Any]) -> dict[str, Any]:
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+LOAD_BALANCE_OVER = ("all_ranks", "each_rank")  # whose tokens the load-balancing loss balances
 RESUME_ALLOWED = ("auto (continue the run in train.out_dir, if any), never (start a run; refused where one is), "
                   "restart (move the run there to train.out_dir/previous/N, then start one) or a checkpoint path")
 DATA_PARALLEL = ("allreduce", "ddp", "fsdp")
@@ -123,6 +124,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     sample_tokens: int = 200  # tokens sampled from the final model at the end of a run; 0 skips
     trace_every: int = 0  # write a routing trace of fixed validation tokens every N steps; 0: never
+    load_balance_over: str = "all_ranks"  # all_ranks: a micro-batch's tokens on every data-parallel rank together
 
     def __post_init__(self) -> None:
         if not self.out_dir.strip():
@@ -148,6 +150,8 @@ class TrainConfig:
             _fail("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         if not self.resume:
             _fail("train.resume", self.resume, RESUME_ALLOWED)
+        if self.load_balance_over not in LOAD_BALANCE_OVER:
+            _fail("train.load_balance_over", self.load_balance_over, f"one of {', '.join(LOAD_BALANCE_OVER)}")
 
 
 TOKEN_DTYPES = ("auto", "uint16", "uint32")

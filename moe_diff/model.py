@@ -288,14 +288,21 @@ def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
     return Routing(logits, probs, expert_ids, weights * kept, kept)
 
 
-def router_losses(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load-balancing loss E * sum_e f_e P_e and z-loss mean(logsumexp(logits)^2)."""
-    n_tokens, n_experts = routing.probs.shape
+def choice_counts(routing: Routing) -> torch.Tensor:
+    """[E] (token, slot) choices of each expert, those capacity dropped included: the f_e counts of the
+    load-balancing loss, in the probabilities' dtype."""
     ids = routing.expert_ids.flatten()
-    counts = torch.zeros(n_experts, dtype=routing.probs.dtype, device=ids.device)
-    counts.index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
-    fraction = counts / ids.numel()  # f_e: share of the N*K (token, slot) choices
-    load_balance = n_experts * (fraction * routing.probs.mean(0)).sum()
+    counts = torch.zeros(routing.probs.shape[-1], dtype=routing.probs.dtype, device=ids.device)
+    return counts.index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+
+
+def router_losses(routing: Routing, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load-balancing loss E * sum_e f_e P_e and z-loss mean(logsumexp(logits)^2). f_e is each expert's share of
+    `counts` [E] (default: this layer's own choice_counts; a training job passes them summed over its
+    data-parallel ranks, so that the loss balances the whole batch); P_e the mean probability over these tokens."""
+    counts = choice_counts(routing) if counts is None else counts
+    fraction = counts / counts.sum()
+    load_balance = routing.probs.shape[-1] * (fraction * routing.probs.mean(0)).sum()
     z_loss = torch.logsumexp(routing.logits, dim=-1).square().mean()
     return load_balance, z_loss
 
@@ -355,6 +362,13 @@ class Block(nn.Module):
         return h + moe_out, routing
 
 
+@dataclass
+class RouterLosses:
+    load_balance: torch.Tensor  # unweighted, summed over layers
+    z: torch.Tensor  # unweighted, summed over layers
+    weighted: torch.Tensor  # router_aux_loss_coef * load_balance + router_z_loss_coef * z: the aux loss
+
+
 class ModelOutput:
     """Logits, and the router losses computed from the layers' routings when first read (never at decode)."""
 
@@ -368,25 +382,37 @@ class ModelOutput:
         """Per layer [N, E] in the compute dtype."""
         return [routing.logits for routing in self.routings]
 
+    @property
+    def choice_counts(self) -> torch.Tensor:
+        """[L, E] each layer's choice_counts."""
+        return torch.stack([choice_counts(routing) for routing in self.routings])
+
+    def router_losses(self, counts: torch.Tensor | None = None) -> RouterLosses:
+        """The router losses summed over layers; `counts` [L, E] (router_losses) default to this forward's."""
+        per_layer = [router_losses(routing, None if counts is None else counts[layer])
+                     for layer, routing in enumerate(self.routings)]
+        load_balance, z_loss = sum(lb for lb, _ in per_layer), sum(z for _, z in per_layer)
+        weighted = self._cfg.router_aux_loss_coef * load_balance + self._cfg.router_z_loss_coef * z_loss
+        return RouterLosses(load_balance, z_loss, weighted)
+
     @cached_property
-    def _losses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        per_layer = [router_losses(routing) for routing in self.routings]
-        return sum(lb for lb, _ in per_layer), sum(z for _, z in per_layer)
+    def _losses(self) -> RouterLosses:
+        return self.router_losses()
 
     @property
     def load_balance_loss(self) -> torch.Tensor:
         """Unweighted, summed over layers."""
-        return self._losses[0]
+        return self._losses.load_balance
 
     @property
     def z_loss(self) -> torch.Tensor:
         """Unweighted, summed over layers."""
-        return self._losses[1]
+        return self._losses.z
 
     @property
     def aux_loss(self) -> torch.Tensor:
         """Sum over layers of the weighted router losses."""
-        return self._cfg.router_aux_loss_coef * self.load_balance_loss + self._cfg.router_z_loss_coef * self.z_loss
+        return self._losses.weighted
 
 
 def parameter_generator(seed: int, name: str) -> torch.Generator:

@@ -12,8 +12,9 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.model import MoEDiffTransformer, init_parameter, parameter_generator
-from moe_diff.parallel.dims import is_expert_parameter, keep_shard
+from moe_diff.parallel.dims import keep_shard
 from moe_diff.parallel.expert_parallel import parallelize_experts
+from moe_diff.parallel.plan import sharded_over_ep
 from moe_diff.parallel.runtime import Runtime, local_tensor
 from moe_diff.parallel.tensor_parallel import parallelize_tensor, parallelize_vocab
 
@@ -41,8 +42,11 @@ def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
     data_mesh = job.mesh[DATA_DIMS]._flatten("data")
     for block in model.layers:
         if job.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
-            fully_shard(block.moe.experts, mesh=job.mesh["replica"])
-            block.moe.experts.set_gradient_divide_factor(float(job.data_ranks))
+            experts = block.moe.experts
+            fully_shard(experts, mesh=job.mesh["replica"])
+            if not job.experts_averaged_apart:
+                experts.set_gradient_divide_factor(float(job.data_ranks))
+                experts.set_force_sum_reduction_for_comms(job.mesh.device_type == "cpu")  # gloo: no PREMUL_SUM
         fully_shard(block, mesh=data_mesh)
     fully_shard(model, mesh=data_mesh)
 
@@ -77,8 +81,8 @@ def wrap(model: MoEDiffTransformer, job: Runtime) -> nn.Module:
     it to be averaged over their own replicas. Call after materialize(), before building the optimizer."""
     if not job.ddp:
         return model
-    if job.dims.ep > 1:
-        experts = [name for name, _ in model.named_parameters() if is_expert_parameter(name)]
+    if job.experts_averaged_apart:
+        experts = [name for name, _ in model.named_parameters() if sharded_over_ep(name)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
     device_ids = [job.local_rank] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids, process_group=job.data_group,

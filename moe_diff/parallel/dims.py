@@ -9,12 +9,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from moe_diff.config import ConfigError, ParallelConfig
-
-
-def is_expert_parameter(name: str) -> bool:
-    return ".experts." in name
+from moe_diff.parallel.plan import sharded_over_ep
 
 
 def keep_shard(full: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
@@ -69,5 +67,6 @@ def average_gradients(model: nn.Module, mesh: DeviceMesh, data_group: dist.Proce
     for name, param in model.named_parameters():
         if param.grad is None or not only(name):
             continue
-        dist.all_reduce(param.grad, group=replicas if is_expert_parameter(name) else data_group)
-        param.grad.div_(data_ranks)
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad  # FSDP's piece
+        dist.all_reduce(grad, group=replicas if sharded_over_ep(name) else data_group)
+        grad.div_(data_ranks)

@@ -11,9 +11,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moe_diff.parallel.dims import average_gradients, is_expert_parameter
+from moe_diff.kernels.precision import compute_dtype
+from moe_diff.parallel.dims import average_gradients
+from moe_diff.parallel.plan import placement, sharded_over_ep
 from moe_diff.parallel.runtime import Runtime, local_tensor
-from moe_diff.parallel.tensor_parallel import has_partial_gradient
 
 
 def accumulating(module: nn.Module, job: Runtime, last: bool) -> contextlib.AbstractContextManager:
@@ -25,17 +26,17 @@ def accumulating(module: nn.Module, job: Runtime, last: bool) -> contextlib.Abst
 
 def sync_gradients(model: nn.Module, job: Runtime) -> None:
     """Sum the gradients that tensor parallelism left partial over the tp group, then average over the
-    data-parallel ranks (DDP leaves only the expert shards to average; FSDP none)."""
+    data-parallel ranks (DDP and FSDP leave only the expert shards of Runtime.experts_averaged_apart)."""
     if not job.distributed:
         return
     if job.dims.tp > 1:
         for name, param in model.named_parameters():
-            if param.grad is not None and has_partial_gradient(name):
+            if param.grad is not None and placement(name).tp_sum:
                 dist.all_reduce(local_tensor(param.grad), group=job.mesh["tp"].get_group())
     if job.data_parallel == "allreduce":
         average_gradients(model, job.mesh, job.data_group)
-    elif job.ddp and job.dims.ep > 1:
-        average_gradients(model, job.mesh, job.data_group, only=is_expert_parameter)
+    elif job.experts_averaged_apart:
+        average_gradients(model, job.mesh, job.data_group, only=sharded_over_ep)
 
 
 def clip_grad_norm(model: nn.Module, job: Runtime, max_norm: float) -> torch.Tensor:
@@ -51,7 +52,8 @@ def clip_grad_norm(model: nn.Module, job: Runtime, max_norm: float) -> torch.Ten
             grads.setdefault(groups, []).append(local_tensor(param.grad))
     total = torch.zeros((), device=next(model.parameters()).device)
     for groups, group_grads in grads.items():
-        squares = torch.stack(torch._foreach_norm(group_grads)).float().square().sum()
+        norms = torch.stack(torch._foreach_norm(group_grads))
+        squares = norms.to(compute_dtype(norms.dtype)).square().sum()
         for group in groups:
             dist.all_reduce(squares, group=group)
         total = total + squares

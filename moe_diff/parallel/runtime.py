@@ -15,8 +15,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from moe_diff.config import ParallelConfig
-from moe_diff.parallel.dims import ParallelDims, is_expert_parameter
-from moe_diff.parallel.tensor_parallel import shard_dim
+from moe_diff.parallel.dims import ParallelDims
+from moe_diff.parallel.plan import placement
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,14 @@ class Runtime:
     def fsdp(self) -> bool:
         return self.distributed and self.data_parallel == "fsdp"
 
+    @property
+    def experts_averaged_apart(self) -> bool:
+        """Expert shards whose gradients sync_gradients averages over their replicas itself: under DDP, which
+        leaves them out, and under FSDP where no shard has a replica (FSDP2 divides the gradient of a one-rank
+        group by a set divide factor twice where it reduces by sums, as on gloo and in float64)."""
+        no_replicas = self.dims.world_size == self.dims.ep * self.dims.tp
+        return self.dims.ep > 1 and (self.ddp or (self.fsdp and no_replicas))
+
     def device(self, device: torch.device) -> torch.device:
         """This rank's GPU (torchrun's LOCAL_RANK) when the job runs on CUDA."""
         if device.type == "cuda" and self.distributed:  # start() made it the current device
@@ -79,9 +87,10 @@ class Runtime:
         """The mesh dimensions a parameter is split over, outermost first (expert parallelism shards the whole
         experts that tensor parallelism then splits)."""
         splits = []
-        if self.dims.ep > 1 and is_expert_parameter(name):
-            splits.append(Split(self.mesh["ep"].get_group(), 0, "ep"))
-        if self.dims.tp > 1 and (dim := shard_dim(name, self.vocab_parallel)) is not None:
+        planned = placement(name)
+        if self.dims.ep > 1 and planned.ep is not None:
+            splits.append(Split(self.mesh["ep"].get_group(), planned.ep, "ep"))
+        if self.dims.tp > 1 and (dim := planned.tp_dim(self.vocab_parallel)) is not None:
             splits.append(Split(self.mesh["tp"].get_group(), dim, "tp"))
         return splits
 
@@ -110,6 +119,13 @@ class Runtime:
                 tensor.div_(self.dims.tp)
             if op == "mean":
                 tensor.div_(self.world_size)
+        return tensor
+
+    def sum_over_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor summed, in place, over the ranks that read different rows of the batch (one per tp group);
+        unchanged in one process. Not differentiable: for counts."""
+        if self.distributed:
+            dist.all_reduce(tensor, group=self.data_group)
         return tensor
 
     def any(self, flag: bool, device: torch.device) -> bool:

@@ -19,24 +19,7 @@ from torch import nn
 from moe_diff.config import ConfigError
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel.dims import keep_shard
-
-# parameter name suffix -> the dimension split over the tensor-parallel group
-SHARD_DIMS = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
-              "attention.wo.weight": 1, "attention.lambda_proj.weight": 0,
-              "moe.experts.w1": 1, "moe.experts.w3": 1, "moe.experts.w2": 2}
-VOCAB_SHARD_DIMS = {"tok_embeddings.weight": 0, "output.weight": 0}
-# replicated parameters that only the local heads use: their gradients are summed over the group
-PARTIAL_GRADIENTS = ("attention.lambda_q1", "attention.lambda_k1", "attention.lambda_q2", "attention.lambda_k2",
-                     "attention.subln.weight")
-
-
-def shard_dim(name: str, vocab_parallel: bool = False) -> int | None:
-    table = SHARD_DIMS | VOCAB_SHARD_DIMS if vocab_parallel else SHARD_DIMS
-    return next((dim for suffix, dim in table.items() if name.endswith(suffix)), None)
-
-
-def has_partial_gradient(name: str) -> bool:
-    return name.endswith(PARTIAL_GRADIENTS)
+from moe_diff.parallel.plan import placement
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -129,12 +112,12 @@ def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
 
 def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
     """Split every layer's attention and experts over `group` in place (rank r keeps the r-th block of rows
-    or columns named in SHARD_DIMS); everything else stays replicated."""
+    or columns, as the plan places them); everything else stays replicated."""
     check_tensor_parallel(model, group.size())
-    for block in model.layers:
+    for index, block in enumerate(model.layers):
         attention, experts = block.attention, block.moe.experts
         for name, param in list(block.named_parameters()):
-            if (dim := shard_dim(name)) is not None:
+            if (dim := placement(f"layers.{index}.{name}").tp) is not None:
                 owner, _, attribute = name.rpartition(".")
                 local = keep_shard(param.detach(), group, dim).clone()
                 setattr(block.get_submodule(owner), attribute, nn.Parameter(local, requires_grad=param.requires_grad))

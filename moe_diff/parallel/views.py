@@ -25,8 +25,8 @@ class CheckpointViews:
 
     def global_view(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """This rank's piece of a parameter (or of its optimizer moment) placed in the whole tensor: a DTensor whose
-        global shape is the single-process one, split as expert parallelism (experts), tensor parallelism
-        (SHARD_DIMS) and FSDP (dim 0 of what those leave) split it, outermost first; whole tensors unchanged."""
+        global shape is the single-process one, split as expert and tensor parallelism (the plan) and
+        FSDP (dim 0 of what those leave) split it, outermost first; whole tensors unchanged."""
         if not value.dim():
             return value
         shape = self.job.whole_shape(name, value.shape)  # an FSDP DTensor's shape is that of the tensor it splits

@@ -36,7 +36,8 @@ from moe_diff.data import (
 )
 from moe_diff.device import peak_flops, peak_memory, resolve_device
 from moe_diff.errors import MoeDiffError, literal, teller
-from moe_diff.model import MoEDiffTransformer
+from moe_diff.kernels.precision import compute_dtype
+from moe_diff.model import ModelOutput, MoEDiffTransformer
 from moe_diff.parallel import runtime
 from moe_diff.parallel.apply import materialize, parallelize, shard_fully, wrap
 from moe_diff.parallel.gradients import accumulating, clip_grad_norm, sync_gradients
@@ -51,7 +52,17 @@ from moe_diff.training.start import plan_start
 
 
 class TrainingError(MoeDiffError, RuntimeError):
-    """Training cannot go on (for example, too many non-finite losses in a row)."""
+    """Training cannot go on (for example, too many non-finite losses or gradients in a row)."""
+
+
+@dataclass
+class StepSums:
+    """What one step's micro-batches add up on this rank, on the device."""
+
+    totals: torch.Tensor  # [4] loss, aux, load balance, z: means over the micro-batches
+    load: torch.Tensor  # [L, E] assignments each expert computed
+    entropy: torch.Tensor  # [L] router entropy, mean over the micro-batches (log steps only)
+    probe: LambdaProbe  # lambda of the last micro-batch (log steps only)
 
 
 @dataclass
@@ -119,7 +130,7 @@ def progress_bars(console: Console) -> Progress:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return F.cross_entropy(logits.to(compute_dtype(logits.dtype)).flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()
@@ -216,52 +227,72 @@ class Trainer:
 
         With `details` (log steps), also the routing summary and, for diff attention, lambda.
         """
+        return self.update(self.compute_gradients(details), details)
+
+    def compute_gradients(self, details: bool) -> StepSums:
+        """The next global batch's forward and backward, micro-batch by micro-batch, its gradients then made those
+        of the whole batch (summed over tensor-parallel parts, averaged over data-parallel ranks) and its sums
+        reduced over the job."""
         t = self.cfg.train
         set_learning_rate(self.optimizer, learning_rate(self.step, t))
-        global_batch = make_batch(self.train_windows, self.sampler.next_indices())
-        per_rank = t.batch_size // self.runtime.data_ranks  # every rank draws the same batch and takes its rows
-        first = self.runtime.data_rank * per_rank
-        batch = global_batch.slice(first, first + per_rank).to(self.device)
-        micro_size = per_rank // t.grad_accum
-        totals = torch.zeros(4, device=self.device)  # loss, aux, load balance, z
-        load = torch.zeros(self.cfg.model.n_layers, self.cfg.model.n_experts, device=self.device)
-        entropy = torch.zeros(self.cfg.model.n_layers, dtype=torch.float64, device=self.device)
-        probe = LambdaProbe(self.model)
+        global_batch = make_batch(self.train_windows, self.sampler.next_indices())  # the same on every rank
+        micro_size = t.batch_size // t.grad_accum  # sequences of a micro-batch, over all data-parallel ranks
+        per_rank = micro_size // self.runtime.data_ranks
+        n_layers, n_experts = self.cfg.model.n_layers, self.cfg.model.n_experts
+        sums = StepSums(torch.zeros(4, device=self.device), torch.zeros(n_layers, n_experts, device=self.device),
+                        torch.zeros(n_layers, dtype=torch.float64, device=self.device), LambdaProbe(self.model))
         for i in range(t.grad_accum):
-            micro = batch.slice(i * micro_size, (i + 1) * micro_size)
+            first = i * micro_size + self.runtime.data_rank * per_rank  # this rank's rows of micro-batch i
+            micro = global_batch.slice(first, first + per_rank).to(self.device)
             last = i == t.grad_accum - 1
             with accumulating(self.data_parallel, self.runtime, last):
-                with autocast(self.device, t.precision), (probe if details and last else contextlib.nullcontext()):
+                with (autocast(self.device, t.precision),
+                      sums.probe if details and last else contextlib.nullcontext()):
                     out = self.forward(micro.tokens, micro.positions, micro.document_ids)
                 loss = cross_entropy(out.logits, micro.targets)
-                ((loss + out.aux_loss) / t.grad_accum).backward()
-            totals += torch.stack([loss, out.aux_loss, out.load_balance_loss, out.z_loss]).detach() / t.grad_accum
-            load += torch.stack([routing.counts for routing in out.routings])
+                router = out.router_losses(self.balance_counts(out))
+                ((loss + router.weighted) / t.grad_accum).backward()
+            sums.totals += torch.stack([loss, router.weighted, router.load_balance, router.z]).detach() / t.grad_accum
+            sums.load += torch.stack([routing.counts for routing in out.routings])
             if details:
-                entropy += torch.stack([router_entropy(routing.probs) for routing in out.routings]) / t.grad_accum
-        self.runtime.reduce(totals, "mean")
-        self.runtime.reduce(load, "sum", data_parallel=True)  # the whole batch's expert load, on every rank
-        loss, aux, load_balance, z_loss = totals.tolist()
+                sums.entropy += torch.stack([router_entropy(routing.probs) for routing in out.routings]) / t.grad_accum
+        self.runtime.reduce(sums.totals, "mean")
+        self.runtime.reduce(sums.load, "sum", data_parallel=True)  # the whole batch's expert load, on every rank
+        sync_gradients(self.model, self.runtime)
+        return sums
+
+    def balance_counts(self, out: ModelOutput) -> torch.Tensor | None:
+        """The expert counts [L, E] the load-balancing loss balances: the choices of this micro-batch on every
+        data-parallel rank (train.load_balance_over=all_ranks), or None for this rank's own."""
+        if self.cfg.train.load_balance_over != "all_ranks":
+            return None
+        return self.runtime.sum_over_data(out.choice_counts)
+
+    def update(self, sums: StepSums, details: bool) -> dict[str, Any]:
+        """The optimizer step on the gradients compute_gradients() left (clipped), unless the loss is not finite;
+        the step's record."""
+        t, model_cfg = self.cfg.train, self.cfg.model
+        loss, aux, load_balance, z_loss = sums.totals.tolist()
         record: dict[str, Any] = {"loss": loss, "aux_loss": aux, "load_balance_loss": load_balance,
                                   "z_loss": z_loss, "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.cfg.model.capacity_factor is not None:
-            assignments = global_batch.tokens.numel() * self.cfg.model.top_k * self.cfg.model.n_layers
-            record["dropped_fraction"] = 1 - load.sum().item() / assignments
-        if not math.isfinite(loss + aux):
+        if model_cfg.capacity_factor is not None:
+            assignments = t.batch_size * t.seq_len * model_cfg.top_k * model_cfg.n_layers
+            record["dropped_fraction"] = 1 - sums.load.sum().item() / assignments
+        if math.isfinite(loss + aux):
+            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+            record["grad_norm"] = clip_grad_norm(self.model, self.runtime, max_norm).item()
+        if not math.isfinite(loss + aux + record.get("grad_norm", math.nan)):  # a NaN gradient, even of a finite loss
             self.optimizer.zero_grad(set_to_none=True)
             return record | {"skipped": True}
-        sync_gradients(self.model, self.runtime)
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        record["grad_norm"] = clip_grad_norm(self.model, self.runtime, max_norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_expert_biases(load)
+        self.model.update_expert_biases(sums.load)
         if details:  # the whole step's routing: every micro-batch, every data-parallel rank
-            record |= load_summary(load) | {"router_entropy": self.runtime.reduce(entropy, "mean").tolist()}
-            if probe.values:
-                record["lambda"] = probe.values
-            if probe.spreads:
-                record["lambda_spread"] = probe.spreads
+            record |= load_summary(sums.load) | {"router_entropy": self.runtime.reduce(sums.entropy, "mean").tolist()}
+            if sums.probe.values:
+                record["lambda"] = sums.probe.values
+            if sums.probe.spreads:
+                record["lambda_spread"] = sums.probe.spreads
         return record
 
     def run(self, progress: Progress | None = None) -> RunResult:
@@ -286,12 +317,14 @@ class Trainer:
                 interval_steps += 1
                 if record.get("skipped"):
                     self.nonfinite_streak += 1
-                    self.console.print(f"[yellow]step {self.step}: non-finite loss {record['loss']}, step skipped "
+                    what = (f"gradient norm {record['grad_norm']} (loss {record['loss']:.4f})" if "grad_norm" in record
+                            else f"loss {record['loss']}")
+                    self.console.print(f"[yellow]step {self.step}: non-finite {what}, step skipped "
                                        f"({self.nonfinite_streak} in a row)")
                     if metrics:
                         metrics.log({"step": self.step, "loss": None, "skipped": True, "lr": record["lr"]})
                     if self.nonfinite_streak >= t.max_nonfinite_steps:
-                        raise TrainingError(f"{self.nonfinite_streak} non-finite losses in a row (train."
+                        raise TrainingError(f"{self.nonfinite_streak} non-finite losses or gradients in a row (train."
                                             f"max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr or "
                                             "check the data. The last good checkpoint is in "
                                             f"{self.out_dir / 'checkpoints'}")

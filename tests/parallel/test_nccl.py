@@ -7,15 +7,15 @@ import pytest
 import torch
 from harness import assert_layout_equals_one_process  # tests/parallel is on the path
 
-LAYOUTS = [(2, ["parallel.ep=2"], 2), (2, ["parallel.tp=2", "model.n_kv_heads=4"], 1),
-           (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"], 2),
-           (2, ["parallel.data_parallel=fsdp", "train.grad_accum=2"], 4)]
+LAYOUTS = [(2, ["parallel.ep=2"]), (2, ["parallel.tp=2", "model.n_kv_heads=4"]),
+           (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"]),
+           (2, ["parallel.data_parallel=fsdp", "train.grad_accum=2"])]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("processes", "layout", "data_ranks"), [
+@pytest.mark.parametrize(("processes", "layout"), [
     pytest.param(*case, marks=pytest.mark.skipif(torch.cuda.device_count() < case[0],
                                                  reason=f"needs {case[0]} CUDA devices"))
     for case in LAYOUTS])
-def test_nccl_runs_equal_one_process(tmp_path, processes: int, layout: list[str], data_ranks: int) -> None:
-    assert_layout_equals_one_process(tmp_path, processes, layout, data_ranks, "cuda")
+def test_nccl_runs_equal_one_process(tmp_path, processes: int, layout: list[str]) -> None:
+    assert_layout_equals_one_process(tmp_path, processes, layout, "cuda")

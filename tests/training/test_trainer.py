@@ -150,10 +150,29 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(trainer_module, "cross_entropy", sometimes_nan)
     cfg = small_config(tmp_path, "train.max_nonfinite_steps=3", "train.eval_every=0", "train.max_steps=20")
-    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingError, match="3 non-finite losses or gradients in a row"):
         train(cfg)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r.get("skipped", False) for r in records] == [False, True, False, True, True, True]
+
+
+def test_a_nan_gradient_of_a_finite_loss_skips_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gradient norm is checked too, so AdamW never writes NaN weights."""
+    calls = {"n": 0}
+    real = trainer_module.sync_gradients
+
+    def nan_on_step_2(model, job):
+        calls["n"] += 1
+        real(model, job)
+        if calls["n"] == 2:
+            next(model.parameters()).grad[0, 0] = float("nan")
+
+    monkeypatch.setattr(trainer_module, "sync_gradients", nan_on_step_2)
+    result = train(small_config(tmp_path, "train.eval_every=0", "train.max_steps=3"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r.get("skipped", False) for r in records] == [False, True, False]
+    assert all(r["loss"] is not None for r in (records[0], records[2]))
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:

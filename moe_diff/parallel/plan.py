@@ -1,0 +1,76 @@
+"""Where every parameter (and stored buffer) of the model lives over the job's mesh, declared once: one entry per
+tensor (no default), naming the tensor dimension split over each mesh dimension, or how a replicated parameter's
+gradient is completed. The rest of the package reads placements from here and names no parameter."""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A parameter over the mesh: `ep` and `tp` the tensor dimension split over those mesh dimensions (None:
+    replicated); `vocab` the dimension split over tp with parallel.vocab_parallel (else replicated); `tp_sum`
+    for a replicated parameter that each tp rank uses for its own heads only, so that its gradient is the sum of
+    the ranks' parts."""
+
+    ep: int | None = None
+    tp: int | None = None
+    vocab: int | None = None
+    tp_sum: bool = False
+
+    def tp_dim(self, vocab_parallel: bool) -> int | None:
+        """The dimension split over tp in a job with or without the vocabulary split."""
+        return self.vocab if vocab_parallel and self.vocab is not None else self.tp
+
+
+REPLICATED = Placement()
+COLUMNS = Placement(tp=0)  # a linear's output rows: whole heads (pairs of them for diff) and kv groups per rank
+ROWS = Placement(tp=1)  # a linear's input columns, its output summed over tp
+OWN_HEADS = Placement(tp_sum=True)
+
+# parameter name (fnmatch pattern; * is a layer index) -> its placement
+PLAN: dict[str, Placement] = {
+    "tok_embeddings.weight": Placement(vocab=0),
+    "layers.*.attention_norm.weight": REPLICATED,
+    "layers.*.attention.wq.weight": COLUMNS,
+    "layers.*.attention.wk.weight": COLUMNS,
+    "layers.*.attention.wv.weight": COLUMNS,
+    "layers.*.attention.wo.weight": ROWS,
+    "layers.*.attention.lambda_q1": OWN_HEADS,  # diff: the layer's λ, computed on every rank for its heads
+    "layers.*.attention.lambda_k1": OWN_HEADS,
+    "layers.*.attention.lambda_q2": OWN_HEADS,
+    "layers.*.attention.lambda_k2": OWN_HEADS,
+    "layers.*.attention.subln.weight": OWN_HEADS,  # diff: the per-head norm's weight, shared by every head
+    "layers.*.attention.lambda_proj.weight": COLUMNS,  # diff_v2: one λ row per query-head pair
+    "layers.*.ffn_norm.weight": REPLICATED,
+    "layers.*.moe.gate.weight": REPLICATED,
+    "layers.*.moe.expert_bias": REPLICATED,  # a buffer (model.expert_bias_rate > 0), kept equal by global counts
+    "layers.*.moe.experts.w1": Placement(ep=0, tp=1),  # [E, D, F]: experts over ep, then ffn_dim over tp
+    "layers.*.moe.experts.w3": Placement(ep=0, tp=1),
+    "layers.*.moe.experts.w2": Placement(ep=0, tp=2),  # [E, F, D]
+    "norm.weight": REPLICATED,
+    "output.weight": Placement(vocab=0),
+}
+
+
+class UnplannedParameter(KeyError):
+    """A parameter with no entry in PLAN (or more than one)."""
+
+
+@functools.cache
+def placement(name: str) -> Placement:
+    """The placement of parameter `name` (as model.named_parameters() names it); UnplannedParameter if PLAN
+    has no entry, or several, for it."""
+    found = [entry for pattern, entry in PLAN.items() if fnmatch.fnmatchcase(name, pattern)]
+    if len(found) != 1:
+        raise UnplannedParameter(f"{name} has {len(found)} entries in moe_diff/parallel/plan.py PLAN; every "
+                                 "parameter needs exactly one, saying how it is split over the mesh")
+    return found[0]
+
+
+def sharded_over_ep(name: str) -> bool:
+    """An expert weight: each ep rank holds its own experts, whose gradients its replicas average."""
+    return placement(name).ep is not None

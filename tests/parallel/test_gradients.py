@@ -1,0 +1,71 @@
+"""Every parallel layout, in every attention mode, takes the gradients of one process on the same global batch
+(train.grad_accum=1, router losses on): each rank's piece of every parameter's first-step gradient equals that
+part of one process's, and the losses and gradient norms of the following steps are one process's. Float64, so
+that no rounding difference flips a top-k choice."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from harness import corpus, free_port  # tests/parallel is on the path
+
+PROBE = Path(__file__).with_name("gradient_probe.py")
+STEPS = 3
+TOLERANCE = 1e-9  # per tensor, |piece - one process's| / |one process's whole gradient|, in float64
+
+
+def probe(tmp_path: Path, name: str, processes: int, *overrides: str) -> list[dict]:
+    """Every rank's file of gradient_probe.py."""
+    out = tmp_path / name
+    out.mkdir()
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(PROBE.parent), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.run([*launcher, str(PROBE), str(out), corpus(tmp_path), str(STEPS), *overrides],
+                             capture_output=True, text=True, env=environment, timeout=900)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return [torch.load(out / f"rank-{rank}.pt", weights_only=False) for rank in range(processes)]
+
+
+def assert_same_gradients(ranks: list[dict], single: dict) -> None:
+    for rank, written in enumerate(ranks):
+        for mode, expected in single.items():
+            got = written[mode]
+            for name, (_, whole) in expected["gradients"].items():
+                offset, piece = got["gradients"][name]
+                part = whole[tuple(slice(start, start + size) for start, size in zip(offset, piece.shape,
+                                                                                         strict=True))]
+                error = (piece - part).norm() / whole.norm()
+                assert error <= TOLERANCE, f"rank {rank}, {mode}, {name}: |Δ|/|g| = {error:.2e}"
+            for step, (record, reference) in enumerate(zip(got["records"], expected["records"], strict=True)):
+                assert record == pytest.approx(reference, rel=TOLERANCE, abs=1e-12), f"rank {rank}, {mode}, step {step}"
+
+
+LAYOUTS = {
+    "ddp2": (2, ["parallel.data_parallel=ddp"]),
+    "fsdp2": (2, ["parallel.data_parallel=fsdp"]),
+    "allreduce2": (2, []),
+    "ep2": (2, ["parallel.ep=2"]),
+    "ddp-ep2-accum2": (2, ["parallel.data_parallel=ddp", "parallel.ep=2", "train.grad_accum=2"]),
+    "tp2-vocab": (2, ["parallel.tp=2", "parallel.vocab_parallel=true", "model.n_kv_heads=4",
+                      "model.tie_embeddings=true", "train.activation_checkpointing=true"]),
+    "tp2": (2, ["parallel.tp=2", "model.n_kv_heads=4"]),
+    "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"]),
+    "fsdp-ep2": (4, ["parallel.data_parallel=fsdp", "parallel.ep=2"]),
+    "fsdp-tp2-ep2-vocab": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2",
+                               "parallel.vocab_parallel=true", "model.n_kv_heads=4"]),
+    "tp2-fsdp2": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "model.n_kv_heads=4"]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_takes_the_gradients_of_one_process(tmp_path: Path, layout: str) -> None:
+    processes, overrides = LAYOUTS[layout]
+    model = [setting for setting in overrides if setting.startswith(("model.", "train.grad_accum="))]
+    (single,) = probe(tmp_path, "single", 1, *model)
+    assert_same_gradients(probe(tmp_path, "parallel", processes, *overrides), single)
