@@ -226,10 +226,19 @@ class Experts(nn.Module):
         return self.compute(x, expert_ids, weights, self.w1, self.w2, self.w3)
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] int64: how often each of 0..n-1 occurs in `ids`, whose values lie in 0..n-1. Unlike torch.bincount, it
+    does not read the largest id back to the host (on a GPU, a wait for the device)."""
+    flat = ids.flatten()
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def assignment_counts(expert_ids: torch.Tensor, kept: torch.Tensor | None, n_experts: int) -> torch.Tensor:
     """[E] assignments each expert computes, from the chosen ids [N, K] and which of them capacity kept (None:
     all)."""
-    return torch.bincount(expert_ids.flatten() if kept is None else expert_ids[kept], minlength=n_experts)
+    if kept is None:
+        return count_ids(expert_ids, n_experts)
+    return count_ids(expert_ids.masked_fill(~kept, n_experts), n_experts + 1)[:n_experts]  # drops counted last
 
 
 @dataclass
@@ -267,7 +276,7 @@ def within_capacity(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> 
     n_tokens, top_k = expert_ids.shape
     slot_major = expert_ids.t().flatten()  # [K*N]
     order = slot_major.argsort(stable=True)
-    counts = torch.bincount(slot_major, minlength=n_experts)
+    counts = count_ids(slot_major, n_experts)
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order), device=order.device) - starts[slot_major[order]]
@@ -291,9 +300,7 @@ def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
 def choice_counts(routing: Routing) -> torch.Tensor:
     """[E] (token, slot) choices of each expert, those capacity dropped included: the f_e counts of the
     load-balancing loss, in the probabilities' dtype."""
-    ids = routing.expert_ids.flatten()
-    counts = torch.zeros(routing.probs.shape[-1], dtype=routing.probs.dtype, device=ids.device)
-    return counts.index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return count_ids(routing.expert_ids, routing.probs.shape[-1]).to(routing.probs.dtype)
 
 
 def router_losses(routing: Routing, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -504,6 +511,17 @@ class MoEDiffTransformer(nn.Module):
             routings.append(routing)
         return ModelOutput(self.output(self.norm(h)), routings, self.cfg)
 
+    def _check_token_ids(self, tokens: torch.Tensor) -> None:
+        """Every id below vocab_size, asserted on the device without reading anything back (a GPU stops at a
+        device-side assertion with this message); on the CPU, where the assertion raises at once, a UsageError
+        with the ids' range."""
+        limit = f"token ids must lie in 0..{self.cfg.vocab_size - 1} (vocab_size)"
+        try:
+            torch._assert_async(((tokens >= 0) & (tokens < self.cfg.vocab_size)).all(), limit)
+        except RuntimeError:
+            low, high = (value.item() for value in torch.aminmax(tokens))
+            raise UsageError(f"{limit}, got values from {low} to {high}") from None
+
     def _check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor | None,
                       document_ids: torch.Tensor | None) -> torch.Tensor:
         """Validate the inputs; return positions shaped [B or 1, T]."""
@@ -515,10 +533,7 @@ class MoEDiffTransformer(nn.Module):
             raise UsageError(f"sequence length {n_tokens} is outside 1..max_seq_len "
                              f"({self.cfg.max_seq_len})")
         if not torch.compiler.is_compiling():
-            low, high = (value.item() for value in torch.aminmax(tokens))
-            if low < 0 or high >= self.cfg.vocab_size:
-                raise UsageError(f"token ids must lie in 0..{self.cfg.vocab_size - 1} (vocab_size), "
-                                 f"got values from {low} to {high}")
+            self._check_token_ids(tokens)
         if document_ids is not None and (document_ids.shape != tokens.shape
                                          or document_ids.dtype.is_floating_point):
             raise UsageError(f"document_ids must be an integer tensor shaped like tokens "

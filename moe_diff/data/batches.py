@@ -73,8 +73,9 @@ class BatchSampler:
         self.epoch, self.offset = 0, 0
         self._order = self._permutation(0)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
+    def _permutation(self, epoch: int) -> list[int]:
+        """The epoch's order of the windows, drawn on the CPU once per epoch."""
+        return torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def next_indices(self) -> list[int]:
         indices: list[int] = []
@@ -83,7 +84,7 @@ class BatchSampler:
                 self.epoch, self.offset = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
             take = min(self.batch_size - len(indices), self.n_windows - self.offset)
-            indices += self._order[self.offset:self.offset + take].tolist()
+            indices += self._order[self.offset:self.offset + take]
             self.offset += take
         return indices
 

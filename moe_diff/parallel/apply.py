@@ -25,11 +25,11 @@ def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
     """Expert parallelism over the ep groups, then tensor parallelism over the tp groups (so that it splits the
     local experts); the rest of the model stays replicated (data parallel)."""
     if job.dims.ep > 1:
-        parallelize_experts(model, job.mesh["ep"].get_group())
+        parallelize_experts(model, job.group("ep"))
     if job.dims.tp > 1:
-        parallelize_tensor(model, job.mesh["tp"].get_group())
+        parallelize_tensor(model, job.group("tp"))
         if job.vocab_parallel:
-            parallelize_vocab(model, job.mesh["tp"].get_group())
+            parallelize_vocab(model, job.group("tp"))
     return model
 
 

@@ -56,14 +56,13 @@ class ParallelDims:
                                 mesh_dim_names=("replica", "ep", "tp"))
 
 
-def average_gradients(model: nn.Module, mesh: DeviceMesh, data_group: dist.ProcessGroup | None = None,
+def average_gradients(model: nn.Module, replicas: dist.ProcessGroup, data_group: dist.ProcessGroup | None = None,
                       only: Callable[[str], bool] = lambda name: True) -> None:
-    """Data-parallel averaging: expert shards sum over 'replica', the ranks holding the same experts (each
+    """Data-parallel averaging: expert shards sum over `replicas`, the ranks holding the same experts (each
     shard's gradient already sums its whole ep group's tokens); everything else over `data_group`, the ranks
     holding the same tensor-parallel shard (None: all ranks); both divided by the number of ranks that read
     different rows. `only` picks the parameters by name."""
-    replicas = mesh["replica"].get_group()
-    data_ranks = data_group.size() if data_group is not None else mesh.size()
+    data_ranks = data_group.size() if data_group is not None else dist.get_world_size()
     for name, param in model.named_parameters():
         if param.grad is None or not only(name):
             continue

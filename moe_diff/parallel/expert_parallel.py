@@ -12,7 +12,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from moe_diff.config import ConfigError
-from moe_diff.model import Experts, MoEDiffTransformer
+from moe_diff.model import Experts, MoEDiffTransformer, count_ids
 from moe_diff.parallel.dims import keep_shard
 
 
@@ -47,13 +47,15 @@ class ExpertParallelExperts(nn.Module):
         n_local, n_ranks, top_k = self.w1.shape[0], self.group.size(), expert_ids.shape[1]
         flat = expert_ids.flatten()
         order = flat.argsort(stable=True)
-        send_counts = torch.bincount(flat, minlength=n_local * n_ranks + 1)[:-1]  # [E] pairs for each expert
+        send_counts = count_ids(flat, n_local * n_ranks + 1)[:-1]  # [E] pairs for each expert, less those dropped
         recv_counts = _exchange_counts(send_counts, self.group)  # [R, L]
-        send, recv = send_counts.view(n_ranks, n_local).sum(1).tolist(), recv_counts.sum(1).tolist()
+        # the one read of the step: the exchange's split sizes, which a dropless all-to-all needs on the host
+        send, recv = torch.stack([send_counts.view(n_ranks, n_local).sum(1), recv_counts.sum(1)]).tolist()
         order = order[:sum(send)]  # [S] the dropped pairs, sorted last, left out
         rows = x[order // top_k]  # [S, D] grouped by destination rank
         received = exchange(rows, recv, send, self.group)
-        local_ids = torch.arange(n_local, device=flat.device).repeat(n_ranks).repeat_interleave(recv_counts.flatten())
+        local_ids = torch.arange(n_local, device=flat.device).repeat(n_ranks).repeat_interleave(
+            recv_counts.flatten(), output_size=sum(recv))
         ones = weights.new_ones(len(local_ids), 1)
         computed = self.compute(received, local_ids[:, None], ones, self.w1, self.w2, self.w3)
         # an empty sum that keeps the received rows and every local weight in the graph: a rank that got nothing

@@ -32,11 +32,11 @@ def sync_gradients(model: nn.Module, job: Runtime) -> None:
     if job.dims.tp > 1:
         for name, param in model.named_parameters():
             if param.grad is not None and placement(name).tp_sum:
-                dist.all_reduce(local_tensor(param.grad), group=job.mesh["tp"].get_group())
+                dist.all_reduce(local_tensor(param.grad), group=job.group("tp"))
     if job.data_parallel == "allreduce":
-        average_gradients(model, job.mesh, job.data_group)
+        average_gradients(model, job.group("replica"), job.data_group)
     elif job.experts_averaged_apart:
-        average_gradients(model, job.mesh, job.data_group, only=sharded_over_ep)
+        average_gradients(model, job.group("replica"), job.data_group, only=sharded_over_ep)
 
 
 def clip_grad_norm(model: nn.Module, job: Runtime, max_norm: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ split over it, and the few collectives the training loop needs (gathered objects
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -39,6 +39,14 @@ class Runtime:
     data_group: dist.ProcessGroup | None = None  # ranks holding the same tensor-parallel shard (None: all)
     data_parallel: str = "allreduce"
     vocab_parallel: bool = False  # the tp groups also split the embedding and output head by vocabulary rows
+    _groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False)
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        """This rank's process group along mesh dimension `dim` ('replica', 'ep' or 'tp'), looked up once (a
+        lookup in the mesh reads its rank table)."""
+        if dim not in self._groups:
+            self._groups[dim] = self.mesh[dim].get_group()
+        return self._groups[dim]
 
     @property
     def world_size(self) -> int:
@@ -89,9 +97,9 @@ class Runtime:
         splits = []
         planned = placement(name)
         if self.dims.ep > 1 and planned.ep is not None:
-            splits.append(Split(self.mesh["ep"].get_group(), planned.ep, "ep"))
+            splits.append(Split(self.group("ep"), planned.ep, "ep"))
         if self.dims.tp > 1 and (dim := planned.tp_dim(self.vocab_parallel)) is not None:
-            splits.append(Split(self.mesh["tp"].get_group(), dim, "tp"))
+            splits.append(Split(self.group("tp"), dim, "tp"))
         return splits
 
     def whole_shape(self, name: str, shape: torch.Size) -> torch.Size:
@@ -128,13 +136,13 @@ class Runtime:
             dist.all_reduce(tensor, group=self.data_group)
         return tensor
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank when it is True on any (e.g. one rank got SIGTERM)."""
+    def maximum(self, values: list[float], device: torch.device) -> list[float]:
+        """Each value's maximum over the ranks, on every rank (one all-reduce and one read)."""
         if not self.distributed:
-            return flag
-        value = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
 
     def barrier(self) -> None:
         if self.distributed:

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +44,13 @@ from moe_diff.routing.collect import collect_trace
 from moe_diff.routing.summary import load_summary, router_entropy
 from moe_diff.routing.trace import save_trace
 from moe_diff.runs import CHECKPOINTS_DIR, TRACES_DIR
+from moe_diff.training.guards import NonFiniteSteps, StopFlag
 from moe_diff.training.metrics import MetricsLog
 from moe_diff.training.optim import build_optimizer, learning_rate, set_learning_rate
 from moe_diff.training.probes import LambdaProbe
 from moe_diff.training.start import plan_start
+
+SKIPPED_KEYS = ("skipped", "skipped_steps", "grad_norm", "lr")  # what the metrics of a skipped log step keep
 
 
 class TrainingError(MoeDiffError, RuntimeError):
@@ -100,26 +102,6 @@ def with_stored_model(cfg: Config, checkpoint_dir: Path, console: Console) -> Co
         console.print(f"[yellow]resuming:[/] the model is the checkpoint's, so it keeps {literal(', '.join(changed))}",
                       soft_wrap=True)
     return dataclasses.replace(cfg, model=stored)
-
-
-class StopFlag:
-    """Turns SIGTERM and SIGINT into a request to save and stop after the current step."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def progress_bars(console: Console) -> Progress:
@@ -193,12 +175,13 @@ class Trainer:
                           f"({cfg.parallel.data_parallel}); rank 0 holds {held / 1e6:.2f}M of the model's "
                           f"{costs.param_counts(cfg.model).total / 1e6:.2f}M parameters")
         self.optimizer = build_optimizer(self.model, t)
-        self.step, self.nonfinite_streak = 0, 0
+        self.step, streak = 0, 0
         if resume_from is not None:
             state = checkpoints.load(resume_from, self.model, self.optimizer, self.runtime)
             self.sampler.load_state_dict(state["sampler"])
-            self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
+            self.step, streak = state["step"], state["nonfinite_streak"]
             console.print(f"resumed from {literal(resume_from)} at step {self.step}")
+        self.nonfinite = NonFiniteSteps(streak, self.device)
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.forward = torch.compile(self.data_parallel) if t.compile else self.data_parallel
@@ -208,7 +191,7 @@ class Trainer:
     def save(self) -> Path:
         """Every rank writes the parts of the model and optimizer state it holds."""
         trainer_state = {checkpoints.RUN_ID: self.run_id, "sampler": self.sampler.state_dict(),
-                         "nonfinite_streak": self.nonfinite_streak}
+                         "nonfinite_streak": self.nonfinite.streak}
         return checkpoints.save(self.out_dir / CHECKPOINTS_DIR, self.step, self.model, self.optimizer, self.runtime,
                                 trainer_state, self.cfg, self.cfg.train.keep_checkpoints, self.tokenizer.file_text)
 
@@ -269,30 +252,33 @@ class Trainer:
         return self.runtime.sum_over_data(out.choice_counts)
 
     def update(self, sums: StepSums, details: bool) -> dict[str, Any]:
-        """The optimizer step on the gradients compute_gradients() left (clipped), unless the loss is not finite;
-        the step's record."""
+        """The optimizer step on the gradients compute_gradients() left, clipped, unless the loss or the gradient
+        norm is not finite (decided on the device: the fused AdamW skips the update where `found_inf` is set, as it
+        does for GradScaler), nothing read back; with `details` (log steps), the step's record."""
         t, model_cfg = self.cfg.train, self.cfg.model
+        norm = clip_grad_norm(self.model, self.runtime, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        finite = torch.isfinite(sums.totals[:2].sum() + norm)  # the same on every rank: all three are reduced
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_expert_biases(sums.load * finite)  # a skipped step moves no bias
+        self.nonfinite.count(finite)
+        if not details:
+            return {}
         loss, aux, load_balance, z_loss = sums.totals.tolist()
-        record: dict[str, Any] = {"loss": loss, "aux_loss": aux, "load_balance_loss": load_balance,
-                                  "z_loss": z_loss, "lr": self.optimizer.param_groups[0]["lr"]}
+        record: dict[str, Any] = {"loss": loss, "aux_loss": aux, "load_balance_loss": load_balance, "z_loss": z_loss,
+                                  "grad_norm": norm.item(), "lr": self.optimizer.param_groups[0]["lr"]}
         if model_cfg.capacity_factor is not None:
             assignments = t.batch_size * t.seq_len * model_cfg.top_k * model_cfg.n_layers
             record["dropped_fraction"] = 1 - sums.load.sum().item() / assignments
-        if math.isfinite(loss + aux):
-            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            record["grad_norm"] = clip_grad_norm(self.model, self.runtime, max_norm).item()
-        if not math.isfinite(loss + aux + record.get("grad_norm", math.nan)):  # a NaN gradient, even of a finite loss
-            self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
             return record | {"skipped": True}
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_expert_biases(sums.load)
-        if details:  # the whole step's routing: every micro-batch, every data-parallel rank
-            record |= load_summary(sums.load) | {"router_entropy": self.runtime.reduce(sums.entropy, "mean").tolist()}
-            if sums.probe.values:
-                record["lambda"] = sums.probe.values
-            if sums.probe.spreads:
-                record["lambda_spread"] = sums.probe.spreads
+        # the whole step's routing: every micro-batch, every data-parallel rank
+        record |= load_summary(sums.load) | {"router_entropy": self.runtime.reduce(sums.entropy, "mean").tolist()}
+        if sums.probe.values:
+            record["lambda"] = sums.probe.values
+        if sums.probe.spreads:
+            record["lambda_spread"] = sums.probe.spreads
         return record
 
     def run(self, progress: Progress | None = None) -> RunResult:
@@ -303,40 +289,39 @@ class Trainer:
             return self._result(None, None, time.perf_counter() - start, "max_steps already reached")
         metrics = MetricsLog(self.out_dir, resume_step=self.step) if self.runtime.is_main else None
         tokens_per_step = t.batch_size * t.seq_len
-        record: dict[str, Any] = {}
+        logged: dict[str, Any] = {}  # the last log step's record
         val_loss, stop_reason = None, "finished"
         interval_start, interval_steps = time.perf_counter(), 0
         shared = progress is not None and self.runtime.is_main
         bars = contextlib.nullcontext(progress) if shared else progress_bars(self.console)
-        with StopFlag() as stop, bars as progress:
+        with StopFlag(self.runtime, self.device) as stop, bars as progress:
             task = progress.add_task("step", total=t.max_steps, completed=self.step, status="")
             while self.step < t.max_steps:
-                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+                after = self.step + 1
+                log_now = after % t.log_every == 0 or after == t.max_steps or bool(t.eval_every and
+                                                                                  after % t.eval_every == 0)
                 record = self.train_step(details=log_now)
                 self.step += 1
                 interval_steps += 1
-                if record.get("skipped"):
-                    self.nonfinite_streak += 1
-                    what = (f"gradient norm {record['grad_norm']} (loss {record['loss']:.4f})" if "grad_norm" in record
-                            else f"loss {record['loss']}")
-                    self.console.print(f"[yellow]step {self.step}: non-finite {what}, step skipped "
-                                       f"({self.nonfinite_streak} in a row)")
-                    if metrics:
-                        metrics.log({"step": self.step, "loss": None, "skipped": True, "lr": record["lr"]})
-                    if self.nonfinite_streak >= t.max_nonfinite_steps:
-                        raise TrainingError(f"{self.nonfinite_streak} non-finite losses or gradients in a row (train."
-                                            f"max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr or "
-                                            "check the data. The last good checkpoint is in "
-                                            f"{self.out_dir / 'checkpoints'}")
-                    continue
-                self.nonfinite_streak = 0
+                if log_now:
+                    streak, longest, skipped = self.nonfinite.read()
+                    record |= self.report_skipped(record, streak, skipped)
+                    if record.get("skipped") and metrics:
+                        metrics.log({"step": self.step, "loss": None} | {key: record[key] for key in SKIPPED_KEYS
+                                                                        if key in record})
+                    if longest >= t.max_nonfinite_steps:
+                        raise TrainingError(f"{longest} non-finite losses or gradients in a row (train."
+                                            f"max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr or check "
+                                            f"the data. The last good checkpoint is in {self.out_dir / 'checkpoints'}")
+                    if record.get("skipped"):
+                        continue
+                    logged = record
                 if t.eval_every and self.step % t.eval_every == 0:
                     val_loss = evaluate(self.forward, self.val_batches, self.device, t.precision)
-                    record["val_loss"] = val_loss
-                    record["val_perplexity"] = math.exp(min(val_loss, 50))
+                    record |= {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
                 if t.trace_every and self.step % t.trace_every == 0:
                     self.write_trace()
-                if log_now or "val_loss" in record:
+                if log_now:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
                     record |= {"tokens_per_s": tokens_per_s, "peak_memory_bytes": peak_memory(self.device),
@@ -347,7 +332,7 @@ class Trainer:
                     progress.update(task, status=f"loss {record['loss']:.3f}  {tokens_per_s:,.0f} tok/s")
                     interval_start, interval_steps = time.perf_counter(), 0
                 progress.update(task, completed=self.step)
-                if self.runtime.any(stop.signal is not None, self.device):  # every rank stops at the same step
+                if stop.requested(self.step):  # every rank stops at the same step
                     stop_reason = "signal"
                     break
                 if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
@@ -358,7 +343,18 @@ class Trainer:
         if metrics:
             metrics.close()
         self.console.print(f"saved {literal(saved)} ({stop_reason})")
-        return self._result(record.get("loss"), val_loss, time.perf_counter() - start, stop_reason)
+        return self._result(logged.get("loss"), val_loss, time.perf_counter() - start, stop_reason)
+
+    def report_skipped(self, record: dict[str, Any], streak: int, skipped: int) -> dict[str, Any]:
+        """On a log step: say how many steps since the last one were skipped for a non-finite loss or gradient
+        norm (`skipped`, `streak` of them in a row now); what the record adds."""
+        if not skipped:
+            return {}
+        this_one = (f"step {self.step}: non-finite loss {record['loss']} or gradient norm {record['grad_norm']}, "
+                    "skipped; " if record.get("skipped") else "")
+        self.console.print(f"[yellow]{this_one}{skipped} step{'s' * (skipped > 1)} skipped since the last log, "
+                           f"{streak} in a row now")
+        return {"skipped_steps": skipped}
 
     def _result(self, loss: float | None, val_loss: float | None, seconds: float, reason: str) -> RunResult:
         return RunResult(self.out_dir, self.step, loss, val_loss, seconds, reason, self.model)

@@ -50,10 +50,10 @@ def main(out: Path, corpus: str, steps: int, overrides: list[str]) -> None:
         trainer = Trainer(cfg, console, job)
         records = []
         for step in range(steps):
-            sums = trainer.compute_gradients(details=False)
+            sums = trainer.compute_gradients(details=True)
             if step == 0:
                 gradients = pieces(trainer)
-            records.append({key: value for key, value in trainer.update(sums, details=False).items()
+            records.append({key: value for key, value in trainer.update(sums, details=True).items()
                             if key in RECORDED})
             trainer.step += 1
         written[mode] = {"gradients": gradients, "records": records}

@@ -57,6 +57,16 @@ def run(tmp_path: Path, name: str, processes: int, *overrides: str) -> Path:
     return out
 
 
+def run_script(script: Path, processes: int, *args: str) -> None:
+    """A script of tests/parallel, in one process or under torchrun, with tests/ and tests/parallel importable."""
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    path = os.pathsep.join([str(script.parent), str(script.parents[1]), os.environ.get("PYTHONPATH", "")])
+    process = subprocess.run([*launcher, str(script), *args], capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
+    assert process.returncode == 0, process.stderr[-3000:]
+
+
 def losses(out: Path) -> list[float]:
     return [record["loss"] for record in read_metrics(out / "metrics.jsonl")]
 

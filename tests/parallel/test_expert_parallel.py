@@ -111,7 +111,7 @@ def train_rank(rank: int, world: int, init_file: str, ep: int, steps: int) -> No
         out = sharded(inputs[rank:rank + 1])
         loss = F.cross_entropy(out.logits.flatten(0, 1), targets[rank].flatten()) + out.aux_loss
         loss.backward()
-        average_gradients(sharded, mesh)
+        average_gradients(sharded, mesh["replica"].get_group())
         reference = full(inputs)
         expected = F.cross_entropy(reference.logits.flatten(0, 1), targets.flatten()) + reference.aux_loss
         expected.backward()

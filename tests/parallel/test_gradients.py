@@ -3,14 +3,11 @@
 part of one process's, and the losses and gradient norms of the following steps are one process's. Float64, so
 that no rounding difference flips a top-k choice."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from harness import corpus, free_port  # tests/parallel is on the path
+from harness import corpus, run_script  # tests/parallel is on the path
 
 PROBE = Path(__file__).with_name("gradient_probe.py")
 STEPS = 3
@@ -21,14 +18,7 @@ def probe(tmp_path: Path, name: str, processes: int, *overrides: str) -> list[di
     """Every rank's file of gradient_probe.py."""
     out = tmp_path / name
     out.mkdir()
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-        f"--master_port={free_port()}"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(PROBE.parent), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.run([*launcher, str(PROBE), str(out), corpus(tmp_path), str(STEPS), *overrides],
-                             capture_output=True, text=True, env=environment, timeout=900)
-    assert process.returncode == 0, process.stderr[-3000:]
+    run_script(PROBE, processes, str(out), corpus(tmp_path), str(STEPS), *overrides)
     return [torch.load(out / f"rank-{rank}.pt", weights_only=False) for rank in range(processes)]
 
 

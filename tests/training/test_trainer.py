@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_run, losses, small_config  # tests/ is on the path
+from helpers import assert_same_run, counting_host_reads, losses, small_config  # tests/ is on the path
+from rich.console import Console
 
 from moe_diff.checkpoint import CheckpointError, open_model
 from moe_diff.checkpoint import training as checkpoints
@@ -17,6 +18,7 @@ from moe_diff.errors import DataError
 from moe_diff.runs import read_metrics
 from moe_diff.train import train
 from moe_diff.training import trainer as trainer_module
+from moe_diff.training.job import training_job
 from moe_diff.training.plots import plot_metrics
 from moe_diff.training.trainer import TrainingError
 
@@ -216,3 +218,16 @@ def test_routing_traces_during_training_compare_across_steps(tmp_path: Path) -> 
     diagnose(tmp_path / "run", tmp_path / "from_run", data=small_config(tmp_path).data, seq_len=32, max_tokens=128,
              console=Console(quiet=True))
     assert (tmp_path / "from_run" / "training_load.png").read_bytes()[:4] == b"\x89PNG"  # shares over steps
+
+
+
+def test_a_step_that_does_not_log_reads_nothing_back(tmp_path: Path) -> None:
+    """On a GPU every read drains the queue; a step that does not log makes none (a log step reads its record)."""
+    cfg = small_config(tmp_path, "train.log_every=100", "model.capacity_factor=1.25")
+    with training_job(cfg, Console(quiet=True)) as trainer:
+        trainer.train_step(details=False)  # the first step builds what later steps reuse
+        with counting_host_reads() as reads:
+            trainer.train_step(details=False)
+            assert reads == []
+            trainer.train_step(details=True)
+            assert "tolist" in reads and "item" in reads
