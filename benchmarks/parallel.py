@@ -66,15 +66,15 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def time_steps(model: MoEDiffTransformer, tokens: torch.Tensor, device: torch.device, steps: int,
-               mesh: object | None, meter: ExchangeMeter | None = None) -> float:
+               replicas: dist.ProcessGroup | None, meter: ExchangeMeter | None = None) -> float:
     """Median seconds of a forward+backward (+ gradient averaging) over `steps` steps after one warm-up (the
     meter, if any, counts the timed steps only)."""
     def step() -> None:
         model.zero_grad(set_to_none=True)
         out = model(tokens)
         (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
-        if mesh is not None:
-            average_gradients(model, mesh)
+        if replicas is not None:
+            average_gradients(model, replicas)
 
     step()
     if meter is not None:
@@ -100,7 +100,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, result
     mesh = init_device_mesh(device.type, (1, world), mesh_dim_names=("replica", "ep"))
     parallelize_experts(model, mesh["ep"].get_group())
     with ExchangeMeter(device) as meter:
-        seconds = time_steps(model, tokens, device, args.steps, mesh, meter)
+        seconds = time_steps(model, tokens, device, args.steps, mesh["replica"].get_group(), meter)
     per_step = torch.tensor([meter.bytes / args.steps, meter.seconds / args.steps, seconds],
                             device=device)
     dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace

@@ -512,12 +512,17 @@ class MoEDiffTransformer(nn.Module):
         return ModelOutput(self.output(self.norm(h)), routings, self.cfg)
 
     def _check_token_ids(self, tokens: torch.Tensor) -> None:
-        """Every id below vocab_size, asserted on the device without reading anything back (a GPU stops at a
-        device-side assertion with this message); on the CPU, where the assertion raises at once, a UsageError
-        with the ids' range."""
+        """Every id below vocab_size. With gradients on (training), asserted on the device without reading anything
+        back (on a GPU a bad id stops the process at a device-side assertion with this message, as the embedding's
+        own bounds check would without it); otherwise, or on the CPU, where the assertion raises at once, a
+        UsageError with the ids' range."""
         limit = f"token ids must lie in 0..{self.cfg.vocab_size - 1} (vocab_size)"
+        valid = ((tokens >= 0) & (tokens < self.cfg.vocab_size)).all()
         try:
-            torch._assert_async(((tokens >= 0) & (tokens < self.cfg.vocab_size)).all(), limit)
+            if torch.is_grad_enabled():
+                torch._assert_async(valid, limit)
+            elif not valid:
+                raise RuntimeError(limit)
         except RuntimeError:
             low, high = (value.item() for value in torch.aminmax(tokens))
             raise UsageError(f"{limit}, got values from {low} to {high}") from None

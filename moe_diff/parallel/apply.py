@@ -44,7 +44,7 @@ def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
         if job.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
             experts = block.moe.experts
             fully_shard(experts, mesh=job.mesh["replica"])
-            if not job.experts_averaged_apart:
+            if not job.experts_synced_by_hand:
                 experts.set_gradient_divide_factor(float(job.data_ranks))
                 experts.set_force_sum_reduction_for_comms(job.mesh.device_type == "cpu")  # gloo: no PREMUL_SUM
         fully_shard(block, mesh=data_mesh)
@@ -81,7 +81,7 @@ def wrap(model: MoEDiffTransformer, job: Runtime) -> nn.Module:
     it to be averaged over their own replicas. Call after materialize(), before building the optimizer."""
     if not job.ddp:
         return model
-    if job.experts_averaged_apart:
+    if job.experts_synced_by_hand:
         experts = [name for name, _ in model.named_parameters() if sharded_over_ep(name)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
     device_ids = [job.local_rank] if next(model.parameters()).is_cuda else None

@@ -26,7 +26,7 @@ def accumulating(module: nn.Module, job: Runtime, last: bool) -> contextlib.Abst
 
 def sync_gradients(model: nn.Module, job: Runtime) -> None:
     """Sum the gradients that tensor parallelism left partial over the tp group, then average over the
-    data-parallel ranks (DDP and FSDP leave only the expert shards of Runtime.experts_averaged_apart)."""
+    data-parallel ranks (DDP and FSDP leave only the expert shards of Runtime.experts_synced_by_hand)."""
     if not job.distributed:
         return
     if job.dims.tp > 1:
@@ -35,7 +35,7 @@ def sync_gradients(model: nn.Module, job: Runtime) -> None:
                 dist.all_reduce(local_tensor(param.grad), group=job.group("tp"))
     if job.data_parallel == "allreduce":
         average_gradients(model, job.group("replica"), job.data_group)
-    elif job.experts_averaged_apart:
+    elif job.experts_synced_by_hand:
         average_gradients(model, job.group("replica"), job.data_group, only=sharded_over_ep)
 
 

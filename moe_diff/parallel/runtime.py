@@ -69,7 +69,7 @@ class Runtime:
         return self.distributed and self.data_parallel == "fsdp"
 
     @property
-    def experts_averaged_apart(self) -> bool:
+    def experts_synced_by_hand(self) -> bool:
         """Expert shards whose gradients sync_gradients averages over their replicas itself: under DDP, which
         leaves them out, and under FSDP where no shard has a replica (FSDP2 divides the gradient of a one-rank
         group by a set divide factor twice where it reduces by sums, as on gloo and in float64)."""

@@ -45,11 +45,12 @@ class StopFlag:
     it every few steps (about every STOP_CHECK_SECONDS, the same steps on every rank), so that a step does not wait
     on the slowest rank to read a flag."""
 
-    def __init__(self, job: Runtime, device: torch.device) -> None:
+    def __init__(self, job: Runtime, device: torch.device, step: int) -> None:
+        """`step`: the last step done before the loop starts (a resumed run's)."""
         self.job, self.device = job, device
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
-        self._next_check, self._last_step, self._last_time = 1, 0, time.perf_counter()
+        self._next_check, self._last_step, self._last_time = step + 1, step, time.perf_counter()
 
     def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):

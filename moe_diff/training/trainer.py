@@ -50,7 +50,7 @@ from moe_diff.training.optim import build_optimizer, learning_rate, set_learning
 from moe_diff.training.probes import LambdaProbe
 from moe_diff.training.start import plan_start
 
-SKIPPED_KEYS = ("skipped", "skipped_steps", "grad_norm", "lr")  # what the metrics of a skipped log step keep
+SKIPPED_KEYS = ("skipped", "skipped_steps", "lr")  # what the metrics of a skipped log step keep
 
 
 class TrainingError(MoeDiffError, RuntimeError):
@@ -71,7 +71,7 @@ class StepSums:
 class RunResult:
     out_dir: Path
     step: int  # last completed optimizer step
-    loss: float | None  # training loss of the last step
+    loss: float | None  # training loss of the last logged step (the last step, unless a signal stopped the run)
     val_loss: float | None
     seconds: float
     stop_reason: str  # "finished", "signal" or "max_steps already reached"
@@ -246,8 +246,8 @@ class Trainer:
 
     def balance_counts(self, out: ModelOutput) -> torch.Tensor | None:
         """The expert counts [L, E] the load-balancing loss balances: the choices of this micro-batch on every
-        data-parallel rank (train.load_balance_over=all_ranks), or None for this rank's own."""
-        if self.cfg.train.load_balance_over != "all_ranks":
+        data-parallel rank (train.load_balance_over=all_ranks), or None for this rank's own (or no balancing)."""
+        if self.cfg.train.load_balance_over != "all_ranks" or not self.cfg.model.router_aux_loss_coef:
             return None
         return self.runtime.sum_over_data(out.choice_counts)
 
@@ -294,7 +294,7 @@ class Trainer:
         interval_start, interval_steps = time.perf_counter(), 0
         shared = progress is not None and self.runtime.is_main
         bars = contextlib.nullcontext(progress) if shared else progress_bars(self.console)
-        with StopFlag(self.runtime, self.device) as stop, bars as progress:
+        with StopFlag(self.runtime, self.device, self.step) as stop, bars as progress:
             task = progress.add_task("step", total=t.max_steps, completed=self.step, status="")
             while self.step < t.max_steps:
                 after = self.step + 1
@@ -307,8 +307,8 @@ class Trainer:
                     streak, longest, skipped = self.nonfinite.read()
                     record |= self.report_skipped(record, streak, skipped)
                     if record.get("skipped") and metrics:
-                        metrics.log({"step": self.step, "loss": None} | {key: record[key] for key in SKIPPED_KEYS
-                                                                        if key in record})
+                        kept = {key: record[key] for key in SKIPPED_KEYS if key in record}
+                        metrics.log({"step": self.step, "loss": None} | kept | {"grad_norm": None})  # JSON has no NaN
                     if longest >= t.max_nonfinite_steps:
                         raise TrainingError(f"{longest} non-finite losses or gradients in a row (train."
                                             f"max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr or check "

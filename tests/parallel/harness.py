@@ -79,7 +79,8 @@ def assert_close_runs(a: Path, b: Path, step: int) -> None:
     """Float32 rounding differs with the order of sums across ranks. Adam (lr 1e-2) divides each gradient by its
     own scale, so where a gradient is only rounding noise (an expert that got almost no tokens in a step) the
     noise moves single elements by up to ~lr per step; a wrong shard or sum changes the losses and moves every
-    element by ~lr every step, so each tensor is compared as a whole (test_gradients.py compares gradients)."""
+    element by ~lr every step, so each tensor is compared as a whole: a loose check of the job as users run it,
+    which test_gradients.py backs by comparing every gradient, in float64, to 1e-9."""
     assert losses(a) == pytest.approx(losses(b), rel=1e-5, abs=1e-6)
     weights_a, weights_b = weights(a, step), weights(b, step)
     for name, value in weights_a.items():

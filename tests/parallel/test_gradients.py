@@ -50,12 +50,14 @@ LAYOUTS = {
     "fsdp-tp2-ep2-vocab": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2",
                                "parallel.vocab_parallel=true", "model.n_kv_heads=4"]),
     "tp2-fsdp2": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "model.n_kv_heads=4"]),
+    # each rank balancing its own tokens: one process balancing each of as many micro-batches (the old rule)
+    "ep2-each-rank": (2, ["parallel.ep=2", "train.load_balance_over=each_rank"], ["train.grad_accum=2"]),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_takes_the_gradients_of_one_process(tmp_path: Path, layout: str) -> None:
-    processes, overrides = LAYOUTS[layout]
-    model = [setting for setting in overrides if setting.startswith(("model.", "train.grad_accum="))]
-    (single,) = probe(tmp_path, "single", 1, *model)
+    processes, overrides, *single_overrides = LAYOUTS[layout]
+    same = [setting for setting in overrides if setting.startswith(("model.", "train.grad_accum="))]
+    (single,) = probe(tmp_path, "single", 1, *same, *(single_overrides[0] if single_overrides else []))
     assert_same_gradients(probe(tmp_path, "parallel", processes, *overrides), single)

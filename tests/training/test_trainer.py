@@ -1,5 +1,6 @@
 """The training job: loss falls, runs repeat bit for bit, and kills, signals and damage are survived."""
 
+import copy
 import json
 import os
 import signal
@@ -158,23 +159,49 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path: Path, monkeyp
     assert [r.get("skipped", False) for r in records] == [False, True, False, True, True, True]
 
 
-def test_a_nan_gradient_of_a_finite_loss_skips_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gradient norm is checked too, so AdamW never writes NaN weights."""
-    calls = {"n": 0}
+def nan_gradient_on_call(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
+    """From now on, the gradients of the n-th step for n in `calls` (counted from 1) get a NaN; the loss is finite."""
+    count = {"n": 0}
     real = trainer_module.sync_gradients
 
-    def nan_on_step_2(model, job):
-        calls["n"] += 1
+    def with_nan(model, job):
+        count["n"] += 1
         real(model, job)
-        if calls["n"] == 2:
+        if count["n"] in calls:
             next(model.parameters()).grad[0, 0] = float("nan")
 
-    monkeypatch.setattr(trainer_module, "sync_gradients", nan_on_step_2)
-    result = train(small_config(tmp_path, "train.eval_every=0", "train.max_steps=3"))
+    monkeypatch.setattr(trainer_module, "sync_gradients", with_nan)
+
+
+def test_a_nan_gradient_of_a_finite_loss_skips_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gradient norm is checked too, so AdamW never writes NaN weights: the skipped step leaves the weights, the
+    optimizer state (its step count included) and the expert bias as they were."""
+    cfg = small_config(tmp_path, "train.log_every=100", "model.expert_bias_rate=0.01")
+    with training_job(cfg, Console(quiet=True)) as trainer:
+        trainer.train_step(details=False)
+        state = copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(trainer.optimizer.state_dict())
+        nan_gradient_on_call(monkeypatch, {1})
+        trainer.train_step(details=False)
+        after = trainer.model.state_dict(), trainer.optimizer.state_dict()
+        torch.testing.assert_close(after, state, rtol=0, atol=0)
+        assert trainer.nonfinite.read() == (1, 1, 1)
+        trainer.train_step(details=False)  # the next step is taken
+        assert not torch.equal(trainer.model.state_dict()["norm.weight"], state[0]["norm.weight"])
+        assert trainer.nonfinite.read() == (0, 1, 0)  # the longest run counts the one the last read saw
+
+
+def test_steps_skipped_between_log_steps_are_counted_and_stop_the_run(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipped steps are reported at the next log step (skipped_steps), which stops the run where
+    train.max_nonfinite_steps of them came in a row."""
+    nan_gradient_on_call(monkeypatch, {2, 3, 6, 7, 8})
+    cfg = small_config(tmp_path, "train.log_every=4", "train.eval_every=0", "train.save_every=0",
+                       "train.max_steps=12", "train.max_nonfinite_steps=3")
+    with pytest.raises(TrainingError, match="3 non-finite losses or gradients in a row"):
+        train(cfg)
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r.get("skipped", False) for r in records] == [False, True, False]
-    assert all(r["loss"] is not None for r in (records[0], records[2]))
-    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert [(r["step"], r.get("skipped_steps")) for r in records] == [(4, 2), (8, 3)]
+    assert records[0]["loss"] is not None and records[1]["loss"] is None and records[1]["grad_norm"] is None
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:
@@ -204,8 +231,6 @@ def test_python_module_entry_point(tmp_path: Path) -> None:
 
 
 def test_routing_traces_during_training_compare_across_steps(tmp_path: Path) -> None:
-    from rich.console import Console
-
     from moe_diff.diagnostics import diagnose
     from moe_diff.routing.trace import load_trace
 
@@ -218,7 +243,6 @@ def test_routing_traces_during_training_compare_across_steps(tmp_path: Path) -> 
     diagnose(tmp_path / "run", tmp_path / "from_run", data=small_config(tmp_path).data, seq_len=32, max_tokens=128,
              console=Console(quiet=True))
     assert (tmp_path / "from_run" / "training_load.png").read_bytes()[:4] == b"\x89PNG"  # shares over steps
-
 
 
 def test_a_step_that_does_not_log_reads_nothing_back(tmp_path: Path) -> None:
