@@ -12,13 +12,11 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.model import MoEDiffTransformer, init_parameter, parameter_generator
-from moe_diff.parallel.dims import keep_shard
+from moe_diff.parallel.dims import DATA, keep_shard
 from moe_diff.parallel.expert_parallel import parallelize_experts
 from moe_diff.parallel.plan import sharded_over_ep
 from moe_diff.parallel.runtime import Runtime, local_tensor
 from moe_diff.parallel.tensor_parallel import parallelize_tensor, parallelize_vocab
-
-DATA_DIMS = ("replica", "ep")  # FSDP splits the non-expert parameters over these, flattened into one "data"
 
 
 def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
@@ -39,7 +37,7 @@ def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
     ranks too. Call on the meta device, before materialize()."""
     if not job.fsdp:
         return
-    data_mesh = job.mesh[DATA_DIMS]._flatten("data")
+    data_mesh = job.mesh[DATA]
     for block in model.layers:
         if job.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
             experts = block.moe.experts

@@ -22,6 +22,10 @@ def keep_shard(full: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.
     return full.narrow(dim, group.rank() * size, size)
 
 
+DATA_DIMS = ("replica", "ep")  # the mesh dimensions whose ranks read different rows of the batch
+DATA = "data"  # their flattened dimension: data parallelism (FSDP's mesh, DDP's group, the averaging)
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     dp: int
@@ -51,9 +55,11 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """A 3-D mesh: 'tp' groups consecutive ranks that split every layer's heads and FFNs; 'ep' groups ranks
         that share one layer's experts between them; 'replica' groups the ranks holding the same parameters,
-        over which gradients are averaged."""
-        return init_device_mesh(device_type, (self.world_size // (self.ep * self.tp), self.ep, self.tp),
+        over which gradients are averaged. 'replica' and 'ep' flattened are DATA, the data-parallel ranks."""
+        mesh = init_device_mesh(device_type, (self.world_size // (self.ep * self.tp), self.ep, self.tp),
                                 mesh_dim_names=("replica", "ep", "tp"))
+        mesh[DATA_DIMS]._flatten(DATA)
+        return mesh
 
 
 def average_gradients(model: nn.Module, replicas: dist.ProcessGroup, data_group: dist.ProcessGroup | None = None,

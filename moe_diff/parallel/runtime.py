@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from moe_diff.config import ParallelConfig
-from moe_diff.parallel.dims import ParallelDims
+from moe_diff.parallel.dims import DATA, ParallelDims
 from moe_diff.parallel.plan import placement
 
 
@@ -36,13 +36,17 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     mesh: DeviceMesh | None = None
-    data_group: dist.ProcessGroup | None = None  # ranks holding the same tensor-parallel shard (None: all)
     data_parallel: str = "allreduce"
     vocab_parallel: bool = False  # the tp groups also split the embedding and output head by vocabulary rows
     _groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False)
 
+    @property
+    def data_group(self) -> dist.ProcessGroup | None:
+        """The ranks holding the same tensor-parallel shard and reading different rows (None in one process)."""
+        return self.group(DATA) if self.distributed else None
+
     def group(self, dim: str) -> dist.ProcessGroup:
-        """This rank's process group along mesh dimension `dim` ('replica', 'ep' or 'tp'), looked up once (a
+        """This rank's process group along mesh dimension `dim` ('replica', 'ep', 'tp' or DATA), looked up once (a
         lookup in the mesh reads its rank table)."""
         if dim not in self._groups:
             self._groups[dim] = self.mesh[dim].get_group()
@@ -165,12 +169,8 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=cfg.timeout_s))
-    mesh = dims.build_mesh(device.type)
-    data_group = None
-    if dims.tp > 1:  # one group per tp index: the ranks that hold the same shards but read different rows
-        data_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(index, world_size, dims.tp)) for index in range(dims.tp)])
-    return Runtime(dims, dist.get_rank(), local_rank, mesh, data_group, cfg.data_parallel, cfg.vocab_parallel)
+    return Runtime(dims, dist.get_rank(), local_rank, dims.build_mesh(device.type), cfg.data_parallel,
+                   cfg.vocab_parallel)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

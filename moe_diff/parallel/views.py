@@ -10,10 +10,10 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from moe_diff.parallel.apply import DATA_DIMS
+from moe_diff.parallel.dims import DATA, DATA_DIMS
 from moe_diff.parallel.runtime import Runtime, gather_shards
 
-FLATTENED = {"data": DATA_DIMS}  # FSDP's flattened mesh dimension and the job mesh's dimensions it stands for
+FLATTENED = {DATA: DATA_DIMS}  # FSDP's flattened mesh dimension and the job mesh's dimensions it stands for
 
 
 class CheckpointViews:
