@@ -38,6 +38,7 @@ def assert_same_gradients(ranks: list[dict], single: dict) -> None:
 
 LAYOUTS = {
     "ddp2": (2, ["parallel.data_parallel=ddp"]),
+    "ddp2-compiled": (2, ["parallel.data_parallel=ddp", "train.compile=true"]),  # against one eager process
     "fsdp2": (2, ["parallel.data_parallel=fsdp"]),
     "allreduce2": (2, []),
     "ep2": (2, ["parallel.ep=2"]),
