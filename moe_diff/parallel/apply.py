@@ -12,10 +12,10 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.model import MoEDiffTransformer, init_parameter, parameter_generator
-from moe_diff.parallel.dims import DATA, keep_shard
+from moe_diff.parallel.dims import DATA, keep_shard, local_tensor
 from moe_diff.parallel.expert_parallel import parallelize_experts
 from moe_diff.parallel.plan import sharded_over_ep
-from moe_diff.parallel.runtime import Runtime, local_tensor
+from moe_diff.parallel.runtime import Runtime
 from moe_diff.parallel.tensor_parallel import parallelize_tensor, parallelize_vocab
 
 

@@ -15,6 +15,11 @@ from moe_diff.config import ConfigError, ParallelConfig
 from moe_diff.parallel.plan import sharded_over_ep
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (FSDP's parameters and gradients), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def keep_shard(full: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
     """This rank's block along `dim` of a whole tensor: rank r of the group keeps the r-th of group.size()
     equal blocks (the layout every parallelize function makes)."""
@@ -72,6 +77,6 @@ def average_gradients(model: nn.Module, replicas: dist.ProcessGroup, data_group:
     for name, param in model.named_parameters():
         if param.grad is None or not only(name):
             continue
-        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad  # FSDP's piece
+        grad = local_tensor(param.grad)  # FSDP's piece
         dist.all_reduce(grad, group=replicas if sharded_over_ep(name) else data_group)
         grad.div_(data_ranks)

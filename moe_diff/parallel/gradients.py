@@ -12,9 +12,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moe_diff.kernels.precision import compute_dtype
-from moe_diff.parallel.dims import average_gradients
+from moe_diff.parallel.dims import average_gradients, local_tensor
 from moe_diff.parallel.plan import placement, sharded_over_ep
-from moe_diff.parallel.runtime import Runtime, local_tensor
+from moe_diff.parallel.runtime import Runtime
 
 
 def accumulating(module: nn.Module, job: Runtime, last: bool) -> contextlib.AbstractContextManager:

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from moe_diff.config import ParallelConfig
 from moe_diff.parallel.dims import DATA, ParallelDims
@@ -122,13 +121,10 @@ class Runtime:
         dist.all_gather_object(values, value)
         return values
 
-    def reduce(self, tensor: torch.Tensor, op: str, data_parallel: bool = False) -> torch.Tensor:
-        """The tensor summed ('sum') or averaged ('mean') over every rank, in place (data_parallel: over one
-        rank per tp group, for counts of rows that a tp group shares); unchanged in one process."""
+    def reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """The tensor summed ('sum') or averaged ('mean') over every rank, in place; unchanged in one process."""
         if self.distributed:
             dist.all_reduce(tensor)
-            if data_parallel:
-                tensor.div_(self.dims.tp)
             if op == "mean":
                 tensor.div_(self.world_size)
         return tensor
@@ -171,11 +167,6 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
                                 timeout=timedelta(seconds=cfg.timeout_s))
     return Runtime(dims, dist.get_rank(), local_rank, dims.build_mesh(device.type), cfg.data_parallel,
                    cfg.vocab_parallel)
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a DTensor (FSDP's parameters and gradients), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def gather_shards(local: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:

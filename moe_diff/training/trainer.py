@@ -39,6 +39,7 @@ from moe_diff.kernels.precision import compute_dtype
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 from moe_diff.parallel import runtime
 from moe_diff.parallel.apply import materialize, parallelize, shard_fully, wrap
+from moe_diff.parallel.dims import local_tensor
 from moe_diff.parallel.gradients import accumulating, clip_grad_norm, sync_gradients
 from moe_diff.routing.collect import collect_trace
 from moe_diff.routing.summary import load_summary, router_entropy
@@ -169,7 +170,7 @@ class Trainer:
         materialize(self.model, self.runtime, self.device, seed=t.seed if resume_from is None else None)
         self.data_parallel = wrap(self.model, self.runtime)  # the model itself, or DDP
         if self.runtime.distributed:
-            held = sum(runtime.local_tensor(p).numel() for p in self.model.parameters())
+            held = sum(local_tensor(p).numel() for p in self.model.parameters())
             dims = self.runtime.dims
             console.print(f"{dims.world_size} ranks: dp={dims.dp} tp={dims.tp} ep={dims.ep} "
                           f"({cfg.parallel.data_parallel}); rank 0 holds {held / 1e6:.2f}M of the model's "
@@ -240,7 +241,7 @@ class Trainer:
             if details:
                 sums.entropy += torch.stack([router_entropy(routing.probs) for routing in out.routings]) / t.grad_accum
         self.runtime.reduce(sums.totals, "mean")
-        self.runtime.reduce(sums.load, "sum", data_parallel=True)  # the whole batch's expert load, on every rank
+        self.runtime.sum_over_data(sums.load)  # the whole batch's expert load, on every rank
         sync_gradients(self.model, self.runtime)
         return sums
 
