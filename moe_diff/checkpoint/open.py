@@ -10,15 +10,13 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from moe_diff.checkpoint import schema
+from moe_diff.checkpoint import experts, schema
 from moe_diff.checkpoint.hf_directory import exported_tokenizer, is_moe_diff_directory, load_moe_diff_directory
 from moe_diff.checkpoint.schema import TOKENIZER_FILE, CheckpointError
 from moe_diff.checkpoint.training import (
     STATE,
     SafeFileSystemReader,
     check_coverage,
-    check_experts,
-    expert_checksums,
     newest_valid,
     quiet_dcp,
     refuse_old_layout,
@@ -120,7 +118,7 @@ def _read(path: Path, dtype: torch.dtype | None, kernels: Kernels) -> StoredMode
     state = {name: torch.empty(shape, dtype=stored[f"model.{name}"].properties.dtype) for name, shape in shapes.items()}
     quiet_dcp(dcp.load, {"model": state}, False, path, storage_reader=reader)
     model = schema.model_from_state_dict(cfg, state, str(path / STATE), dtype=None)
-    check_experts(path, expert_checksums(model))
+    experts.check(path, model)
     if dtype is not None:
         model = model.to(dtype)
     data = schema.load_config_section(path, "data", required=False)

@@ -4,7 +4,7 @@ A checkpoint `OUT_DIR/checkpoints/step-N/` holds:
 - `state/`: the model and optimizer state, saved with torch.distributed.checkpoint: every rank writes the pieces
   it holds (expert, tensor-parallel and FSDP shards placed in the whole tensors, replicated tensors once), and a
   load reads them into any layout, one process included;
-- `experts.json`: a SHA-256 of every expert of every layer (w1, w2 and w3 rows), checked at load, so that a
+- `experts.json`: a fingerprint of every expert of every layer (`experts.py`), checked at load, so that a
   checkpoint that lost or mixed up the experts of one rank of an expert-parallel job is refused;
 - `trainer.json`: the run's id, step, data position, RNG states and counters;
 - `tokenizer.json`: the tokenizer file of a run that does not train on bytes;
@@ -38,15 +38,13 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from moe_diff.checkpoint import schema
+from moe_diff.checkpoint import experts, schema
 from moe_diff.checkpoint.schema import CheckpointError
 from moe_diff.config import Config, to_yaml
-from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel.runtime import Runtime
 from moe_diff.parallel.views import CheckpointViews
 
 MANIFEST = "manifest.json"
-EXPERTS = "experts.json"
 STATE = "state"
 TRAINER_FILE = "trainer.json"
 RUN_ID = "run_id"  # trainer.json's id of the run: a fresh run draws one, a resumed run keeps it
@@ -163,61 +161,6 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
-def expert_checksums(model: MoEDiffTransformer,
-                     held: Callable[[str, torch.Tensor], tuple[torch.Tensor, int]] = lambda name, value: (value, 0),
-                     ) -> dict[str, str]:
-    """'layer L expert E' -> SHA-256 of that expert's w1, w2 and w3 rows, for the experts this process holds:
-    `held(name, weight)` gives them whole and the layer index of the first (CheckpointViews.expert_rows in a
-    job)."""
-    table = {}
-    for layer, block in enumerate(model.layers):
-        held_weights = [held(f"layers.{layer}.moe.experts.{name}", getattr(block.moe.experts, name))
-                        for name in ("w1", "w2", "w3")]
-        first = held_weights[0][1]
-        weights = [w.detach().cpu().contiguous() for w, _ in held_weights]
-        for expert in range(weights[0].shape[0]):
-            digest = hashlib.sha256()
-            for w in weights:
-                digest.update(w[expert].view(torch.uint8).numpy().tobytes())
-            table[f"layer {layer} expert {first + expert}"] = digest.hexdigest()
-    return table
-
-
-def job_expert_checksums(model: MoEDiffTransformer, runtime: Runtime) -> dict[str, str]:
-    """The whole model's expert table, on every rank, from the experts each rank holds; the ranks that hold the
-    same expert (its replicas) must agree on it, and every expert of every layer must be held somewhere."""
-    table: dict[str, str] = {}
-    held = CheckpointViews(runtime).expert_rows
-    for rank, rank_table in enumerate(runtime.gather_objects(expert_checksums(model, held))):
-        for name, digest in rank_table.items():
-            if table.setdefault(name, digest) != digest:
-                raise CheckpointError(f"rank {rank} holds different weights for {name} than a lower rank: the "
-                                      "replicas of an expert diverged, so no consistent checkpoint can be written")
-    expected = {f"layer {layer} expert {expert}" for layer in range(model.cfg.n_layers)
-                for expert in range(model.cfg.n_experts)}
-    if set(table) != expected:
-        raise CheckpointError(f"the job holds {len(table)} experts, the model has {len(expected)} "
-                              f"({', '.join(sorted(expected - set(table))[:4])} missing)")
-    return table
-
-
-def check_experts(directory: Path, table: dict[str, str]) -> None:
-    """The checkpoint's expert table lists every expert of `table` (what was loaded), once, with its checksum."""
-    path = directory / EXPERTS
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {EXPERTS} (the per-expert checksums): it was not written by "
-                              "this version, or it is incomplete")
-    stored = json.loads(path.read_text())
-    if set(stored) != set(table):
-        missing = sorted(set(table) - set(stored))
-        raise CheckpointError(f"{directory}: the expert table lists {len(stored)} experts, the model has "
-                              f"{len(table)} ({', '.join(missing[:4]) or 'different names'} missing)")
-    wrong = [name for name, digest in table.items() if stored[name] != digest]
-    if wrong:
-        raise CheckpointError(f"{directory}: {', '.join(wrong[:4])} do not match their checksums "
-                              f"({len(wrong)} experts in all)")
-
-
 def check_coverage(metadata: Metadata, source: Path) -> None:
     """Every saved tensor is covered by its pieces exactly once: none missing (a rank that wrote nothing) and
     none written twice (two ranks that thought they held the same shard)."""
@@ -279,11 +222,11 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     check_coverage(SafeFileSystemReader(partial / STATE).read_metadata(), partial)  # every rank: all fail alike
     shards = sorted((partial / STATE).glob("*.distcp"))[runtime.rank::runtime.world_size]
     own_share = _file_entries(partial, shards)  # each rank reads its share of the files back
-    table = job_expert_checksums(model, runtime)
+    table = experts.expert_table(model, runtime)
     rng = _encode_rng()
     hashed = {name: entry for entries in runtime.gather_objects(own_share) for name, entry in entries.items()}
     if runtime.is_main:
-        (partial / EXPERTS).write_text(json.dumps(table, indent=1))
+        experts.write(partial, table)
         (partial / TRAINER_FILE).write_text(json.dumps({**trainer_state, "step": step, "rng": rng}, indent=1))
         (partial / "config.yaml").write_text(to_yaml(config))
         schema.store_tokenizer(tokenizer_json, partial)  # as the job read it, whatever became of the file since
@@ -305,7 +248,7 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ru
     quiet_dcp(dcp.load, state, runtime.distributed, directory, storage_reader=reader)
     live_optimizer["param_groups"] = state["optimizer"]["param_groups"]
     set_optimizer_state_dict(model, optimizer, live_optimizer)
-    check_experts(directory, job_expert_checksums(model, runtime))
+    experts.check(directory, model, runtime)
     trainer_state = json.loads((directory / TRAINER_FILE).read_text())
     _restore_rng(trainer_state.pop("rng"))
     return trainer_state

@@ -5,15 +5,25 @@ other; and each rank's experts made whole for their checksums."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe_diff.parallel.dims import DATA, DATA_DIMS
 from moe_diff.parallel.runtime import Runtime, gather_shards
 
 FLATTENED = {DATA: DATA_DIMS}  # FSDP's flattened mesh dimension and the job mesh's dimensions it stands for
+
+
+class Piece(NamedTuple):
+    """This rank's block of a whole tensor: where it starts, its values, and the whole tensor's shape."""
+
+    offset: tuple[int, ...]
+    local: torch.Tensor
+    whole_shape: torch.Size
 
 
 class CheckpointViews:
@@ -41,6 +51,14 @@ class CheckpointViews:
         mesh = self._mesh(tuple(names for names, _ in splits))
         strides = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(value, mesh, [Shard(dim) for _, dim in splits], shape=shape, stride=strides)
+
+    def piece(self, name: str, value: torch.Tensor) -> Piece:
+        """This rank's piece of a parameter (or of its gradient) and its offset in the whole tensor."""
+        placed = self.global_view(name, value)
+        if not isinstance(placed, DTensor):
+            return Piece((0,) * placed.dim(), placed, placed.shape)
+        _, offset = compute_local_shape_and_global_offset(placed.shape, placed.device_mesh, placed.placements)
+        return Piece(tuple(offset), placed.to_local(), placed.shape)
 
     def _mesh(self, groups: tuple[tuple[str, ...], ...]) -> DeviceMesh:
         """A mesh of the ranks that share this rank's coordinates outside `groups`, one dimension per group of the

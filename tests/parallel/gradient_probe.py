@@ -1,7 +1,8 @@
 """Run by the gradient tests, in one process or under torchrun: for each attention mode, the training job's trainer
 (built from the test config in float64, with the given overrides) takes its first step's gradients, and this rank
 writes each parameter's piece of them, with the piece's offset in the whole tensor, then the records of a few
-whole steps (loss, router losses, gradient norm), to OUT/rank-R.pt.
+whole steps (loss, router losses, gradient norm), to OUT/rank-R.pt; with them, the expert table of the freshly
+initialised model, and what the table becomes when the last rank changes one element of its experts.
 
 usage: python gradient_probe.py OUT CORPUS STEPS [section.key=value ...]"""
 
@@ -11,11 +12,12 @@ from pathlib import Path
 import torch
 from harness import CONFIGS, SETTINGS  # tests/parallel is on the path
 from rich.console import Console
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from moe_diff.checkpoint.experts import expert_table
+from moe_diff.checkpoint.schema import CheckpointError
 from moe_diff.config import load_config
 from moe_diff.parallel import runtime
+from moe_diff.parallel.dims import local_tensor
 from moe_diff.parallel.views import CheckpointViews
 from moe_diff.training.trainer import Trainer
 
@@ -25,16 +27,29 @@ RECORDED = ("loss", "aux_loss", "load_balance_loss", "z_loss", "grad_norm")
 
 def pieces(trainer: Trainer) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
     """name -> (offset in the whole tensor, this rank's piece of its gradient)."""
-    view = CheckpointViews(trainer.runtime).global_view
+    views = CheckpointViews(trainer.runtime)
     found = {}
     for name, param in trainer.model.named_parameters():
-        placed = view(name, param.grad.detach())
-        if isinstance(placed, DTensor):
-            _, offset = compute_local_shape_and_global_offset(placed.shape, placed.device_mesh, placed.placements)
-            found[name] = (tuple(offset), placed.to_local().clone())
-        else:
-            found[name] = ((0,) * placed.dim(), placed.clone())
+        offset, local, _ = views.piece(name, param.grad.detach())
+        found[name] = (offset, local.clone())
     return found
+
+
+def perturbed_table(trainer: Trainer) -> dict[str, str] | str:
+    """The expert table with the first element of the last rank's piece of layer 0's w2 changed, or the error
+    where another rank holds the same piece."""
+    weight = local_tensor(trainer.model.layers[0].moe.experts.w2).view(-1)
+    last = trainer.runtime.rank == trainer.runtime.world_size - 1
+    kept = weight[0].clone()
+    with torch.no_grad():
+        if last:
+            weight[0].add_(1)
+        try:
+            return expert_table(trainer.model, trainer.runtime)
+        except CheckpointError as error:
+            return str(error)
+        finally:
+            weight[0].copy_(kept)
 
 
 def main(out: Path, corpus: str, steps: int, overrides: list[str]) -> None:
@@ -48,6 +63,7 @@ def main(out: Path, corpus: str, steps: int, overrides: list[str]) -> None:
                                                   *overrides])
         job = job or runtime.start(cfg.parallel, torch.device("cpu"))
         trainer = Trainer(cfg, console, job)
+        tables = {"experts": expert_table(trainer.model, job), "perturbed": perturbed_table(trainer)}
         records = []
         for step in range(steps):
             sums = trainer.compute_gradients(details=True)
@@ -56,7 +72,7 @@ def main(out: Path, corpus: str, steps: int, overrides: list[str]) -> None:
             records.append({key: value for key, value in trainer.update(sums, details=True).items()
                             if key in RECORDED})
             trainer.step += 1
-        written[mode] = {"gradients": gradients, "records": records}
+        written[mode] = {"gradients": gradients, "records": records, **tables}
     torch.save(written, out / f"rank-{job.rank}.pt")
     job.shutdown()
 

@@ -1,7 +1,8 @@
 """Every parallel layout, in every attention mode, takes the gradients of one process on the same global batch
 (train.grad_accum=1, router losses on): each rank's piece of every parameter's first-step gradient equals that
 part of one process's, and the losses and gradient norms of the following steps are one process's. Float64, so
-that no rounding difference flips a top-k choice."""
+that no rounding difference flips a top-k choice. The expert table each layout computes from its pieces is one
+process's, and one changed element changes it in one expert, or is refused where the piece has replicas."""
 
 from pathlib import Path
 
@@ -22,10 +23,16 @@ def probe(tmp_path: Path, name: str, processes: int, *overrides: str) -> list[di
     return [torch.load(out / f"rank-{rank}.pt", weights_only=False) for rank in range(processes)]
 
 
-def assert_same_gradients(ranks: list[dict], single: dict) -> None:
+def assert_same_gradients(ranks: list[dict], single: dict, replicated_experts: bool) -> None:
     for rank, written in enumerate(ranks):
         for mode, expected in single.items():
             got = written[mode]
+            assert got["experts"] == expected["experts"], f"rank {rank}, {mode}: the expert table"
+            if replicated_experts:
+                assert "the replicas of an expert diverged" in got["perturbed"]
+            else:
+                changed = [key for key, value in got["experts"].items() if got["perturbed"][key] != value]
+                assert len(changed) == 1, f"rank {rank}, {mode}: {changed}"
             for name, (_, whole) in expected["gradients"].items():
                 offset, piece = got["gradients"][name]
                 part = whole[tuple(slice(start, start + size) for start, size in zip(offset, piece.shape,
@@ -56,9 +63,13 @@ LAYOUTS = {
 }
 
 
+REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "allreduce2"}  # both ranks hold every expert whole
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_takes_the_gradients_of_one_process(tmp_path: Path, layout: str) -> None:
     processes, overrides, *single_overrides = LAYOUTS[layout]
     same = [setting for setting in overrides if setting.startswith(("model.", "train.grad_accum="))]
     (single,) = probe(tmp_path, "single", 1, *same, *(single_overrides[0] if single_overrides else []))
-    assert_same_gradients(probe(tmp_path, "parallel", processes, *overrides), single)
+    assert_same_gradients(probe(tmp_path, "parallel", processes, *overrides), single,
+                          layout in REPLICATED_EXPERTS)
