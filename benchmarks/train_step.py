@@ -1,6 +1,8 @@
-"""Whole-model training steps (forward, backward, AdamW) side by side: this project's model in each attention mode
-with the `auto` backends and transformers' MixtralForCausalLM (grouped_mm experts, SDPA attention) at the same
-shapes, in interleaved rounds; tokens/s, MFU and memory.
+"""Whole-model training steps (forward, backward, AdamW) side by side: the training job's own step (`moe-diff
+train`'s Trainer.train_step on a non-logging step: its batches of the built-in corpus with document ids, the router
+losses, gradient clipping, the non-finite check) in each attention mode with the `auto` backends, and transformers'
+MixtralForCausalLM (grouped_mm experts, SDPA attention, its router loss) on the same tokens without document ids,
+at the same shapes, in interleaved rounds; tokens/s, MFU and memory.
 
 GPU (the suite's stage):  python benchmarks/train_step.py --compile --budget 120
     configs/small.yaml widths with 4 layers, sequence 4096, batch 8, bf16 autocast over float32 weights (what
@@ -17,21 +19,24 @@ import dataclasses
 import gc
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import nn
 
-from moe_diff.config import ModelConfig, TrainConfig, load_config
+from moe_diff.config import Config, ModelConfig, TrainConfig, load_config
 from moe_diff.costs import flops_per_token, param_counts
+from moe_diff.data import make_batch
 from moe_diff.device import environment, peak_flops, reset_peak_memory, synchronize
 from moe_diff.files import write_json
-from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel import runtime
 from moe_diff.training.optim import build_optimizer
-from moe_diff.training.trainer import autocast, cross_entropy
+from moe_diff.training.trainer import Trainer, autocast
 
 MODES = ("standard", "diff", "diff_v2")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,40 +53,21 @@ class System:
     compiled: bool
 
 
-def trained(name: str, cfg: ModelConfig, model: nn.Module, device: torch.device, compiled: bool,
-            loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> System:
-    """A system whose step is loss_of(model or its compiled form, tokens) under autocast, its backward, and an
-    AdamW step with the training job's parameter groups."""
-    optimizer = build_optimizer(model, TrainConfig())
-    forward = torch.compile(model) if compiled else model
+def own_system(trainer: Trainer, compiled: bool) -> System:
+    """The training job's trainer, each step a non-logging train_step."""
 
-    def step(tokens: torch.Tensor) -> None:
-        with autocast(device, "auto"):
-            loss = loss_of(forward, tokens)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
+        trainer.train_step(details=False)
 
-    return System(name + (" compiled" if compiled else ""), cfg, model, step, compiled)
+    name = trainer.cfg.model.attention + (" compiled" if compiled else "")
+    return System(name, trainer.cfg.model, trainer.model, step, compiled)
 
 
-def own_system(cfg: ModelConfig, device: torch.device, compiled: bool) -> System:
-    """This project's model: cross-entropy plus the router losses, as the training job adds them."""
-    torch.manual_seed(0)
-    with device:
-        model = MoEDiffTransformer(cfg)
-
-    def loss_of(forward: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        out = forward(tokens[:, :-1])
-        return cross_entropy(out.logits, tokens[:, 1:]) + out.aux_loss
-
-    return trained(cfg.attention, cfg, model, device, compiled, loss_of)
-
-
-def transformers_system(cfg: ModelConfig, device: torch.device, compiled: bool) -> System:
+def transformers_system(cfg: ModelConfig, tokens: torch.Tensor, device: torch.device, compiled: bool) -> System:
     """transformers' Mixtral at the same (standard) shapes, with its experts implementation pinned to grouped_mm and
-    SDPA attention, trained as its users do (labels given: its loss adds the router's auxiliary loss). Under
-    autocast its grouped_mm casts the rows to the float32 weights, so its experts multiply in float32."""
+    SDPA attention, trained as its users do (labels given: its loss adds the router's auxiliary loss) with AdamW
+    and the job's parameter groups, on `tokens` every step. Under autocast its grouped_mm casts the rows to the
+    float32 weights, so its experts multiply in float32."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from moe_diff.checkpoint.mixtral import hf_config_from_model
@@ -91,18 +77,44 @@ def transformers_system(cfg: ModelConfig, device: torch.device, compiled: bool) 
     with device:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
                                                  experts_implementation="grouped_mm")
+    optimizer = build_optimizer(model, TrainConfig())
+    forward = torch.compile(model) if compiled else model
 
-    def loss_of(forward: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        inputs = tokens[:, :-1]
-        return forward(input_ids=inputs, labels=inputs, output_router_logits=True).loss
+    def step() -> None:
+        with autocast(device, "auto"):
+            loss = forward(input_ids=tokens, labels=tokens, output_router_logits=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    return trained("transformers", cfg, model, device, compiled, loss_of)
+    return System("transformers" + (" compiled" if compiled else ""), cfg, model, step, compiled)
 
 
-def build_systems(cfg: ModelConfig, device: torch.device, compiled: bool, with_transformers: bool) -> list[System]:
-    systems = [own_system(dataclasses.replace(cfg, attention=mode), device, compiled) for mode in MODES]
+def job_config(args: argparse.Namespace, out_dir: Path) -> Config:
+    """The config a user's `moe-diff train` would run at the benchmark's shapes: the given widths, `auto` kernels,
+    no validation or traces (a non-logging step runs neither)."""
+    widths = load_config(args.config).model
+    return load_config(args.config, [
+        f"model.n_layers={args.layers}", f"model.max_seq_len={max(args.seq, widths.max_seq_len)}",
+        "model.attn_backend=auto", "model.moe_backend=auto", f"train.seq_len={args.seq}",
+        f"train.batch_size={args.batch}", "train.grad_accum=1", f"train.device={args.device}",
+        f"train.out_dir={out_dir}", "train.eval_every=0", "train.trace_every=0"])
+
+
+def build_systems(cfg: Config, device: torch.device, compiled: bool, with_transformers: bool) -> list[System]:
+    """A trainer per attention mode (compiled as train.compile does it), then transformers on the tokens of the
+    first windows of the same corpus."""
+    trainers = [Trainer(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=mode),
+                                            train=dataclasses.replace(cfg.train, out_dir=f"{cfg.train.out_dir}/{mode}",
+                                                                      compile=compiled)),
+                        Console(quiet=True), runtime.start(cfg.parallel, device))
+                for mode in MODES]
+    systems = [own_system(trainer, compiled) for trainer in trainers]
     if with_transformers:
-        systems.append(transformers_system(dataclasses.replace(cfg, attention="standard"), device, compiled))
+        windows = trainers[0].train_windows
+        tokens = make_batch(windows, list(range(cfg.train.batch_size))).tokens.to(device)
+        systems.append(transformers_system(dataclasses.replace(cfg.model, attention="standard"), tokens, device,
+                                           compiled))
     return systems
 
 
@@ -111,13 +123,12 @@ def resident_bytes(model: nn.Module) -> int:
     return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def timed_rounds(systems: list[System], tokens: torch.Tensor, rounds: int, steps: int,
-                 device: torch.device) -> dict[str, dict]:
+def timed_rounds(systems: list[System], rounds: int, steps: int, device: torch.device) -> dict[str, dict]:
     """Two warm-up steps per system (compiling, where compiled), then `rounds` rounds in which each system runs
     `steps` timed steps in turn; per system the median seconds per step and the peak memory a step adds."""
     for system in systems:
         for _ in range(2):
-            system.step(tokens)
+            system.step()
     synchronize(device)
     seconds: dict[str, list[float]] = {s.name: [] for s in systems}
     extra: dict[str, int] = {s.name: 0 for s in systems}
@@ -128,7 +139,7 @@ def timed_rounds(systems: list[System], tokens: torch.Tensor, rounds: int, steps
             synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
-                system.step(tokens)
+                system.step()
             synchronize(device)
             seconds[system.name].append((time.perf_counter() - start) / steps)
             if device.type == "cuda":
@@ -138,14 +149,14 @@ def timed_rounds(systems: list[System], tokens: torch.Tensor, rounds: int, steps
             for name, times in seconds.items()}
 
 
-def rows_for(systems: list[System], timings: dict[str, dict], tokens: torch.Tensor, device: torch.device) -> list:
+def rows_for(systems: list[System], timings: dict[str, dict], train: TrainConfig, device: torch.device) -> list:
     peak = peak_flops(device)
-    n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+    n_tokens = train.batch_size * train.seq_len
     rows = []
     for system in systems:
         timing = timings[system.name]
         tokens_per_s = n_tokens / timing["seconds_per_step"]
-        step_flops = 3 * flops_per_token(system.cfg, tokens.shape[1] - 1).total  # forward + backward (2x)
+        step_flops = 3 * flops_per_token(system.cfg, train.seq_len).total  # forward + backward (2x)
         rows.append({"system": system.name, "attention": system.cfg.attention, "compiled": system.compiled,
                      "parameters": param_counts(system.cfg).total, "tokens_per_step": n_tokens,
                      "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * step_flops / 1e12,
@@ -202,12 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--layers, --seq, --batch, --rounds and --steps must be positive")
     started = time.perf_counter()
     device = torch.device(args.device)
-    widths = load_config(args.config).model
-    cfg = dataclasses.replace(widths, n_layers=args.layers, max_seq_len=max(args.seq, widths.max_seq_len),
-                              attn_backend="auto", moe_backend="auto")
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
+    out_dir = tempfile.TemporaryDirectory(prefix="train-step-")  # the trainers' run directories (never written)
+    cfg = job_config(args, Path(out_dir.name))
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"train-step-{device.type}.json")
-    results = {"environment": environment(device), "settings": vars(args), "model": dataclasses.asdict(cfg),
+    results = {"environment": environment(device), "settings": vars(args), "model": dataclasses.asdict(cfg.model),
+               "train": {key: getattr(cfg.train, key) for key in ("batch_size", "seq_len", "grad_clip", "precision",
+                                                                   "load_balance_over")},
                "precision": "bfloat16 autocast, float32 weights" if device.type == "cuda" else "float32",
                "peak_flops": peak_flops(device), "rows": []}
     for compiled in [False] + ([True] if args.compile else []):
@@ -216,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             results["compiled_skipped"] = f"{spent:.0f} s of the {args.budget:.0f} s budget went to the eager models"
         else:
             systems = build_systems(cfg, device, compiled, args.transformers)
-            results["rows"] += rows_for(systems, timed_rounds(systems, tokens, args.rounds, args.steps, device),
-                                        tokens, device)
+            results["rows"] += rows_for(systems, timed_rounds(systems, args.rounds, args.steps, device), cfg.train,
+                                        device)
             free(systems, device)
             results["ratios"] = ratios(results["rows"])
         write_json(results, out)  # after every pass, so a stopped run keeps what it measured
