@@ -92,6 +92,7 @@ LOAD_BALANCE_OVER = ("all_ranks", "each_rank")  # whose tokens the load-balancin
 RESUME_ALLOWED = ("auto (continue the run in train.out_dir, if any), never (start a run; refused where one is), "
                   "restart (move the run there to train.out_dir/previous/N, then start one) or a checkpoint path")
 DATA_PARALLEL = ("allreduce", "ddp", "fsdp")
+ACTIVATION_CHECKPOINTING = ("none", "block", "moe")  # what recomputes its activations in the backward pass
 
 
 @dataclass
@@ -118,7 +119,7 @@ class TrainConfig:
     resume: str = "auto"  # auto: continue out_dir's run, if any; never: a new run; restart; or a checkpoint path
     seed: int = 0
     compile: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none, block (every block), moe (each MoE layer); true/false: block/none
     precision: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
@@ -150,6 +151,12 @@ class TrainConfig:
             _fail("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         if not self.resume:
             _fail("train.resume", self.resume, RESUME_ALLOWED)
+        # configs written before the scopes existed said true or false
+        self.activation_checkpointing = {"True": "block", "False": "none"}.get(self.activation_checkpointing,
+                                                                              self.activation_checkpointing)
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            _fail("train.activation_checkpointing", self.activation_checkpointing,
+                  f"one of {', '.join(ACTIVATION_CHECKPOINTING)}")
         if self.load_balance_over not in LOAD_BALANCE_OVER:
             _fail("train.load_balance_over", self.load_balance_over, f"one of {', '.join(LOAD_BALANCE_OVER)}")
 

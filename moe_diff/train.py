@@ -38,6 +38,7 @@ def train(cfg: Config, console: Console | None = None, summary: bool = False,
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # blocks compiled for training (train.compile): generation's shapes differ
 def print_summary(trainer: Trainer, result: RunResult) -> None:
     """A sampled continuation of a validation prompt, and how the last model routes it."""
     t, model, console = trainer.cfg.train, trainer.model, trainer.console

@@ -6,7 +6,8 @@ continues after it; a backend that can only express contiguous runs refuses such
 are the cached ones and the new ones, in the cache's slot order, so the cache gives the mask explicitly
 ([B, Tq, Tk]: its rule applied to the keys' sequence indices, a left-padded row's padding hidden). Each backend's
 form of the mask (the dense boolean mask, FlexAttention's block mask, the Triton kernel's key bounds, where each
-document begins) is built on first use and kept, so it is built once per forward, not once per layer.
+document begins) is built on first use and kept, so it is built once per forward, not once per layer (in a
+compiled block, once per block).
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ class AttentionMask:
                          lambda: torch.equal(self.document_starts(), run_starts(self.document_ids)))
 
     def form(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        """A backend's form of the mask, built by `build` the first time `key` is asked for."""
+        """A backend's form of the mask, built by `build` the first time `key` is asked for; built each time in a
+        compiled block, whose graph holds no state from outside (checkpointing refuses to trace a mutation)."""
+        if torch.compiler.is_compiling():
+            return build()
         if key not in self._forms:
             self._forms[key] = build()
         return self._forms[key]

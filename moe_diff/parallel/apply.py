@@ -1,10 +1,14 @@
-"""A finished model laid out over the job, from outside, in a fixed order: expert parallelism, tensor parallelism
-(and the vocabulary split) and FSDP on the meta device; then each rank allocates and fills just its pieces; then
-DDP, where asked, wraps the result."""
+"""A finished model laid out over the job, from outside, in torchtitan's order: expert parallelism, tensor
+parallelism (and the vocabulary split), activation checkpointing, per-block compile and FSDP, on the meta device;
+then each rank allocates and fills just its pieces; then DDP, where asked, wraps the result."""
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -29,6 +33,30 @@ def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
         if job.vocab_parallel:
             parallelize_vocab(model, job.group("tp"))
     return model
+
+
+def checkpoint_activations(model: MoEDiffTransformer, scope: str) -> None:
+    """Recompute activations in the backward pass instead of keeping them: each block's (`block`) or only each
+    MoE layer's (`moe`: the expert rows, the largest activations; attention keeps its own); `none` keeps them all.
+    The modules become subclasses named Checkpointed<Name>, so the module tree shows it and parameter names stay."""
+    for block in model.layers:
+        for module in {"none": [], "block": [block], "moe": [block.moe]}[scope]:
+            module.__class__ = _checkpointed(type(module))
+
+
+@functools.cache
+def _checkpointed(cls: type[nn.Module]) -> type[nn.Module]:
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(cls.forward, self, *args, use_reentrant=False, **kwargs)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward})
+
+
+def compile_blocks(model: MoEDiffTransformer) -> None:
+    """torch.compile each block in place (its checkpointing inside the compiled region), as torchtitan does before
+    FSDP: one compiled block serves every layer of the same shapes, and FSDP's and DDP's hooks stay outside."""
+    for block in model.layers:
+        block.compile()
 
 
 def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -38,7 +36,14 @@ from moe_diff.errors import MoeDiffError, literal, teller
 from moe_diff.kernels.precision import compute_dtype
 from moe_diff.model import ModelOutput, MoEDiffTransformer
 from moe_diff.parallel import runtime
-from moe_diff.parallel.apply import materialize, parallelize, shard_fully, wrap
+from moe_diff.parallel.apply import (
+    checkpoint_activations,
+    compile_blocks,
+    materialize,
+    parallelize,
+    shard_fully,
+    wrap,
+)
 from moe_diff.parallel.dims import local_tensor
 from moe_diff.parallel.gradients import accumulating, clip_grad_norm, sync_gradients
 from moe_diff.routing.collect import collect_trace
@@ -85,12 +90,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def enable_activation_checkpointing(model: MoEDiffTransformer) -> None:
-    """Recompute each block's activations in the backward pass; parameter names are unchanged."""
-    for block in model.layers:
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 def with_stored_model(cfg: Config, checkpoint_dir: Path, console: Console) -> Config:
@@ -166,6 +165,9 @@ class Trainer:
 
         with torch.device("meta"):  # shapes only: each rank allocates just its shards
             self.model = parallelize(MoEDiffTransformer(cfg.model), self.runtime)
+        checkpoint_activations(self.model, t.activation_checkpointing)
+        if t.compile:
+            compile_blocks(self.model)
         shard_fully(self.model, self.runtime)  # FSDP, still on the meta device
         materialize(self.model, self.runtime, self.device, seed=t.seed if resume_from is None else None)
         self.data_parallel = wrap(self.model, self.runtime)  # the model itself, or DDP
@@ -183,9 +185,6 @@ class Trainer:
             self.step, streak = state["step"], state["nonfinite_streak"]
             console.print(f"resumed from {literal(resume_from)} at step {self.step}")
         self.nonfinite = NonFiniteSteps(streak, self.device)
-        if t.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
-        self.forward = torch.compile(self.data_parallel) if t.compile else self.data_parallel
         self.flops_per_token = 3 * costs.flops_per_token(cfg.model, t.seq_len).total  # forward + backward
         self.peak_flops = peak_flops(self.device)
 
@@ -232,7 +231,7 @@ class Trainer:
             with accumulating(self.data_parallel, self.runtime, last):
                 with (autocast(self.device, t.precision),
                       sums.probe if details and last else contextlib.nullcontext()):
-                    out = self.forward(micro.tokens, micro.positions, micro.document_ids)
+                    out = self.data_parallel(micro.tokens, micro.positions, micro.document_ids)
                 loss = cross_entropy(out.logits, micro.targets)
                 router = out.router_losses(self.balance_counts(out))
                 ((loss + router.weighted) / t.grad_accum).backward()
@@ -318,7 +317,7 @@ class Trainer:
                         continue
                     logged = record
                 if t.eval_every and self.step % t.eval_every == 0:
-                    val_loss = evaluate(self.forward, self.val_batches, self.device, t.precision)
+                    val_loss = evaluate(self.data_parallel, self.val_batches, self.device, t.precision)
                     record |= {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
                 if t.trace_every and self.step % t.trace_every == 0:
                     self.write_trace()

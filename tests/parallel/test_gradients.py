@@ -45,8 +45,9 @@ def assert_same_gradients(ranks: list[dict], single: dict, replicated_experts: b
 
 LAYOUTS = {
     "ddp2": (2, ["parallel.data_parallel=ddp"]),
-    "ddp2-compiled": (2, ["parallel.data_parallel=ddp", "train.compile=true"]),  # against one eager process
-    "fsdp2": (2, ["parallel.data_parallel=fsdp"]),
+    # against one eager process: checkpointed blocks compiled, then DDP or FSDP2 (torchtitan's order)
+    "ddp2-compiled": (2, ["parallel.data_parallel=ddp", "train.compile=true", "train.activation_checkpointing=block"]),
+    "fsdp2-compiled": (2, ["parallel.data_parallel=fsdp", "train.compile=true", "train.activation_checkpointing=moe"]),
     "allreduce2": (2, []),
     "ep2": (2, ["parallel.ep=2"]),
     "ddp-ep2-accum2": (2, ["parallel.data_parallel=ddp", "parallel.ep=2", "train.grad_accum=2"]),
@@ -54,7 +55,7 @@ LAYOUTS = {
                       "model.tie_embeddings=true", "train.activation_checkpointing=true"]),
     "tp2": (2, ["parallel.tp=2", "model.n_kv_heads=4"]),
     "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"]),
-    "fsdp-ep2": (4, ["parallel.data_parallel=fsdp", "parallel.ep=2"]),
+    "fsdp-ep2": (4, ["parallel.data_parallel=fsdp", "parallel.ep=2", "train.activation_checkpointing=moe"]),
     "fsdp-tp2-ep2-vocab": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2",
                                "parallel.vocab_parallel=true", "model.n_kv_heads=4"]),
     "tp2-fsdp2": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "model.n_kv_heads=4"]),

@@ -15,13 +15,15 @@ from rich.console import Console
 
 from moe_diff.checkpoint import CheckpointError, open_model
 from moe_diff.checkpoint import training as checkpoints
+from moe_diff.config import ConfigError
 from moe_diff.errors import DataError
+from moe_diff.parallel import runtime
 from moe_diff.runs import read_metrics
 from moe_diff.train import train
 from moe_diff.training import trainer as trainer_module
 from moe_diff.training.job import training_job
 from moe_diff.training.plots import plot_metrics
-from moe_diff.training.trainer import TrainingError
+from moe_diff.training.trainer import Trainer, TrainingError
 
 
 def test_loss_falls_on_the_builtin_corpus(tmp_path: Path) -> None:
@@ -204,10 +206,31 @@ def test_steps_skipped_between_log_steps_are_counted_and_stop_the_run(tmp_path: 
     assert records[0]["loss"] is not None and records[1]["loss"] is None and records[1]["grad_norm"] is None
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:
-    train(small_config(tmp_path / "plain"))
-    train(small_config(tmp_path / "ckpt", "train.activation_checkpointing=true"))
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ckpt")), torch.tensor(losses(tmp_path / "plain")))
+@pytest.mark.parametrize("scope", ["block", "moe"])
+def test_activation_checkpointing_takes_the_same_gradients(tmp_path: Path, scope: str) -> None:
+    """Every parameter's first gradient with each block, or each MoE layer, recomputed in the backward pass equals
+    the gradient without; the module tree shows what is checkpointed."""
+    def first_gradients(name: str, *overrides: str) -> tuple[Trainer, dict[str, torch.Tensor]]:
+        cfg = small_config(tmp_path / name, *overrides)
+        trainer = Trainer(cfg, Console(quiet=True), runtime.start(cfg.parallel, torch.device("cpu")))
+        trainer.compute_gradients(details=False)
+        return trainer, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    _, plain = first_gradients("plain")
+    trainer, checkpointed = first_gradients(scope, f"train.activation_checkpointing={scope}")
+    block = trainer.model.layers[0]
+    assert type(block if scope == "block" else block.moe).__name__.startswith("Checkpointed")
+    assert checkpointed.keys() == plain.keys()
+    for name, gradient in plain.items():
+        torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-6, atol=0, msg=name)
+
+
+def test_activation_checkpointing_of_earlier_configs_means_blocks(tmp_path: Path) -> None:
+    assert small_config(tmp_path, "train.activation_checkpointing=true").train.activation_checkpointing == "block"
+    assert small_config(tmp_path, "train.activation_checkpointing=false").train.activation_checkpointing == "none"
+    with pytest.raises(ConfigError, match="train.activation_checkpointing='attention' is not allowed: one of none, "
+                                          "block, moe"):
+        small_config(tmp_path, "train.activation_checkpointing=attention")
 
 
 def test_bad_data_and_vocab_are_named(tmp_path: Path) -> None:
