@@ -202,10 +202,15 @@ class ParallelConfig:
     timeout_s: float = 600.0  # a collective that waits longer (a rank failed or hung) ends the job with an error
     data_parallel: str = "allreduce"  # after the backward; ddp: DistributedDataParallel; fsdp: FSDP2 (sharded)
     vocab_parallel: bool = False  # with tp > 1: the embedding and output head split by vocabulary rows too
+    dp_replicate: int = 1  # with fsdp, > 1: HSDP, each parameter sharded within groups and replicated over this many
 
     def __post_init__(self) -> None:
         if self.dp is not None and (not _is_int(self.dp) or self.dp < 1):
             _fail("parallel.dp", self.dp, "null (inferred from the world size) or a positive integer")
+        if not _is_int(self.dp_replicate) or self.dp_replicate < 1 or (self.dp_replicate > 1
+                                                                         and self.data_parallel != "fsdp"):
+            _fail("parallel.dp_replicate", self.dp_replicate,
+                  "a positive integer (above 1 only with parallel.data_parallel=fsdp: HSDP)")
         if not _is_number(self.timeout_s) or self.timeout_s <= 0:
             _fail("parallel.timeout_s", self.timeout_s, "a number of seconds > 0")
         if self.data_parallel not in DATA_PARALLEL:

@@ -62,14 +62,20 @@ def compile_blocks(model: MoEDiffTransformer) -> None:
 def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
     """fsdp: FSDP2 (`fully_shard`) per block and on the whole model over the ranks holding the same shards, each
     expert shard over its replicas, so parameters, gradients and optimizer states are split over the data-parallel
-    ranks too. Call on the meta device, before materialize()."""
+    ranks too; with parallel.dp_replicate > 1, HSDP: sharded within each of dp_replicate groups, replicated
+    over them. Call on the meta device, before materialize()."""
     if not job.fsdp:
         return
-    data_mesh = job.mesh[DATA]
+    hsdp = job.dims.hsdp
+    data_mesh = job.mesh["dp_replicate", "shard"] if hsdp else job.mesh[DATA]
+    if job.experts_synced_by_hand:  # a one-rank group: the shard stays whole
+        expert_mesh = job.mesh["dp_shard"]
+    else:  # an expert shard's replicas; its gradient already sums its ep group's tokens
+        expert_mesh = job.mesh["dp_replicate", "dp_shard"] if hsdp else job.mesh["replica"]
     for block in model.layers:
-        if job.dims.ep > 1:  # an expert shard's replicas; its gradient already sums its ep group's tokens
+        if job.dims.ep > 1:
             experts = block.moe.experts
-            fully_shard(experts, mesh=job.mesh["replica"])
+            fully_shard(experts, mesh=expert_mesh)
             if not job.experts_synced_by_hand:
                 experts.set_gradient_divide_factor(float(job.data_ranks))
                 experts.set_force_sum_reduction_for_comms(job.mesh.device_type == "cpu")  # gloo: no PREMUL_SUM

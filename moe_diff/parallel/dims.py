@@ -27,8 +27,13 @@ def keep_shard(full: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.
     return full.narrow(dim, group.rank() * size, size)
 
 
-DATA_DIMS = ("replica", "ep")  # the mesh dimensions whose ranks read different rows of the batch
-DATA = "data"  # their flattened dimension: data parallelism (FSDP's mesh, DDP's group, the averaging)
+MESH_DIMS = ("dp_replicate", "dp_shard", "ep", "tp")
+FLATTENED = {  # the mesh's flattened dimensions and the dimensions each stands for
+    "replica": ("dp_replicate", "dp_shard"),  # the ranks holding the same expert shard
+    "data": ("dp_replicate", "dp_shard", "ep"),  # the ranks reading different rows: data parallelism's group
+    "shard": ("dp_shard", "ep"),  # HSDP: the ranks sharding each parameter between them
+}
+DATA = "data"
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class ParallelDims:
     tp: int
     ep: int
     world_size: int
+    dp_replicate: int = 1  # HSDP: the data-parallel ranks as dp_replicate groups, each sharding every parameter
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
@@ -55,15 +61,36 @@ class ParallelDims:
             raise ConfigError(f"parallel.ep={cfg.ep} must divide the world size {world_size}")
         if world_size % (cfg.ep * cfg.tp):
             raise ConfigError(f"parallel.ep={cfg.ep} x parallel.tp={cfg.tp} must divide the world size {world_size}")
-        return cls(dp, cfg.tp, cfg.ep, world_size)
+        replicas = world_size // (cfg.ep * cfg.tp)
+        if replicas % cfg.dp_replicate:
+            raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} must divide the {replicas} ranks holding the "
+                              f"same expert shard (world size {world_size} / parallel.ep={cfg.ep} / parallel.tp="
+                              f"{cfg.tp})")
+        if cfg.dp_replicate > 1 and replicas // cfg.dp_replicate * cfg.ep == 1:
+            raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} leaves each HSDP group one rank, which shards "
+                              "nothing: use parallel.data_parallel=ddp to replicate the model, or a smaller "
+                              "parallel.dp_replicate")
+        return cls(dp, cfg.tp, cfg.ep, world_size, cfg.dp_replicate)
+
+    @property
+    def hsdp(self) -> bool:
+        return self.dp_replicate > 1
+
+    @property
+    def dp_shard(self) -> int:
+        """The ranks that shard an expert shard between them under FSDP (its replicas within one HSDP group)."""
+        return self.world_size // (self.ep * self.tp * self.dp_replicate)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """A 3-D mesh: 'tp' groups consecutive ranks that split every layer's heads and FFNs; 'ep' groups ranks
-        that share one layer's experts between them; 'replica' groups the ranks holding the same parameters,
-        over which gradients are averaged. 'replica' and 'ep' flattened are DATA, the data-parallel ranks."""
-        mesh = init_device_mesh(device_type, (self.world_size // (self.ep * self.tp), self.ep, self.tp),
-                                mesh_dim_names=("replica", "ep", "tp"))
-        mesh[DATA_DIMS]._flatten(DATA)
+        """A 4-D mesh: 'tp' groups consecutive ranks that split every layer's heads and FFNs; 'ep' groups ranks
+        that share one layer's experts between them; 'dp_shard' and 'dp_replicate' (outermost: across nodes)
+        group the ranks holding the same expert shard, within and across HSDP's sharding groups (dp_replicate is
+        1 but for HSDP). FLATTENED names their products: 'replica', DATA (the data-parallel ranks) and
+        'shard'."""
+        mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.ep, self.tp),
+                                mesh_dim_names=MESH_DIMS)
+        for name, dims in FLATTENED.items():
+            mesh[dims]._flatten(name)
         return mesh
 
 

@@ -74,10 +74,10 @@ class Runtime:
     @property
     def experts_synced_by_hand(self) -> bool:
         """Expert shards whose gradients sync_gradients averages over their replicas itself: under DDP, which
-        leaves them out, and under FSDP where no shard has a replica (FSDP2 divides the gradient of a one-rank
-        group by a set divide factor twice where it reduces by sums, as on gloo and in float64)."""
-        no_replicas = self.dims.world_size == self.dims.ep * self.dims.tp
-        return self.dims.ep > 1 and (self.ddp or (self.fsdp and no_replicas))
+        leaves them out, and under FSDP where no other rank of the shard's (HSDP) group holds it (FSDP2 divides the
+        gradient of a one-rank group by a set divide factor twice where it reduces by sums, as on gloo and in
+        float64); there each rank keeps its expert shard whole."""
+        return self.dims.ep > 1 and (self.ddp or (self.fsdp and self.dims.dp_shard == 1))
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's GPU (torchrun's LOCAL_RANK) when the job runs on CUDA."""

@@ -12,10 +12,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from moe_diff.parallel.dims import DATA, DATA_DIMS
+from moe_diff.parallel.dims import FLATTENED
 from moe_diff.parallel.runtime import Runtime, gather_shards
-
-FLATTENED = {DATA: DATA_DIMS}  # FSDP's flattened mesh dimension and the job mesh's dimensions it stands for
 
 
 class Piece(NamedTuple):
@@ -41,10 +39,10 @@ class CheckpointViews:
             return value
         shape = self.job.whole_shape(name, value.shape)  # an FSDP DTensor's shape is that of the tensor it splits
         splits = [((split.mesh_dim,), split.dim) for split in self.job.splits(name)]
-        if isinstance(value, DTensor):
-            (placement,) = value.placements
-            splits.append((FLATTENED.get(value.device_mesh.mesh_dim_names[0], value.device_mesh.mesh_dim_names),
-                           placement.dim))
+        if isinstance(value, DTensor):  # FSDP shards over one mesh dimension (HSDP: replicated over another)
+            splits += [(FLATTENED.get(name, (name,)), placement.dim)
+                       for name, placement in zip(value.device_mesh.mesh_dim_names, value.placements, strict=True)
+                       if placement.is_shard()]
             value = value.to_local()
         if not splits:
             return value

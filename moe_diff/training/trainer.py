@@ -174,8 +174,9 @@ class Trainer:
         if self.runtime.distributed:
             held = sum(local_tensor(p).numel() for p in self.model.parameters())
             dims = self.runtime.dims
+            hsdp = f", HSDP over {dims.dp_replicate} groups" if dims.hsdp else ""
             console.print(f"{dims.world_size} ranks: dp={dims.dp} tp={dims.tp} ep={dims.ep} "
-                          f"({cfg.parallel.data_parallel}); rank 0 holds {held / 1e6:.2f}M of the model's "
+                          f"({cfg.parallel.data_parallel}{hsdp}); rank 0 holds {held / 1e6:.2f}M of the model's "
                           f"{costs.param_counts(cfg.model).total / 1e6:.2f}M parameters")
         self.optimizer = build_optimizer(self.model, t)
         self.step, streak = 0, 0

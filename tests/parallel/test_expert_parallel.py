@@ -146,3 +146,12 @@ def test_layouts_are_checked_against_the_world_size() -> None:
     with pytest.raises(ConfigError, match="parallel.ep=2 x parallel.tp=2 must divide the world size 2"):
         ParallelDims.from_config(ParallelConfig(ep=2, tp=2), 2)
     assert ParallelDims.from_config(ParallelConfig(ep=2, tp=2), 4) == ParallelDims(2, 2, 2, 4)
+    hsdp = ParallelDims.from_config(ParallelConfig(data_parallel="fsdp", dp_replicate=2, ep=2), 8)
+    assert (hsdp.dp_replicate, hsdp.dp_shard) == (2, 2)
+    with pytest.raises(ConfigError, match="parallel.dp_replicate=3 must divide the 4 ranks holding the same expert"):
+        ParallelDims.from_config(ParallelConfig(data_parallel="fsdp", dp_replicate=3), 4)
+    with pytest.raises(ConfigError, match="parallel.dp_replicate=2 leaves each HSDP group one rank"):
+        ParallelDims.from_config(ParallelConfig(data_parallel="fsdp", dp_replicate=2), 2)
+    with pytest.raises(ConfigError, match=r"parallel.dp_replicate=2 is not allowed: .*only with "
+                                          r"parallel.data_parallel=fsdp"):
+        ParallelConfig(data_parallel="ddp", dp_replicate=2)

@@ -59,12 +59,15 @@ LAYOUTS = {
     "fsdp-tp2-ep2-vocab": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2",
                                "parallel.vocab_parallel=true", "model.n_kv_heads=4"]),
     "tp2-fsdp2": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "model.n_kv_heads=4"]),
+    # HSDP: sharded within 2 groups of 2, replicated over them; with ep=2, the expert shards replicated only
+    "hsdp": (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2"]),
+    "hsdp-ep2": (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2"]),
     # each rank balancing its own tokens: one process balancing each of as many micro-batches (the old rule)
     "ep2-each-rank": (2, ["parallel.ep=2", "train.load_balance_over=each_rank"], ["train.grad_accum=2"]),
 }
 
 
-REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "allreduce2"}  # both ranks hold every expert whole
+REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "allreduce2", "hsdp", "hsdp-ep2"}  # pieces two ranks hold
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

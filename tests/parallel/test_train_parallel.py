@@ -49,7 +49,8 @@ def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
     (2, ["parallel.tp=2", "parallel.vocab_parallel=true", "model.n_kv_heads=4", "model.tie_embeddings=true"]),
     (2, ["parallel.data_parallel=ddp", "parallel.ep=2", "train.grad_accum=2"]),
     (2, ["parallel.data_parallel=fsdp", "train.grad_accum=2"]),
-    (4, ["parallel.data_parallel=fsdp", "parallel.ep=2"]),
+    (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2",
+         "train.activation_checkpointing=moe"]),
     (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2", "parallel.vocab_parallel=true",
          "model.n_kv_heads=4"])])
 def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout: list[str]) -> None:
