@@ -1,9 +1,7 @@
 """What several test files share: the small training config, reading a run's losses and final weights, document
 ids that return to a document after others, a small model vLLM serves, and counting reads of tensor values."""
 
-import contextlib
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,27 +66,3 @@ def servable_model(attention: str, **overrides: object) -> MoEDiffTransformer:
         for block in model.layers if model.cfg.expert_bias_rate else ():
             block.moe.expert_bias.normal_(0, 0.5)
     return model.eval()
-
-
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")  # what copies a tensor's values to Python
-
-
-@contextlib.contextmanager
-def counting_host_reads() -> Iterator[list[str]]:
-    """The names of the HOST_READS made inside (on a GPU, each one waits for the device), in order."""
-    reads: list[str] = []
-    real = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counted(name: str):
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return real[name](self, *args, **kwargs)
-        return read
-
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, counted(name))
-    try:
-        yield reads
-    finally:
-        for name, method in real.items():
-            setattr(torch.Tensor, name, method)

@@ -215,3 +215,16 @@ def test_megablocks_build_script_says_what_is_missing(tmp_path: Path) -> None:
     assert process.returncode == 2
     process = subprocess.run(["bash", script, "install"], capture_output=True, text=True, timeout=60)
     assert process.returncode == 64 and "usage:" in process.stderr
+
+
+def test_layouts_benchmark_runs_the_trainer_under_torchrun(tmp_path: Path) -> None:
+    """DDP on 4 processes: no read of tensor values in a step that does not log, parameters + gradients + AdamW
+    state exactly the formula's 16 bytes per parameter on each rank, and the save's SHA-256 reads only files."""
+    out = tmp_path / "layouts.json"
+    assert load("layouts").main(["--layouts", "ddp", "--no-old", "--rounds", "1", "--steps", "1",
+                                 "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    this = row["this"]
+    assert this["host_reads_per_step"] == [0, 0, 0, 0]
+    assert this["resident_bytes_per_rank"] == row["formula_resident_bytes_per_rank"]
+    assert 0 < this["sha256_bytes_per_save_per_rank"] < this["parameter_bytes_per_rank"] * 3  # files, not experts

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).parents[1] / "moe_diff"
 LEVELS = [
     {"errors"},
     {"config"},
-    {"device", "files", "plotting", "kernels"},  # leaf operations and facts about the machine
+    {"device", "files", "plotting", "kernels", "host_reads"},  # leaf operations, facts about the machine
     {"model"},
     {"costs", "data"},
     {"parallel"},  # applied to a finished model from outside

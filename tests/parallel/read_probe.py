@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from harness import CONFIGS, SETTINGS  # tests/parallel is on the path
-from helpers import counting_host_reads  # and tests/
 from rich.console import Console
 
 from moe_diff.config import load_config
+from moe_diff.host_reads import counting_host_reads
 from moe_diff.training.job import training_job
 
 

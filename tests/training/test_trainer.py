@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_run, counting_host_reads, losses, small_config  # tests/ is on the path
+from helpers import assert_same_run, losses, small_config  # tests/ is on the path
 from rich.console import Console
 
 from moe_diff.checkpoint import CheckpointError, open_model
 from moe_diff.checkpoint import training as checkpoints
 from moe_diff.config import ConfigError
 from moe_diff.errors import DataError
+from moe_diff.host_reads import counting_host_reads
 from moe_diff.parallel import runtime
 from moe_diff.runs import read_metrics
 from moe_diff.train import train
