@@ -42,7 +42,7 @@ LAYOUTS: dict[str, list[str]] = {
     **{name: [setting] for name, setting in DATA_ONLY.items()},
     **{f"{name}-ep2": [setting, "parallel.ep=2"] for name, setting in DATA_ONLY.items()},
     "hsdp": ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2"],
-    "tp2-ep2": ["parallel.data_parallel=allreduce", "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"],
+    "tp2-ep2": ["parallel.data_parallel=ddp", "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"],
 }
 
 

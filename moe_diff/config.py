@@ -91,7 +91,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 LOAD_BALANCE_OVER = ("all_ranks", "each_rank")  # whose tokens the load-balancing loss balances
 RESUME_ALLOWED = ("auto (continue the run in train.out_dir, if any), never (start a run; refused where one is), "
                   "restart (move the run there to train.out_dir/previous/N, then start one) or a checkpoint path")
-DATA_PARALLEL = ("allreduce", "ddp", "fsdp")
+DATA_PARALLEL = ("ddp", "fsdp")
 ACTIVATION_CHECKPOINTING = ("none", "block", "moe")  # what recomputes its activations in the backward pass
 
 
@@ -200,7 +200,7 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1  # experts of every layer sharded over groups of ep consecutive ranks
     timeout_s: float = 600.0  # a collective that waits longer (a rank failed or hung) ends the job with an error
-    data_parallel: str = "allreduce"  # after the backward; ddp: DistributedDataParallel; fsdp: FSDP2 (sharded)
+    data_parallel: str = "ddp"  # DistributedDataParallel; fsdp: FSDP2 (sharded; HSDP with dp_replicate > 1)
     vocab_parallel: bool = False  # with tp > 1: the embedding and output head split by vocabulary rows too
     dp_replicate: int = 1  # with fsdp, > 1: HSDP, each parameter sharded within groups and replicated over this many
 
@@ -214,7 +214,10 @@ class ParallelConfig:
         if not _is_number(self.timeout_s) or self.timeout_s <= 0:
             _fail("parallel.timeout_s", self.timeout_s, "a number of seconds > 0")
         if self.data_parallel not in DATA_PARALLEL:
-            _fail("parallel.data_parallel", self.data_parallel, f"one of {', '.join(DATA_PARALLEL)}")
+            removed = (" (allreduce, one all-reduce per parameter after the backward, was slower than ddp in every "
+                       "layout measured, benchmarks/results/parallel-layouts-cpu.json, and is gone)"
+                       if self.data_parallel == "allreduce" else "")
+            _fail("parallel.data_parallel", self.data_parallel, f"one of {', '.join(DATA_PARALLEL)}{removed}")
         if not isinstance(self.vocab_parallel, bool) or (self.vocab_parallel and self.tp == 1):
             _fail("parallel.vocab_parallel", self.vocab_parallel, "true or false (true only with parallel.tp > 1)")
         for name in ("tp", "ep"):

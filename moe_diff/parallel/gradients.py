@@ -25,17 +25,15 @@ def accumulating(module: nn.Module, job: Runtime, last: bool) -> contextlib.Abst
 
 
 def sync_gradients(model: nn.Module, job: Runtime) -> None:
-    """Sum the gradients that tensor parallelism left partial over the tp group, then average over the
-    data-parallel ranks (DDP and FSDP leave only the expert shards of Runtime.experts_synced_by_hand)."""
+    """Sum the gradients that tensor parallelism left partial over the tp group, then average the expert shards
+    that DDP and FSDP leave (Runtime.experts_synced_by_hand) over their replicas."""
     if not job.distributed:
         return
     if job.dims.tp > 1:
         for name, param in model.named_parameters():
             if param.grad is not None and placement(name).tp_sum:
                 dist.all_reduce(local_tensor(param.grad), group=job.group("tp"))
-    if job.data_parallel == "allreduce":
-        average_gradients(model, job.group("replica"), job.data_group)
-    elif job.experts_synced_by_hand:
+    if job.experts_synced_by_hand:
         average_gradients(model, job.group("replica"), job.data_group, only=sharded_over_ep)
 
 

@@ -35,7 +35,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     mesh: DeviceMesh | None = None
-    data_parallel: str = "allreduce"
+    data_parallel: str = "ddp"
     vocab_parallel: bool = False  # the tp groups also split the embedding and output head by vocabulary rows
     _groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False)
 

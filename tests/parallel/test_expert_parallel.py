@@ -155,3 +155,6 @@ def test_layouts_are_checked_against_the_world_size() -> None:
     with pytest.raises(ConfigError, match=r"parallel.dp_replicate=2 is not allowed: .*only with "
                                           r"parallel.data_parallel=fsdp"):
         ParallelConfig(data_parallel="ddp", dp_replicate=2)
+    with pytest.raises(ConfigError, match=r"parallel.data_parallel='allreduce' is not allowed: one of ddp, fsdp "
+                                          r"\(allreduce, .* was slower than ddp in every layout measured"):
+        ParallelConfig(data_parallel="allreduce")

@@ -48,7 +48,6 @@ LAYOUTS = {
     # against one eager process: checkpointed blocks compiled, then DDP or FSDP2 (torchtitan's order)
     "ddp2-compiled": (2, ["parallel.data_parallel=ddp", "train.compile=true", "train.activation_checkpointing=block"]),
     "fsdp2-compiled": (2, ["parallel.data_parallel=fsdp", "train.compile=true", "train.activation_checkpointing=moe"]),
-    "allreduce2": (2, []),
     "ep2": (2, ["parallel.ep=2"]),
     "ddp-ep2-accum2": (2, ["parallel.data_parallel=ddp", "parallel.ep=2", "train.grad_accum=2"]),
     "tp2-vocab": (2, ["parallel.tp=2", "parallel.vocab_parallel=true", "model.n_kv_heads=4",
@@ -67,7 +66,7 @@ LAYOUTS = {
 }
 
 
-REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "allreduce2", "hsdp", "hsdp-ep2"}  # pieces two ranks hold
+REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "hsdp", "hsdp-ep2"}  # pieces two ranks hold
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

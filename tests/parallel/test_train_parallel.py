@@ -87,7 +87,7 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, -> FSDP with ep=2 in two, and -> tp=2 with the
     vocabulary split in two: each resumed step equals the original."""
     parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
-    held = re.search(r"2 ranks: dp=2 tp=1 ep=2 \(allreduce\); rank 0 holds ([\d.]+)M of the model's ([\d.]+)M",
+    held = re.search(r"2 ranks: dp=2 tp=1 ep=2 \(ddp\); rank 0 holds ([\d.]+)M of the model's ([\d.]+)M",
                      (parallel / "console.txt").read_text())
     assert held and float(held[1]) < float(held[2])  # half of every layer's experts
     step = parallel / "checkpoints" / "step-3"  # each rank wrote its own experts, and its moments
