@@ -103,3 +103,26 @@ def test_compiled_cuda_graph_decode_generates_the_eager_tokens(attention: str, r
     compiled = torch.stack(list(stream(model, prompts, 12, compile=True)), 1)
     assert torch.equal(compiled, generate(model, prompts, 12)[:, -12:])
     assert bool(calls) == (rows == 1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("attention", MODES)
+def test_a_step_that_does_not_log_never_waits_for_the_gpu(attention: str, tmp_path) -> None:
+    """The trainer's non-logging step on CUDA (bf16 autocast, document ids, router losses, clipping, the non-finite
+    check) under torch.cuda.set_sync_debug_mode('error'): any operation that waits for the device raises."""
+    from helpers import small_config  # tests/ is on the path
+    from rich.console import Console
+
+    from moe_diff.parallel import runtime
+    from moe_diff.training.trainer import Trainer
+
+    cfg = small_config(tmp_path, f"model.attention={attention}", "train.device=cuda", "model.dim=128",
+                       "model.ffn_dim=128", "model.head_dim=32")
+    trainer = Trainer(cfg, Console(quiet=True), runtime.start(cfg.parallel, torch.device("cuda")))
+    trainer.train_step(details=False)  # the first step builds what later steps reuse
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step(details=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
