@@ -4,12 +4,16 @@ every expert's FFN split along ffn_dim. Activations entering a split region are 
 over the group); the outputs of wo and of the experts are summed over the group. The model's reshapes use -1
 heads, so it runs on its local heads unchanged. Optionally (parallel.vocab_parallel) the embedding and output
 head split the vocabulary: each rank looks up its rows (the group sums the lookups) and computes its columns of
-the logits (gathered whole for the loss).
+the logits, which the training loss takes as they are (sharded_logits: no rank holds the whole logits) and
+everything else gathers whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_diff.config import ConfigError
+from moe_diff.kernels.precision import compute_dtype
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel.dims import keep_shard
 from moe_diff.parallel.plan import placement
@@ -82,17 +87,79 @@ class VocabParallelEmbedding(nn.Module):
         return _SumOverGroup.apply(looked_up, self.group)
 
 
+class VocabParallelHead(nn.Module):
+    """This rank's rows of the output head (the same parameter name): its columns of the logits, gathered whole
+    but inside sharded_logits()."""
+
+    def __init__(self, weight: nn.Parameter, group: dist.ProcessGroup):
+        super().__init__()
+        self.weight, self.group, self.gather = weight, group, True
+        self.first_column = group.rank() * weight.shape[0]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(_CopyToGroup.apply(h, self.group), self.weight)
+        return _GatherFromGroup.apply(logits, self.group) if self.gather else logits
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits split by columns over the group (Megatron's): the row maxima and the sums of
+    exponentials reduced over it, each target's logit taken from the rank that holds it; the gradient of each
+    rank's columns is its softmax less the one-hot target, over the token count."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGroup,
+                first_column: int) -> torch.Tensor:
+        maxima = logits.max(dim=-1).values
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - maxima[:, None]
+        exponentials = shifted.exp()
+        sums = exponentials.sum(dim=-1)
+        column = targets - first_column
+        held = (column >= 0) & (column < logits.shape[-1])
+        column = column.clamp(0, logits.shape[-1] - 1)
+        target_logits = shifted.gather(1, column[:, None]).squeeze(1) * held
+        reduced = torch.stack([sums, target_logits])
+        dist.all_reduce(reduced, group=group)
+        sums, target_logits = reduced
+        ctx.save_for_backward(exponentials.div_(sums[:, None]), column, held)
+        return (sums.log() - target_logits).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        softmax, column, held = ctx.saved_tensors
+        softmax[torch.arange(len(column), device=column.device), column] -= held.to(softmax.dtype)
+        return softmax * (grad / len(column)), None, None, None
+
+
+@contextlib.contextmanager
+def sharded_logits(model: MoEDiffTransformer) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
+    """Inside, a vocabulary-split head leaves each rank its own columns of the logits; yields the mean
+    cross-entropy of such logits [B, T, V/tp] against targets [B, T] (None where the head is whole)."""
+    head = model.output
+    if not isinstance(head, VocabParallelHead):
+        yield None
+        return
+    head.gather = False
+    try:
+        yield functools.partial(_vocab_parallel_cross_entropy, head=head)
+    finally:
+        head.gather = True
+
+
+def _vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, head: VocabParallelHead) -> torch.Tensor:
+    return _VocabParallelCrossEntropy.apply(logits.flatten(0, 1).to(compute_dtype(logits.dtype)), targets.flatten(),
+                                            head.group, head.first_column)
+
+
 def parallelize_vocab(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
     """Split the embedding and the output head (tied or not) by vocabulary rows over `group`, in place."""
     if model.cfg.vocab_size % group.size():
         raise ConfigError(f"parallel.vocab_parallel=true needs parallel.tp={group.size()} to divide "
                           f"model.vocab_size={model.cfg.vocab_size}")
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
-    head = model.output
-    head.weight = (model.tok_embeddings.weight if model.cfg.tie_embeddings
-                   else nn.Parameter(keep_shard(head.weight.detach(), group, 0).clone()))
-    head.register_forward_pre_hook(lambda module, args: (_CopyToGroup.apply(args[0], group),))
-    head.register_forward_hook(lambda module, args, out: _GatherFromGroup.apply(out, group))
+    weight = (model.tok_embeddings.weight if model.cfg.tie_embeddings
+              else nn.Parameter(keep_shard(model.output.weight.detach(), group, 0).clone()))
+    model.output = VocabParallelHead(weight, group)
     return model
 
 

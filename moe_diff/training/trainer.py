@@ -46,6 +46,7 @@ from moe_diff.parallel.apply import (
 )
 from moe_diff.parallel.dims import local_tensor
 from moe_diff.parallel.gradients import accumulating, clip_grad_norm, sync_gradients
+from moe_diff.parallel.tensor_parallel import sharded_logits
 from moe_diff.routing.collect import collect_trace
 from moe_diff.routing.summary import load_summary, router_entropy
 from moe_diff.routing.trace import save_trace
@@ -231,9 +232,10 @@ class Trainer:
             last = i == t.grad_accum - 1
             with accumulating(self.data_parallel, self.runtime, last):
                 with (autocast(self.device, t.precision),
-                      sums.probe if details and last else contextlib.nullcontext()):
+                      sums.probe if details and last else contextlib.nullcontext(),
+                      sharded_logits(self.model) as vocab_parallel_loss):  # parallel.vocab_parallel's own columns
                     out = self.data_parallel(micro.tokens, micro.positions, micro.document_ids)
-                loss = cross_entropy(out.logits, micro.targets)
+                loss = (vocab_parallel_loss or cross_entropy)(out.logits, micro.targets)
                 router = out.router_losses(self.balance_counts(out))
                 ((loss + router.weighted) / t.grad_accum).backward()
             sums.totals += torch.stack([loss, router.weighted, router.load_balance, router.z]).detach() / t.grad_accum

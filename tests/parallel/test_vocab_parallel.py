@@ -1,0 +1,50 @@
+"""The vocabulary split's loss: inside sharded_logits each tp rank holds only its columns of the logits, and their
+cross-entropy is the whole model's (the trainer's gradients under it are proven in test_gradients.py)."""
+
+import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from moe_diff.config import ModelConfig, ParallelConfig
+from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel.apply import materialize, parallelize
+from moe_diff.parallel.dims import ParallelDims
+from moe_diff.parallel.runtime import Runtime
+from moe_diff.parallel.tensor_parallel import sharded_logits
+
+CONFIG = ModelConfig(vocab_size=48, dim=16, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=24, n_experts=4,
+                     max_seq_len=16, attention="diff", moe_backend="reference")
+
+
+def materialized(job: Runtime) -> MoEDiffTransformer:
+    with torch.device("meta"):
+        model = parallelize(MoEDiffTransformer(CONFIG), job)
+    materialize(model, job, torch.device("cpu"), seed=3)
+    return model
+
+
+def check_rank(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, vocab_parallel=True), world)
+    model = materialized(Runtime(dims, rank, 0, dims.build_mesh("cpu"), vocab_parallel=True))
+    whole = materialized(Runtime(ParallelDims(1, 1, 1, 1)))
+    tokens = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(0))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    expected = whole(inputs).logits
+    with sharded_logits(model) as loss:
+        logits = model(inputs).logits
+    assert logits.shape == (2, 8, 24)  # this rank's half of the vocabulary
+    torch.testing.assert_close(logits, expected[..., 24 * rank:24 * (rank + 1)], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss(logits, targets), F.cross_entropy(expected.flatten(0, 1), targets.flatten()),
+                               rtol=1e-6, atol=1e-6)
+    assert model(inputs).logits.shape == (2, 8, 48)  # gathered whole outside
+    dist.destroy_process_group()
+
+
+def test_the_loss_of_split_logits_is_the_whole_models(tmp_path: Path) -> None:
+    mp.spawn(check_rank, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
