@@ -203,6 +203,7 @@ class ParallelConfig:
     data_parallel: str = "ddp"  # DistributedDataParallel; fsdp: FSDP2 (sharded; HSDP with dp_replicate > 1)
     vocab_parallel: bool = False  # with tp > 1: the embedding and output head split by vocabulary rows too
     dp_replicate: int = 1  # with fsdp, > 1: HSDP, each parameter sharded within groups and replicated over this many
+    sequence_parallel: bool = False  # with tp > 1: the residual stream and norms split by sequence over tp in training
 
     def __post_init__(self) -> None:
         if self.dp is not None and (not _is_int(self.dp) or self.dp < 1):
@@ -218,8 +219,9 @@ class ParallelConfig:
                        "layout measured, benchmarks/results/parallel-layouts-cpu.json, and is gone)"
                        if self.data_parallel == "allreduce" else "")
             _fail("parallel.data_parallel", self.data_parallel, f"one of {', '.join(DATA_PARALLEL)}{removed}")
-        if not isinstance(self.vocab_parallel, bool) or (self.vocab_parallel and self.tp == 1):
-            _fail("parallel.vocab_parallel", self.vocab_parallel, "true or false (true only with parallel.tp > 1)")
+        for name in ("vocab_parallel", "sequence_parallel"):
+            if not isinstance(getattr(self, name), bool) or (getattr(self, name) and self.tp == 1):
+                _fail(f"parallel.{name}", getattr(self, name), "true or false (true only with parallel.tp > 1)")
         for name in ("tp", "ep"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 _fail(f"parallel.{name}", getattr(self, name), "a positive integer")
@@ -238,6 +240,9 @@ class Config:
         if self.train.seq_len > self.model.max_seq_len:
             _fail("train.seq_len", self.train.seq_len,
                   f"at most model.max_seq_len ({self.model.max_seq_len})")
+        if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp:
+            _fail("train.seq_len", self.train.seq_len, f"a multiple of parallel.tp={self.parallel.tp} with "
+                  "parallel.sequence_parallel=true (each rank holds its block of positions)")
         if self.model.n_experts % self.parallel.ep:
             _fail("parallel.ep", self.parallel.ep, f"a divisor of model.n_experts ({self.model.n_experts})")
 

@@ -29,9 +29,9 @@ def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
     if job.dims.ep > 1:
         parallelize_experts(model, job.group("ep"))
     if job.dims.tp > 1:
-        parallelize_tensor(model, job.group("tp"))
         if job.vocab_parallel:
             parallelize_vocab(model, job.group("tp"))
+        parallelize_tensor(model, job.group("tp"), job.sequence_parallel)
     return model
 
 

@@ -31,7 +31,7 @@ def sync_gradients(model: nn.Module, job: Runtime) -> None:
         return
     if job.dims.tp > 1:
         for name, param in model.named_parameters():
-            if param.grad is not None and placement(name).tp_sum:
+            if param.grad is not None and placement(name).partial_over_tp(job.sequence_parallel):
                 dist.all_reduce(local_tensor(param.grad), group=job.group("tp"))
     if job.experts_synced_by_hand:
         average_gradients(model, job.group("replica"), job.data_group, only=sharded_over_ep)

@@ -14,12 +14,18 @@ class Placement:
     """A parameter over the mesh: `ep` and `tp` the tensor dimension split over those mesh dimensions (None:
     replicated); `vocab` the dimension split over tp with parallel.vocab_parallel (else replicated); `tp_sum`
     for a replicated parameter that each tp rank uses for its own heads only, so that its gradient is the sum of
-    the ranks' parts."""
+    the ranks' parts; `sequence_sum` for one that, with parallel.sequence_parallel, each tp rank applies to its
+    own positions only (the same sum)."""
 
     ep: int | None = None
     tp: int | None = None
     vocab: int | None = None
     tp_sum: bool = False
+    sequence_sum: bool = False
+
+    def partial_over_tp(self, sequence_parallel: bool) -> bool:
+        """Whether each tp rank's gradient is only its part of the whole (summed over tp)."""
+        return self.tp_sum or (sequence_parallel and self.sequence_sum)
 
     def tp_dim(self, vocab_parallel: bool) -> int | None:
         """The dimension split over tp in a job with or without the vocabulary split."""
@@ -30,11 +36,12 @@ REPLICATED = Placement()
 COLUMNS = Placement(tp=0)  # a linear's output rows: whole heads (pairs of them for diff) and kv groups per rank
 ROWS = Placement(tp=1)  # a linear's input columns, its output summed over tp
 OWN_HEADS = Placement(tp_sum=True)
+NORM = Placement(sequence_sum=True)  # a norm of the residual stream, which sequence parallelism splits
 
 # parameter name (fnmatch pattern; * is a layer index) -> its placement
 PLAN: dict[str, Placement] = {
     "tok_embeddings.weight": Placement(vocab=0),
-    "layers.*.attention_norm.weight": REPLICATED,
+    "layers.*.attention_norm.weight": NORM,
     "layers.*.attention.wq.weight": COLUMNS,
     "layers.*.attention.wk.weight": COLUMNS,
     "layers.*.attention.wv.weight": COLUMNS,
@@ -45,13 +52,13 @@ PLAN: dict[str, Placement] = {
     "layers.*.attention.lambda_k2": OWN_HEADS,
     "layers.*.attention.subln.weight": OWN_HEADS,  # diff: the per-head norm's weight, shared by every head
     "layers.*.attention.lambda_proj.weight": COLUMNS,  # diff_v2: one λ row per query-head pair
-    "layers.*.ffn_norm.weight": REPLICATED,
+    "layers.*.ffn_norm.weight": NORM,
     "layers.*.moe.gate.weight": REPLICATED,
     "layers.*.moe.expert_bias": REPLICATED,  # a buffer (model.expert_bias_rate > 0), kept equal by global counts
     "layers.*.moe.experts.w1": Placement(ep=0, tp=1),  # [E, D, F]: experts over ep, then ffn_dim over tp
     "layers.*.moe.experts.w3": Placement(ep=0, tp=1),
     "layers.*.moe.experts.w2": Placement(ep=0, tp=2),  # [E, F, D]
-    "norm.weight": REPLICATED,
+    "norm.weight": NORM,
     "output.weight": Placement(vocab=0),
 }
 

@@ -37,6 +37,7 @@ class Runtime:
     mesh: DeviceMesh | None = None
     data_parallel: str = "ddp"
     vocab_parallel: bool = False  # the tp groups also split the embedding and output head by vocabulary rows
+    sequence_parallel: bool = False  # and, in training, the residual stream and its norms by sequence
     _groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False)
 
     @property
@@ -166,7 +167,7 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=cfg.timeout_s))
     return Runtime(dims, dist.get_rank(), local_rank, dims.build_mesh(device.type), cfg.data_parallel,
-                   cfg.vocab_parallel)
+                   cfg.vocab_parallel, cfg.sequence_parallel)
 
 
 def gather_shards(local: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:

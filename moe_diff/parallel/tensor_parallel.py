@@ -14,6 +14,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,70 @@ class _GatherFromGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
+
+
+def _gather_positions(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, T/tp, ...] on each rank -> [B, T, ...], rank r's positions the r-th block."""
+    gathered = x.new_empty((group.size() * x.shape[1], x.shape[0], *x.shape[2:]))
+    dist.all_gather_into_tensor(gathered, x.transpose(0, 1).contiguous(), group=group)
+    return gathered.transpose(0, 1)
+
+
+def _sum_own_positions(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, T, ...] on each rank -> the group's sum of this rank's block of positions, [B, T/tp, ...]."""
+    mine = x.new_empty((x.shape[1] // group.size(), x.shape[0], *x.shape[2:]))
+    dist.reduce_scatter_tensor(mine, x.transpose(0, 1).contiguous(), group=group)
+    return mine.transpose(0, 1)
+
+
+def own_positions(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's block of positions (dimension 1) of a whole sequence."""
+    size = x.shape[1] // group.size()
+    return x.narrow(1, group.rank() * size, size)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Sequence parallelism into a region that needs every position: the ranks' blocks gathered; the gradient's
+    own block goes back, summed over the group first where each rank's use is partial (its heads, its FFN
+    columns), taken as it is where every rank computed the same (the router, the output head)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, partial: bool) -> torch.Tensor:
+        ctx.group, ctx.partial = group, partial
+        return _gather_positions(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mine = _sum_own_positions(grad, ctx.group) if ctx.partial else own_positions(grad, ctx.group).contiguous()
+        return mine, None, None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    """Out of a region every rank computed whole (the embedding): this rank's block of positions; the gradient
+    of the whole gathered from every rank's block."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return own_positions(x, group).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather_positions(grad, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Out of a region whose ranks computed partial sums (wo, the experts): the group's sum of this rank's block
+    of positions; the gradient of the whole gathered, for each rank's part."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _sum_own_positions(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather_positions(grad, ctx.group), None
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -177,22 +242,65 @@ def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
         raise ConfigError(f"parallel.tp={tp} must divide model.ffn_dim={cfg.ffn_dim}{fits}")
 
 
-def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
+@dataclass(frozen=True)
+class _Regions:
+    """Where activations enter and leave a block's split regions (attention heads, FFN columns) over `group`.
+    With sequence parallelism, in training, the residual stream between them holds each rank's block of
+    positions: gathered on the way in, reduce-scattered on the way out (instead of copied and all-reduced)."""
+
+    group: dist.ProcessGroup
+    sequence_parallel: bool
+
+    def _by_positions(self, module: nn.Module) -> bool:
+        return self.sequence_parallel and module.training
+
+    def attention_input(self, module: nn.Module, args: tuple) -> tuple:
+        x = (_GatherSequence.apply(args[0], self.group, True) if self._by_positions(module)
+             else _CopyToGroup.apply(args[0], self.group))
+        return (x, *args[1:])
+
+    def partial_output(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return (_ReduceScatterSequence.apply(out, self.group) if self._by_positions(module)
+                else _SumOverGroup.apply(out, self.group))
+
+    def moe_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Every position for the router, which each rank computes whole (so its gradient is not summed)."""
+        return (_GatherSequence.apply(args[0], self.group, False),) if self._by_positions(module) else None
+
+    def experts_input(self, module: nn.Module, args: tuple) -> tuple:
+        """The tokens and their routing weights enter every rank's FFN part."""
+        return _CopyToGroup.apply(args[0], self.group), args[1], _CopyToGroup.apply(args[2], self.group)
+
+    def experts_output(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Summed here, or by positions at the MoE's output."""
+        return out if self._by_positions(module) else _SumOverGroup.apply(out, self.group)
+
+    def moe_output(self, module: nn.Module, args: tuple, out: tuple) -> tuple | None:
+        return (_ReduceScatterSequence.apply(out[0], self.group), *out[1:]) if self._by_positions(module) else None
+
+
+def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup,
+                       sequence_parallel: bool = False) -> MoEDiffTransformer:
     """Split every layer's attention and experts over `group` in place (rank r keeps the r-th block of rows
-    or columns, as the plan places them); everything else stays replicated."""
+    or columns, as the plan places them); everything else stays replicated. With `sequence_parallel`, in
+    training, the residual stream and its norms hold each rank's block of positions (parallelize_sequence)."""
     check_tensor_parallel(model, group.size())
+    regions = _Regions(group, sequence_parallel)
     for index, block in enumerate(model.layers):
-        attention, experts = block.attention, block.moe.experts
         for name, param in list(block.named_parameters()):
             if (dim := placement(f"layers.{index}.{name}").tp) is not None:
                 owner, _, attribute = name.rpartition(".")
                 local = keep_shard(param.detach(), group, dim).clone()
                 setattr(block.get_submodule(owner), attribute, nn.Parameter(local, requires_grad=param.requires_grad))
-        attention.register_forward_pre_hook(
-            lambda module, args, group=group: (_CopyToGroup.apply(args[0], group), *args[1:]))
-        attention.wo.register_forward_hook(lambda module, args, out, group=group: _SumOverGroup.apply(out, group))
-        experts.register_forward_pre_hook(  # the tokens and their routing weights enter every rank's FFN part
-            lambda module, args, group=group: (_CopyToGroup.apply(args[0], group), args[1],
-                                               _CopyToGroup.apply(args[2], group)))
-        experts.register_forward_hook(lambda module, args, out, group=group: _SumOverGroup.apply(out, group))
+        block.attention.register_forward_pre_hook(regions.attention_input)
+        block.attention.wo.register_forward_hook(regions.partial_output)
+        block.moe.register_forward_pre_hook(regions.moe_input)
+        block.moe.register_forward_hook(regions.moe_output)
+        block.moe.experts.register_forward_pre_hook(regions.experts_input)
+        block.moe.experts.register_forward_hook(regions.experts_output)
+    if sequence_parallel:
+        model.tok_embeddings.register_forward_hook(
+            lambda module, args, out: _ScatterSequence.apply(out, group) if module.training else None)
+        model.output.register_forward_pre_hook(  # every position for the head, which each rank computes whole
+            lambda module, args: (_GatherSequence.apply(args[0], group, False),) if module.training else None)
     return model

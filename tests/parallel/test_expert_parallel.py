@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from moe_diff.config import ConfigError, ModelConfig, ParallelConfig
+from moe_diff.config import ConfigError, ModelConfig, ParallelConfig, load_config
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.dims import ParallelDims, average_gradients
@@ -158,3 +158,9 @@ def test_layouts_are_checked_against_the_world_size() -> None:
     with pytest.raises(ConfigError, match=r"parallel.data_parallel='allreduce' is not allowed: one of ddp, fsdp "
                                           r"\(allreduce, .* was slower than ddp in every layout measured"):
         ParallelConfig(data_parallel="allreduce")
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel=True is not allowed: .*only with "
+                                          r"parallel.tp > 1"):
+        ParallelConfig(sequence_parallel=True)
+    with pytest.raises(ConfigError, match=r"train.seq_len=33 is not allowed: a multiple of parallel.tp=2 with "
+                                          r"parallel.sequence_parallel=true"):
+        load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=33"])

@@ -46,7 +46,8 @@ def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
 @pytest.mark.parametrize(("processes", "layout"), [
     (4, ["parallel.ep=2"]), (2, ["parallel.tp=2", "model.n_kv_heads=4"]),
     (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"]),
-    (2, ["parallel.tp=2", "parallel.vocab_parallel=true", "model.n_kv_heads=4", "model.tie_embeddings=true"]),
+    (2, ["parallel.tp=2", "parallel.vocab_parallel=true", "parallel.sequence_parallel=true", "model.n_kv_heads=4",
+         "model.tie_embeddings=true"]),
     (2, ["parallel.data_parallel=ddp", "parallel.ep=2", "train.grad_accum=2"]),
     (2, ["parallel.data_parallel=fsdp", "train.grad_accum=2"]),
     (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2",

@@ -1,5 +1,7 @@
-"""The vocabulary split's loss: inside sharded_logits each tp rank holds only its columns of the logits, and their
-cross-entropy is the whole model's (the trainer's gradients under it are proven in test_gradients.py)."""
+"""Activations split over tp: with the vocabulary split, inside sharded_logits each rank holds only its columns of
+the logits, and their cross-entropy is the whole model's; with sequence parallelism, in training, each rank's
+residual stream holds its block of positions, and the logits are the whole model's (the trainer's gradients
+under both are proven in test_gradients.py)."""
 
 import datetime
 from pathlib import Path
@@ -30,8 +32,14 @@ def materialized(job: Runtime) -> MoEDiffTransformer:
 def check_rank(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    dims = ParallelDims.from_config(ParallelConfig(tp=2, vocab_parallel=True), world)
-    model = materialized(Runtime(dims, rank, 0, dims.build_mesh("cpu"), vocab_parallel=True))
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, vocab_parallel=True, sequence_parallel=True), world)
+    mesh = dims.build_mesh("cpu")
+    check_vocabulary_split(rank, materialized(Runtime(dims, rank, 0, mesh, vocab_parallel=True)))
+    check_sequence_split(rank, materialized(Runtime(dims, rank, 0, mesh, sequence_parallel=True)))
+    dist.destroy_process_group()
+
+
+def check_vocabulary_split(rank: int, model: MoEDiffTransformer) -> None:
     whole = materialized(Runtime(ParallelDims(1, 1, 1, 1)))
     tokens = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -43,8 +51,20 @@ def check_rank(rank: int, world: int, init_file: str) -> None:
     torch.testing.assert_close(loss(logits, targets), F.cross_entropy(expected.flatten(0, 1), targets.flatten()),
                                rtol=1e-6, atol=1e-6)
     assert model(inputs).logits.shape == (2, 8, 48)  # gathered whole outside
-    dist.destroy_process_group()
 
 
-def test_the_loss_of_split_logits_is_the_whole_models(tmp_path: Path) -> None:
+def check_sequence_split(rank: int, model: MoEDiffTransformer) -> None:
+    whole = materialized(Runtime(ParallelDims(1, 1, 1, 1)))
+    tokens = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(1))
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    model.norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    torch.testing.assert_close(model(tokens).logits, whole(tokens).logits, rtol=1e-5, atol=1e-6)
+    assert seen == [(2, 4, 16), (2, 4, 16)]  # the residual stream: this rank's 4 of the 8 positions
+    model.eval()  # generation and validation: every position on every rank
+    torch.testing.assert_close(model(tokens).logits, whole(tokens).logits, rtol=1e-5, atol=1e-6)
+    assert seen[2:] == [(2, 8, 16), (2, 8, 16)]
+
+
+def test_split_logits_and_positions_give_the_whole_models_results(tmp_path: Path) -> None:
     mp.spawn(check_rank, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
