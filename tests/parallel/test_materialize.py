@@ -22,9 +22,10 @@ TENSOR_PARALLEL_DIMS = {"wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "wo.weig
                         "experts.w3": 1, "experts.w2": 2, "tok_embeddings.weight": 0}
 
 
-def materialized(job: Runtime) -> MoEDiffTransformer:
+def materialized(job: Runtime, config: ModelConfig = CONFIG) -> MoEDiffTransformer:
+    """The model of `config` as this rank of `job` holds it, built on the meta device and filled from seed 5."""
     with torch.device("meta"):
-        model = parallelize(MoEDiffTransformer(CONFIG), job)
+        model = parallelize(MoEDiffTransformer(config), job)
     materialize(model, job, torch.device("cpu"), seed=5)
     return model
 

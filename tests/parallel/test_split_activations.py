@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_materialize import materialized  # tests/parallel is on the path
 
 from moe_diff.config import ModelConfig, ParallelConfig
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.apply import materialize, parallelize
 from moe_diff.parallel.dims import ParallelDims
 from moe_diff.parallel.runtime import Runtime
 from moe_diff.parallel.tensor_parallel import sharded_logits
@@ -22,25 +22,18 @@ CONFIG = ModelConfig(vocab_size=48, dim=16, n_layers=1, n_heads=4, n_kv_heads=4,
                      max_seq_len=16, attention="diff", moe_backend="reference")
 
 
-def materialized(job: Runtime) -> MoEDiffTransformer:
-    with torch.device("meta"):
-        model = parallelize(MoEDiffTransformer(CONFIG), job)
-    materialize(model, job, torch.device("cpu"), seed=3)
-    return model
-
-
 def check_rank(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     dims = ParallelDims.from_config(ParallelConfig(tp=2, vocab_parallel=True, sequence_parallel=True), world)
     mesh = dims.build_mesh("cpu")
-    check_vocabulary_split(rank, materialized(Runtime(dims, rank, 0, mesh, vocab_parallel=True)))
-    check_sequence_split(rank, materialized(Runtime(dims, rank, 0, mesh, sequence_parallel=True)))
+    check_vocabulary_split(rank, materialized(Runtime(dims, rank, 0, mesh, vocab_parallel=True), CONFIG))
+    check_sequence_split(rank, materialized(Runtime(dims, rank, 0, mesh, sequence_parallel=True), CONFIG))
     dist.destroy_process_group()
 
 
 def check_vocabulary_split(rank: int, model: MoEDiffTransformer) -> None:
-    whole = materialized(Runtime(ParallelDims(1, 1, 1, 1)))
+    whole = materialized(Runtime(ParallelDims(1, 1, 1, 1)), CONFIG)
     tokens = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     expected = whole(inputs).logits
@@ -54,7 +47,7 @@ def check_vocabulary_split(rank: int, model: MoEDiffTransformer) -> None:
 
 
 def check_sequence_split(rank: int, model: MoEDiffTransformer) -> None:
-    whole = materialized(Runtime(ParallelDims(1, 1, 1, 1)))
+    whole = materialized(Runtime(ParallelDims(1, 1, 1, 1)), CONFIG)
     tokens = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(1))
     seen = []
     model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
