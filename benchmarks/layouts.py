@@ -6,7 +6,8 @@ checkpoint save.
 
 CPU (gloo):  python benchmarks/layouts.py                    every layout, this tree and --old, 2 rounds
 CI:          python benchmarks/layouts.py --layouts ddp --no-old --rounds 1 --steps 1 --out PATH
-The all-reduce layouts run on the earlier code only (this code refuses them: DDP measured faster in each). Four
+The all-reduce layouts run on the earlier code only: this code refuses them, DDP having measured faster in each
+(benchmarks/results/parallel-layouts-cpu.json was taken at 13aff64, before the all-reduce was removed). Four
 processes on 2 cores share them: step times compare layouts and versions with each other, and say nothing of
 speed-up. Each rank runs with one thread.
 """

@@ -152,8 +152,8 @@ class TrainConfig:
         if not self.resume:
             _fail("train.resume", self.resume, RESUME_ALLOWED)
         # configs written before the scopes existed said true or false
-        self.activation_checkpointing = {"True": "block", "False": "none"}.get(self.activation_checkpointing,
-                                                                              self.activation_checkpointing)
+        earlier = {"True": "block", "False": "none", True: "block", False: "none"}
+        self.activation_checkpointing = earlier.get(self.activation_checkpointing, self.activation_checkpointing)
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             _fail("train.activation_checkpointing", self.activation_checkpointing,
                   f"one of {', '.join(ACTIVATION_CHECKPOINTING)}")

@@ -1,5 +1,5 @@
 """What several test files share: the small training config, reading a run's losses and final weights, document
-ids that return to a document after others, a small model vLLM serves, and counting reads of tensor values."""
+ids that return to a document after others, and a small model vLLM serves."""
 
 import sysconfig
 from pathlib import Path

@@ -24,9 +24,10 @@ from moe_diff.parallel.runtime import Runtime
 from moe_diff.parallel.views import CheckpointViews, Piece
 
 EXPERTS = "experts.json"
-FORMAT = "weighted-bits-v1"  # experts.json's "format"; a table without one is an earlier version's SHA-256 table
+FORMAT = "weighted-bits-v2"  # experts.json's "format"; a table without one is an earlier version's SHA-256 table
 WEIGHTS = ("w1", "w2", "w3")
 MASK = (1 << 64) - 1
+CHUNK = 1 << 24  # elements of a weight fingerprinted at once (each temporary int64 copy: 128 MiB)
 ONE_PROCESS = Runtime(ParallelDims(1, 1, 1, 1))
 # splitmix64's constants as signed int64 (torch multiplies int64 tensors modulo 2^64)
 GOLDEN, MIX_1, MIX_2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
@@ -38,11 +39,12 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _coefficients(index: torch.Tensor, salt: int) -> torch.Tensor:
-    """splitmix64 of each element's index in its expert, the weight's `salt` added."""
-    z = (index + salt) * GOLDEN
+    """splitmix64 of each element's index in its expert, the weight's `salt` added, made odd: no element's
+    coefficient is 0, and none drops a 64-bit element's top bit (c * 2^63 is 0 modulo 2^64 for even c)."""
+    z = (index + salt + 1) * GOLDEN
     z = (z ^ _shift_right(z, 30)) * MIX_1
     z = (z ^ _shift_right(z, 27)) * MIX_2
-    return z ^ _shift_right(z, 31)
+    return (z ^ _shift_right(z, 31)) | 1
 
 
 def _bits(weight: torch.Tensor) -> torch.Tensor:
@@ -53,15 +55,21 @@ def _bits(weight: torch.Tensor) -> torch.Tensor:
 
 
 def piece_fingerprints(piece: Piece, salt: int) -> torch.Tensor:
-    """int64 [experts of the piece]: each expert's part of its fingerprint from this piece of a [E, A, B] weight."""
+    """int64 [experts of the piece]: each expert's part of its fingerprint from this piece of a [E, A, B] weight
+    (none where FSDP left this rank no expert), a block of rows at a time, so that the temporaries stay near
+    CHUNK elements."""
     _, rows, columns = piece.whole_shape
     _, first_row, first_column = piece.offset
-    _, held_rows, held_columns = piece.local.shape
+    held_experts, held_rows, held_columns = piece.local.shape
     device = piece.local.device
-    index = ((torch.arange(held_rows, device=device) + first_row)[:, None] * columns
-             + torch.arange(held_columns, device=device) + first_column)
-    coefficients = _coefficients(index, salt * rows * columns)
-    return torch.stack([(_bits(expert.detach()) * coefficients).sum() for expert in piece.local])
+    parts = torch.zeros(held_experts, dtype=torch.int64, device=device)
+    step = max(1, CHUNK // max(1, held_experts * held_columns))
+    for start in range(0, held_rows, step):
+        block = piece.local[:, start:start + step].detach()
+        index = ((torch.arange(block.shape[1], device=device) + first_row + start)[:, None] * columns
+                 + torch.arange(held_columns, device=device) + first_column)
+        parts += (_bits(block) * _coefficients(index, salt * rows * columns)).sum(dim=(1, 2))
+    return parts
 
 
 Held = dict[tuple[int, str, tuple[int, ...]], tuple[int, int, list[int]]]
@@ -126,10 +134,13 @@ def check(directory: Path, model: MoEDiffTransformer, runtime: Runtime = ONE_PRO
         raise CheckpointError(f"{directory} has no {EXPERTS} (the per-expert fingerprints): it was not written by "
                               "this version, or it is incomplete")
     stored = json.loads(path.read_text())
-    if stored.get("format") == FORMAT:
+    if "format" not in stored:
+        table = legacy_sha256_table(model, runtime)
+    elif stored["format"] == FORMAT:
         stored, table = stored["experts"], expert_table(model, runtime)
     else:
-        table = legacy_sha256_table(model, runtime)
+        raise CheckpointError(f"{path} is in format {stored['format']!r}, which this version does not read (it "
+                              f"reads {FORMAT!r} and the SHA-256 tables of earlier versions)")
     if set(stored) != set(table):
         missing = sorted(set(table) - set(stored))
         raise CheckpointError(f"{directory}: the expert table lists {len(stored)} experts, the model has "

@@ -283,7 +283,8 @@ def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup,
                        sequence_parallel: bool = False) -> MoEDiffTransformer:
     """Split every layer's attention and experts over `group` in place (rank r keeps the r-th block of rows
     or columns, as the plan places them); everything else stays replicated. With `sequence_parallel`, in
-    training, the residual stream and its norms hold each rank's block of positions (parallelize_sequence)."""
+    training, the residual stream and its norms hold each rank's block of positions (_Regions; the embedding's
+    output is scattered by positions and the output head's input gathered)."""
     check_tensor_parallel(model, group.size())
     regions = _Regions(group, sequence_parallel)
     for index, block in enumerate(model.layers):

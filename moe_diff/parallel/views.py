@@ -1,6 +1,7 @@
 """Each rank's pieces seen as parts of the single-process tensors, for checkpoints: DTensors on small meshes that
 create no process groups, so torch.distributed.checkpoint writes each piece once and reads any layout into any
-other; and each rank's experts made whole for their checksums."""
+other; each piece with its offset in the whole tensor (for the expert fingerprints); and each rank's experts made
+whole for the SHA-256 tables of earlier versions."""
 
 from __future__ import annotations
 

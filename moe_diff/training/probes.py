@@ -17,12 +17,14 @@ class LambdaProbe:
 
     Use as a context manager around one forward pass; `values` lists one float per layer and `spreads` V2's
     [p10, p90] per layer (the first call of each layer counts, so activation-checkpoint recomputation is ignored).
+    Compiled blocks run eagerly inside (a compiled block does not call hooks added after it was traced).
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._by_layer: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._eager = torch.compiler.set_stance("force_eager")
 
     @property
     def values(self) -> list[float]:
@@ -49,8 +51,10 @@ class LambdaProbe:
     def __enter__(self) -> LambdaProbe:
         attention = [m for m in self.model.modules() if isinstance(m, (DiffAttention, DiffV2Attention))]
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(attention)]
+        self._eager.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._eager.__exit__(*exc)
         for handle in self._handles:
             handle.remove()

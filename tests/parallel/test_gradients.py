@@ -45,6 +45,7 @@ def assert_same_gradients(ranks: list[dict], single: dict, replicated_experts: b
 
 LAYOUTS = {
     "ddp2": (2, ["parallel.data_parallel=ddp"]),
+    "fsdp2": (2, ["parallel.data_parallel=fsdp"]),
     # against one eager process: checkpointed blocks compiled, then DDP or FSDP2 (torchtitan's order)
     "ddp2-compiled": (2, ["parallel.data_parallel=ddp", "train.compile=true", "train.activation_checkpointing=block"]),
     "fsdp2-compiled": (2, ["parallel.data_parallel=fsdp", "train.compile=true", "train.activation_checkpointing=moe"]),

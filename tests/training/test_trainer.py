@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from rich.console import Console
 
 from moe_diff.checkpoint import CheckpointError, open_model
 from moe_diff.checkpoint import training as checkpoints
-from moe_diff.config import ConfigError
+from moe_diff.config import ConfigError, TrainConfig
 from moe_diff.errors import DataError
 from moe_diff.host_reads import counting_host_reads
 from moe_diff.parallel import runtime
@@ -226,9 +227,18 @@ def test_activation_checkpointing_takes_the_same_gradients(tmp_path: Path, scope
         torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-6, atol=0, msg=name)
 
 
+def test_compiled_blocks_still_log_lambda(tmp_path: Path) -> None:
+    """With train.compile, a log step runs its blocks eagerly, so the probe's hooks see every layer's lambda."""
+    train(small_config(tmp_path, "train.compile=true", "train.activation_checkpointing=moe", "train.max_steps=2",
+                       "train.log_every=2", "train.eval_every=0", "train.save_every=0"))
+    (record,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(record["lambda"]) == 2 and all(math.isfinite(value) for value in record["lambda"])
+
+
 def test_activation_checkpointing_of_earlier_configs_means_blocks(tmp_path: Path) -> None:
     assert small_config(tmp_path, "train.activation_checkpointing=true").train.activation_checkpointing == "block"
     assert small_config(tmp_path, "train.activation_checkpointing=false").train.activation_checkpointing == "none"
+    assert TrainConfig(activation_checkpointing=True).activation_checkpointing == "block"  # from Python
     with pytest.raises(ConfigError, match="train.activation_checkpointing='attention' is not allowed: one of none, "
                                           "block, moe"):
         small_config(tmp_path, "train.activation_checkpointing=attention")
