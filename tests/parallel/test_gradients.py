@@ -65,18 +65,22 @@ LAYOUTS = {
     # HSDP: sharded within 2 groups of 2, replicated over them; with ep=2, the expert shards replicated only
     "hsdp": (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2"]),
     "hsdp-ep2": (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2"]),
+    # 8 processes: each expert shard sharded over 2 ranks of its HSDP group and replicated over the 2 groups
+    "hsdp-ep2-8": (8, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2",
+                       "train.batch_size=8"]),
     # each rank balancing its own tokens: one process balancing each of as many micro-batches (the old rule)
     "ep2-each-rank": (2, ["parallel.ep=2", "train.load_balance_over=each_rank"], ["train.grad_accum=2"]),
 }
 
 
-REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "hsdp", "hsdp-ep2"}  # pieces two ranks hold
+REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "hsdp", "hsdp-ep2", "hsdp-ep2-8"}  # pieces two ranks hold
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_takes_the_gradients_of_one_process(tmp_path: Path, layout: str) -> None:
     processes, overrides, *single_overrides = LAYOUTS[layout]
-    same = [setting for setting in overrides if setting.startswith(("model.", "train.grad_accum="))]
+    same = [setting for setting in overrides
+            if setting.startswith(("model.", "train.grad_accum=", "train.batch_size="))]
     (single,) = probe(tmp_path, "single", 1, *same, *(single_overrides[0] if single_overrides else []))
     assert_same_gradients(probe(tmp_path, "parallel", processes, *overrides), single,
                           layout in REPLICATED_EXPERTS)
