@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -24,7 +26,7 @@ class LambdaProbe:
         self.model = model
         self._by_layer: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._eager = torch.compiler.set_stance("force_eager")
+        self._eager: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     @property
     def values(self) -> list[float]:
@@ -51,6 +53,7 @@ class LambdaProbe:
     def __enter__(self) -> LambdaProbe:
         attention = [m for m in self.model.modules() if isinstance(m, (DiffAttention, DiffV2Attention))]
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(attention)]
+        self._eager = torch.compiler.set_stance("force_eager")  # made here, not before: making one sets the stance
         self._eager.__enter__()
         return self
 

@@ -227,12 +227,21 @@ def test_activation_checkpointing_takes_the_same_gradients(tmp_path: Path, scope
         torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-6, atol=0, msg=name)
 
 
-def test_compiled_blocks_still_log_lambda(tmp_path: Path) -> None:
-    """With train.compile, a log step runs its blocks eagerly, so the probe's hooks see every layer's lambda."""
-    train(small_config(tmp_path, "train.compile=true", "train.activation_checkpointing=moe", "train.max_steps=2",
-                       "train.log_every=2", "train.eval_every=0", "train.save_every=0"))
-    (record,) = read_metrics(tmp_path / "metrics.jsonl")
+def test_compiled_blocks_still_log_lambda_and_compile_the_other_steps(tmp_path: Path) -> None:
+    """With train.compile, a log step runs its blocks eagerly, so the probe's hooks see every layer's lambda; the
+    steps that do not log (before and after) run compiled blocks."""
+    train(small_config(tmp_path / "run", "train.compile=true", "train.activation_checkpointing=moe",
+                       "train.max_steps=2", "train.log_every=2", "train.eval_every=0", "train.save_every=0"))
+    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(record["lambda"]) == 2 and all(math.isfinite(value) for value in record["lambda"])
+    cfg = small_config(tmp_path / "steps", "train.compile=true")
+    trainer = Trainer(cfg, Console(quiet=True), runtime.start(cfg.parallel, torch.device("cpu")))
+    for details in (False, True, False):
+        torch._dynamo.reset()  # each step compiles afresh, unless it runs eagerly
+        torch._dynamo.utils.counters.clear()
+        trainer.train_step(details=details)
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (compiled == 0) if details else (compiled > 0), (details, compiled)
 
 
 def test_activation_checkpointing_of_earlier_configs_means_blocks(tmp_path: Path) -> None:
