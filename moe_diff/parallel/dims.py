@@ -66,11 +66,12 @@ class ParallelDims:
             raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} must divide the {replicas} ranks holding the "
                               f"same expert shard (world size {world_size} / parallel.ep={cfg.ep} / parallel.tp="
                               f"{cfg.tp})")
-        if cfg.dp_replicate > 1 and replicas // cfg.dp_replicate * cfg.ep == 1:
+        dims = cls(dp, cfg.tp, cfg.ep, world_size, cfg.dp_replicate)
+        if dims.hsdp and dims.dp_shard * dims.ep == 1:  # the flattened 'shard' dimension
             raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} leaves each HSDP group one rank, which shards "
                               "nothing: use parallel.data_parallel=ddp to replicate the model, or a smaller "
                               "parallel.dp_replicate")
-        return cls(dp, cfg.tp, cfg.ep, world_size, cfg.dp_replicate)
+        return dims
 
     @property
     def hsdp(self) -> bool:

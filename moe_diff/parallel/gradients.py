@@ -46,8 +46,8 @@ def clip_grad_norm(model: nn.Module, job: Runtime, max_norm: float) -> torch.Ten
         if param.grad is not None:
             groups = tuple(split.group for split in job.splits(name))
             if isinstance(param.grad, DTensor):  # FSDP's shard (HSDP: replicated over dp_replicate)
-                mesh = param.grad.device_mesh
-                groups += tuple(mesh.get_group(dim) for dim, placement in enumerate(param.grad.placements)
+                names = param.grad.device_mesh.mesh_dim_names
+                groups += tuple(job.group(names[dim]) for dim, placement in enumerate(param.grad.placements)
                                 if placement.is_shard())
             grads.setdefault(groups, []).append(local_tensor(param.grad))
     total = torch.zeros((), device=next(model.parameters()).device)

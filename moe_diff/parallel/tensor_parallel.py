@@ -1,7 +1,9 @@
 """Tensor parallelism (Megatron style) applied to a finished model: wq, wk, wv (and diff_v2's lambda_proj) split
 by output rows so every rank keeps whole differential heads and kv groups, wo split by input columns, and
 every expert's FFN split along ffn_dim. Activations entering a split region are copied (their gradient is summed
-over the group); the outputs of wo and of the experts are summed over the group. The model's reshapes use -1
+over the group); the outputs of wo and of the experts are summed over the group (with parallel.sequence_parallel,
+in training, gathered by positions on the way in and reduce-scattered on the way out: _Regions). The model's
+reshapes use -1
 heads, so it runs on its local heads unchanged. Optionally (parallel.vocab_parallel) the embedding and output
 head split the vocabulary: each rank looks up its rows (the group sums the lookups) and computes its columns of
 the logits, which the training loss takes as they are (sharded_logits: no rank holds the whole logits) and
@@ -278,6 +280,14 @@ class _Regions:
     def moe_output(self, module: nn.Module, args: tuple, out: tuple) -> tuple | None:
         return (_ReduceScatterSequence.apply(out[0], self.group), *out[1:]) if self._by_positions(module) else None
 
+    def embedding_output(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        """The residual stream starts as this rank's block of positions of the lookups every rank made whole."""
+        return _ScatterSequence.apply(out, self.group) if self._by_positions(module) else None
+
+    def head_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Every position for the output head, which each rank computes whole (or its vocabulary columns of)."""
+        return (_GatherSequence.apply(args[0], self.group, False),) if self._by_positions(module) else None
+
 
 def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup,
                        sequence_parallel: bool = False) -> MoEDiffTransformer:
@@ -300,8 +310,6 @@ def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup,
         block.moe.experts.register_forward_pre_hook(regions.experts_input)
         block.moe.experts.register_forward_hook(regions.experts_output)
     if sequence_parallel:
-        model.tok_embeddings.register_forward_hook(
-            lambda module, args, out: _ScatterSequence.apply(out, group) if module.training else None)
-        model.output.register_forward_pre_hook(  # every position for the head, which each rank computes whole
-            lambda module, args: (_GatherSequence.apply(args[0], group, False),) if module.training else None)
+        model.tok_embeddings.register_forward_hook(regions.embedding_output)
+        model.output.register_forward_pre_hook(regions.head_input)
     return model

@@ -41,8 +41,8 @@ class CheckpointViews:
         shape = self.job.whole_shape(name, value.shape)  # an FSDP DTensor's shape is that of the tensor it splits
         splits = [((split.mesh_dim,), split.dim) for split in self.job.splits(name)]
         if isinstance(value, DTensor):  # FSDP shards over one mesh dimension (HSDP: replicated over another)
-            splits += [(FLATTENED.get(name, (name,)), placement.dim)
-                       for name, placement in zip(value.device_mesh.mesh_dim_names, value.placements, strict=True)
+            splits += [(FLATTENED.get(mesh_dim, (mesh_dim,)), placement.dim)
+                       for mesh_dim, placement in zip(value.device_mesh.mesh_dim_names, value.placements, strict=True)
                        if placement.is_shard()]
             value = value.to_local()
         if not splits:
