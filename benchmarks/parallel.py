@@ -21,16 +21,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.device_mesh import init_device_mesh
 
-from moe_diff.config import ModelConfig
+from moe_diff.config import ModelConfig, ParallelConfig
 from moe_diff.device import environment, synchronize
 from moe_diff.files import write_json
 from moe_diff.inference.bench.measure import median_seconds
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
-from moe_diff.parallel.dims import average_gradients
+from moe_diff.parallel.apply import distribute_parameters, wrap
+from moe_diff.parallel.dims import ParallelDims
 from moe_diff.parallel.expert_parallel import parallelize_experts
+from moe_diff.parallel.gradients import sync_gradients
+from moe_diff.parallel.runtime import Runtime
 
 
 class ExchangeMeter:
@@ -66,15 +68,17 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def time_steps(model: MoEDiffTransformer, tokens: torch.Tensor, device: torch.device, steps: int,
-               replicas: dist.ProcessGroup | None, meter: ExchangeMeter | None = None) -> float:
-    """Median seconds of a forward+backward (+ gradient averaging) over `steps` steps after one warm-up (the
-    meter, if any, counts the timed steps only)."""
+               job: Runtime | None, meter: ExchangeMeter | None = None) -> float:
+    """Median seconds of a forward+backward (+ gradient averaging, as the training job does it) over `steps`
+    steps after one warm-up (the meter, if any, counts the timed steps only)."""
+    module = wrap(model, job) if job is not None else model
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        out = model(tokens)
+        out = module(tokens)
         (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
-        if replicas is not None:
-            average_gradients(model, replicas)
+        if job is not None:
+            sync_gradients(model, job)
 
     step()
     if meter is not None:
@@ -97,10 +101,12 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, result
     row = {"ranks": world, "tokens_per_step": args.batch * args.seq * world}
     if world == 1:
         row["no_expert_parallel_s"] = time_steps(model, tokens, device, args.steps, None)
-    mesh = init_device_mesh(device.type, (1, world), mesh_dim_names=("replica", "ep"))
-    parallelize_experts(model, mesh["ep"].get_group())
+    dims = ParallelDims.from_config(ParallelConfig(ep=world), world)
+    job = Runtime(dims, rank, 0, dims.build_mesh(device.type))
+    parallelize_experts(model, job.group("ep"))  # with one rank too, to time the dispatch through it
+    distribute_parameters(model, job)
     with ExchangeMeter(device) as meter:
-        seconds = time_steps(model, tokens, device, args.steps, mesh["replica"].get_group(), meter)
+        seconds = time_steps(model, tokens, device, args.steps, job, meter)
     per_step = torch.tensor([meter.bytes / args.steps, meter.seconds / args.steps, seconds],
                             device=device)
     dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace

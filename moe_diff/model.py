@@ -125,6 +125,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.head_dim = d = cfg.resolved_head_dim
+        self.n_kv_heads = cfg.n_kv_heads  # those this module computes: a tensor-parallel rank's share
         self.wq = nn.Linear(cfg.dim, self.queries_per_head * cfg.n_heads * d, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * d, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * d, bias=False)
@@ -480,8 +481,7 @@ class MoEDiffTransformer(nn.Module):
         key_start = torch.zeros(batch_size, dtype=torch.long) if key_start is None else key_start
         padded = bool((key_start > 0).any())  # read once; a compiled step has one graph for each answer
         for block in self.layers:
-            kv_heads = block.attention.wk.weight.shape[0] // cfg.resolved_head_dim  # a tensor-parallel rank's share
-            block.attention.kv_cache = KVCache(batch_size, capacity, kv_heads, cfg.resolved_head_dim,
+            block.attention.kv_cache = KVCache(batch_size, capacity, block.attention.n_kv_heads, cfg.resolved_head_dim,
                                                cfg.sliding_window, key_start, padded, weight.dtype, weight.device)
 
     def attention_mask(self, n_tokens: int, document_ids: torch.Tensor | None) -> AttentionMask:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_diff.checkpoint.schema import CheckpointError
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.dims import ParallelDims
+from moe_diff.parallel.dims import ParallelDims, Piece, piece
 from moe_diff.parallel.runtime import Runtime
-from moe_diff.parallel.views import CheckpointViews, Piece
 
 EXPERTS = "experts.json"
 FORMAT = "weighted-bits-v2"  # experts.json's "format"; a table without one is an earlier version's SHA-256 table
@@ -75,21 +75,27 @@ def piece_fingerprints(piece: Piece, salt: int) -> torch.Tensor:
 Held = dict[tuple[int, str, tuple[int, ...]], tuple[int, int, list[int]]]
 
 
-def _held(model: MoEDiffTransformer, views: CheckpointViews) -> Held:
+def expert_weights(block: nn.Module) -> dict[str, torch.Tensor]:
+    """A block's expert weights as the job holds them (DTensors where it splits them), by name."""
+    held = dict(block.moe.experts.named_parameters())
+    return {weight: held[weight].detach() for weight in WEIGHTS}
+
+
+def _held(model: MoEDiffTransformer) -> Held:
     """(layer, weight, offset of this rank's piece) -> (the piece's element count, the whole weight's, and its
     experts' fingerprint parts)."""
     pieces, parts = [], []
     for layer, block in enumerate(model.layers):
-        for salt, weight in enumerate(WEIGHTS):
-            piece = views.piece(f"layers.{layer}.moe.experts.{weight}", getattr(block.moe.experts, weight).detach())
-            pieces.append((layer, weight, piece))
-            parts.append(piece_fingerprints(piece, salt))
+        for salt, (weight, value) in enumerate(expert_weights(block).items()):
+            held = piece(value)
+            pieces.append((layer, weight, held))
+            parts.append(piece_fingerprints(held, salt))
     values = torch.cat(parts).tolist()  # one read for the whole table
     held, start = {}, 0
-    for layer, weight, piece in pieces:
-        count = piece.local.shape[0]
-        held[(layer, weight, piece.offset)] = (piece.local.numel(), math.prod(piece.whole_shape),
-                                               values[start:start + count])
+    for layer, weight, part in pieces:
+        count = part.local.shape[0]
+        held[(layer, weight, part.offset)] = (part.local.numel(), math.prod(part.whole_shape),
+                                              values[start:start + count])
         start += count
     return held
 
@@ -98,7 +104,7 @@ def expert_table(model: MoEDiffTransformer, runtime: Runtime = ONE_PROCESS) -> d
     """'layer L expert E' -> the expert's fingerprint (16 hex digits), on every rank, from the pieces each rank
     holds; CheckpointError if the replicas of a piece disagree or the pieces do not make up every weight."""
     pieces: Held = {}
-    for rank, held in enumerate(runtime.gather_objects(_held(model, CheckpointViews(runtime)))):
+    for rank, held in enumerate(runtime.gather_objects(_held(model))):
         for key, found in held.items():
             if pieces.setdefault(key, found) != found:
                 layer, weight, offset = key
@@ -152,25 +158,19 @@ def check(directory: Path, model: MoEDiffTransformer, runtime: Runtime = ONE_PRO
 
 
 def legacy_sha256_table(model: MoEDiffTransformer, runtime: Runtime = ONE_PROCESS) -> dict[str, str]:
-    """An earlier version's table: 'layer L expert E' -> SHA-256 of the expert's w1, w2 and w3, each expert made
-    whole (gathered over its tensor-parallel and FSDP ranks) and hashed on the host by every rank holding it."""
-    held: Callable[[str, torch.Tensor], tuple[torch.Tensor, int]] = CheckpointViews(runtime).expert_rows
-    table = {}
-    for rank_table in runtime.gather_objects(_sha256_rows(model, held)):
-        table |= rank_table
-    return table
-
-
-def _sha256_rows(model: MoEDiffTransformer,
-                 held: Callable[[str, torch.Tensor], tuple[torch.Tensor, int]]) -> dict[str, str]:
+    """An earlier version's table: 'layer L expert E' -> SHA-256 of the expert's w1, w2 and w3, each weight made
+    whole on every rank, and each rank hashing on the host the experts of its ep rank."""
+    experts = model.cfg.n_experts // runtime.dims.ep
+    first = runtime.group("ep").rank() * experts if runtime.dims.ep > 1 else 0
     table = {}
     for layer, block in enumerate(model.layers):
-        rows = [held(f"layers.{layer}.moe.experts.{name}", getattr(block.moe.experts, name)) for name in WEIGHTS]
-        first = rows[0][1]
-        weights = [w.detach().cpu().contiguous() for w, _ in rows]
-        for expert in range(weights[0].shape[0]):
+        weights = [(value.full_tensor() if isinstance(value, DTensor) else value)[first:first + experts].cpu()
+                   for value in expert_weights(block).values()]
+        for expert in range(experts):
             digest = hashlib.sha256()
             for w in weights:
-                digest.update(w[expert].view(torch.uint8).numpy().tobytes())
+                digest.update(w[expert].contiguous().view(torch.uint8).numpy().tobytes())
             table[f"layer {layer} expert {first + expert}"] = digest.hexdigest()
+    for rank_table in runtime.gather_objects(table):
+        table |= rank_table
     return table

@@ -42,7 +42,6 @@ from moe_diff.checkpoint import experts, schema
 from moe_diff.checkpoint.schema import CheckpointError
 from moe_diff.config import Config, to_yaml
 from moe_diff.parallel.runtime import Runtime
-from moe_diff.parallel.views import CheckpointViews
 
 MANIFEST = "manifest.json"
 STATE = "state"
@@ -177,16 +176,14 @@ def check_coverage(metadata: Metadata, source: Path) -> None:
                                   "a rank's shards are missing or were written twice")
 
 
-def _job_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-               runtime: Runtime) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model and optimizer state as torch.distributed.checkpoint sees it, each tensor this rank's piece of
-    the whole one, sharing storage with the live tensors (so that a load writes into them); and the optimizer's
-    own state dict, which those tensors view."""
+def _job_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's tensors and the optimizer's per-parameter state as torch.distributed.checkpoint sees them: each
+    the single-process tensor, as a DTensor where the job splits it (this rank's piece of it), sharing storage
+    with the live tensors so that a load writes into them; and the optimizer's own state dict, which those
+    tensors view. The optimizer's hyperparameters are the run's config and the step's learning rate, not state."""
     optimizer_state = get_optimizer_state_dict(model, optimizer)
-    global_view = CheckpointViews(runtime).global_view
-    return {"model": {name: global_view(name, value.detach())
-                      for name, value in schema.model_state_dict(model).items()},
-            "optimizer": map_moments(optimizer_state, global_view)}, optimizer_state
+    return {"model": {name: value.detach() for name, value in schema.model_state_dict(model).items()},
+            "optimizer": {"state": optimizer_state["state"]}}, optimizer_state
 
 
 def quiet_dcp(function: Callable, state: dict[str, Any], distributed: bool, directory: Path,
@@ -216,7 +213,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     runtime.barrier()
-    state, _ = _job_state(model, optimizer, runtime)
+    state, _ = _job_state(model, optimizer)
     quiet_dcp(dcp.save, state, runtime.distributed, partial, checkpoint_id=partial / STATE)
     # Every rank reads `partial` before the collectives below, which rank 0 must pass before it renames it.
     check_coverage(SafeFileSystemReader(partial / STATE).read_metadata(), partial)  # every rank: all fail alike
@@ -244,21 +241,13 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ru
     refuse_old_layout(directory)
     reader = SafeFileSystemReader(directory / STATE)
     check_coverage(reader.read_metadata(), directory)
-    state, live_optimizer = _job_state(model, optimizer, runtime)
+    state, live_optimizer = _job_state(model, optimizer)
     quiet_dcp(dcp.load, state, runtime.distributed, directory, storage_reader=reader)
-    live_optimizer["param_groups"] = state["optimizer"]["param_groups"]
     set_optimizer_state_dict(model, optimizer, live_optimizer)
     experts.check(directory, model, runtime)
     trainer_state = json.loads((directory / TRAINER_FILE).read_text())
     _restore_rng(trainer_state.pop("rng"))
     return trainer_state
-
-
-def map_moments(state: dict[str, Any], fn: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
-    """An optimizer state dict (by parameter name) with fn(name, tensor) applied to every per-parameter tensor."""
-    moments = {name: {key: fn(name, value) if torch.is_tensor(value) else value for key, value in entry.items()}
-               for name, entry in state["state"].items()}
-    return {"state": moments, "param_groups": state["param_groups"]}
 
 
 def list_checkpoints(root: Path) -> list[Path]:

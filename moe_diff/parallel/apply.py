@@ -1,6 +1,7 @@
 """A finished model laid out over the job, from outside, in torchtitan's order: expert parallelism, tensor
-parallelism (and the vocabulary split), activation checkpointing, per-block compile and FSDP, on the meta device;
-then each rank allocates and fills just its pieces; then DDP, where asked, wraps the result."""
+parallelism (and the vocabulary split), with every parameter the plan splits made a DTensor of the job's mesh;
+activation checkpointing, per-block compile and FSDP, on the meta device; then each rank allocates and fills just
+its pieces; then DDP, where asked, wraps the result."""
 
 from __future__ import annotations
 
@@ -10,29 +11,69 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.model import MoEDiffTransformer, init_parameter, parameter_generator
-from moe_diff.parallel.dims import DATA, keep_shard, local_tensor
+from moe_diff.parallel.dims import DATA, piece
 from moe_diff.parallel.expert_parallel import parallelize_experts
-from moe_diff.parallel.plan import sharded_over_ep
+from moe_diff.parallel.plan import layout
 from moe_diff.parallel.runtime import Runtime
 from moe_diff.parallel.tensor_parallel import parallelize_tensor, parallelize_vocab
 
 
 def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
-    """Expert parallelism over the ep groups, then tensor parallelism over the tp groups (so that it splits the
-    local experts); the rest of the model stays replicated (data parallel)."""
+    """Expert parallelism over the ep groups and tensor parallelism over the tp groups (their modules and where
+    activations cross ranks), then every parameter laid out as the plan says; the rest of the model stays
+    replicated (data parallel)."""
     if job.dims.ep > 1:
         parallelize_experts(model, job.group("ep"))
     if job.dims.tp > 1:
         if job.vocab_parallel:
             parallelize_vocab(model, job.group("tp"))
         parallelize_tensor(model, job.group("tp"), job.sequence_parallel)
+    distribute_parameters(model, job)
     return model
+
+
+def distribute_parameters(model: MoEDiffTransformer, job: Runtime) -> None:
+    """Each parameter the plan splits in this job (or whose gradient it sums over tp) becomes a DTensor of the job's
+    mesh holding this rank's piece, its global shape the single-process one; the modules holding one read it as
+    that piece (Local<Name>), its gradient placed as the plan says (Partial where each rank's is its part)."""
+    made: dict[int, nn.Parameter] = {}
+    meshes: dict[tuple[str, ...], DeviceMesh] = {}
+    for prefix, module in model.named_modules():
+        pieces: dict[str, tuple[DeviceMesh, tuple[Placement, ...]]] = {}
+        for attribute, param in list(module.named_parameters(prefix, recurse=False)):
+            spec = layout(attribute, job.dims.ep, job.dims.tp, job.vocab_parallel, job.sequence_parallel)
+            if spec is None:
+                continue
+            mesh = meshes.setdefault(spec.mesh_dims, job.mesh[spec.mesh_dims])
+            if id(param) not in made:  # a tied head shares the embedding's
+                local = distribute_tensor(param.detach(), mesh, spec.placements, src_data_rank=None)
+                made[id(param)] = nn.Parameter(local, requires_grad=param.requires_grad)
+            name = attribute.rpartition(".")[2]
+            setattr(module, name, made[id(param)])
+            pieces[name] = (mesh, spec.grad_placements)
+        if pieces:
+            module.__class__ = _reading_pieces(type(module))
+            module.pieces = pieces
+
+
+@functools.cache
+def _reading_pieces(cls: type[nn.Module]) -> type[nn.Module]:
+    """The module's own code, unchanged, computing on this rank's pieces of its DTensor parameters."""
+    def __getattr__(self: nn.Module, name: str) -> Any:
+        value = cls.__getattr__(self, name)
+        if isinstance(value, DTensor) and name in self.pieces:
+            mesh, grad_placements = self.pieces[name]
+            if value.device_mesh == mesh:  # not FSDP's shard of it, which FSDP makes whole (a piece of ours) to run
+                return value.to_local(grad_placements=grad_placements)
+        return value
+
+    return type(f"Local{cls.__name__}", (cls,), {"__getattr__": __getattr__})
 
 
 def checkpoint_activations(model: MoEDiffTransformer, scope: str) -> None:
@@ -68,7 +109,7 @@ def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
         return
     hsdp = job.dims.hsdp
     data_mesh = job.mesh["dp_replicate", "shard"] if hsdp else job.mesh[DATA]
-    if job.experts_synced_by_hand:  # a one-rank group: the shard stays whole
+    if job.experts_whole_under_fsdp:  # a one-rank group: the shard stays whole
         expert_mesh = job.mesh["dp_shard"]
     else:  # an expert shard's replicas; its gradient already sums its ep group's tokens
         expert_mesh = job.mesh["dp_replicate", "dp_shard"] if hsdp else job.mesh["replica"]
@@ -76,7 +117,7 @@ def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
         if job.dims.ep > 1:
             experts = block.moe.experts
             fully_shard(experts, mesh=expert_mesh)
-            if not job.experts_synced_by_hand:
+            if not job.experts_whole_under_fsdp:
                 experts.set_gradient_divide_factor(float(job.data_ranks))
                 experts.set_force_sum_reduction_for_comms(job.mesh.device_type == "cpu")  # gloo: no PREMUL_SUM
         fully_shard(block, mesh=data_mesh)
@@ -91,31 +132,28 @@ def materialize(model: MoEDiffTransformer, job: Runtime, device: torch.device, s
     piece kept; without, leave them for a checkpoint to fill."""
     model.to_empty(device=device)
     if model.cfg.tie_embeddings:  # to_empty made the shared parameter two
-        model.output.weight = model.tok_embeddings.weight
+        model.output.weight = dict(model.tok_embeddings.named_parameters())["weight"]  # the parameter, not a piece
     for buffer in model.buffers():
         buffer.zero_()  # the expert biases: zero at the start, stored in checkpoints
     if seed is None:
         return
     for name, param in model.named_parameters():
-        whole = torch.empty(job.whole_shape(name, param.shape), dtype=param.dtype)
+        whole = torch.empty(param.shape, dtype=param.dtype)  # a DTensor's shape is the single-process one
         init_parameter(name, whole, model.cfg.n_layers, parameter_generator(seed, name))
-        for split in job.splits(name):
-            whole = keep_shard(whole, split.group, split.dim)
-        if isinstance(param, DTensor):  # FSDP's piece of what expert and tensor parallelism left here
-            shape, offset = compute_local_shape_and_global_offset(whole.shape, param.device_mesh, param.placements)
-            whole = whole[tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))]
-        local_tensor(param).copy_(whole)
+        offset, local, _ = piece(param)
+        local.copy_(whole[tuple(slice(start, start + size) for start, size in zip(offset, local.shape, strict=True))])
 
 
 def wrap(model: MoEDiffTransformer, job: Runtime) -> nn.Module:
     """The module the training step calls: the model itself, or with ddp DistributedDataParallel over the ranks
-    holding the same shards (it averages gradients in buckets while the backward runs), expert shards left out of
-    it to be averaged over their own replicas. Call after materialize(), before building the optimizer."""
+    holding the same shards (it averages gradients in buckets while the backward runs), the parameters split over
+    the mesh (DTensors) left out of it to be averaged by sync_gradients. Call after materialize(), before
+    building the optimizer."""
     if not job.ddp:
         return model
-    if job.experts_synced_by_hand:
-        experts = [name for name, _ in model.named_parameters() if sharded_over_ep(name)]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
+    split = [name for name, param in model.named_parameters(remove_duplicate=False)  # a tied head's name too
+             if isinstance(param, DTensor)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, split)
     device_ids = [job.local_rank] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids, process_group=job.data_group,
                                    broadcast_buffers=False)

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe_diff.config import ConfigError, ParallelConfig
-from moe_diff.parallel.plan import sharded_over_ep
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a DTensor (FSDP's parameters and gradients), or the tensor itself."""
+    """This rank's piece of a DTensor (a parameter or gradient split over the mesh), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def keep_shard(full: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
-    """This rank's block along `dim` of a whole tensor: rank r of the group keeps the r-th of group.size()
-    equal blocks (the layout every parallelize function makes)."""
-    size = full.shape[dim] // group.size()
-    return full.narrow(dim, group.rank() * size, size)
+class Piece(NamedTuple):
+    """This rank's block of a whole tensor: where it starts, its values, and the whole tensor's shape."""
+
+    offset: tuple[int, ...]
+    local: torch.Tensor
+    whole_shape: torch.Size
+
+
+def piece(tensor: torch.Tensor) -> Piece:
+    """This rank's piece of a parameter, gradient or optimizer moment (a DTensor of the job, or whole)."""
+    if not isinstance(tensor, DTensor):
+        return Piece((0,) * tensor.dim(), tensor, tensor.shape)
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return Piece(tuple(offset), tensor.to_local(), tensor.shape)
 
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "ep", "tp")
@@ -93,18 +100,3 @@ class ParallelDims:
         for name, dims in FLATTENED.items():
             mesh[dims]._flatten(name)
         return mesh
-
-
-def average_gradients(model: nn.Module, replicas: dist.ProcessGroup, data_group: dist.ProcessGroup | None = None,
-                      only: Callable[[str], bool] = lambda name: True) -> None:
-    """Data-parallel averaging: expert shards sum over `replicas`, the ranks holding the same experts (each
-    shard's gradient already sums its whole ep group's tokens); everything else over `data_group`, the ranks
-    holding the same tensor-parallel shard (None: all ranks); both divided by the number of ranks that read
-    different rows. `only` picks the parameters by name."""
-    data_ranks = data_group.size() if data_group is not None else dist.get_world_size()
-    for name, param in model.named_parameters():
-        if param.grad is None or not only(name):
-            continue
-        grad = local_tensor(param.grad)  # FSDP's piece
-        dist.all_reduce(grad, group=replicas if sharded_over_ep(name) else data_group)
-        grad.div_(data_ranks)

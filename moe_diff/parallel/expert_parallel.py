@@ -13,7 +13,6 @@ from torch import nn
 
 from moe_diff.config import ConfigError
 from moe_diff.model import Experts, MoEDiffTransformer, count_ids
-from moe_diff.parallel.dims import keep_shard
 
 
 def _exchange_counts(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -30,12 +29,12 @@ def exchange(rows: torch.Tensor, recv: list[int], send: list[int], group: dist.P
 
 
 class ExpertParallelExperts(nn.Module):
-    """A layer's experts sharded over a group: this rank's E/ep experts under the same parameter names."""
+    """A layer's experts sharded over a group: the same parameters, of which this rank holds E/ep experts once
+    they are laid out as the plan says (apply.distribute_parameters)."""
 
     def __init__(self, experts: Experts, group: dist.ProcessGroup):
         super().__init__()
-        self.w1, self.w2, self.w3 = (nn.Parameter(keep_shard(w.detach(), group, 0).clone())
-                                     for w in (experts.w1, experts.w2, experts.w3))
+        self.w1, self.w2, self.w3 = experts.w1, experts.w2, experts.w3
         self.compute, self.group = experts.compute, group
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -68,7 +67,8 @@ class ExpertParallelExperts(nn.Module):
 
 
 def parallelize_experts(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
-    """Shard every layer's experts over `group` in place: rank r keeps experts [r*E/ep, (r+1)*E/ep)."""
+    """Exchange every layer's tokens with the experts' ranks over `group`, in place: rank r runs experts
+    [r*E/ep, (r+1)*E/ep)."""
     if model.cfg.n_experts % group.size():
         raise ConfigError(f"parallel.ep={group.size()} must divide model.n_experts={model.cfg.n_experts}")
     for block in model.layers:

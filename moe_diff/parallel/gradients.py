@@ -1,5 +1,6 @@
-"""Gradients over the job: synchronised once per optimizer step (after the last micro-batch), partial tensor-parallel
-gradients summed, data-parallel ones averaged, and the whole model's gradient norm for clipping."""
+"""Gradients over the job: synchronised once per optimizer step (after the last micro-batch), gradients that
+DTensor left partial summed, those DDP and FSDP leave averaged here, and the whole model's gradient norm for
+clipping."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moe_diff.kernels.precision import compute_dtype
-from moe_diff.parallel.dims import average_gradients, local_tensor
-from moe_diff.parallel.plan import placement, sharded_over_ep
+from moe_diff.parallel.dims import DATA, local_tensor
 from moe_diff.parallel.runtime import Runtime
 
 
@@ -25,37 +25,43 @@ def accumulating(module: nn.Module, job: Runtime, last: bool) -> contextlib.Abst
 
 
 def sync_gradients(model: nn.Module, job: Runtime) -> None:
-    """Sum the gradients that tensor parallelism left partial over the tp group, then average the expert shards
-    that DDP and FSDP leave (Runtime.experts_synced_by_hand) over their replicas."""
+    """Complete the gradients each tp rank holds only its part of (placed Partial by the plan: λ, subln, and the
+    norms under sequence parallelism) by DTensor's redistribution to the parameter's placement, then average
+    those that DDP and FSDP leave (Runtime.synced_by_hand) over the data-parallel ranks: expert shards over their
+    replicas (each shard's gradient already sums its whole ep group's tokens), the rest over the ranks holding the
+    same tensor-parallel shard; both divided by the number of ranks that read different rows."""
     if not job.distributed:
         return
-    if job.dims.tp > 1:
-        for name, param in model.named_parameters():
-            if param.grad is not None and placement(name).partial_over_tp(job.sequence_parallel):
-                dist.all_reduce(local_tensor(param.grad), group=job.group("tp"))
-    if job.experts_synced_by_hand:
-        average_gradients(model, job.group("replica"), job.data_group, only=sharded_over_ep)
+    for param in model.parameters():
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
+            param.grad = grad.redistribute(placements=param.placements)
+        if grad is not None and job.synced_by_hand(param):
+            over = "replica" if "ep" in param.device_mesh.mesh_dim_names else DATA
+            grad = local_tensor(param.grad)
+            dist.all_reduce(grad, group=job.group(over))
+            grad.div_(job.data_ranks)
 
 
 def clip_grad_norm(model: nn.Module, job: Runtime, max_norm: float) -> torch.Tensor:
-    """Clip to the gradient norm of the whole model (returned): whole gradients count once, split ones are summed
-    over their groups (after sync_gradients the ranks of a data-parallel group agree; FSDP's shards are summed over
-    its mesh)."""
+    """Clip to the gradient norm of the whole model (returned): each piece's squares summed over the mesh
+    dimensions its DTensor shards (after sync_gradients no part is partial and the ranks of a data-parallel group
+    agree), whole gradients counted once."""
     grads: dict[tuple, list[torch.Tensor]] = {}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.grad is not None:
-            groups = tuple(split.group for split in job.splits(name))
-            if isinstance(param.grad, DTensor):  # FSDP's shard (HSDP: replicated over dp_replicate)
-                names = param.grad.device_mesh.mesh_dim_names
-                groups += tuple(job.group(names[dim]) for dim, placement in enumerate(param.grad.placements)
-                                if placement.is_shard())
-            grads.setdefault(groups, []).append(local_tensor(param.grad))
+            grad, groups = param.grad, ()
+            if isinstance(grad, DTensor):
+                names = grad.device_mesh.mesh_dim_names
+                groups = tuple(names[dim] for dim, placement in enumerate(grad.placements)
+                               if not placement.is_replicate())  # Shard, or FSDP's _StridedShard over another
+            grads.setdefault(groups, []).append(local_tensor(grad))
     total = torch.zeros((), device=next(model.parameters()).device)
     for groups, group_grads in grads.items():
         norms = torch.stack(torch._foreach_norm(group_grads))
         squares = norms.to(compute_dtype(norms.dtype)).square().sum()
-        for group in groups:
-            dist.all_reduce(squares, group=group)
+        for name in groups:
+            dist.all_reduce(squares, group=job.group(name))
         total = total + squares
     norm = total.sqrt()
     if math.isfinite(max_norm):

@@ -8,6 +8,9 @@ import fnmatch
 import functools
 from dataclasses import dataclass
 
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor import Placement as TensorPlacement
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -78,6 +81,24 @@ def placement(name: str) -> Placement:
     return found[0]
 
 
-def sharded_over_ep(name: str) -> bool:
-    """An expert weight: each ep rank holds its own experts, whose gradients its replicas average."""
-    return placement(name).ep is not None
+@dataclass(frozen=True)
+class Layout:
+    """A parameter as a DTensor in one job: the mesh dimensions it is split (or its gradient summed) over, its
+    placements there, and its gradient's (Partial where each rank's gradient is its part of the sum)."""
+
+    mesh_dims: tuple[str, ...]
+    placements: tuple[TensorPlacement, ...]
+    grad_placements: tuple[TensorPlacement, ...]
+
+
+def layout(name: str, ep: int, tp: int, vocab_parallel: bool, sequence_parallel: bool) -> Layout | None:
+    """How parameter `name` lies over a job's ep and tp dimensions (None: whole on every rank)."""
+    planned = placement(name)
+    dims: list[tuple[str, TensorPlacement, TensorPlacement]] = []
+    if ep > 1 and planned.ep is not None:
+        dims.append(("ep", Shard(planned.ep), Shard(planned.ep)))
+    if tp > 1 and (dim := planned.tp_dim(vocab_parallel)) is not None:
+        dims.append(("tp", Shard(dim), Shard(dim)))
+    elif tp > 1 and planned.partial_over_tp(sequence_parallel):
+        dims.append(("tp", Replicate(), Partial()))
+    return Layout(*(tuple(column) for column in zip(*dims, strict=True))) if dims else None

@@ -1,6 +1,6 @@
 """The training job's processes: torchrun's environment read once, the process group (NCCL on CUDA, gloo on CPU)
-with a timeout so that a failed or hung rank ends the job instead of blocking it, the mesh, how each parameter is
-split over it, and the few collectives the training loop needs (gathered objects, reduced metrics, one flag)."""
+with a timeout so that a failed or hung rank ends the job instead of blocking it, the mesh, and the few
+collectives the training loop needs (gathered objects, reduced metrics, one flag)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from moe_diff.config import ParallelConfig
 from moe_diff.parallel.dims import DATA, ParallelDims
-from moe_diff.parallel.plan import placement
-
-
-@dataclass(frozen=True)
-class Split:
-    """A parameter split over one mesh dimension: `group` holds its pieces along tensor dimension `dim`."""
-
-    group: dist.ProcessGroup
-    dim: int
-    mesh_dim: str  # "ep" or "tp"
 
 
 @dataclass
@@ -73,12 +64,18 @@ class Runtime:
         return self.distributed and self.data_parallel == "fsdp"
 
     @property
-    def experts_synced_by_hand(self) -> bool:
-        """Expert shards whose gradients sync_gradients averages over their replicas itself: under DDP, which
-        leaves them out, and under FSDP where no other rank of the shard's (HSDP) group holds it (FSDP2 divides the
-        gradient of a one-rank group by a set divide factor twice where it reduces by sums, as on gloo and in
-        float64); there each rank keeps its expert shard whole."""
-        return self.dims.ep > 1 and (self.ddp or (self.fsdp and self.dims.dp_shard == 1))
+    def experts_whole_under_fsdp(self) -> bool:
+        """FSDP with expert shards that no other rank of the shard's (HSDP) group holds: each rank keeps its shard
+        whole and sync_gradients averages it over its replicas (FSDP2 divides the gradient of a one-rank group by a
+        set divide factor twice where it reduces by sums, as on gloo and in float64)."""
+        return self.fsdp and self.dims.ep > 1 and self.dims.dp_shard == 1
+
+    def synced_by_hand(self, param: torch.Tensor) -> bool:
+        """Whether sync_gradients averages this parameter's gradient itself: under DDP every parameter split over
+        the mesh (a DTensor, which DDP leaves out), under FSDP the expert shards of experts_whole_under_fsdp."""
+        if not isinstance(param, DTensor):
+            return False
+        return self.ddp or (self.experts_whole_under_fsdp and "ep" in param.device_mesh.mesh_dim_names)
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's GPU (torchrun's LOCAL_RANK) when the job runs on CUDA."""
@@ -94,25 +91,6 @@ class Runtime:
     @property
     def data_ranks(self) -> int:
         return self.world_size // self.dims.tp
-
-    def splits(self, name: str) -> list[Split]:
-        """The mesh dimensions a parameter is split over, outermost first (expert parallelism shards the whole
-        experts that tensor parallelism then splits)."""
-        splits = []
-        planned = placement(name)
-        if self.dims.ep > 1 and planned.ep is not None:
-            splits.append(Split(self.group("ep"), planned.ep, "ep"))
-        if self.dims.tp > 1 and (dim := planned.tp_dim(self.vocab_parallel)) is not None:
-            splits.append(Split(self.group("tp"), dim, "tp"))
-        return splits
-
-    def whole_shape(self, name: str, shape: torch.Size) -> torch.Size:
-        """The single-process shape of a parameter of which this rank holds `shape` after expert and tensor
-        parallelism."""
-        whole = list(shape)
-        for split in self.splits(name):
-            whole[split.dim] *= split.group.size()
-        return torch.Size(whole)
 
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's `value` (picklable), in rank order, on every rank."""
@@ -168,10 +146,3 @@ def start(cfg: ParallelConfig, device: torch.device) -> Runtime:
                                 timeout=timedelta(seconds=cfg.timeout_s))
     return Runtime(dims, dist.get_rank(), local_rank, dims.build_mesh(device.type), cfg.data_parallel,
                    cfg.vocab_parallel, cfg.sequence_parallel)
-
-
-def gather_shards(local: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
-    """The whole tensor from each rank's block along `dim`, on every rank of the group."""
-    parts = [torch.empty_like(local) for _ in range(group.size())]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=dim)

@@ -26,8 +26,6 @@ from torch import nn
 from moe_diff.config import ConfigError
 from moe_diff.kernels.precision import compute_dtype
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.dims import keep_shard
-from moe_diff.parallel.plan import placement
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -139,13 +137,13 @@ class _ReduceScatterSequence(torch.autograd.Function):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """This rank's rows of the embedding (the same parameter name); a token outside them looks up zeros and the
-    group's lookups are summed."""
+    """The embedding (the same parameter), of which this rank holds a block of rows once it is laid out; a token
+    outside them looks up zeros and the group's lookups are summed."""
 
     def __init__(self, embedding: nn.Embedding, group: dist.ProcessGroup):
         super().__init__()
-        self.weight = nn.Parameter(keep_shard(embedding.weight.detach(), group, 0).clone())
-        self.first_row, self.group = group.rank() * self.weight.shape[0], group
+        self.weight, self.group = embedding.weight, group
+        self.first_row = group.rank() * (embedding.weight.shape[0] // group.size())
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = tokens - self.first_row
@@ -155,13 +153,13 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """This rank's rows of the output head (the same parameter name): its columns of the logits, gathered whole
-    but inside sharded_logits()."""
+    """The output head (the same parameter), of which this rank holds a block of rows once it is laid out: its
+    columns of the logits, gathered whole but inside sharded_logits()."""
 
     def __init__(self, weight: nn.Parameter, group: dist.ProcessGroup):
         super().__init__()
         self.weight, self.group, self.gather = weight, group, True
-        self.first_column = group.rank() * weight.shape[0]
+        self.first_column = group.rank() * (weight.shape[0] // group.size())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(_CopyToGroup.apply(h, self.group), self.weight)
@@ -224,9 +222,7 @@ def parallelize_vocab(model: MoEDiffTransformer, group: dist.ProcessGroup) -> Mo
         raise ConfigError(f"parallel.vocab_parallel=true needs parallel.tp={group.size()} to divide "
                           f"model.vocab_size={model.cfg.vocab_size}")
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
-    weight = (model.tok_embeddings.weight if model.cfg.tie_embeddings
-              else nn.Parameter(keep_shard(model.output.weight.detach(), group, 0).clone()))
-    model.output = VocabParallelHead(weight, group)
+    model.output = VocabParallelHead(model.output.weight, group)
     return model
 
 
@@ -291,18 +287,15 @@ class _Regions:
 
 def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup,
                        sequence_parallel: bool = False) -> MoEDiffTransformer:
-    """Split every layer's attention and experts over `group` in place (rank r keeps the r-th block of rows
-    or columns, as the plan places them); everything else stays replicated. With `sequence_parallel`, in
-    training, the residual stream and its norms hold each rank's block of positions (_Regions; the embedding's
-    output is scattered by positions and the output head's input gathered)."""
+    """Run every layer's attention heads and experts' FFN columns split over `group` (each rank on the blocks of
+    rows or columns the plan gives it, once the parameters are laid out): the activations copied into those
+    regions and summed out of them. With `sequence_parallel`, in training, the residual stream and its norms hold
+    each rank's block of positions (_Regions; the embedding's output is scattered by positions and the output
+    head's input gathered)."""
     check_tensor_parallel(model, group.size())
     regions = _Regions(group, sequence_parallel)
-    for index, block in enumerate(model.layers):
-        for name, param in list(block.named_parameters()):
-            if (dim := placement(f"layers.{index}.{name}").tp) is not None:
-                owner, _, attribute = name.rpartition(".")
-                local = keep_shard(param.detach(), group, dim).clone()
-                setattr(block.get_submodule(owner), attribute, nn.Parameter(local, requires_grad=param.requires_grad))
+    for block in model.layers:
+        block.attention.n_kv_heads //= group.size()
         block.attention.register_forward_pre_hook(regions.attention_input)
         block.attention.wo.register_forward_hook(regions.partial_output)
         block.moe.register_forward_pre_hook(regions.moe_input)

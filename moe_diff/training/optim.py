@@ -6,17 +6,19 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_diff.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Decay matrices and embeddings; not norms or lambda vectors (anything 1-D). Fused kernels."""
+    """Decay matrices and embeddings; not norms or lambda vectors (anything 1-D). Fused kernels, which take
+    parameters split over a mesh (DTensors) and whole ones in separate groups."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = [{"params": [p for p in params if (p.dim() >= 2) == decay and isinstance(p, DTensor) == split],
+               "weight_decay": cfg.weight_decay if decay else 0.0}
+              for decay in (True, False) for split in (False, True)]
+    groups = [group for group in groups if group["params"]]
     return torch.optim.AdamW(groups, lr=learning_rate(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=True)
 
 

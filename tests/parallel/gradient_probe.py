@@ -13,12 +13,11 @@ import torch
 from harness import CONFIGS, SETTINGS  # tests/parallel is on the path
 from rich.console import Console
 
-from moe_diff.checkpoint.experts import expert_table
+from moe_diff.checkpoint.experts import expert_table, expert_weights
 from moe_diff.checkpoint.schema import CheckpointError
 from moe_diff.config import load_config
 from moe_diff.parallel import runtime
-from moe_diff.parallel.dims import local_tensor
-from moe_diff.parallel.views import CheckpointViews
+from moe_diff.parallel.dims import local_tensor, piece
 from moe_diff.training.trainer import Trainer
 
 MODES = ("standard", "diff", "diff_v2")
@@ -27,10 +26,9 @@ RECORDED = ("loss", "aux_loss", "load_balance_loss", "z_loss", "grad_norm")
 
 def pieces(trainer: Trainer) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
     """name -> (offset in the whole tensor, this rank's piece of its gradient)."""
-    views = CheckpointViews(trainer.runtime)
     found = {}
     for name, param in trainer.model.named_parameters():
-        offset, local, _ = views.piece(name, param.grad.detach())
+        offset, local, _ = piece(param.grad.detach())
         found[name] = (offset, local.clone())
     return found
 
@@ -38,7 +36,7 @@ def pieces(trainer: Trainer) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
 def perturbed_table(trainer: Trainer) -> dict[str, str] | str:
     """The expert table with the first element of the last rank's piece of layer 0's w2 changed, or the error
     where another rank holds the same piece."""
-    weight = local_tensor(trainer.model.layers[0].moe.experts.w2).view(-1)
+    weight = local_tensor(expert_weights(trainer.model.layers[0])["w2"]).view(-1)
     last = trainer.runtime.rank == trainer.runtime.world_size - 1
     kept = weight[0].clone()
     with torch.no_grad():

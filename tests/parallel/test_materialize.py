@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from moe_diff.config import ModelConfig, ParallelConfig
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel.apply import materialize, parallelize, shard_fully
-from moe_diff.parallel.dims import ParallelDims
+from moe_diff.parallel.dims import ParallelDims, local_tensor
 from moe_diff.parallel.runtime import Runtime
 
 CONFIG = ModelConfig(vocab_size=48, dim=16, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=24, n_experts=4,
@@ -45,17 +45,19 @@ def check_rank(rank: int, world: int, init_file: str) -> None:
         dim = next((dim for suffix, dim in TENSOR_PARALLEL_DIMS.items() if name.endswith(suffix)), None)
         if dim is not None:
             expected = expected.chunk(2, dim)[tp]
-        torch.testing.assert_close(param, expected, rtol=0, atol=0, msg=name)
-    assert mine.output.weight is mine.tok_embeddings.weight
+        assert param.shape == whole[name].shape, name  # a DTensor of the single-process shape
+        torch.testing.assert_close(local_tensor(param), expected, rtol=0, atol=0, msg=name)
+    tied = dict(mine.named_parameters(remove_duplicate=False))
+    assert tied["output.weight"] is tied["tok_embeddings.weight"]
     assert all(torch.equal(block.moe.expert_bias, torch.zeros(4)) for block in mine.layers)
-    held, total = sum(p.numel() for p in mine.parameters()), sum(p.numel() for p in whole.values())
+    held, total = sum(local_tensor(p).numel() for p in mine.parameters()), sum(p.numel() for p in whole.values())
     assert held < 0.4 * total  # the experts, attention and vocabulary all split 4 or 2 ways
     dist.destroy_process_group()
 
 
 def check_fully_sharded_rank(rank: int, world: int, init_file: str) -> None:
     """FSDP over 2 replicas of tp=2 halves: each rank's FSDP piece is its part of the tp half, and the pieces of
-    a parameter gathered over the replicas are that half."""
+    a parameter gathered over the job are the whole."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     dims = ParallelDims.from_config(ParallelConfig(tp=2, data_parallel="fsdp"), world)
@@ -69,9 +71,9 @@ def check_fully_sharded_rank(rank: int, world: int, init_file: str) -> None:
     for name, param in model.named_parameters():
         dim = next((dim for suffix, dim in TENSOR_PARALLEL_DIMS.items()
                     if name.endswith(suffix) and suffix != "tok_embeddings.weight"), None)
-        expected = whole[name] if dim is None else whole[name].chunk(2, dim)[tp]
-        assert param.to_local().shape[0] < expected.shape[0] or expected.shape[0] == 1, name  # a piece only
-        torch.testing.assert_close(param.full_tensor(), expected, rtol=0, atol=0, msg=name)
+        half = whole[name] if dim is None else whole[name].chunk(2, dim)[tp]
+        assert param.to_local().shape[0] < half.shape[0] or half.shape[0] == 1, name  # a piece only
+        torch.testing.assert_close(param.full_tensor(), whole[name], rtol=0, atol=0, msg=name)
     dist.destroy_process_group()
 
 
