@@ -102,7 +102,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, result
     if world == 1:
         row["no_expert_parallel_s"] = time_steps(model, tokens, device, args.steps, None)
     dims = ParallelDims.from_config(ParallelConfig(ep=world), world)
-    job = Runtime(dims, rank, 0, dims.build_mesh(device.type))
+    job = Runtime(dims, rank, rank, dims.build_mesh(device.type))  # one node: local rank = rank
     parallelize_experts(model, job.group("ep"))  # with one rank too, to time the dispatch through it
     distribute_parameters(model, job)
     with ExchangeMeter(device) as meter:

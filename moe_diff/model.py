@@ -125,7 +125,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.head_dim = d = cfg.resolved_head_dim
-        self.n_kv_heads = cfg.n_kv_heads  # those this module computes: a tensor-parallel rank's share
+        self.n_kv_heads = cfg.n_kv_heads  # those it computes: parallel/tensor_parallel.py gives a rank its share
         self.wq = nn.Linear(cfg.dim, self.queries_per_head * cfg.n_heads * d, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * d, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * d, bias=False)

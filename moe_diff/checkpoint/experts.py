@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moe_diff.checkpoint.schema import CheckpointError
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.dims import ParallelDims, Piece, piece
+from moe_diff.parallel.dims import ParallelDims
+from moe_diff.parallel.pieces import Piece, piece
 from moe_diff.parallel.runtime import Runtime
 
 EXPERTS = "experts.json"
@@ -158,15 +159,13 @@ def check(directory: Path, model: MoEDiffTransformer, runtime: Runtime = ONE_PRO
 
 
 def legacy_sha256_table(model: MoEDiffTransformer, runtime: Runtime = ONE_PROCESS) -> dict[str, str]:
-    """An earlier version's table: 'layer L expert E' -> SHA-256 of the expert's w1, w2 and w3, each weight made
-    whole on every rank, and each rank hashing on the host the experts of its ep rank."""
-    experts = model.cfg.n_experts // runtime.dims.ep
-    first = runtime.group("ep").rank() * experts if runtime.dims.ep > 1 else 0
+    """An earlier version's table: 'layer L expert E' -> SHA-256 of the expert's w1, w2 and w3, each rank's
+    experts made whole (gathered over every mesh dimension but ep) and hashed on the host."""
     table = {}
     for layer, block in enumerate(model.layers):
-        weights = [(value.full_tensor() if isinstance(value, DTensor) else value)[first:first + experts].cpu()
-                   for value in expert_weights(block).values()]
-        for expert in range(experts):
+        held = [piece(_whole_but_for_ep(value)) for value in expert_weights(block).values()]
+        first, weights = held[0].offset[0], [part.local.cpu() for part in held]
+        for expert in range(len(weights[0])):
             digest = hashlib.sha256()
             for w in weights:
                 digest.update(w[expert].contiguous().view(torch.uint8).numpy().tobytes())
@@ -174,3 +173,11 @@ def legacy_sha256_table(model: MoEDiffTransformer, runtime: Runtime = ONE_PROCES
     for rank_table in runtime.gather_objects(table):
         table |= rank_table
     return table
+
+
+def _whole_but_for_ep(value: torch.Tensor) -> torch.Tensor:
+    """An expert weight gathered over every mesh dimension but ep: this rank's experts whole."""
+    if not isinstance(value, DTensor):
+        return value
+    names = value.device_mesh.mesh_dim_names
+    return value.redistribute(placements=[Shard(0) if name == "ep" else Replicate() for name in names])

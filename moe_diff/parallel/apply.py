@@ -13,13 +13,14 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Placement, distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.model import MoEDiffTransformer, init_parameter, parameter_generator
-from moe_diff.parallel.dims import DATA, piece
+from moe_diff.parallel.dims import DATA
 from moe_diff.parallel.expert_parallel import parallelize_experts
-from moe_diff.parallel.plan import layout
+from moe_diff.parallel.pieces import piece
+from moe_diff.parallel.plan import TensorPlacement, layout
 from moe_diff.parallel.runtime import Runtime
 from moe_diff.parallel.tensor_parallel import parallelize_tensor, parallelize_vocab
 
@@ -45,30 +46,34 @@ def distribute_parameters(model: MoEDiffTransformer, job: Runtime) -> None:
     made: dict[int, nn.Parameter] = {}
     meshes: dict[tuple[str, ...], DeviceMesh] = {}
     for prefix, module in model.named_modules():
-        pieces: dict[str, tuple[DeviceMesh, tuple[Placement, ...]]] = {}
-        for attribute, param in list(module.named_parameters(prefix, recurse=False)):
-            spec = layout(attribute, job.dims.ep, job.dims.tp, job.vocab_parallel, job.sequence_parallel)
+        local_reads: dict[str, tuple[DeviceMesh, tuple[TensorPlacement, ...]]] = {}
+        for qualified, param in list(module.named_parameters(prefix, recurse=False)):
+            spec = layout(qualified, job.dims.ep, job.dims.tp, job.vocab_parallel, job.sequence_parallel)
             if spec is None:
                 continue
-            mesh = meshes.setdefault(spec.mesh_dims, job.mesh[spec.mesh_dims])
+            if spec.mesh_dims not in meshes:
+                meshes[spec.mesh_dims] = job.mesh[spec.mesh_dims]
+            mesh = meshes[spec.mesh_dims]
             if id(param) not in made:  # a tied head shares the embedding's
-                local = distribute_tensor(param.detach(), mesh, spec.placements, src_data_rank=None)
-                made[id(param)] = nn.Parameter(local, requires_grad=param.requires_grad)
-            name = attribute.rpartition(".")[2]
+                piece_of = distribute_tensor(param.detach(), mesh, spec.placements, src_data_rank=None)
+                made[id(param)] = nn.Parameter(piece_of, requires_grad=param.requires_grad)
+            name = qualified.rpartition(".")[2]
             setattr(module, name, made[id(param)])
-            pieces[name] = (mesh, spec.grad_placements)
-        if pieces:
+            local_reads[name] = (mesh, spec.grad_placements)
+        if local_reads:
             module.__class__ = _reading_pieces(type(module))
-            module.pieces = pieces
+            module.local_reads = local_reads
 
 
 @functools.cache
 def _reading_pieces(cls: type[nn.Module]) -> type[nn.Module]:
-    """The module's own code, unchanged, computing on this rank's pieces of its DTensor parameters."""
+    """The module's own code, unchanged, computing on this rank's pieces of its DTensor parameters: reading one
+    as an attribute gives the piece, a view that autograd carries back to the parameter (so its .grad is None:
+    read parameters themselves through named_parameters)."""
     def __getattr__(self: nn.Module, name: str) -> Any:
         value = cls.__getattr__(self, name)
-        if isinstance(value, DTensor) and name in self.pieces:
-            mesh, grad_placements = self.pieces[name]
+        if isinstance(value, DTensor) and name in self.local_reads:
+            mesh, grad_placements = self.local_reads[name]
             if value.device_mesh == mesh:  # not FSDP's shard of it, which FSDP makes whole (a piece of ours) to run
                 return value.to_local(grad_placements=grad_placements)
         return value
@@ -146,9 +151,9 @@ def materialize(model: MoEDiffTransformer, job: Runtime, device: torch.device, s
 
 def wrap(model: MoEDiffTransformer, job: Runtime) -> nn.Module:
     """The module the training step calls: the model itself, or with ddp DistributedDataParallel over the ranks
-    holding the same shards (it averages gradients in buckets while the backward runs), the parameters split over
-    the mesh (DTensors) left out of it to be averaged by sync_gradients. Call after materialize(), before
-    building the optimizer."""
+    holding the same shards (it averages gradients in buckets while the backward runs), the DTensor parameters
+    (split over the mesh, or with gradients summed over tp) left out of it for sync_gradients. Call after
+    materialize(), before building the optimizer."""
     if not job.ddp:
         return model
     split = [name for name, param in model.named_parameters(remove_duplicate=False)  # a tied head's name too

@@ -10,11 +10,15 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from moe_diff.kernels.precision import compute_dtype
-from moe_diff.parallel.dims import DATA, local_tensor
+from moe_diff.parallel.dims import DATA
+from moe_diff.parallel.pieces import local_tensor
 from moe_diff.parallel.runtime import Runtime
+
+SHARDED = (Shard, _StridedShard)  # FSDP's split of a piece that another placement splits is no Shard
 
 
 def accumulating(module: nn.Module, job: Runtime, last: bool) -> contextlib.AbstractContextManager:
@@ -27,20 +31,33 @@ def accumulating(module: nn.Module, job: Runtime, last: bool) -> contextlib.Abst
 def sync_gradients(model: nn.Module, job: Runtime) -> None:
     """Complete the gradients each tp rank holds only its part of (placed Partial by the plan: λ, subln, and the
     norms under sequence parallelism) by DTensor's redistribution to the parameter's placement, then average
-    those that DDP and FSDP leave (Runtime.synced_by_hand) over the data-parallel ranks: expert shards over their
+    those that DDP and FSDP leave (_averaged_here) over the data-parallel ranks: expert shards over their
     replicas (each shard's gradient already sums its whole ep group's tokens), the rest over the ranks holding the
     same tensor-parallel shard; both divided by the number of ranks that read different rows."""
     if not job.distributed:
         return
     for param in model.parameters():
-        grad = param.grad
-        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
-            param.grad = grad.redistribute(placements=param.placements)
-        if grad is not None and job.synced_by_hand(param):
-            over = "replica" if "ep" in param.device_mesh.mesh_dim_names else DATA
-            grad = local_tensor(param.grad)
-            dist.all_reduce(grad, group=job.group(over))
-            grad.div_(job.data_ranks)
+        if param.grad is None:
+            continue
+        if isinstance(param.grad, DTensor) and any(placement.is_partial() for placement in param.grad.placements):
+            param.grad = param.grad.redistribute(placements=param.placements)
+        if _averaged_here(param, job):
+            local = local_tensor(param.grad)
+            dist.all_reduce(local, group=job.group("replica" if _over_experts(param) else DATA))
+            local.div_(job.data_ranks)
+
+
+def _over_experts(param: torch.Tensor) -> bool:
+    """A DTensor split over the ep dimension: an expert shard, whose replicas are the ranks of 'replica'."""
+    return "ep" in param.device_mesh.mesh_dim_names
+
+
+def _averaged_here(param: torch.Tensor, job: Runtime) -> bool:
+    """Whether sync_gradients averages this parameter's gradient itself: under DDP every DTensor (DDP takes none),
+    under FSDP the expert shards of Runtime.experts_whole_under_fsdp."""
+    if not isinstance(param, DTensor):
+        return False
+    return job.ddp or (job.experts_whole_under_fsdp and _over_experts(param))
 
 
 def clip_grad_norm(model: nn.Module, job: Runtime, max_norm: float) -> torch.Tensor:
@@ -54,7 +71,7 @@ def clip_grad_norm(model: nn.Module, job: Runtime, max_norm: float) -> torch.Ten
             if isinstance(grad, DTensor):
                 names = grad.device_mesh.mesh_dim_names
                 groups = tuple(names[dim] for dim, placement in enumerate(grad.placements)
-                               if not placement.is_replicate())  # Shard, or FSDP's _StridedShard over another
+                               if isinstance(placement, SHARDED))  # sync_gradients left none Partial
             grads.setdefault(groups, []).append(local_tensor(grad))
     total = torch.zeros((), device=next(model.parameters()).device)
     for groups, group_grads in grads.items():

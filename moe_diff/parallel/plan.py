@@ -94,11 +94,14 @@ class Layout:
 def layout(name: str, ep: int, tp: int, vocab_parallel: bool, sequence_parallel: bool) -> Layout | None:
     """How parameter `name` lies over a job's ep and tp dimensions (None: whole on every rank)."""
     planned = placement(name)
-    dims: list[tuple[str, TensorPlacement, TensorPlacement]] = []
+    split: list[tuple[str, TensorPlacement, TensorPlacement]] = []  # (mesh dimension, placement, gradient's)
     if ep > 1 and planned.ep is not None:
-        dims.append(("ep", Shard(planned.ep), Shard(planned.ep)))
+        split.append(("ep", Shard(planned.ep), Shard(planned.ep)))
     if tp > 1 and (dim := planned.tp_dim(vocab_parallel)) is not None:
-        dims.append(("tp", Shard(dim), Shard(dim)))
+        split.append(("tp", Shard(dim), Shard(dim)))
     elif tp > 1 and planned.partial_over_tp(sequence_parallel):
-        dims.append(("tp", Replicate(), Partial()))
-    return Layout(*(tuple(column) for column in zip(*dims, strict=True))) if dims else None
+        split.append(("tp", Replicate(), Partial()))
+    if not split:
+        return None
+    mesh_dims, placements, grad_placements = zip(*split, strict=True)
+    return Layout(mesh_dims, placements, grad_placements)

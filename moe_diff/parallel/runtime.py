@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from moe_diff.config import ParallelConfig
 from moe_diff.parallel.dims import DATA, ParallelDims
@@ -37,7 +36,7 @@ class Runtime:
         return self.group(DATA) if self.distributed else None
 
     def group(self, dim: str) -> dist.ProcessGroup:
-        """This rank's process group along mesh dimension `dim` ('replica', 'ep', 'tp' or DATA), looked up once (a
+        """This rank's process group along mesh dimension `dim` (one of MESH_DIMS or FLATTENED), looked up once (a
         lookup in the mesh reads its rank table)."""
         if dim not in self._groups:
             self._groups[dim] = self.mesh[dim].get_group()
@@ -69,13 +68,6 @@ class Runtime:
         whole and sync_gradients averages it over its replicas (FSDP2 divides the gradient of a one-rank group by a
         set divide factor twice where it reduces by sums, as on gloo and in float64)."""
         return self.fsdp and self.dims.ep > 1 and self.dims.dp_shard == 1
-
-    def synced_by_hand(self, param: torch.Tensor) -> bool:
-        """Whether sync_gradients averages this parameter's gradient itself: under DDP every parameter split over
-        the mesh (a DTensor, which DDP leaves out), under FSDP the expert shards of experts_whole_under_fsdp."""
-        if not isinstance(param, DTensor):
-            return False
-        return self.ddp or (self.experts_whole_under_fsdp and "ep" in param.device_mesh.mesh_dim_names)
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's GPU (torchrun's LOCAL_RANK) when the job runs on CUDA."""

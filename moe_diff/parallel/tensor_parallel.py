@@ -217,7 +217,8 @@ def _vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, h
 
 
 def parallelize_vocab(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
-    """Split the embedding and the output head (tied or not) by vocabulary rows over `group`, in place."""
+    """Run the embedding and the output head (tied or not) on blocks of vocabulary rows over `group`, in place (the
+    plan lays the weights out)."""
     if model.cfg.vocab_size % group.size():
         raise ConfigError(f"parallel.vocab_parallel=true needs parallel.tp={group.size()} to divide "
                           f"model.vocab_size={model.cfg.vocab_size}")

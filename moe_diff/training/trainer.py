@@ -44,8 +44,8 @@ from moe_diff.parallel.apply import (
     shard_fully,
     wrap,
 )
-from moe_diff.parallel.dims import local_tensor
 from moe_diff.parallel.gradients import accumulating, clip_grad_norm, sync_gradients
+from moe_diff.parallel.pieces import local_tensor
 from moe_diff.parallel.tensor_parallel import sharded_logits
 from moe_diff.routing.collect import collect_trace
 from moe_diff.routing.summary import load_summary, router_entropy

@@ -12,7 +12,7 @@ from helpers import small_config  # tests/ is on the path
 from moe_diff.checkpoint import experts, open_model
 from moe_diff.checkpoint import training as checkpoints
 from moe_diff.checkpoint.schema import CheckpointError
-from moe_diff.parallel.dims import Piece
+from moe_diff.parallel.pieces import Piece
 from moe_diff.train import train
 
 

@@ -2,7 +2,8 @@
 (built from the test config in float64, with the given overrides) takes its first step's gradients, and this rank
 writes each parameter's piece of them, with the piece's offset in the whole tensor, then the records of a few
 whole steps (loss, router losses, gradient norm), to OUT/rank-R.pt; with them, the expert table of the freshly
-initialised model, and what the table becomes when the last rank changes one element of its experts.
+initialised model, what the table becomes when the last rank changes one element of its experts, and the SHA-256
+table of earlier versions.
 
 usage: python gradient_probe.py OUT CORPUS STEPS [section.key=value ...]"""
 
@@ -13,11 +14,11 @@ import torch
 from harness import CONFIGS, SETTINGS  # tests/parallel is on the path
 from rich.console import Console
 
-from moe_diff.checkpoint.experts import expert_table, expert_weights
+from moe_diff.checkpoint.experts import expert_table, expert_weights, legacy_sha256_table
 from moe_diff.checkpoint.schema import CheckpointError
 from moe_diff.config import load_config
 from moe_diff.parallel import runtime
-from moe_diff.parallel.dims import local_tensor, piece
+from moe_diff.parallel.pieces import local_tensor, piece
 from moe_diff.training.trainer import Trainer
 
 MODES = ("standard", "diff", "diff_v2")
@@ -61,7 +62,8 @@ def main(out: Path, corpus: str, steps: int, overrides: list[str]) -> None:
                                                   *overrides])
         job = job or runtime.start(cfg.parallel, torch.device("cpu"))
         trainer = Trainer(cfg, console, job)
-        tables = {"experts": expert_table(trainer.model, job), "perturbed": perturbed_table(trainer)}
+        tables = {"experts": expert_table(trainer.model, job), "perturbed": perturbed_table(trainer),
+                  "sha256": legacy_sha256_table(trainer.model, job)}
         records = []
         for step in range(steps):
             sums = trainer.compute_gradients(details=True)

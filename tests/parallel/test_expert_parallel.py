@@ -13,8 +13,9 @@ from moe_diff.config import ConfigError, ModelConfig, ParallelConfig, load_confi
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.apply import parallelize
-from moe_diff.parallel.dims import ParallelDims, local_tensor
+from moe_diff.parallel.dims import ParallelDims
 from moe_diff.parallel.expert_parallel import ExpertParallelExperts, parallelize_experts
+from moe_diff.parallel.pieces import local_tensor
 from moe_diff.parallel.runtime import Runtime
 
 CONFIG = dict(vocab_size=48, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, n_experts=4, top_k=2,

@@ -28,6 +28,7 @@ def assert_same_gradients(ranks: list[dict], single: dict, replicated_experts: b
         for mode, expected in single.items():
             got = written[mode]
             assert got["experts"] == expected["experts"], f"rank {rank}, {mode}: the expert table"
+            assert got["sha256"] == expected["sha256"], f"rank {rank}, {mode}: the earlier versions' table"
             if replicated_experts:
                 assert "the replicas of an expert diverged" in got["perturbed"]
             else:

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from moe_diff.config import ModelConfig, ParallelConfig
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel.apply import materialize, parallelize, shard_fully
-from moe_diff.parallel.dims import ParallelDims, local_tensor
+from moe_diff.parallel.dims import ParallelDims
+from moe_diff.parallel.pieces import local_tensor
 from moe_diff.parallel.runtime import Runtime
 
 CONFIG = ModelConfig(vocab_size=48, dim=16, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=24, n_experts=4,
