@@ -6,6 +6,9 @@ checkpoint save.
 
 CPU (gloo):  python benchmarks/layouts.py                    every layout, this tree and --old, 2 rounds
 CI:          python benchmarks/layouts.py --layouts ddp --no-old --rounds 1 --steps 1 --out PATH
+Parameters as DTensors against the hand-split ones before them:
+             python benchmarks/layouts.py --old 92d32d7 --layouts tp2 fsdp-tp2 tp2-ep2 \
+                 --out benchmarks/results/parallel-dtensor-cpu.json
 The all-reduce layouts run on the earlier code only: this code refuses them, DDP having measured faster in each
 (benchmarks/results/parallel-layouts-cpu.json was taken at 13aff64, before the all-reduce was removed). Four
 processes on 2 cores share them: step times compare layouts and versions with each other, and say nothing of
@@ -44,6 +47,8 @@ LAYOUTS: dict[str, list[str]] = {
     **{name: [setting] for name, setting in DATA_ONLY.items()},
     **{f"{name}-ep2": [setting, "parallel.ep=2"] for name, setting in DATA_ONLY.items()},
     "hsdp": ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2"],
+    "tp2": ["parallel.data_parallel=ddp", "parallel.tp=2", "model.n_kv_heads=4"],
+    "fsdp-tp2": ["parallel.data_parallel=fsdp", "parallel.tp=2", "model.n_kv_heads=4"],
     "tp2-ep2": ["parallel.data_parallel=ddp", "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"],
 }
 
