@@ -10,6 +10,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -36,15 +37,25 @@ def sync_gradients(model: nn.Module, job: Runtime) -> None:
     same tensor-parallel shard; both divided by the number of ranks that read different rows."""
     if not job.distributed:
         return
+    averaged: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}  # (group, dtype) -> local gradients
     for param in model.parameters():
         if param.grad is None:
             continue
         if isinstance(param.grad, DTensor) and any(placement.is_partial() for placement in param.grad.placements):
             param.grad = param.grad.redistribute(placements=param.placements)
         if _averaged_here(param, job):
-            local = local_tensor(param.grad)
-            dist.all_reduce(local, group=job.group("replica" if _over_experts(param) else DATA))
-            local.div_(job.data_ranks)
+            key = ("replica" if _over_experts(param) else DATA, param.dtype)
+            averaged.setdefault(key, []).append(local_tensor(param.grad))
+    for (over, _), grads in averaged.items():
+        _average(grads, job.group(over), job.data_ranks)
+
+
+def _average(grads: list[torch.Tensor], group: dist.ProcessGroup, ranks: int) -> None:
+    """Sum the gradients over the group in one all-reduce (flattened together), divided by `ranks`, in place."""
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    flat.div_(ranks)
+    torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
 
 
 def _over_experts(param: torch.Tensor) -> bool:
