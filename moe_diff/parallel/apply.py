@@ -52,7 +52,7 @@ def distribute_parameters(model: MoEDiffTransformer, job: Runtime) -> None:
             if spec is None:
                 continue
             if spec.mesh_dims not in meshes:
-                meshes[spec.mesh_dims] = job.mesh[spec.mesh_dims]
+                meshes[spec.mesh_dims] = job.submesh(spec.mesh_dims)
             mesh = meshes[spec.mesh_dims]
             if id(param) not in made:  # a tied head shares the embedding's
                 piece_of = distribute_tensor(param.detach(), mesh, spec.placements, src_data_rank=None)
@@ -113,11 +113,11 @@ def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
     if not job.fsdp:
         return
     hsdp = job.dims.hsdp
-    data_mesh = job.mesh["dp_replicate", "shard"] if hsdp else job.mesh[DATA]
+    data_mesh = job.submesh(("dp_replicate", "shard")) if hsdp else job.submesh(DATA)
     if job.experts_whole_under_fsdp:  # a one-rank group: the shard stays whole
-        expert_mesh = job.mesh["dp_shard"]
+        expert_mesh = job.submesh("dp_shard")
     else:  # an expert shard's replicas; its gradient already sums its ep group's tokens
-        expert_mesh = job.mesh["dp_replicate", "dp_shard"] if hsdp else job.mesh["replica"]
+        expert_mesh = job.submesh(("dp_replicate", "dp_shard")) if hsdp else job.submesh("replica")
     for block in model.layers:
         if job.dims.ep > 1:
             experts = block.moe.experts

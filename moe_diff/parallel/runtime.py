@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from moe_diff.config import ParallelConfig
-from moe_diff.parallel.dims import DATA, ParallelDims
+from moe_diff.parallel.dims import DATA, FLATTENED, ParallelDims
 
 
 @dataclass
@@ -39,8 +39,15 @@ class Runtime:
         """This rank's process group along mesh dimension `dim` (one of MESH_DIMS or FLATTENED), looked up once (a
         lookup in the mesh reads its rank table)."""
         if dim not in self._groups:
-            self._groups[dim] = self.mesh[dim].get_group()
+            self._groups[dim] = self.submesh(dim).get_group()
         return self._groups[dim]
+
+    def submesh(self, dims: str | tuple[str, ...]) -> DeviceMesh:
+        """The mesh along one dimension or several; a flattened one (FLATTENED) taken from the dimensions it
+        stands for, as torch asks (slicing it from the whole mesh is deprecated)."""
+        if isinstance(dims, str) and dims in FLATTENED:
+            return self.mesh[FLATTENED[dims]]._flatten(dims)
+        return self.mesh[dims]
 
     @property
     def world_size(self) -> int:
