@@ -66,7 +66,7 @@ def main(out: Path, corpus: str, steps: int, overrides: list[str]) -> None:
                   "sha256": legacy_sha256_table(trainer.model, job)}
         records = []
         for step in range(steps):
-            sums = trainer.compute_gradients(details=True)
+            sums = trainer.compute_gradients(details=False)  # as a step that does not log: compiled, where asked
             if step == 0:
                 gradients = pieces(trainer)
             records.append({key: value for key, value in trainer.update(sums, details=True).items()
