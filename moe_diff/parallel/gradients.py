@@ -19,6 +19,7 @@ from moe_diff.parallel.dims import DATA
 from moe_diff.parallel.pieces import local_tensor
 from moe_diff.parallel.runtime import Runtime
 
+BUCKET_BYTES = 1 << 27  # the most gradient bytes sync_gradients flattens into one all-reduce
 SHARDED = (Shard, _StridedShard)  # FSDP's split of a piece that another placement splits is no Shard
 
 
@@ -47,7 +48,21 @@ def sync_gradients(model: nn.Module, job: Runtime) -> None:
             key = ("replica" if _over_experts(param) else DATA, param.dtype)
             averaged.setdefault(key, []).append(local_tensor(param.grad))
     for (over, _), grads in averaged.items():
-        _average(grads, job.group(over), job.data_ranks)
+        for bucket in _buckets(grads):
+            _average(bucket, job.group(over), job.data_ranks)
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The gradients in consecutive runs of at most BUCKET_BYTES (or one larger gradient)."""
+    buckets: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for grad in grads:
+        if buckets[-1] and size + grad.nbytes > BUCKET_BYTES:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(grad)
+        size += grad.nbytes
+    return buckets
 
 
 def _average(grads: list[torch.Tensor], group: dist.ProcessGroup, ranks: int) -> None:

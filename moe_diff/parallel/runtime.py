@@ -45,8 +45,10 @@ class Runtime:
     def submesh(self, dims: str | tuple[str, ...]) -> DeviceMesh:
         """The mesh along one dimension or several; a flattened one (FLATTENED) taken from the dimensions it
         stands for, as torch asks (slicing it from the whole mesh is deprecated)."""
-        if isinstance(dims, str) and dims in FLATTENED:
-            return self.mesh[FLATTENED[dims]]._flatten(dims)
+        if isinstance(dims, str):
+            return self.mesh[FLATTENED[dims]]._flatten(dims) if dims in FLATTENED else self.mesh[dims]
+        if any(dim in FLATTENED for dim in dims):  # HSDP's ('dp_replicate', 'shard'), say
+            return DeviceMesh._concatenate([self.submesh(dim) for dim in dims])
         return self.mesh[dims]
 
     @property
