@@ -3,11 +3,10 @@ by output rows so every rank keeps whole differential heads and kv groups, wo sp
 every expert's FFN split along ffn_dim. Activations entering a split region are copied (their gradient is summed
 over the group); the outputs of wo and of the experts are summed over the group (with parallel.sequence_parallel,
 in training, gathered by positions on the way in and reduce-scattered on the way out: _Regions). The model's
-reshapes use -1
-heads, so it runs on its local heads unchanged. Optionally (parallel.vocab_parallel) the embedding and output
-head split the vocabulary: each rank looks up its rows (the group sums the lookups) and computes its columns of
-the logits, which the training loss takes as they are (sharded_logits: no rank holds the whole logits) and
-everything else gathers whole.
+reshapes use -1 heads, so it runs on its local heads unchanged. Optionally (parallel.vocab_parallel) the
+embedding and output head split the vocabulary: each rank looks up its rows (the group sums the lookups) and
+computes its columns of the logits, which the training loss takes as they are (sharded_logits: no rank holds the
+whole logits) and everything else gathers whole.
 """
 
 from __future__ import annotations
