@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor.parallel import parallelize_module
 
 from moe_diff.config import ModelConfig, ParallelConfig
 from moe_diff.device import environment, synchronize
@@ -30,7 +31,7 @@ from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.apply import distribute_parameters, wrap
 from moe_diff.parallel.dims import ParallelDims
-from moe_diff.parallel.expert_parallel import parallelize_experts
+from moe_diff.parallel.expert_parallel import ExpertParallel
 from moe_diff.parallel.gradients import sync_gradients
 from moe_diff.parallel.runtime import Runtime
 
@@ -103,7 +104,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, result
         row["no_expert_parallel_s"] = time_steps(model, tokens, device, args.steps, None)
     dims = ParallelDims.from_config(ParallelConfig(ep=world), world)
     job = Runtime(dims, rank, rank, dims.build_mesh(device.type))  # one node: local rank = rank
-    parallelize_experts(model, job.group("ep"))  # with one rank too, to time the dispatch through it
+    for block in model.layers:  # with one rank too, to time the dispatch through it
+        parallelize_module(block.moe.experts, job.submesh("ep"), ExpertParallel())
     distribute_parameters(model, job)
     with ExchangeMeter(device) as meter:
         seconds = time_steps(model, tokens, device, args.steps, job, meter)

@@ -14,27 +14,25 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.model import MoEDiffTransformer, init_parameter, parameter_generator
 from moe_diff.parallel.dims import DATA
-from moe_diff.parallel.expert_parallel import parallelize_experts
 from moe_diff.parallel.pieces import piece
-from moe_diff.parallel.plan import TensorPlacement, layout
+from moe_diff.parallel.plan import TensorPlacement, layout, module_plan
 from moe_diff.parallel.runtime import Runtime
-from moe_diff.parallel.tensor_parallel import parallelize_tensor, parallelize_vocab
+from moe_diff.parallel.tensor_parallel import check_tensor_parallel
 
 
 def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
-    """Expert parallelism over the ep groups and tensor parallelism over the tp groups (their modules and where
-    activations cross ranks), then every parameter laid out as the plan says; the rest of the model stays
-    replicated (data parallel)."""
-    if job.dims.ep > 1:
-        parallelize_experts(model, job.group("ep"))
+    """Expert parallelism over the ep groups and tensor parallelism over the tp groups (the plan's styles: which
+    modules run their part, and where activations cross ranks), then every parameter laid out as the plan says;
+    the rest of the model stays replicated (data parallel)."""
     if job.dims.tp > 1:
-        if job.vocab_parallel:
-            parallelize_vocab(model, job.group("tp"))
-        parallelize_tensor(model, job.group("tp"), job.sequence_parallel)
+        check_tensor_parallel(model, job.dims.tp)
+    for dim, styles in module_plan(job.dims.ep, job.dims.tp, job.vocab_parallel, job.sequence_parallel).items():
+        parallelize_module(model, job.submesh(dim), styles)
     distribute_parameters(model, job)
     return model
 

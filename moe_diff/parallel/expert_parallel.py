@@ -10,9 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_diff.config import ConfigError
-from moe_diff.model import Experts, MoEDiffTransformer, count_ids
+from moe_diff.model import Experts, count_ids
 
 
 def _exchange_counts(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -28,14 +30,11 @@ def exchange(rows: torch.Tensor, recv: list[int], send: list[int], group: dist.P
     return funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, recv, send, group))
 
 
-class ExpertParallelExperts(nn.Module):
-    """A layer's experts sharded over a group: the same parameters, of which this rank holds E/ep experts once
-    they are laid out as the plan says (apply.distribute_parameters)."""
+class ExpertParallelExperts(Experts):
+    """A layer's experts sharded over a group (ExpertParallel makes a layer's experts these): the same parameters,
+    of which this rank holds E/ep experts once they are laid out as the plan says (apply.distribute_parameters)."""
 
-    def __init__(self, experts: Experts, group: dist.ProcessGroup):
-        super().__init__()
-        self.w1, self.w2, self.w3 = experts.w1, experts.w2, experts.w3
-        self.compute, self.group = experts.compute, group
+    group: dist.ProcessGroup
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Pairs sorted by expert (so by owning rank, and by local expert within) are sent, computed here as
@@ -66,11 +65,13 @@ class ExpertParallelExperts(nn.Module):
         return torch.zeros_like(x).index_add(0, order // top_k, returned * pair_weights)
 
 
-def parallelize_experts(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
-    """Exchange every layer's tokens with the experts' ranks over `group`, in place: rank r runs experts
-    [r*E/ep, (r+1)*E/ep)."""
-    if model.cfg.n_experts % group.size():
-        raise ConfigError(f"parallel.ep={group.size()} must divide model.n_experts={model.cfg.n_experts}")
-    for block in model.layers:
-        block.moe.experts = ExpertParallelExperts(block.moe.experts, group)
-    return model
+class ExpertParallel(ParallelStyle):
+    """A layer's experts sharded over the mesh's ep dimension, in place: rank r runs experts [r*E/ep, (r+1)*E/ep),
+    and the layer's tokens travel to them and back (ExpertParallelExperts)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        group = device_mesh.get_group()
+        if module.w1.shape[0] % group.size():
+            raise ConfigError(f"parallel.ep={group.size()} must divide model.n_experts={module.w1.shape[0]}")
+        module.__class__, module.group = ExpertParallelExperts, group
+        return module

@@ -1,6 +1,7 @@
 """Where every parameter (and stored buffer) of the model lives over the job's mesh, declared once: one entry per
 tensor (no default), naming the tensor dimension split over each mesh dimension, or how a replicated parameter's
-gradient is completed. The rest of the package reads placements from here and names no parameter."""
+gradient is completed; and the ParallelStyle of each module whose activations cross ranks. The rest of the
+package reads placements and styles from here and names no parameter or module."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ from dataclasses import dataclass
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor import Placement as TensorPlacement
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from moe_diff.parallel.expert_parallel import ExpertParallel
+from moe_diff.parallel.tensor_parallel import (
+    EmbeddingParallel,
+    FfnParallel,
+    HeadParallel,
+    OutputParallel,
+    RowParallelOutput,
+    SequenceParallelMoE,
+)
 
 
 @dataclass(frozen=True)
@@ -58,9 +70,9 @@ PLAN: dict[str, Placement] = {
     "layers.*.ffn_norm.weight": NORM,
     "layers.*.moe.gate.weight": REPLICATED,
     "layers.*.moe.expert_bias": REPLICATED,  # a buffer (model.expert_bias_rate > 0), kept equal by global counts
-    "layers.*.moe.experts.w1": Placement(ep=0, tp=1),  # [E, D, F]: experts over ep, then ffn_dim over tp
+    "layers.*.moe.experts.w1": Placement(ep=0, tp=1),  # [E, F, D]: experts over ep, then ffn_dim over tp
     "layers.*.moe.experts.w3": Placement(ep=0, tp=1),
-    "layers.*.moe.experts.w2": Placement(ep=0, tp=2),  # [E, F, D]
+    "layers.*.moe.experts.w2": Placement(ep=0, tp=2),  # [E, D, F]
     "norm.weight": NORM,
     "output.weight": Placement(vocab=0),
 }
@@ -105,3 +117,24 @@ def layout(name: str, ep: int, tp: int, vocab_parallel: bool, sequence_parallel:
         return None
     mesh_dims, placements, grad_placements = zip(*split, strict=True)
     return Layout(mesh_dims, placements, grad_placements)
+
+
+def module_plan(ep: int, tp: int, vocab_parallel: bool, sequence_parallel: bool) -> dict[str, dict[str, ParallelStyle]]:
+    """Where a job's activations cross ranks: for each mesh dimension it splits, in order, the ParallelStyle of each
+    module (paths as parallelize_module matches them; * is a layer index)."""
+    plan: dict[str, dict[str, ParallelStyle]] = {}
+    if ep > 1:
+        plan["ep"] = {"layers.*.moe.experts": ExpertParallel()}  # tokens to their experts' ranks and back
+    if tp > 1:
+        sp = sequence_parallel
+        plan["tp"] = {
+            "layers.*.attention": HeadParallel(sp),  # this rank's heads: the input copied in (or gathered)
+            "layers.*.attention.wo": RowParallelOutput(sp),  # partial outputs summed (or reduce-scattered)
+            "layers.*.moe.experts": FfnParallel(sp),  # this rank's ffn columns of every expert
+        }
+        if sp:
+            plan["tp"]["layers.*.moe"] = SequenceParallelMoE(sp)  # every position for the router
+        if sp or vocab_parallel:
+            plan["tp"]["tok_embeddings"] = EmbeddingParallel(vocab_parallel, sp)
+            plan["tp"]["output"] = OutputParallel(vocab_parallel, sp)
+    return plan

@@ -1,9 +1,10 @@
-"""Tensor parallelism (Megatron style) applied to a finished model: wq, wk, wv (and diff_v2's lambda_proj) split
-by output rows so every rank keeps whole differential heads and kv groups, wo split by input columns, and
-every expert's FFN split along ffn_dim. Activations entering a split region are copied (their gradient is summed
-over the group); the outputs of wo and of the experts are summed over the group (with parallel.sequence_parallel,
-in training, gathered by positions on the way in and reduce-scattered on the way out: _Regions). The model's
-reshapes use -1 heads, so it runs on its local heads unchanged. Optionally (parallel.vocab_parallel) the
+"""Tensor parallelism (Megatron style) as ParallelStyles, which the plan (plan.module_plan) assigns to a finished
+model's modules: wq, wk, wv (and diff_v2's lambda_proj) split by output rows so every rank keeps whole
+differential heads and kv groups, wo split by input columns, and every expert's FFN split along ffn_dim.
+Activations entering a split region are copied (their gradient is summed over the group); the outputs of wo and
+of the experts are summed over the group (with parallel.sequence_parallel, in training, gathered by positions on
+the way in and reduce-scattered on the way out). The model's reshapes use -1 heads, so it runs on its local
+heads unchanged. Optionally (parallel.vocab_parallel) the
 embedding and output head split the vocabulary: each rank looks up its rows (the group sums the lookups) and
 computes its columns of the logits, which the training loss takes as they are (sharded_logits: no rank holds the
 whole logits) and everything else gathers whole.
@@ -14,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_diff.config import ConfigError
 from moe_diff.kernels.precision import compute_dtype
@@ -71,17 +74,22 @@ class _GatherFromGroup(torch.autograd.Function):
         return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
 
 
+# torch 2.13 names these *_single (the older names warn on every call); earlier releases have only the older
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 def _gather_positions(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[B, T/tp, ...] on each rank -> [B, T, ...], rank r's positions the r-th block."""
     gathered = x.new_empty((group.size() * x.shape[1], x.shape[0], *x.shape[2:]))
-    dist.all_gather_into_tensor(gathered, x.transpose(0, 1).contiguous(), group=group)
+    _all_gather_single(gathered, x.transpose(0, 1).contiguous(), group=group)
     return gathered.transpose(0, 1)
 
 
 def _sum_own_positions(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[B, T, ...] on each rank -> the group's sum of this rank's block of positions, [B, T/tp, ...]."""
     mine = x.new_empty((x.shape[1] // group.size(), x.shape[0], *x.shape[2:]))
-    dist.reduce_scatter_tensor(mine, x.transpose(0, 1).contiguous(), group=group)
+    _reduce_scatter_single(mine, x.transpose(0, 1).contiguous(), group=group)
     return mine.transpose(0, 1)
 
 
@@ -135,14 +143,12 @@ class _ReduceScatterSequence(torch.autograd.Function):
         return _gather_positions(grad, ctx.group), None
 
 
-class VocabParallelEmbedding(nn.Module):
-    """The embedding (the same parameter), of which this rank holds a block of rows once it is laid out; a token
-    outside them looks up zeros and the group's lookups are summed."""
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding, of which this rank holds a block of rows once it is laid out (EmbeddingParallel makes a
+    model's embedding one): a token outside them looks up zeros and the group's lookups are summed."""
 
-    def __init__(self, embedding: nn.Embedding, group: dist.ProcessGroup):
-        super().__init__()
-        self.weight, self.group = embedding.weight, group
-        self.first_row = group.rank() * (embedding.weight.shape[0] // group.size())
+    group: dist.ProcessGroup
+    first_row: int
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = tokens - self.first_row
@@ -151,14 +157,13 @@ class VocabParallelEmbedding(nn.Module):
         return _SumOverGroup.apply(looked_up, self.group)
 
 
-class VocabParallelHead(nn.Module):
-    """The output head (the same parameter), of which this rank holds a block of rows once it is laid out: its
-    columns of the logits, gathered whole but inside sharded_logits()."""
+class VocabParallelHead(nn.Linear):
+    """The output head, of which this rank holds a block of rows once it is laid out (OutputParallel makes a
+    model's head one): its columns of the logits, gathered whole but inside sharded_logits()."""
 
-    def __init__(self, weight: nn.Parameter, group: dist.ProcessGroup):
-        super().__init__()
-        self.weight, self.group, self.gather = weight, group, True
-        self.first_column = group.rank() * (weight.shape[0] // group.size())
+    group: dist.ProcessGroup
+    first_column: int
+    gather: bool
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(_CopyToGroup.apply(h, self.group), self.weight)
@@ -215,17 +220,6 @@ def _vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, h
                                             head.group, head.first_column)
 
 
-def parallelize_vocab(model: MoEDiffTransformer, group: dist.ProcessGroup) -> MoEDiffTransformer:
-    """Run the embedding and the output head (tied or not) on blocks of vocabulary rows over `group`, in place (the
-    plan lays the weights out)."""
-    if model.cfg.vocab_size % group.size():
-        raise ConfigError(f"parallel.vocab_parallel=true needs parallel.tp={group.size()} to divide "
-                          f"model.vocab_size={model.cfg.vocab_size}")
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
-    model.output = VocabParallelHead(model.output.weight, group)
-    return model
-
-
 def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
     """Whole heads (pairs of them for diff), kv groups and FFN columns on every rank."""
     cfg = model.cfg
@@ -240,69 +234,126 @@ def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
         raise ConfigError(f"parallel.tp={tp} must divide model.ffn_dim={cfg.ffn_dim}{fits}")
 
 
-@dataclass(frozen=True)
-class _Regions:
-    """Where activations enter and leave a block's split regions (attention heads, FFN columns) over `group`.
-    With sequence parallelism, in training, the residual stream between them holds each rank's block of
-    positions: gathered on the way in, reduce-scattered on the way out (instead of copied and all-reduced)."""
+class _TensorParallelStyle(ParallelStyle):
+    """How a module's activations cross the tp group. With sequence parallelism, in training, the residual stream
+    outside the split regions holds each rank's block of positions: gathered on the way in, reduce-scattered on
+    the way out (instead of copied and all-reduced)."""
 
-    group: dist.ProcessGroup
-    sequence_parallel: bool
+    def __init__(self, sequence_parallel: bool) -> None:
+        self.sequence_parallel = sequence_parallel
 
-    def _by_positions(self, module: nn.Module) -> bool:
+    def by_positions(self, module: nn.Module) -> bool:
         return self.sequence_parallel and module.training
 
-    def attention_input(self, module: nn.Module, args: tuple) -> tuple:
-        x = (_GatherSequence.apply(args[0], self.group, True) if self._by_positions(module)
-             else _CopyToGroup.apply(args[0], self.group))
-        return (x, *args[1:])
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.install(module, device_mesh.get_group())
+        return module
 
-    def partial_output(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return (_ReduceScatterSequence.apply(out, self.group) if self._by_positions(module)
-                else _SumOverGroup.apply(out, self.group))
-
-    def moe_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        """Every position for the router, which each rank computes whole (so its gradient is not summed)."""
-        return (_GatherSequence.apply(args[0], self.group, False),) if self._by_positions(module) else None
-
-    def experts_input(self, module: nn.Module, args: tuple) -> tuple:
-        """The tokens and their routing weights enter every rank's FFN part."""
-        return _CopyToGroup.apply(args[0], self.group), args[1], _CopyToGroup.apply(args[2], self.group)
-
-    def experts_output(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        """Summed here, or by positions at the MoE's output."""
-        return out if self._by_positions(module) else _SumOverGroup.apply(out, self.group)
-
-    def moe_output(self, module: nn.Module, args: tuple, out: tuple) -> tuple | None:
-        return (_ReduceScatterSequence.apply(out[0], self.group), *out[1:]) if self._by_positions(module) else None
-
-    def embedding_output(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        """The residual stream starts as this rank's block of positions of the lookups every rank made whole."""
-        return _ScatterSequence.apply(out, self.group) if self._by_positions(module) else None
-
-    def head_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        """Every position for the output head, which each rank computes whole (or its vocabulary columns of)."""
-        return (_GatherSequence.apply(args[0], self.group, False),) if self._by_positions(module) else None
+    @abstractmethod
+    def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
+        """Make `module` run its part over `group` and register where its activations cross it."""
 
 
-def parallelize_tensor(model: MoEDiffTransformer, group: dist.ProcessGroup,
-                       sequence_parallel: bool = False) -> MoEDiffTransformer:
-    """Run every layer's attention heads and experts' FFN columns split over `group` (each rank on the blocks of
-    rows or columns the plan gives it, once the parameters are laid out): the activations copied into those
-    regions and summed out of them. With `sequence_parallel`, in training, the residual stream and its norms hold
-    each rank's block of positions (_Regions; the embedding's output is scattered by positions and the output
-    head's input gathered)."""
-    check_tensor_parallel(model, group.size())
-    regions = _Regions(group, sequence_parallel)
-    for block in model.layers:
-        block.attention.n_kv_heads //= group.size()
-        block.attention.register_forward_pre_hook(regions.attention_input)
-        block.attention.wo.register_forward_hook(regions.partial_output)
-        block.moe.register_forward_pre_hook(regions.moe_input)
-        block.moe.register_forward_hook(regions.moe_output)
-        block.moe.experts.register_forward_pre_hook(regions.experts_input)
-        block.moe.experts.register_forward_hook(regions.experts_output)
-    if sequence_parallel:
-        model.tok_embeddings.register_forward_hook(regions.embedding_output)
-        model.output.register_forward_pre_hook(regions.head_input)
-    return model
+class HeadParallel(_TensorParallelStyle):
+    """Attention on this rank's heads (whole pairs for diff) and kv groups: its input copied in (the gradient
+    summed over the group, each rank's heads having used it), or gathered by positions."""
+
+    def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
+        module.n_kv_heads //= group.size()
+
+        def enter(module: nn.Module, args: tuple) -> tuple:
+            x = (_GatherSequence.apply(args[0], group, True) if self.by_positions(module)
+                 else _CopyToGroup.apply(args[0], group))
+            return (x, *args[1:])
+
+        module.register_forward_pre_hook(enter)
+
+
+class RowParallelOutput(_TensorParallelStyle):
+    """A linear split by input columns (wo): the ranks' partial outputs summed, or reduce-scattered by positions."""
+
+    def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
+        def leave(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            return (_ReduceScatterSequence.apply(out, group) if self.by_positions(module)
+                    else _SumOverGroup.apply(out, group))
+
+        module.register_forward_hook(leave)
+
+
+class FfnParallel(_TensorParallelStyle):
+    """Experts split along ffn_dim: the tokens and their routing weights copied in; the ranks' partial outputs
+    summed here, or, by positions, at the MoE layer's output (SequenceParallelMoE)."""
+
+    def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
+        def enter(module: nn.Module, args: tuple) -> tuple:
+            return _CopyToGroup.apply(args[0], group), args[1], _CopyToGroup.apply(args[2], group)
+
+        def leave(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            return out if self.by_positions(module) else _SumOverGroup.apply(out, group)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+
+class SequenceParallelMoE(_TensorParallelStyle):
+    """With sequence parallelism: every position enters the MoE layer, for the router, which each rank computes
+    whole (so its gradient is not summed); the experts' partial outputs leave reduce-scattered by positions."""
+
+    def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
+        def enter(module: nn.Module, args: tuple) -> tuple | None:
+            return (_GatherSequence.apply(args[0], group, False),) if self.by_positions(module) else None
+
+        def leave(module: nn.Module, args: tuple, out: tuple) -> tuple | None:
+            return (_ReduceScatterSequence.apply(out[0], group), *out[1:]) if self.by_positions(module) else None
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+
+class _VocabularyStyle(_TensorParallelStyle, ABC):
+    """The embedding's or the output head's, which with `vocab_parallel` split the vocabulary over the group."""
+
+    def __init__(self, vocab_parallel: bool, sequence_parallel: bool) -> None:
+        super().__init__(sequence_parallel)
+        self.vocab_parallel = vocab_parallel
+
+
+class EmbeddingParallel(_VocabularyStyle):
+    """The embedding: with `vocab_parallel`, a VocabParallelEmbedding; with sequence parallelism, its output (the
+    lookups every rank made whole) scattered, so the residual stream starts as this rank's block of positions."""
+
+    def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
+        if self.vocab_parallel:
+            rows = _vocabulary_block(module.weight.shape[0], group)
+            module.__class__, module.group, module.first_row = VocabParallelEmbedding, group, group.rank() * rows
+
+        def leave(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            return _ScatterSequence.apply(out, group) if self.by_positions(module) else None
+
+        if self.sequence_parallel:
+            module.register_forward_hook(leave)
+
+
+class OutputParallel(_VocabularyStyle):
+    """The output head: with `vocab_parallel`, a VocabParallelHead; with sequence parallelism, every position
+    gathered into it, which each rank computes whole (or its vocabulary columns of)."""
+
+    def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
+        if self.vocab_parallel:
+            columns = _vocabulary_block(module.weight.shape[0], group)
+            module.__class__, module.group, module.gather = VocabParallelHead, group, True
+            module.first_column = group.rank() * columns
+
+        def enter(module: nn.Module, args: tuple) -> tuple | None:
+            return (_GatherSequence.apply(args[0], group, False),) if self.by_positions(module) else None
+
+        if self.sequence_parallel:
+            module.register_forward_pre_hook(enter)
+
+
+def _vocabulary_block(vocab_size: int, group: dist.ProcessGroup) -> int:
+    """The rows of the vocabulary each rank of `group` holds."""
+    if vocab_size % group.size():
+        raise ConfigError(f"parallel.vocab_parallel=true needs parallel.tp={group.size()} to divide "
+                          f"model.vocab_size={vocab_size}")
+    return vocab_size // group.size()

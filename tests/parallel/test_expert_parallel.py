@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor.parallel import parallelize_module
 
 from moe_diff.config import ConfigError, ModelConfig, ParallelConfig, load_config
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.apply import parallelize
 from moe_diff.parallel.dims import ParallelDims
-from moe_diff.parallel.expert_parallel import ExpertParallelExperts, parallelize_experts
+from moe_diff.parallel.expert_parallel import ExpertParallel, ExpertParallelExperts
 from moe_diff.parallel.pieces import local_tensor
 from moe_diff.parallel.runtime import Runtime
 
@@ -88,12 +89,16 @@ def test_expert_parallel_equals_one_process(world: int, all_to_first_experts: bo
 
 
 def test_ep_must_divide_the_experts() -> None:
-    class Group:
+    class Mesh:  # of three ranks, and its group
+        def get_group(self) -> "Mesh":
+            return self
+
         def size(self) -> int:
             return 3
 
+    model = MoEDiffTransformer(ModelConfig(**CONFIG))
     with pytest.raises(ValueError, match="parallel.ep=3 must divide model.n_experts=4"):
-        parallelize_experts(MoEDiffTransformer(ModelConfig(**CONFIG)), Group())
+        parallelize_module(model, Mesh(), {"layers.*.moe.experts": ExpertParallel()})
 
 
 def test_layouts_are_checked_against_the_world_size() -> None:
