@@ -6,6 +6,7 @@ its pieces; then DDP, where asked, wraps the result."""
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -158,5 +159,11 @@ def wrap(model: MoEDiffTransformer, job: Runtime) -> nn.Module:
              if isinstance(param, DTensor)]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, split)
     device_ids = [job.local_rank] if next(model.parameters()).is_cuda else None
-    return DistributedDataParallel(model, device_ids=device_ids, process_group=job.data_group,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, process_group=job.data_group, **_NO_BUFFER_SYNC)
+
+
+# the buffers (expert biases) are kept equal by global counts, so DDP never re-broadcasts them before a forward;
+# torch 2.13 names this forward_sync_buffers (and warns at broadcast_buffers), earlier releases broadcast_buffers
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
