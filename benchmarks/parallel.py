@@ -31,8 +31,8 @@ from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.apply import distribute_parameters, wrap
 from moe_diff.parallel.dims import ParallelDims
-from moe_diff.parallel.expert_parallel import ExpertParallel
 from moe_diff.parallel.gradients import sync_gradients
+from moe_diff.parallel.plan import EXPERT_STYLES
 from moe_diff.parallel.runtime import Runtime
 
 
@@ -104,8 +104,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, result
         row["no_expert_parallel_s"] = time_steps(model, tokens, device, args.steps, None)
     dims = ParallelDims.from_config(ParallelConfig(ep=world), world)
     job = Runtime(dims, rank, rank, dims.build_mesh(device.type))  # one node: local rank = rank
-    for block in model.layers:  # with one rank too, to time the dispatch through it
-        parallelize_module(block.moe.experts, job.submesh("ep"), ExpertParallel())
+    parallelize_module(model, job.submesh("ep"), EXPERT_STYLES)  # with one rank too, to time the dispatch through it
     distribute_parameters(model, job)
     with ExchangeMeter(device) as meter:
         seconds = time_steps(model, tokens, device, args.steps, job, meter)

@@ -5,6 +5,7 @@ its pieces; then DDP, where asked, wraps the result."""
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import inspect
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_diff.model import MoEDiffTransformer, init_parameter, parameter_generator
@@ -31,11 +32,22 @@ def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
     modules run their part, and where activations cross ranks), then every parameter laid out as the plan says;
     the rest of the model stays replicated (data parallel)."""
     if job.dims.tp > 1:
-        check_tensor_parallel(model, job.dims.tp)
+        check_tensor_parallel(model, job.dims.tp, job.vocab_parallel)
     for dim, styles in module_plan(job.dims.ep, job.dims.tp, job.vocab_parallel, job.sequence_parallel).items():
+        check_paths(model, styles)
         parallelize_module(model, job.submesh(dim), styles)
     distribute_parameters(model, job)
     return model
+
+
+def check_paths(model: nn.Module, styles: dict[str, ParallelStyle]) -> None:
+    """Every module path of the plan names some module of the model (parallelize_module only warns, and a layer
+    left whole would compute wrong sums without an error)."""
+    names = [name for name, _ in model.named_modules()]
+    for path in styles:
+        if not any(fnmatch.fnmatchcase(name, path) for name in names):
+            raise LookupError(f"moe_diff/parallel/plan.py module_plan names {path!r}, which matches no module "
+                                     "of the model")
 
 
 def distribute_parameters(model: MoEDiffTransformer, job: Runtime) -> None:

@@ -1,7 +1,7 @@
 """Where every parameter (and stored buffer) of the model lives over the job's mesh, declared once: one entry per
 tensor (no default), naming the tensor dimension split over each mesh dimension, or how a replicated parameter's
-gradient is completed; and the ParallelStyle of each module whose activations cross ranks. The rest of the
-package reads placements and styles from here and names no parameter or module."""
+gradient is completed; and the ParallelStyle of each module that runs its part of a split layer. The rest of the
+package reads placements and styles from here and says nowhere else how a parameter or module is split."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from moe_diff.parallel.tensor_parallel import (
     EmbeddingParallel,
     FfnParallel,
     HeadParallel,
-    OutputParallel,
-    RowParallelOutput,
+    OutputHeadParallel,
+    RowParallelLinear,
     SequenceParallelMoE,
 )
 
@@ -119,22 +119,27 @@ def layout(name: str, ep: int, tp: int, vocab_parallel: bool, sequence_parallel:
     return Layout(mesh_dims, placements, grad_placements)
 
 
+# expert parallelism: each rank runs its block of every layer's experts, the tokens sent to them and back
+EXPERT_STYLES: dict[str, ParallelStyle] = {"layers.*.moe.experts": ExpertParallel()}
+
+
 def module_plan(ep: int, tp: int, vocab_parallel: bool, sequence_parallel: bool) -> dict[str, dict[str, ParallelStyle]]:
-    """Where a job's activations cross ranks: for each mesh dimension it splits, in order, the ParallelStyle of each
-    module (paths as parallelize_module matches them; * is a layer index)."""
+    """How a job's layers run split: for ep and tp where they exceed 1, in that order, the ParallelStyle of each
+    module (paths as parallelize_module matches them; * is a layer index), which makes the module run its part and
+    says where its activations cross ranks."""
     plan: dict[str, dict[str, ParallelStyle]] = {}
     if ep > 1:
-        plan["ep"] = {"layers.*.moe.experts": ExpertParallel()}  # tokens to their experts' ranks and back
+        plan["ep"] = EXPERT_STYLES
     if tp > 1:
         sp = sequence_parallel
         plan["tp"] = {
             "layers.*.attention": HeadParallel(sp),  # this rank's heads: the input copied in (or gathered)
-            "layers.*.attention.wo": RowParallelOutput(sp),  # partial outputs summed (or reduce-scattered)
+            "layers.*.attention.wo": RowParallelLinear(sp),  # partial outputs summed (or reduce-scattered)
             "layers.*.moe.experts": FfnParallel(sp),  # this rank's ffn columns of every expert
         }
         if sp:
             plan["tp"]["layers.*.moe"] = SequenceParallelMoE(sp)  # every position for the router
         if sp or vocab_parallel:
             plan["tp"]["tok_embeddings"] = EmbeddingParallel(vocab_parallel, sp)
-            plan["tp"]["output"] = OutputParallel(vocab_parallel, sp)
+            plan["tp"]["output"] = OutputHeadParallel(vocab_parallel, sp)
     return plan

@@ -4,10 +4,9 @@ differential heads and kv groups, wo split by input columns, and every expert's 
 Activations entering a split region are copied (their gradient is summed over the group); the outputs of wo and
 of the experts are summed over the group (with parallel.sequence_parallel, in training, gathered by positions on
 the way in and reduce-scattered on the way out). The model's reshapes use -1 heads, so it runs on its local
-heads unchanged. Optionally (parallel.vocab_parallel) the
-embedding and output head split the vocabulary: each rank looks up its rows (the group sums the lookups) and
-computes its columns of the logits, which the training loss takes as they are (sharded_logits: no rank holds the
-whole logits) and everything else gathers whole.
+heads unchanged. Optionally (parallel.vocab_parallel) the embedding and output head split the vocabulary: each
+rank looks up its rows (the group sums the lookups) and computes its columns of the logits, which the training
+loss takes as they are (sharded_logits: no rank holds the whole logits) and everything else gathers whole.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
@@ -74,9 +73,9 @@ class _GatherFromGroup(torch.autograd.Function):
         return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
 
 
-# torch 2.13 names these *_single (the older names warn on every call); earlier releases have only the older
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+# torch 2.13 names these *_single (the older names warn, once per process); earlier releases have only the older
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _gather_positions(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -158,7 +157,7 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class VocabParallelHead(nn.Linear):
-    """The output head, of which this rank holds a block of rows once it is laid out (OutputParallel makes a
+    """The output head, of which this rank holds a block of rows once it is laid out (OutputHeadParallel makes a
     model's head one): its columns of the logits, gathered whole but inside sharded_logits()."""
 
     group: dist.ProcessGroup
@@ -220,8 +219,9 @@ def _vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, h
                                             head.group, head.first_column)
 
 
-def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
-    """Whole heads (pairs of them for diff), kv groups and FFN columns on every rank."""
+def check_tensor_parallel(model: MoEDiffTransformer, tp: int, vocab_parallel: bool) -> None:
+    """Whole heads (pairs of them for diff), kv groups and FFN columns on every rank, and with `vocab_parallel`
+    whole blocks of vocabulary rows."""
     cfg = model.cfg
     pairs = 2 if cfg.attention == "diff" else 1
     whole = math.gcd(cfg.n_heads // pairs, cfg.n_kv_heads // pairs, cfg.ffn_dim)  # what every tp must divide
@@ -232,6 +232,9 @@ def check_tensor_parallel(model: MoEDiffTransformer, tp: int) -> None:
                               f"{'differential heads (pairs)' if pairs == 2 else 'heads'} per rank{fits}")
     if cfg.ffn_dim % tp:
         raise ConfigError(f"parallel.tp={tp} must divide model.ffn_dim={cfg.ffn_dim}{fits}")
+    if vocab_parallel and cfg.vocab_size % tp:
+        raise ConfigError(f"parallel.vocab_parallel=true needs parallel.tp={tp} to divide "
+                          f"model.vocab_size={cfg.vocab_size}")
 
 
 class _TensorParallelStyle(ParallelStyle):
@@ -269,7 +272,7 @@ class HeadParallel(_TensorParallelStyle):
         module.register_forward_pre_hook(enter)
 
 
-class RowParallelOutput(_TensorParallelStyle):
+class RowParallelLinear(_TensorParallelStyle):
     """A linear split by input columns (wo): the ranks' partial outputs summed, or reduce-scattered by positions."""
 
     def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
@@ -295,22 +298,28 @@ class FfnParallel(_TensorParallelStyle):
         module.register_forward_hook(leave)
 
 
+def _gather_whole(group: dist.ProcessGroup, style: _TensorParallelStyle) -> Callable[[nn.Module, tuple], tuple | None]:
+    """A pre-hook that, by positions, gathers every position into a module each rank computes whole (its gradient
+    not summed over the group)."""
+    def enter(module: nn.Module, args: tuple) -> tuple | None:
+        return (_GatherSequence.apply(args[0], group, False),) if style.by_positions(module) else None
+
+    return enter
+
+
 class SequenceParallelMoE(_TensorParallelStyle):
     """With sequence parallelism: every position enters the MoE layer, for the router, which each rank computes
     whole (so its gradient is not summed); the experts' partial outputs leave reduce-scattered by positions."""
 
     def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
-        def enter(module: nn.Module, args: tuple) -> tuple | None:
-            return (_GatherSequence.apply(args[0], group, False),) if self.by_positions(module) else None
-
         def leave(module: nn.Module, args: tuple, out: tuple) -> tuple | None:
             return (_ReduceScatterSequence.apply(out[0], group), *out[1:]) if self.by_positions(module) else None
 
-        module.register_forward_pre_hook(enter)
+        module.register_forward_pre_hook(_gather_whole(group, self))
         module.register_forward_hook(leave)
 
 
-class _VocabularyStyle(_TensorParallelStyle, ABC):
+class _VocabularyStyle(_TensorParallelStyle):
     """The embedding's or the output head's, which with `vocab_parallel` split the vocabulary over the group."""
 
     def __init__(self, vocab_parallel: bool, sequence_parallel: bool) -> None:
@@ -324,7 +333,7 @@ class EmbeddingParallel(_VocabularyStyle):
 
     def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
         if self.vocab_parallel:
-            rows = _vocabulary_block(module.weight.shape[0], group)
+            rows = module.weight.shape[0] // group.size()
             module.__class__, module.group, module.first_row = VocabParallelEmbedding, group, group.rank() * rows
 
         def leave(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
@@ -334,26 +343,15 @@ class EmbeddingParallel(_VocabularyStyle):
             module.register_forward_hook(leave)
 
 
-class OutputParallel(_VocabularyStyle):
+class OutputHeadParallel(_VocabularyStyle):
     """The output head: with `vocab_parallel`, a VocabParallelHead; with sequence parallelism, every position
     gathered into it, which each rank computes whole (or its vocabulary columns of)."""
 
     def install(self, module: nn.Module, group: dist.ProcessGroup) -> None:
         if self.vocab_parallel:
-            columns = _vocabulary_block(module.weight.shape[0], group)
+            columns = module.weight.shape[0] // group.size()
             module.__class__, module.group, module.gather = VocabParallelHead, group, True
             module.first_column = group.rank() * columns
-
-        def enter(module: nn.Module, args: tuple) -> tuple | None:
-            return (_GatherSequence.apply(args[0], group, False),) if self.by_positions(module) else None
-
         if self.sequence_parallel:
-            module.register_forward_pre_hook(enter)
+            module.register_forward_pre_hook(_gather_whole(group, self))
 
-
-def _vocabulary_block(vocab_size: int, group: dist.ProcessGroup) -> int:
-    """The rows of the vocabulary each rank of `group` holds."""
-    if vocab_size % group.size():
-        raise ConfigError(f"parallel.vocab_parallel=true needs parallel.tp={group.size()} to divide "
-                          f"model.vocab_size={vocab_size}")
-    return vocab_size // group.size()

@@ -15,8 +15,9 @@ from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import expert_parallel
 from moe_diff.parallel.apply import parallelize
 from moe_diff.parallel.dims import ParallelDims
-from moe_diff.parallel.expert_parallel import ExpertParallel, ExpertParallelExperts
+from moe_diff.parallel.expert_parallel import ExpertParallelExperts
 from moe_diff.parallel.pieces import local_tensor
+from moe_diff.parallel.plan import module_plan
 from moe_diff.parallel.runtime import Runtime
 
 CONFIG = dict(vocab_size=48, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, n_experts=4, top_k=2,
@@ -98,7 +99,7 @@ def test_ep_must_divide_the_experts() -> None:
 
     model = MoEDiffTransformer(ModelConfig(**CONFIG))
     with pytest.raises(ValueError, match="parallel.ep=3 must divide model.n_experts=4"):
-        parallelize_module(model, Mesh(), {"layers.*.moe.experts": ExpertParallel()})
+        parallelize_module(model, Mesh(), module_plan(3, 1, False, False)["ep"])
 
 
 def test_layouts_are_checked_against_the_world_size() -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from moe_diff.config import ModelConfig
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel import plan
+from moe_diff.parallel.apply import check_paths
 
 SHAPES = dict(vocab_size=48, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, n_experts=4, max_seq_len=16)
 MODELS = [ModelConfig(**SHAPES, attention=mode, tie_embeddings=tied, expert_bias_rate=rate)
@@ -49,3 +50,17 @@ def test_a_parameter_missing_from_the_plan_is_refused(monkeypatch: pytest.Monkey
             plan.placement("layers.1.attention.subln.weight")
     finally:
         plan.placement.cache_clear()
+
+
+@pytest.mark.parametrize("cfg", MODELS[::2], ids=lambda cfg: cfg.attention)
+def test_every_module_path_of_the_plan_names_a_module(cfg: ModelConfig) -> None:
+    """Each style of the fullest layout (ep, tp, vocabulary and sequence split) finds its modules; a path that names
+    none is refused before parallelize_module would skip it with a warning."""
+    with torch.device("meta"):
+        model = MoEDiffTransformer(cfg)
+    styles = plan.module_plan(2, 2, True, True)
+    assert set(styles) == {"ep", "tp"}
+    for dim_styles in styles.values():
+        check_paths(model, dim_styles)
+    with pytest.raises(LookupError, match="'layers.*.attention.w_o', which matches no module"):
+        check_paths(model, {"layers.*.attention.w_o": styles["tp"]["layers.*.attention.wo"]})

@@ -4,19 +4,21 @@ residual stream holds its block of positions, and the logits are the whole model
 under both are proven in test_gradients.py)."""
 
 import datetime
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from test_materialize import materialized  # tests/parallel is on the path
 
-from moe_diff.config import ModelConfig, ParallelConfig
+from moe_diff.config import ConfigError, ModelConfig, ParallelConfig
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.parallel.dims import ParallelDims
 from moe_diff.parallel.runtime import Runtime
-from moe_diff.parallel.tensor_parallel import sharded_logits
+from moe_diff.parallel.tensor_parallel import check_tensor_parallel, sharded_logits
 
 CONFIG = ModelConfig(vocab_size=48, dim=16, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=24, n_experts=4,
                      max_seq_len=16, attention="diff", moe_backend="reference")
@@ -61,3 +63,13 @@ def check_sequence_split(rank: int, model: MoEDiffTransformer) -> None:
 
 def test_split_logits_and_positions_give_the_whole_models_results(tmp_path: Path) -> None:
     mp.spawn(check_rank, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
+
+
+def test_shapes_that_do_not_split_are_refused_before_any_module_changes() -> None:
+    model = MoEDiffTransformer(replace(CONFIG, vocab_size=49))
+    check_tensor_parallel(model, 2, vocab_parallel=False)
+    with pytest.raises(ConfigError, match="parallel.vocab_parallel=true needs parallel.tp=2 to divide "
+                                          "model.vocab_size=49"):
+        check_tensor_parallel(model, 2, vocab_parallel=True)
+    with pytest.raises(ConfigError, match="parallel.tp=3 must split model.n_heads=4"):
+        check_tensor_parallel(model, 3, vocab_parallel=False)
