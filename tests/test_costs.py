@@ -66,7 +66,7 @@ def test_diff_attention_does_one_and_a_half_times_the_score_flops() -> None:
 
 @pytest.mark.parametrize(("seq_len", "window"), [(1, None), (7, None), (7, 3), (7, 7), (7, 20), (64, 16)])
 def test_mean_keys_counts_the_mask(seq_len: int, window: int | None) -> None:
-    mask = attention_mask(seq_len, window, torch.device("cpu"))
+    mask = attention_mask(seq_len, seq_len, window, torch.device("cpu"))
     assert costs.mean_keys_per_query(seq_len, window) == pytest.approx(mask.sum().item() / seq_len)
 
 

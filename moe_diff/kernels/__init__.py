@@ -58,7 +58,7 @@ ATTENTION_BACKENDS: dict[str, AttentionOps] = {
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def auto_backend(q: torch.Tensor, mask: AttentionMask) -> str:
+def auto_backend(q: torch.Tensor, n_keys: int, mask: AttentionMask) -> str:
     """The fastest attention backend for these inputs, as measured on an H100 (benchmarks/results/attention-h100*):
     on a GPU, the Triton kernel where a window shorter than the sequence or packed documents let it skip key
     blocks (1.6-8.9x faster than SDPA's dense-mask path with a 4K window at 4K-32K tokens; packed documents put
@@ -66,13 +66,13 @@ def auto_backend(q: torch.Tensor, mask: AttentionMask) -> str:
     with a 4K window, measured before the kernel compared each key's document, so document ids in any pattern go
     to it, unmeasured since), SDPA's fused kernels for plain causal attention (1.7x faster than the Triton kernel
     at 16K); on the CPU, SDPA. Never flash_attn, which refuses documents that are not contiguous runs."""
-    skips = mask.skips_blocks(q.shape[1])
+    skips = mask.skips_blocks(n_keys)
     return "triton" if HAVE_TRITON and q.is_cuda and q.dtype in TRITON_DTYPES and skips else "sdpa"
 
 
 def _auto(mode: str) -> Callable:
-    def attend(q: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        return getattr(ATTENTION_BACKENDS[auto_backend(q, args[-1])], mode)(q, *args)
+    def attend(q: torch.Tensor, k: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        return getattr(ATTENTION_BACKENDS[auto_backend(q, k.shape[1], args[-1])], mode)(q, k, *args)
 
     attend.__doc__ = f"{mode} attention through auto_backend"
     return attend

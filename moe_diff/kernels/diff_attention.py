@@ -10,6 +10,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as flex
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from moe_diff.kernels.mask import AttentionMask, shared_rows
@@ -23,7 +24,7 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> t
     batch, n_queries, n_query_heads, head_dim = q.shape
     q = q.to(dtype).view(batch, n_queries, k.shape[2], n_query_heads // k.shape[2], head_dim)
     scores = torch.einsum("bqhid,bkhd->bhiqk", q, k.to(dtype)) * head_dim ** -0.5
-    allowed = mask.dense(n_queries, q.device)
+    allowed = mask.dense(n_queries, k.shape[1], q.device)
     if allowed.dim() == 3:
         allowed = allowed[:, None, None]  # [B, 1, 1, Tq, Tk], shared by the heads
     return scores.masked_fill(~allowed, float("-inf"))
@@ -43,13 +44,14 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """The same through torch's scaled_dot_product_attention (fused kernels where the shapes allow), GQA without
-    copies; a plain causal mask (a window as long as the sequence is one) is passed as is_causal so the fused
-    kernels skip the masked blocks."""
-    # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
-    if mask.plain_causal(q.shape[1]):
-        attn_mask, causal = None, True
+    copies; a plain causal mask (a window as long as the keys is one) is passed as is_causal (or, with fewer
+    queries than keys, as torch's lower-right causal bias) so the fused kernels skip the masked blocks."""
+    # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]  v: [B, Tk, Hk, dv]  ->  [B, Tq, Hq, dv]
+    n_queries, n_keys = q.shape[1], k.shape[1]
+    if mask.plain_causal(n_queries, n_keys):
+        attn_mask, causal = (None, True) if n_queries == n_keys else (causal_lower_right(n_queries, n_keys), False)
     else:
-        allowed = shared_rows(mask.dense(q.shape[1], q.device))
+        allowed = shared_rows(mask.dense(n_queries, n_keys, q.device))
         attn_mask, causal = (allowed[:, None] if allowed.dim() == 3 else allowed), False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask, is_causal=causal, enable_gqa=True)
@@ -67,14 +69,15 @@ def flex_block_mask(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> Bl
         def allowed(b, h, i, j):
             return explicit[b, i, j]
     else:
-        window, document_ids = mask.window, mask.document_ids
+        window, document_ids, offset = mask.window, mask.document_ids, k.shape[1] - q.shape[1]
 
         def allowed(b, h, i, j):
-            keep = j <= i
+            at = i + offset  # the query's key index: the queries are the last of the keys
+            keep = j <= at
             if window is not None:
-                keep = keep & (j > i - window)
+                keep = keep & (j > at - window)
             if document_ids is not None:
-                keep = keep & (document_ids[b, i] == document_ids[b, j])
+                keep = keep & (document_ids[b, at] == document_ids[b, j])
             return keep
     batch = q.shape[0] if mask.explicit is not None or mask.document_ids is not None else None
     return mask.form(("flex", q.shape[1], k.shape[1], q.device),

@@ -7,13 +7,14 @@ the forward saves the two log-sum-exps (and O2, for the lambda gradient) and the
 as FlashAttention does. The references are in diff_attention.py; the mode wrappers at the bottom take the
 same arguments as theirs.
 
-Which keys a query sees: by the rule, query i sees keys key_start[b, i] <= j <= i of its own document, where
-key_start folds the sliding window and the earliest start of a document at or after query i into one lower bound
-per query that never decreases along a row, so key blocks outside it are skipped and a window's cost is linear in
-length. Documents are compared by name (the index of each one's first token), so a document may continue after
-others, as an attention_mask with a hole makes it; where documents are contiguous runs the bound is each query's
-own document start, so every block of an earlier document is skipped. Or by an explicit boolean mask [B, Tq, Tk]
-(queries against a KV cache), when every key block is visited.
+Which keys a query sees: by the rule, query i, which is key a = Tk - Tq + i (the queries are the last of the keys;
+a = i except under context parallelism, whose variant OFFSET_QUERIES compiles), sees keys key_start[b, i] <= j <= a
+of its own document, where key_start folds the sliding window and the earliest start of a document at or after query i
+into one lower bound per query that never decreases along a row, so key blocks outside it are skipped and a window's
+cost is linear in length. Documents are compared by name (the index of each one's first token), so a document may
+continue after others, as an attention_mask with a hole makes it; where documents are contiguous runs the bound is
+each query's own document start, so every block of an earlier document is skipped. Or by an explicit boolean mask
+[B, Tq, Tk] (queries against a KV cache), when every key block is visited.
 """
 
 import inspect
@@ -33,31 +34,41 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 @triton.jit
 def _allowed(offs_m, offs_n, key_start, document_row, mask_row, n_queries, n_keys, stride_mask_q,
-             HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr):
+             HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, OFFSET_QUERIES: tl.constexpr):
     """[BLOCK_M, BLOCK_N] True where query offs_m may attend to key offs_n."""
     inside = (offs_m[:, None] < n_queries) & (offs_n[None, :] < n_keys)
     if HAS_MASK:
         explicit = tl.load(mask_row + offs_m[:, None] * stride_mask_q + offs_n[None, :], mask=inside, other=0)
         allowed = inside & (explicit != 0)
     else:
-        allowed = inside & (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= key_start[:, None])
+        shift = _query_shift(n_queries, n_keys, OFFSET_QUERIES)
+        allowed = inside & (offs_n[None, :] - shift <= offs_m[:, None]) & (offs_n[None, :] >= key_start[:, None])
         if HAS_DOCUMENTS:
-            query_document = tl.load(document_row + offs_m, mask=offs_m < n_queries, other=-1)
+            query_document = tl.load(document_row + shift + offs_m, mask=offs_m < n_queries, other=-1)
             key_document = tl.load(document_row + offs_n, mask=offs_n < n_keys, other=-2)
             allowed = allowed & (query_document[:, None] == key_document[None, :])
     return allowed
 
 
 @triton.jit
+def _query_shift(n_queries, n_keys, OFFSET_QUERIES: tl.constexpr):
+    """How far the queries' key indices lie past their own (query i is key i + shift): Tk - Tq, or a constant 0
+    where the queries are all the keys, so that the common case compiles to the same code as without an offset."""
+    if OFFSET_QUERIES:
+        return n_keys - n_queries
+    return 0
+
+
+@triton.jit
 def _key_range(key_start_row, start_m, n_queries, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_MASK: tl.constexpr):
+               HAS_MASK: tl.constexpr, OFFSET_QUERIES: tl.constexpr):
     """The key blocks a query block must visit: all with an explicit mask, else from the first query's lower
-    bound (key_start never decreases along a row) to the last query's position."""
+    bound (key_start never decreases along a row) to the last query's key index."""
     if HAS_MASK:
         lo, hi = 0, n_keys
     else:
         lo = (tl.load(key_start_row + start_m) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(start_m + BLOCK_M, n_keys)
+        hi = tl.minimum(start_m + BLOCK_M + _query_shift(n_queries, n_keys, OFFSET_QUERIES), n_keys)
     return lo, hi
 
 
@@ -77,7 +88,7 @@ def _online_softmax_step(q, k_ptrs, k_mask, v, allowed, m_i, l_i, acc, qk_scale,
 
 
 # q1, q2: [B, Tq, H, d]  k1, k2: [B, Tk, G, d]  v: [B, Tk, G, dv]  lam: [B, Tq, H] (any strides)
-# key_start, documents (each token's document start, Tq = Tk): [B, Tq] int32  mask: [B, Tq, Tk]
+# key_start: [B, Tq] int32  documents (each key's document start): [B, Tk] int32  mask: [B, Tq, Tk]
 # ->  out: [B, Tq, H, dv]  o2: [B, Tq, H, dv] fp32  lse: [2, B, H, Tq]
 @triton.jit
 def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, DOCUMENTS, MASK, OUT, O2, LSE,
@@ -87,7 +98,8 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, DOCUMENTS, MASK, OUT, O2,
                     n_queries, n_keys, n_heads, group_size, qk_scale, length_bucket,
                     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr, SHARED_K: tl.constexpr,
-                    HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, STORE_O2: tl.constexpr,
+                    HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, OFFSET_QUERIES: tl.constexpr,
+                    STORE_O2: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, VALUE_SPLITS: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     batch, head = (tl.program_id(1) // n_heads).to(tl.int64), tl.program_id(1) % n_heads  # 64-bit offsets
@@ -104,7 +116,7 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, DOCUMENTS, MASK, OUT, O2,
     q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
     q1 = tl.load(Q1 + q_offsets, mask=q_mask, other=0.0)
     key_start = tl.load(KEY_START + batch * n_queries + offs_m, mask=offs_m < n_queries, other=0)
-    document_row, mask_row = DOCUMENTS + batch * n_queries, MASK + batch * stride_mb
+    document_row, mask_row = DOCUMENTS + batch * n_keys, MASK + batch * stride_mb
     m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l1 = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_DV // VALUE_SPLITS], tl.float32)
@@ -113,11 +125,12 @@ def _forward_kernel(Q1, Q2, K1, K2, V, LAM, KEY_START, DOCUMENTS, MASK, OUT, O2,
         m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l2 = tl.zeros([BLOCK_M], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_DV // VALUE_SPLITS], tl.float32)
-    lo, hi = _key_range(KEY_START + batch * n_queries, start_m, n_queries, n_keys, BLOCK_M, BLOCK_N, HAS_MASK)
+    lo, hi = _key_range(KEY_START + batch * n_queries, start_m, n_queries, n_keys, BLOCK_M, BLOCK_N, HAS_MASK,
+                        OFFSET_QUERIES)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         allowed = _allowed(offs_m, offs_n, key_start, document_row, mask_row, n_queries, n_keys, stride_mq, HAS_MASK,
-                           HAS_DOCUMENTS)
+                           HAS_DOCUMENTS, OFFSET_QUERIES)
         k_offsets = batch * stride_kb + offs_n[None, :] * stride_kt + group * stride_kh + offs_d[:, None]
         k_mask = (offs_n[None, :] < n_keys) & (offs_d[:, None] < HEAD_DIM)
         v_offsets = batch * stride_vb + offs_n[:, None] * stride_vt + group * stride_vh + offs_dv[None, :]
@@ -161,7 +174,7 @@ def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY
                         HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
                         SHARED_K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        OFFSET_QUERIES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     batch, group = (tl.program_id(1) // n_groups).to(tl.int64), tl.program_id(1) % n_groups
     plane = tl.num_programs(1) // n_groups * n_heads * n_queries  # B * H * Tq: the second softmax's offset
@@ -183,16 +196,16 @@ def _backward_kv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, QUERY
     if HAS_MASK:
         lo_m, hi_m = 0, n_queries
     else:
-        lo_m = (start_n // BLOCK_M) * BLOCK_M
+        lo_m = (tl.maximum(start_n - _query_shift(n_queries, n_keys, OFFSET_QUERIES), 0) // BLOCK_M) * BLOCK_M
         hi_m = tl.load(QUERY_STOP + batch * n_keys + tl.minimum(start_n + BLOCK_N, n_keys) - 1)
-    document_row, mask_row = DOCUMENTS + batch * n_queries, MASK + batch * stride_mb
+    document_row, mask_row = DOCUMENTS + batch * n_keys, MASK + batch * stride_mb
     for head in range(group * group_size, group * group_size + group_size):
         for start_m in range(lo_m, hi_m, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             rows = offs_m < n_queries
             key_start = tl.load(KEY_START + batch * n_queries + offs_m, mask=rows, other=0)
             allowed = _allowed(offs_m, offs_n, key_start, document_row, mask_row, n_queries, n_keys, stride_mq,
-                               HAS_MASK, HAS_DOCUMENTS)
+                               HAS_MASK, HAS_DOCUMENTS, OFFSET_QUERIES)
             q_offsets = batch * stride_qb + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
             q_mask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
             do_offsets = batch * stride_ob + offs_m[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
@@ -239,7 +252,7 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, DOCUME
                        HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
                        SHARED_K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       OFFSET_QUERIES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     batch, head = (tl.program_id(1) // n_heads).to(tl.int64), tl.program_id(1) % n_heads
     group = head // group_size
@@ -264,12 +277,13 @@ def _backward_q_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, KEY_START, DOCUME
         lam = lam.to(tl.float32)[:, None]
         dq2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     key_start = tl.load(KEY_START + batch * n_queries + offs_m, mask=rows, other=0)
-    document_row, mask_row = DOCUMENTS + batch * n_queries, MASK + batch * stride_mb
-    lo, hi = _key_range(KEY_START + batch * n_queries, start_m, n_queries, n_keys, BLOCK_M, BLOCK_N, HAS_MASK)
+    document_row, mask_row = DOCUMENTS + batch * n_keys, MASK + batch * stride_mb
+    lo, hi = _key_range(KEY_START + batch * n_queries, start_m, n_queries, n_keys, BLOCK_M, BLOCK_N, HAS_MASK,
+                        OFFSET_QUERIES)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         allowed = _allowed(offs_m, offs_n, key_start, document_row, mask_row, n_queries, n_keys, stride_mq, HAS_MASK,
-                           HAS_DOCUMENTS)
+                           HAS_DOCUMENTS, OFFSET_QUERIES)
         k_offsets = batch * stride_kb + offs_n[:, None] * stride_kt + group * stride_kh + offs_d[None, :]
         k_mask = (offs_n[:, None] < n_keys) & (offs_d[None, :] < HEAD_DIM)
         v_offsets = batch * stride_vb + offs_n[:, None] * stride_vt + group * stride_vh + offs_dv[None, :]
@@ -324,7 +338,8 @@ CANDIDATES: dict[tuple[str, str, bool], tuple[LaunchParams, ...]] = {
     ("backward_kv", "standard", True): ((32, 64, 8, 2),), ("backward_kv", "diff_v2", True): ((32, 64, 8, 2),),
     ("backward_q", "standard", True): ((64, 32, 8, 2),), ("backward_q", "diff_v2", True): ((64, 32, 8, 2),),
 }
-AUTOTUNE_KEY = ["HEAD_DIM", "VALUE_DIM", "HAS_MASK", "HAS_DOCUMENTS", "length_bucket"]  # each mode has its candidates
+# each mode has its candidates
+AUTOTUNE_KEY = ["HEAD_DIM", "VALUE_DIM", "HAS_MASK", "HAS_DOCUMENTS", "OFFSET_QUERIES", "length_bucket"]
 INTERPRETER_BLOCKS = (16, 16, 1, 1)  # small blocks keep the interpreted tests quick
 
 
@@ -365,22 +380,23 @@ def launch_kernel(kernel: str, launch: "Launch", grid: Callable[[dict], tuple[in
                           num_stages=INTERPRETER_BLOCKS[3], **kwargs)
 
 
-def rule_bounds(n_tokens: int, batch: int, window: int | None, document_starts: torch.Tensor | None,
+def rule_bounds(n_queries: int, n_keys: int, batch: int, window: int | None, document_starts: torch.Tensor | None,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """key_start [B, T] (query i sees keys key_start[i] <= j <= i of its document) and query_stop [B, T] (key j is
-    seen by no query outside j <= i < query_stop[j]), both int32 and never decreasing along a row, from the window
-    and where each token's document begins (AttentionMask.document_starts)."""
-    index = torch.arange(n_tokens, device=device)
-    start = (index - window + 1).clamp(min=0) if window is not None else torch.zeros_like(index)
-    start = start.expand(batch, n_tokens)
+    """key_start [B, Tq] (query i, key a = Tk - Tq + i, sees keys key_start[i] <= j <= a of its document) and
+    query_stop [B, Tk] (key j is seen by no query after query_stop[j] - 1), both int32 and never decreasing along a
+    row, from the window and where each key's document begins (AttentionMask.document_starts)."""
+    keys = torch.arange(n_keys, device=device)
+    at = keys[n_keys - n_queries:]
+    start = (at - window + 1).clamp(min=0) if window is not None else torch.zeros_like(at)
+    start = start.expand(batch, n_queries)
     if document_starts is not None:
         # the earliest document start from query i on: i's own where documents are contiguous runs, and never
         # after it, so with the kernels' comparison of documents the bound stays exact
-        start = torch.maximum(start, document_starts.flip(1).cummin(dim=1).values.flip(1))
+        earliest = document_starts.flip(1).cummin(dim=1).values.flip(1)
+        start = torch.maximum(start, earliest[:, n_keys - n_queries:])
     key_start = start.to(torch.int32).contiguous()
-    keys = index.to(torch.int32).expand(batch, n_tokens).contiguous()
-    query_stop = torch.searchsorted(key_start, keys, right=True).to(torch.int32)
-    return key_start, query_stop
+    query_stop = torch.searchsorted(key_start, keys.to(torch.int32).expand(batch, n_keys).contiguous(), right=True)
+    return key_start, query_stop.to(torch.int32)
 
 
 def _rows_contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -416,7 +432,9 @@ class Launch:
                               BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
                               BLOCK_DV=max(16, triton.next_power_of_2(self.value_dim)), TWO=self.two,
                               SHARED_K=self.shared_k, HAS_MASK=self.has_mask,
-                              HAS_DOCUMENTS=documents is not None, DOT_PRECISION=precision)
+                              HAS_DOCUMENTS=documents is not None,
+                              OFFSET_QUERIES=not self.has_mask and self.n_queries != self.n_keys,
+                              DOT_PRECISION=precision)
 
 
 def _forward(q1, q2, k1, k2, v, lam, key_start, documents, mask, store_o2: bool):
@@ -500,11 +518,12 @@ def _bounds(mask: AttentionMask, batch: int, n_queries: int, n_keys: int, device
     if mask.explicit is not None:
         key_start = torch.zeros(batch, n_queries, dtype=torch.int32, device=device)
         return key_start, key_start, None, mask.explicit.contiguous()
-    if n_queries != n_keys:
-        raise ValueError(f"{n_queries} queries against {n_keys} keys need an explicit mask")
+    if n_queries > n_keys:
+        raise ValueError(f"{n_queries} queries against {n_keys} keys need an explicit mask (the rule's queries are the "
+                         "last of its keys)")
     starts = mask.document_starts() if mask.document_ids is not None else None
     documents = starts.to(torch.int32).contiguous() if starts is not None else None
-    return *rule_bounds(n_queries, batch, mask.window, starts, device), documents, None
+    return *rule_bounds(n_queries, n_keys, batch, mask.window, starts, device), documents, None
 
 
 def _attend(q1, q2, k1, k2, v, lam, mask: AttentionMask) -> torch.Tensor:

@@ -43,13 +43,16 @@ class Resources:
     tensor_core_op: str  # "wgmma" (Hopper's warpgroup MMA), "mma" or "none"
 
 
-def mode_launch(mode: str, head_dim: int, dtype: torch.dtype, documents: bool = False) -> flash.Launch:
+def mode_launch(mode: str, head_dim: int, dtype: torch.dtype, documents: bool = False,
+                offset_queries: bool = False) -> flash.Launch:
     """The launch description the mode wrappers would build, on meta tensors (shapes only); with `documents`, for
-    packed documents (each key's document compared with the query's)."""
+    packed documents (each key's document compared with the query's); with `offset_queries`, for fewer queries than
+    keys under the rule (a context-parallel rank's)."""
     def meta(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    q, k, lam = meta(1, 64, 2, head_dim), meta(1, 64, 1, head_dim), meta(1, 64, 2)
+    n_queries = 32 if offset_queries else 64
+    q, k, lam = meta(1, n_queries, 2, head_dim), meta(1, 64, 1, head_dim), meta(1, n_queries, 2)
     starts = torch.empty(1, 64, dtype=torch.int32, device="meta") if documents else None
     if mode == "standard":
         return flash.Launch(q, None, k, None, meta(1, 64, 1, head_dim), None, None, starts)
@@ -76,14 +79,14 @@ def hand_picked(kernel: str, mode: str, head_dim: int) -> flash.LaunchParams:
 
 
 def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: flash.LaunchParams,
-                  documents: bool = False) -> "triton.compiler.ASTSource":
+                  documents: bool = False, offset_queries: bool = False) -> "triton.compiler.ASTSource":
     """One kernel of one mode as Triton compiles it ahead of time: the constants its launch sets, the type of
     every argument and which are 16-aligned."""
     from triton.compiler import ASTSource
 
     function = flash.KERNELS[kernel]
-    constants = {**mode_launch(mode, head_dim, dtype, documents).constants, **flash.launch_constants(kernel, launch),
-                 "STORE_O2": True}
+    constants = {**mode_launch(mode, head_dim, dtype, documents, offset_queries).constants,
+                 **flash.launch_constants(kernel, launch), "STORE_O2": True}
     names = function.arg_names
     signature, aligned = {}, {}
     for index, name in enumerate(names):
@@ -100,16 +103,16 @@ def kernel_source(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, lau
 
 
 def compile_for(kernel: str, mode: str, head_dim: int, dtype: torch.dtype, launch: flash.LaunchParams,
-                arch: int = 90, documents: bool = False) -> Resources:
+                arch: int = 90, documents: bool = False, offset_queries: bool = False) -> Resources:
     """Compile one kernel of one mode for compute capability `arch` with launch (BLOCK_M, BLOCK_N, num_warps,
-    num_stages) (or take it from Triton's cache), with or without `documents` compared per key, and read its
-    resource usage from the binary."""
+    num_stages) (or take it from Triton's cache), with or without `documents` compared per key and queries offset
+    past the keys' start, and read its resource usage from the binary."""
     from triton.backends.compiler import GPUTarget
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1, which does not compile them: run "
                            "python -m moe_diff.kernels.gpu_compile without it")
-    compiled = triton.compile(kernel_source(kernel, mode, head_dim, dtype, launch, documents),
+    compiled = triton.compile(kernel_source(kernel, mode, head_dim, dtype, launch, documents, offset_queries),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": launch[2], "num_stages": launch[3]})
     usage = _resource_usage(compiled.asm["cubin"])
@@ -163,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--documents", action="store_true",
                         help="the kernels' variant for packed documents (HAS_DOCUMENTS: each key's document "
                         "compared with the query's)")
+    parser.add_argument("--offset-queries", action="store_true",
+                        help="the kernels' variant for fewer queries than keys under the rule (OFFSET_QUERIES: a "
+                        "context-parallel rank's queries after the earlier keys it receives)")
     parser.add_argument("--out", default=None, help="also write the rows, with the versions, to this JSON file")
     args = parser.parse_args(argv)
     if args.launch and len(args.launch) not in (4, 5):
@@ -178,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                         hand_picked(kernel, mode, head_dim)]
                 for launch in launches:
                     row = {"mode": mode, "kernel": kernel, "head_dim": head_dim, "launch": launch,
-                           "arch": args.arch, "documents": args.documents}
+                           "arch": args.arch, "documents": args.documents, "offset_queries": args.offset_queries}
                     try:
                         row |= asdict(compile_for(kernel, mode, head_dim, TRITON_TYPES_BY_NAME[args.dtype], launch,
-                                                  args.arch, args.documents))
+                                                  args.arch, args.documents, args.offset_queries))
                     except Exception as error:  # noqa: BLE001 - a configuration that does not compile is a result
                         row["error"] = error_line(error)
                     print(json.dumps(row), flush=True)

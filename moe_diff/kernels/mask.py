@@ -2,7 +2,10 @@
 
 Query i sees key j when i - window < j <= i (window None: every j <= i) and, for packed sequences, when both carry
 the same document id, wherever the id's tokens lie in the row (an attention_mask with a hole gives a document that
-continues after it; a backend that can only express contiguous runs refuses such ids). Against a KV cache the keys
+continues after it; a backend that can only express contiguous runs refuses such ids). The queries are the last Tq
+of the Tk keys: Tq = Tk in one process; under context parallelism a rank's queries are its own positions and the
+keys run from the earliest position they may see (query i is then key Tk - Tq + i, and the document ids cover the
+keys), so every backend skips what lies outside the window there too. Against a KV cache the keys
 are the cached ones and the new ones, in the cache's slot order, so the cache gives the mask explicitly
 ([B, Tq, Tk]: its rule applied to the keys' sequence indices, a left-padded row's padding hidden). Each backend's
 form of the mask (the dense boolean mask, FlexAttention's block mask, the Triton kernel's key bounds, where each
@@ -34,13 +37,14 @@ def shared_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask[:1] if mask.dim() == 3 and mask.stride(0) == 0 else mask
 
 
-def attention_mask(n_tokens: int, window: int | None, device: torch.device,
+def attention_mask(n_queries: int, n_keys: int, window: int | None, device: torch.device,
                    document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask, True where query i may attend to key j: [T, T], or [B, T, T] with document ids."""
-    index = torch.arange(n_tokens, device=device)
-    allowed = causal_window_mask(index, index, window)
-    if document_ids is not None:  # [B, T]: tokens of different packed documents never meet
-        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
+    """Boolean mask, True where query i (key n_keys - n_queries + i) may attend to key j: [Tq, Tk], or [B, Tq, Tk]
+    with the keys' document ids [B, Tk]."""
+    key_index = torch.arange(n_keys, device=device)
+    allowed = causal_window_mask(key_index[n_keys - n_queries:], key_index, window)
+    if document_ids is not None:  # tokens of different packed documents never meet
+        allowed = allowed & (document_ids[:, n_keys - n_queries:, None] == document_ids[:, None, :])
     return allowed
 
 
@@ -67,23 +71,23 @@ def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass(eq=False)
 class AttentionMask:
-    """The rule of one forward pass: a window and packed documents over T queries and T keys, or a KV cache's
-    explicit mask."""
+    """The rule of one forward pass: a window and packed documents over Tk keys, of which the Tq queries are the
+    last, or a KV cache's explicit mask."""
 
     window: int | None = None
-    document_ids: torch.Tensor | None = None  # [B, T]
+    document_ids: torch.Tensor | None = None  # [B, Tk]
     explicit: torch.Tensor | None = None  # [B, Tq, Tk] boolean, from a KV cache
     _forms: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
 
-    def plain_causal(self, n_queries: int) -> bool:
-        """Every earlier key is visible: no documents, no cache mask, no window shorter than the sequence."""
+    def plain_causal(self, n_queries: int, n_keys: int) -> bool:
+        """Every earlier key is visible: no documents, no cache mask, no window shorter than the keys."""
         return (self.explicit is None and self.document_ids is None
-                and (self.window is None or self.window >= n_queries))
+                and (self.window is None or self.window >= n_keys))
 
-    def skips_blocks(self, n_queries: int) -> bool:
-        """Whether a kernel that skips fully masked key blocks saves work: a window shorter than the sequence, or
+    def skips_blocks(self, n_keys: int) -> bool:
+        """Whether a kernel that skips fully masked key blocks saves work: a window shorter than the keys, or
         packed documents."""
-        return (self.window is not None and self.window < n_queries) or self.document_ids is not None
+        return (self.window is not None and self.window < n_keys) or self.document_ids is not None
 
     def document_starts(self) -> torch.Tensor:
         """[B, T]: where each token's document begins in its row (document_starts), built once per forward."""
@@ -104,9 +108,9 @@ class AttentionMask:
             self._forms[key] = build()
         return self._forms[key]
 
-    def dense(self, n_queries: int, device: torch.device) -> torch.Tensor:
+    def dense(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """True where query i may attend to key j: [Tq, Tk], or [B, Tq, Tk] with documents or a cache."""
         if self.explicit is not None:
             return self.explicit
-        return self.form(("dense", n_queries, device),
-                         lambda: attention_mask(n_queries, self.window, device, self.document_ids))
+        return self.form(("dense", n_queries, n_keys, device),
+                         lambda: attention_mask(n_queries, n_keys, self.window, device, self.document_ids))

@@ -189,7 +189,7 @@ def test_attention_maps_reproduce_the_layer_and_stats_are_reported(mode: str, ru
         expected = attention_op("reference", "standard")(q, k, v, AttentionMask(5))
         values = v.repeat_interleave(2, dim=2)
     torch.testing.assert_close(torch.einsum("bhqk,bkhd->bqhd", maps.combined, values), expected)
-    assert torch.equal(maps.visible, AttentionMask(5).dense(T, x.device).expand(B, T, T))  # the rest drawn masked
+    assert torch.equal(maps.visible, AttentionMask(5).dense(T, T, x.device).expand(B, T, T))  # the rest drawn masked
     assert len(capture.outputs) == 2
     from moe_diff.data import Batch
 

@@ -85,7 +85,7 @@ def test_document_starts_name_each_document_by_its_first_token() -> None:
 @pytest.mark.parametrize(("n", "window"), [(1, None), (6, None), (6, 1), (6, 3), (6, 10)])
 def test_mask(n: int, window: int | None) -> None:
     expected = [[j <= i and (window is None or j > i - window) for j in range(n)] for i in range(n)]
-    assert attention_mask(n, window, torch.device("cpu")).tolist() == expected
+    assert attention_mask(n, n, window, torch.device("cpu")).tolist() == expected
 
 
 def test_every_configured_backend_is_registered() -> None:
@@ -155,3 +155,40 @@ def test_fused_backends_take_the_cache_mask(backend: str, mode: str) -> None:
     reference = attention_op("reference", mode)(*inputs, AttentionMask(explicit=mask))
     torch.testing.assert_close(attention_op(backend, mode)(*inputs, AttentionMask(explicit=mask)), reference,
                                rtol=1e-10, atol=1e-10)
+
+
+def last_queries(mode: str, inputs: list[torch.Tensor], n_queries: int) -> list[torch.Tensor]:
+    """The inputs with only the last n_queries queries (and diff_v2's per-query lambda)."""
+    q, k, v, *lam = inputs
+    if mode == "diff_v2":
+        lam = [lam[0][:, -n_queries:]]
+    return [q[:, -n_queries:], k, v, *lam]
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
+@pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
+@pytest.mark.parametrize(("window", "packed"), [(None, None), (3, None), (7, None), (20, None), (None, "runs"),
+                                                (4, "runs"), (None, "scattered"), (5, "scattered")])
+def test_queries_after_earlier_keys_see_what_they_see_in_the_whole(backend: str, mode: str, window: int | None,
+                                                                   packed: str | None) -> None:
+    """The rule's queries are the last Tq of its Tk keys (a context-parallel rank's own positions after the earlier
+    ones it receives): 4 queries against 9 keys give the whole sequence's last 4 rows, and the gradients of every
+    key, value and lambda those rows reach (windows inside the 5 earlier keys, across them and longer than all 9;
+    packed documents as runs and scattered, read for the keys)."""
+    torch.manual_seed(7)
+    inputs = [t.detach() for t in mode_inputs(mode, 2, 1, 9, 9)]
+    documents = {None: None, "runs": torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 2]]),
+                 "scattered": scattered_documents(9, 3)}[packed]
+    backward = backend != "flex"  # FlexAttention has no CPU backward
+    results = []
+    for offset_form in (False, True):
+        leaves = [t.clone().requires_grad_(backward) for t in inputs]
+        if offset_form:
+            out = attention_op(backend, mode)(*last_queries(mode, leaves, 4), AttentionMask(window, documents))
+        else:
+            out = attention_op("reference", mode)(*leaves, AttentionMask(window, documents))[:, -4:]
+        if backward:
+            out.square().sum().backward()
+        results.append([out] + [leaf.grad for leaf in leaves if backward])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -121,8 +121,12 @@ def test_rule_bounds_fold_window_and_documents_into_one_lower_bound(documents: l
     so a query block's first query and a key block's last key bound the whole block (key j is seen only by queries
     j <= i < query_stop[j])."""
     mask = AttentionMask(3, torch.tensor([documents]))
-    bounds = rule_bounds(8, 1, mask.window, mask.document_starts(), torch.device("cpu"))
+    bounds = rule_bounds(8, 8, 1, mask.window, mask.document_starts(), torch.device("cpu"))
     assert [b.tolist() for b in bounds] == [[key_start], [query_stop]]
+    # the last 5 queries alone: the same lower bounds, and each key's stop counted in those queries
+    bounds = rule_bounds(5, 8, 1, mask.window, mask.document_starts(), torch.device("cpu"))
+    assert bounds[0].tolist() == [key_start[3:]]
+    assert bounds[1].tolist() == [[max(0, stop - 3) for stop in query_stop]]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -149,10 +153,12 @@ def test_float64_and_auto_choices() -> None:
     inputs = mode_inputs("diff", 1, 1, 5, 5, 16)
     with pytest.raises(ValueError, match="attn_backend='triton' runs float32, bfloat16 or float16"):
         attention_op("triton", "diff")(*inputs, AttentionMask())
-    assert auto_backend(inputs[0], AttentionMask()) == "sdpa"  # on the GPU too: SDPA's fastest case
+    assert auto_backend(inputs[0], 5, AttentionMask()) == "sdpa"  # on the GPU too: SDPA's fastest case
     on_gpu = "triton" if inputs[0].is_cuda else "sdpa"
-    assert auto_backend(inputs[0], AttentionMask(4)) == on_gpu and auto_backend(inputs[0], AttentionMask(5)) == "sdpa"
-    assert auto_backend(inputs[0], AttentionMask(document_ids=torch.zeros(1, 5, dtype=torch.long))) == on_gpu
+    assert auto_backend(inputs[0], 5, AttentionMask(4)) == on_gpu
+    assert auto_backend(inputs[0], 5, AttentionMask(5)) == "sdpa"
+    assert auto_backend(inputs[0], 3, AttentionMask(4)) == "sdpa"  # three keys: the window hides none of them
+    assert auto_backend(inputs[0], 5, AttentionMask(document_ids=torch.zeros(1, 5, dtype=torch.long))) == on_gpu
     torch.testing.assert_close(attention_op("auto", "diff")(*inputs, AttentionMask()),
                                attention_op("reference", "diff")(*inputs, AttentionMask()), rtol=1e-10, atol=1e-10)
 
@@ -182,3 +188,19 @@ def test_diff_forward_split_over_its_values_equals_one_program(monkeypatch, wind
             assert torch.equal(split, whole)
         else:
             torch.testing.assert_close(split, whole, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("window", "packed"), [(None, None), (6, None), (30, None), (None, "runs"),
+                                                (9, "runs"), (7, "scattered")])
+def test_queries_after_earlier_keys_equal_the_float64_reference(mode: str, window: int | None,
+                                                                packed: str | None) -> None:
+    """The rule's queries as the last 13 of 37 keys (a context-parallel rank's own positions after those it
+    receives): the key blocks before the queries are visited or skipped by the window and documents, in the
+    forward and both backward kernels."""
+    inputs = mode_inputs(mode, 2, 1, 13, 37, 16)
+    documents = {None: None, "runs": torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [0] * 3 + [1] * 34]),
+                 "scattered": scattered_documents(37, 4)}[packed]
+    expected = values_and_gradients(mode, "reference", inputs, torch.float64, window, documents)
+    got = values_and_gradients(mode, "triton", inputs, torch.float32, window, documents, device=DEVICE)
+    assert max(relative_errors(got, expected)) < 1e-5

@@ -97,8 +97,13 @@ def test_documents_that_are_not_runs_are_refused(monkeypatch: pytest.MonkeyPatch
 
 
 def test_documents_become_one_sequence_each() -> None:
-    cu_seqlens, longest = document_sequences(torch.tensor([[0, 0, 1], [5, 5, 5]]))
-    assert cu_seqlens.tolist() == [0, 2, 3, 6] and longest == 3
+    cu_queries, cu_keys, longest_queries, longest_keys = document_sequences(torch.tensor([[0, 0, 1], [5, 5, 5]]), 3)
+    assert cu_queries.tolist() == cu_keys.tolist() == [0, 2, 3, 6] and longest_queries == longest_keys == 3
+    # the last 2 of 5 keys are queries: the first run has none of them, the second one, the third all
+    cu_queries, cu_keys, longest_queries, longest_keys = document_sequences(torch.tensor([[0, 0, 1, 1, 2],
+                                                                                          [3, 3, 3, 3, 3]]), 2)
+    assert cu_keys.tolist() == [0, 2, 4, 5, 10] and longest_keys == 5
+    assert cu_queries.tolist() == [0, 0, 1, 2, 4] and longest_queries == 2
 
 
 def test_missing_flash_attn_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,3 +72,14 @@ def test_a_launch_that_does_not_compile_is_reported_not_raised() -> None:
     """Blocks must be powers of two: the row names the error and the command goes on."""
     (row,) = compiled("--mode", "diff", "--kernel", "forward", "--launch", "48", "64", "4", "2")
     assert row["launch"] == [48, 64, 4, 2] and "power of 2" in row["error"]
+
+
+def test_the_offset_queries_variant_compiles_for_hopper() -> None:
+    """Fewer queries than keys under the rule (a context-parallel rank's), with documents: every kernel of every mode
+    compiles on warpgroup MMAs within shared memory (its spills are printed by the command, not bounded here)."""
+    rows = compiled("--head-dim", "128", "--offset-queries", "--documents")
+    assert len(rows) == len(MODES) * len(KERNELS)
+    for row in rows:
+        assert "error" not in row, row
+        assert row["offset_queries"] and row["tensor_core_op"] == "wgmma"
+        assert 0 < row["shared_bytes"] <= H100_SHARED_BYTES
