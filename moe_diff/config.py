@@ -194,9 +194,10 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """How a torchrun job splits its processes: dp * tp = world size; ep divides dp * tp and n_experts."""
+    """How a torchrun job splits its processes: dp * cp * tp = world size; ep * cp * tp divides it, ep divides
+    n_experts."""
 
-    dp: int | None = None  # None: world size / tp
+    dp: int | None = None  # None: world size / (cp * tp)
     tp: int = 1
     ep: int = 1  # experts of every layer sharded over groups of ep consecutive ranks
     timeout_s: float = 600.0  # a collective that waits longer (a rank failed or hung) ends the job with an error
@@ -204,6 +205,7 @@ class ParallelConfig:
     vocab_parallel: bool = False  # with tp > 1: the embedding and output head split by vocabulary rows too
     dp_replicate: int = 1  # with fsdp, > 1: HSDP, each parameter sharded within groups and replicated over this many
     sequence_parallel: bool = False  # with tp > 1: the residual stream and norms split by sequence over tp in training
+    cp: int = 1  # context parallelism: every training sequence split along its length over groups of cp ranks
 
     def __post_init__(self) -> None:
         if self.dp is not None and (not _is_int(self.dp) or self.dp < 1):
@@ -222,7 +224,7 @@ class ParallelConfig:
         for name in ("vocab_parallel", "sequence_parallel"):
             if not isinstance(getattr(self, name), bool) or (getattr(self, name) and self.tp == 1):
                 _fail(f"parallel.{name}", getattr(self, name), "true or false (true only with parallel.tp > 1)")
-        for name in ("tp", "ep"):
+        for name in ("tp", "ep", "cp"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 _fail(f"parallel.{name}", getattr(self, name), "a positive integer")
 
@@ -240,8 +242,10 @@ class Config:
         if self.train.seq_len > self.model.max_seq_len:
             _fail("train.seq_len", self.train.seq_len,
                   f"at most model.max_seq_len ({self.model.max_seq_len})")
-        if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp:
-            _fail("train.seq_len", self.train.seq_len, f"a multiple of parallel.tp={self.parallel.tp} with "
+        split = self.parallel.tp * self.parallel.cp
+        if self.parallel.sequence_parallel and self.train.seq_len % split:
+            _fail("train.seq_len", self.train.seq_len, f"a multiple of parallel.tp={self.parallel.tp}"
+                  f"{f' x parallel.cp={self.parallel.cp}' if self.parallel.cp > 1 else ''} with "
                   "parallel.sequence_parallel=true (each rank holds its block of positions)")
         if self.model.n_experts % self.parallel.ep:
             _fail("parallel.ep", self.parallel.ep, f"a divisor of model.n_experts ({self.model.n_experts})")

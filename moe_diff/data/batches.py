@@ -3,7 +3,7 @@ end-of-text; a resumable seeded sampler; fixed validation batches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +20,16 @@ class Batch:
     positions: torch.Tensor  # [b, T] restart at 0 after each end-of-text
     document_ids: torch.Tensor  # [b, T] count the end-of-texts before each token in its window
 
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """`function` applied to each of the four tensors."""
+        return Batch(*(function(t) for t in (self.tokens, self.targets, self.positions, self.document_ids)))
+
     def slice(self, start: int, stop: int) -> Batch:
         """Rows start:stop, e.g. one data-parallel rank's or one micro-batch's share."""
-        return Batch(*(t[start:stop] for t in (self.tokens, self.targets, self.positions, self.document_ids)))
+        return self.map(lambda t: t[start:stop])
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.tokens, self.targets, self.positions, self.document_ids)))
+        return self.map(lambda t: t.to(device))
 
 
 class PackedSequences:

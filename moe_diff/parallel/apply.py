@@ -33,7 +33,8 @@ def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
     the rest of the model stays replicated (data parallel)."""
     if job.dims.tp > 1:
         check_tensor_parallel(model, job.dims.tp, job.vocab_parallel)
-    for dim, styles in module_plan(job.dims.ep, job.dims.tp, job.vocab_parallel, job.sequence_parallel).items():
+    dims = job.dims
+    for dim, styles in module_plan(dims.ep, dims.tp, dims.cp, job.vocab_parallel, job.sequence_parallel).items():
         check_paths(model, styles)
         parallelize_module(model, job.submesh(dim), styles)
     distribute_parameters(model, job)
@@ -126,9 +127,9 @@ def shard_fully(model: MoEDiffTransformer, job: Runtime) -> None:
     hsdp = job.dims.hsdp
     data_mesh = job.submesh(("dp_replicate", "shard")) if hsdp else job.submesh(DATA)
     if job.experts_whole_under_fsdp:  # a one-rank group: the shard stays whole
-        expert_mesh = job.submesh("dp_shard")
+        expert_mesh = job.submesh("expert_shard")
     else:  # an expert shard's replicas; its gradient already sums its ep group's tokens
-        expert_mesh = job.submesh(("dp_replicate", "dp_shard")) if hsdp else job.submesh("replica")
+        expert_mesh = job.submesh(("dp_replicate", "expert_shard")) if hsdp else job.submesh("replica")
     for block in model.layers:
         if job.dims.ep > 1:
             experts = block.moe.experts

@@ -13,6 +13,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor import Placement as TensorPlacement
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from moe_diff.parallel.context_parallel import ContextParallel
 from moe_diff.parallel.expert_parallel import ExpertParallel
 from moe_diff.parallel.tensor_parallel import (
     EmbeddingParallel,
@@ -123,10 +124,11 @@ def layout(name: str, ep: int, tp: int, vocab_parallel: bool, sequence_parallel:
 EXPERT_STYLES: dict[str, ParallelStyle] = {"layers.*.moe.experts": ExpertParallel()}
 
 
-def module_plan(ep: int, tp: int, vocab_parallel: bool, sequence_parallel: bool) -> dict[str, dict[str, ParallelStyle]]:
-    """How a job's layers run split: for ep and tp where they exceed 1, in that order, the ParallelStyle of each
-    module (paths as parallelize_module matches them; * is a layer index), which makes the module run its part and
-    says where its activations cross ranks."""
+def module_plan(ep: int, tp: int, cp: int, vocab_parallel: bool, sequence_parallel: bool
+                ) -> dict[str, dict[str, ParallelStyle]]:
+    """How a job's layers run split: for ep, tp and cp where they exceed 1, in that order, the ParallelStyle of
+    each module (paths as parallelize_module matches them; * is a layer index), which makes the module run its
+    part and says where its activations cross ranks."""
     plan: dict[str, dict[str, ParallelStyle]] = {}
     if ep > 1:
         plan["ep"] = EXPERT_STYLES
@@ -142,4 +144,6 @@ def module_plan(ep: int, tp: int, vocab_parallel: bool, sequence_parallel: bool)
         if sp or vocab_parallel:
             plan["tp"]["tok_embeddings"] = EmbeddingParallel(vocab_parallel, sp)
             plan["tp"]["output"] = OutputHeadParallel(vocab_parallel, sp)
+    if cp > 1:  # each rank's positions of every sequence: attention receives the earlier keys they may see
+        plan["cp"] = {"layers.*.attention": ContextParallel()}
     return plan

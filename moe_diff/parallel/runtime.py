@@ -76,7 +76,7 @@ class Runtime:
         """FSDP with expert shards that no other rank of the shard's (HSDP) group holds: each rank keeps its shard
         whole and sync_gradients averages it over its replicas (FSDP2 divides the gradient of a one-rank group by a
         set divide factor twice where it reduces by sums, as on gloo and in float64)."""
-        return self.fsdp and self.dims.ep > 1 and self.dims.dp_shard == 1
+        return self.fsdp and self.dims.ep > 1 and self.dims.dp_shard * self.dims.cp == 1
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's GPU (torchrun's LOCAL_RANK) when the job runs on CUDA."""
@@ -86,11 +86,23 @@ class Runtime:
 
     @property
     def data_rank(self) -> int:
-        """Which rows of the global batch this rank reads: the ranks of one tp group read the same."""
-        return self.rank // self.dims.tp
+        """Which rows of the global batch this rank reads: the ranks of one cp x tp group read the same."""
+        return self.rank // (self.dims.cp * self.dims.tp)
+
+    @property
+    def row_readers(self) -> int:
+        """How many ranks read different rows of each batch."""
+        return self.world_size // (self.dims.cp * self.dims.tp)
+
+    @property
+    def cp_rank(self) -> int:
+        """Which positions of its rows this rank holds (parallel.cp)."""
+        return self.rank // self.dims.tp % self.dims.cp
 
     @property
     def data_ranks(self) -> int:
+        """The ranks over which gradients are averaged: every one holding the same tp shard (reading different rows
+        or positions)."""
         return self.world_size // self.dims.tp
 
     def gather_objects(self, value: Any) -> list[Any]:

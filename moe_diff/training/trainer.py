@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from moe_diff.parallel.apply import (
     shard_fully,
     wrap,
 )
+from moe_diff.parallel.context_parallel import SequenceLayout
 from moe_diff.parallel.gradients import accumulating, clip_grad_norm, sync_gradients
 from moe_diff.parallel.pieces import local_tensor
 from moe_diff.parallel.tensor_parallel import sharded_logits
@@ -139,9 +141,9 @@ class Trainer:
         self.device = job.device(resolve_device(cfg.train.device))
         self.console = console if self.runtime.is_main else Console(quiet=True)  # rank 0 speaks for the job
         console = self.console
-        per_rank, remainder = divmod(cfg.train.batch_size, self.runtime.data_ranks * cfg.train.grad_accum)
+        per_rank, remainder = divmod(cfg.train.batch_size, self.runtime.row_readers * cfg.train.grad_accum)
         if remainder or not per_rank:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.data_ranks} "
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.row_readers} "
                               f"data-parallel ranks x train.grad_accum={cfg.train.grad_accum} micro-batches must "
                               "divide it")
         start = plan_start(cfg.train, console, self.runtime)
@@ -149,6 +151,9 @@ class Trainer:
         if resume_from is not None:
             cfg = with_stored_model(cfg, resume_from, console)
         self.cfg, t = cfg, cfg.train
+        # parallel.cp: which positions of every training sequence this rank holds
+        self.sequence_layout = (SequenceLayout(job.dims.cp, cfg.train.seq_len, cfg.model.sliding_window)
+                                if job.dims.cp > 1 else None)
         self.out_dir = Path(t.out_dir)
         torch.manual_seed(t.seed)
 
@@ -176,7 +181,8 @@ class Trainer:
             held = sum(local_tensor(p).numel() for p in self.model.parameters())
             dims = self.runtime.dims
             hsdp = f", HSDP over {dims.dp_replicate} groups" if dims.hsdp else ""
-            console.print(f"{dims.world_size} ranks: dp={dims.dp} tp={dims.tp} ep={dims.ep} "
+            context = f" cp={dims.cp}" if dims.cp > 1 else ""
+            console.print(f"{dims.world_size} ranks: dp={dims.dp} tp={dims.tp} ep={dims.ep}{context} "
                           f"({cfg.parallel.data_parallel}{hsdp}); rank 0 holds {held / 1e6:.2f}M of the model's "
                           f"{costs.param_counts(cfg.model).total / 1e6:.2f}M parameters")
         self.optimizer = build_optimizer(self.model, t)
@@ -222,13 +228,16 @@ class Trainer:
         set_learning_rate(self.optimizer, learning_rate(self.step, t))
         global_batch = make_batch(self.train_windows, self.sampler.next_indices())  # the same on every rank
         micro_size = t.batch_size // t.grad_accum  # sequences of a micro-batch, over all data-parallel ranks
-        per_rank = micro_size // self.runtime.data_ranks
+        per_rank = micro_size // self.runtime.row_readers
         n_layers, n_experts = self.cfg.model.n_layers, self.cfg.model.n_experts
         sums = StepSums(torch.zeros(4, device=self.device), torch.zeros(n_layers, n_experts, device=self.device),
                         torch.zeros(n_layers, dtype=torch.float64, device=self.device), LambdaProbe(self.model))
         for i in range(t.grad_accum):
             first = i * micro_size + self.runtime.data_rank * per_rank  # this rank's rows of micro-batch i
-            micro = global_batch.slice(first, first + per_rank).to(self.device)
+            micro = global_batch.slice(first, first + per_rank)
+            if self.sequence_layout is not None:  # and this rank's positions of them
+                micro = micro.map(functools.partial(self.sequence_layout.own_positions, rank=self.runtime.cp_rank))
+            micro = micro.to(self.device)
             last = i == t.grad_accum - 1
             with accumulating(self.data_parallel, self.runtime, last):
                 with (autocast(self.device, t.precision),

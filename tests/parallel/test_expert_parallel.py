@@ -99,7 +99,7 @@ def test_ep_must_divide_the_experts() -> None:
 
     model = MoEDiffTransformer(ModelConfig(**CONFIG))
     with pytest.raises(ValueError, match="parallel.ep=3 must divide model.n_experts=4"):
-        parallelize_module(model, Mesh(), module_plan(3, 1, False, False)["ep"])
+        parallelize_module(model, Mesh(), module_plan(3, 1, 1, False, False)["ep"])
 
 
 def test_layouts_are_checked_against_the_world_size() -> None:

@@ -69,12 +69,20 @@ LAYOUTS = {
     # 8 processes: each expert shard sharded over 2 ranks of its HSDP group and replicated over the 2 groups
     "hsdp-ep2-8": (8, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2",
                        "train.batch_size=8"]),
+    # context parallelism (window 16 of 32 positions): a block of 16 and the 15 keys before it from one rank; blocks
+    # of 8, the keys before them from two; without a window, chunks r and 2cp-1-r and every earlier key
+    "cp2": (2, ["parallel.cp=2"]),
+    "cp4": (4, ["parallel.cp=4"]),
+    "cp4-no-window": (4, ["parallel.cp=4", "model.sliding_window=null"]),
+    "cp2-tp2-sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "model.n_kv_heads=4"]),
+    "fsdp-cp2-ep2": (4, ["parallel.data_parallel=fsdp", "parallel.cp=2", "parallel.ep=2"]),
     # each rank balancing its own tokens: one process balancing each of as many micro-batches (the old rule)
     "ep2-each-rank": (2, ["parallel.ep=2", "train.load_balance_over=each_rank"], ["train.grad_accum=2"]),
 }
 
 
-REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "hsdp", "hsdp-ep2", "hsdp-ep2-8"}  # pieces two ranks hold
+REPLICATED_EXPERTS = {"ddp2", "ddp2-compiled", "hsdp", "hsdp-ep2", "hsdp-ep2-8",  # pieces two ranks hold
+                      "cp2", "cp4", "cp4-no-window", "cp2-tp2-sp"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -54,12 +54,12 @@ def test_a_parameter_missing_from_the_plan_is_refused(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("cfg", MODELS[::2], ids=lambda cfg: cfg.attention)
 def test_every_module_path_of_the_plan_names_a_module(cfg: ModelConfig) -> None:
-    """Each style of the fullest layout (ep, tp, vocabulary and sequence split) finds its modules; a path that names
+    """Each style of the fullest layout (ep, tp, cp, vocabulary and sequence split) finds its modules; a path that names
     none is refused before parallelize_module would skip it with a warning."""
     with torch.device("meta"):
         model = MoEDiffTransformer(cfg)
-    styles = plan.module_plan(2, 2, True, True)
-    assert set(styles) == {"ep", "tp"}
+    styles = plan.module_plan(2, 2, 2, True, True)
+    assert set(styles) == {"ep", "tp", "cp"}
     for dim_styles in styles.values():
         check_paths(model, dim_styles)
     with pytest.raises(LookupError, match="'layers.*.attention.w_o', which matches no module"):

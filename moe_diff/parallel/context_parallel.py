@@ -1,0 +1,177 @@
+"""Context parallelism: every sequence of a batch split along its length over the cp ranks, so that no rank holds
+a whole sequence's activations. Everything but attention runs on the rank's own positions (with the rotary
+positions and document ids of the whole sequence); attention receives, once per layer, the keys and values of the
+earlier positions its queries may see and runs the backend on its queries against them (the rule's queries are
+the last of its keys: mask.py), sending their gradients back to their owners in the backward.
+
+Which positions a rank holds (SequenceLayout): with a window shorter than the sequence, one block, so that it
+receives only the W - 1 positions before it (from as many preceding ranks as hold them): O(W) per layer whatever
+the length; without one, causal attention's work grows with the position, so rank r holds chunks r and 2cp-1-r of
+2cp equal chunks (torch's and torchtitan's load balancing) and receives every earlier position it does not hold:
+O(T). The exchange is one all-to-all per tensor whose split sizes follow from the layout alone (no host read).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from moe_diff.config import ConfigError
+from moe_diff.kernels.mask import AttentionMask
+from moe_diff.parallel.expert_parallel import exchange
+
+Span = tuple[int, int]  # positions [start, stop) of the whole sequence
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Which positions of a `seq_len`-long sequence each of `n_ranks` ranks holds, for attention with `window`."""
+
+    n_ranks: int
+    seq_len: int
+    window: int | None
+
+    def __post_init__(self) -> None:
+        parts = 2 * self.n_ranks if self.balanced else self.n_ranks
+        if self.seq_len % parts:
+            layout = "2 x parallel.cp chunks (causal load balancing)" if self.balanced else "parallel.cp blocks"
+            raise ConfigError(f"train.seq_len={self.seq_len} must split into {layout}: a multiple of {parts}")
+
+    @property
+    def balanced(self) -> bool:
+        """Whether each rank holds two chunks (no window shorter than the sequence) rather than one block."""
+        return self.window is None or self.window >= self.seq_len
+
+    def spans(self, rank: int) -> list[Span]:
+        """The positions `rank` holds, in the order its tensors hold them."""
+        if not self.balanced:
+            size = self.seq_len // self.n_ranks
+            return [(rank * size, (rank + 1) * size)]
+        size = self.seq_len // (2 * self.n_ranks)
+        last = 2 * self.n_ranks - 1 - rank
+        return [(rank * size, (rank + 1) * size), (last * size, (last + 1) * size)]
+
+    def first_key(self, position: int) -> int:
+        """The earliest position the query at `position` may see."""
+        return 0 if self.window is None else max(0, position - self.window + 1)
+
+    def keys(self, rank: int) -> Span:
+        """The positions whose keys `rank`'s queries may see: from its first span's earliest key to its last span's
+        end."""
+        spans = self.spans(rank)
+        return min(self.first_key(start) for start, _ in spans), max(stop for _, stop in spans)
+
+    def owners(self, span: Span) -> list[tuple[int, int, int]]:
+        """`span` cut at the ranks' spans: (start, stop, the rank holding them), in position order."""
+        held = sorted((start, stop, rank) for rank in range(self.n_ranks) for start, stop in self.spans(rank))
+        return [(max(start, span[0]), min(stop, span[1]), rank) for start, stop, rank in held
+                if start < span[1] and stop > span[0]]
+
+    def own_positions(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+        """`rank`'s positions of a whole-sequence tensor (tokens, targets, positions, document ids), as it holds
+        them."""
+        return torch.cat([x.narrow(dim, start, stop - start) for start, stop in self.spans(rank)], dim)
+
+
+class KeyExchange:
+    """One rank's part of the exchange that gives every rank the keys its queries may see: what it sends to each
+    rank, what it receives from each, and how it lays them out in position order with its own."""
+
+    def __init__(self, layout: SequenceLayout, rank: int):
+        self.layout, self.rank = layout, rank
+        self.key_span = layout.keys(rank)
+        self._held, index = [], 0  # (start, stop, where the span begins in this rank's tensors)
+        for start, stop in layout.spans(rank):
+            self._held.append((start, stop, index))
+            index += stop - start
+        self.pieces = layout.owners(self.key_span)  # (start, stop, owner) in position order
+        self.sends = [[(start, stop) for start, stop, owner in layout.owners(layout.keys(other)) if owner == rank]
+                      if other != rank else [] for other in range(layout.n_ranks)]
+        self.send_sizes = [sum(stop - start for start, stop in spans) for spans in self.sends]
+        self.recv_sizes = [sum(stop - start for start, stop, owner in self.pieces if owner == other)
+                           if other != rank else 0 for other in range(layout.n_ranks)]
+
+    def _local(self, start: int, stop: int) -> slice:
+        """Where positions [start, stop), which this rank holds, lie in its tensors."""
+        for first, last, index in self._held:
+            if first <= start and stop <= last:
+                return slice(index + start - first, index + stop - first)
+        raise ValueError(f"rank {self.rank} does not hold positions [{start}, {stop})")
+
+    def gather(self, tensors: list[torch.Tensor], group: dist.ProcessGroup) -> list[torch.Tensor]:
+        """Each x [B, T/cp, ...] (this rank's positions) -> [B, K, ...]: the positions of key_span in order, the
+        others' received; differentiable (their gradients go back to their owners). One exchange carries them all,
+        so every rank runs the same collectives in the backward too."""
+        widths = [t[0, 0].numel() for t in tensors]
+        rows = torch.cat([t.transpose(0, 1).reshape(*t.shape[1::-1], -1) for t in tensors], dim=2)  # [T/cp, B, F]
+        outgoing = [rows[self._local(start, stop)] for spans in self.sends for start, stop in spans]
+        send = torch.cat(outgoing) if outgoing else rows[:0]
+        received = exchange(send.contiguous(), self.recv_sizes, self.send_sizes, group)
+        from_rank = dict(zip(range(self.layout.n_ranks), received.split(self.recv_sizes), strict=True))
+        taken = dict.fromkeys(from_rank, 0)
+        parts = [received[:0]]  # in the graph even where nothing arrives, so that the backward exchange runs here
+        for start, stop, owner in self.pieces:
+            if owner == self.rank:
+                parts.append(rows[self._local(start, stop)])
+            else:
+                parts.append(from_rank[owner][taken[owner]:taken[owner] + stop - start])
+                taken[owner] += stop - start
+        keys = torch.cat(parts).transpose(0, 1)  # [B, K, sum of widths]
+        return [part.view(*part.shape[:2], *t.shape[2:])
+                for part, t in zip(keys.split(widths, dim=2), tensors, strict=True)]
+
+    def query_blocks(self) -> list[tuple[slice, slice]]:
+        """For each span this rank holds: its queries in this rank's tensors, and the keys they may see in
+        gather()'s output (the queries the last of them)."""
+        first = self.key_span[0]
+        return [(self._local(start, stop), slice(self.layout.first_key(start) - first, stop - first))
+                for start, stop in self.layout.spans(self.rank)]
+
+
+@functools.cache
+def key_exchange(n_ranks: int, seq_len: int, window: int | None, rank: int) -> KeyExchange:
+    return KeyExchange(SequenceLayout(n_ranks, seq_len, window), rank)
+
+
+class ContextParallelAttention:
+    """A layer's attention function on this rank's positions of every sequence, in training: the keys and values
+    its queries may see gathered (KeyExchange), then the backend on each of its spans' queries; outside training,
+    or against a KV cache, the backend on the whole sequence as it is given."""
+
+    def __init__(self, attend: Callable, module: nn.Module, group: dist.ProcessGroup):
+        self.attend, self.module, self.group = attend, module, group
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        *lam, mask = rest  # diff: a 0-dim lambda; diff_v2: one per query [B, T, H]; standard: none
+        if not self.module.training or mask.explicit is not None:
+            return self.attend(q, k, v, *rest)
+        size = self.group.size()
+        plan = key_exchange(size, q.shape[1] * size, mask.window, self.group.rank())
+        keys, values = plan.gather([k, v], self.group)
+        masks = mask.form(("context parallel", q.shape[1]), lambda: self._span_masks(plan, mask))
+        outputs = [self.attend(q[:, queries], keys[:, seen], values[:, seen],
+                               *(each[:, queries] if each.dim() else each for each in lam), span_mask)
+                   for (queries, seen), span_mask in zip(plan.query_blocks(), masks, strict=True)]
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+    def _span_masks(self, plan: KeyExchange, mask: AttentionMask) -> list[AttentionMask]:
+        """Each span's rule over the keys it may see (their document ids received like the keys), built once per
+        forward and shared by every layer."""
+        documents = plan.gather([mask.document_ids], self.group)[0] if mask.document_ids is not None else None
+        return [AttentionMask(mask.window, None if documents is None else documents[:, seen])
+                for _, seen in plan.query_blocks()]
+
+
+class ContextParallel(ParallelStyle):
+    """Attention over the mesh's cp dimension: the layer's attention function becomes a ContextParallelAttention."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module.attend = ContextParallelAttention(module.attend, module, device_mesh.get_group())
+        return module

@@ -1,0 +1,146 @@
+"""Context parallelism's attention over gloo: each rank's positions of a sequence, with the earlier keys they may
+see received from their owners, give the whole sequence's outputs at those positions and, through the exchange's
+backward, every input's gradient there (2 and 4 ranks; every mode; windows shorter and longer than a rank's
+block and none; packed documents); a window's exchange moves the same bytes at any length."""
+
+import datetime
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.multiprocessing as mp
+from helpers import scattered_documents  # tests/ is on the path
+
+from moe_diff.config import ConfigError
+from moe_diff.kernels import attention_op
+from moe_diff.kernels.mask import AttentionMask
+from moe_diff.parallel.context_parallel import ContextParallelAttention, KeyExchange, SequenceLayout
+
+T = 16
+CASES = [(window, packed) for window in (None, 3, 11) for packed in (None, "runs", "scattered")]
+
+
+class Training:
+    training = True
+
+
+def inputs(mode: str, length: int = T) -> list[torch.Tensor]:
+    """Float64 q, k, v (and lambda) of a whole sequence, the same on every rank: 2 query heads per kv head."""
+    generator = torch.Generator().manual_seed(len(mode))
+    if mode == "diff":
+        shapes = [(2, length, 2, 2, 4), (2, length, 1, 2, 4), (2, length, 1, 8)]
+    elif mode == "diff_v2":
+        shapes = [(2, length, 4, 4), (2, length, 1, 4), (2, length, 1, 4), (2, length, 2)]
+    else:
+        shapes = [(2, length, 2, 4), (2, length, 1, 4), (2, length, 1, 4)]
+    tensors = [torch.randn(shape, dtype=torch.float64, generator=generator) for shape in shapes]
+    return tensors + [torch.tensor(0.3, dtype=torch.float64)] if mode == "diff" else tensors
+
+
+def documents(packed: str | None) -> torch.Tensor | None:
+    if packed == "runs":
+        return torch.tensor([[0] * 5 + [1] * 6 + [2] * 5, [0] * 15 + [1]])
+    return scattered_documents(T, 11) if packed == "scattered" else None
+
+
+def check_rank(rank: int, world: int, init_file: str, backend: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    for mode in ("standard", "diff", "diff_v2"):
+        for window, packed in CASES:
+            check_case(rank, world, mode, backend, window, documents(packed))
+    if backend == "reference":  # the exchange is the backends' own
+        check_bytes(rank, world)
+    dist.destroy_process_group()
+
+
+def check_case(rank: int, world: int, mode: str, backend: str, window: int | None,
+               document_ids: torch.Tensor | None) -> None:
+    layout = SequenceLayout(world, T, window)
+    whole = [t.requires_grad_() for t in inputs(mode)]
+    out = attention_op("reference", mode)(*whole, AttentionMask(window, document_ids))
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out.backward(grad)
+
+    per_position = [t.dim() > 1 for t in whole]  # diff's lambda is one number
+    dtype, tolerance = (torch.float32, 2e-5) if backend == "triton" else (torch.float64, 1e-10)
+    mine = [(layout.own_positions(t, rank) if spread else t).detach().to(dtype).requires_grad_()
+            for t, spread in zip(whole, per_position, strict=True)]
+    attend = ContextParallelAttention(attention_op(backend, mode), Training(), dist.group.WORLD)
+    own_documents = None if document_ids is None else layout.own_positions(document_ids, rank)
+    got = attend(*mine, AttentionMask(window, own_documents))
+    label = f"{mode} {backend} window {window} documents {document_ids is not None} rank {rank}"
+    torch.testing.assert_close(got.double(), layout.own_positions(out, rank), rtol=tolerance, atol=tolerance,
+                               msg=label)
+    got.backward(layout.own_positions(grad, rank).to(dtype))
+    for index, (part, full, spread) in enumerate(zip(mine, whole, per_position, strict=True)):
+        expected = layout.own_positions(full.grad, rank) if spread else full.grad
+        received = part.grad.double()
+        if not spread:  # each rank's queries give their part of lambda's gradient
+            dist.all_reduce(received)
+        torch.testing.assert_close(received, expected, rtol=tolerance, atol=tolerance, msg=f"{label} input {index}")
+
+
+def check_bytes(rank: int, world: int) -> None:
+    """The bytes this rank sends in one layer's exchange, counted at torch's all-to-all itself, at two sequence
+    lengths: the same with a window (its W - 1 keys and values), twice as many at twice the length without one."""
+    sent: list[int] = []
+    all_to_all = funcol.all_to_all_single_autograd
+
+    def counting(rows: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        sent.append(rows.numel() * rows.element_size())
+        return all_to_all(rows, *args, **kwargs)
+
+    funcol.all_to_all_single_autograd = counting
+    try:
+        per_length = {}
+        for window in (3, None):
+            for length in (4 * T, 8 * T):
+                layout = SequenceLayout(world, length, window)
+                q, k, v = (layout.own_positions(t, rank) for t in inputs("standard", length))
+                sent.clear()
+                ContextParallelAttention(attention_op("reference", "standard"), Training(), dist.group.WORLD)(
+                    q, k, v, AttentionMask(window))
+                per_length[window, length] = sum(sent)
+    finally:
+        funcol.all_to_all_single_autograd = all_to_all
+    sends_halo = rank < world - 1  # the last rank's positions precede no one's
+    assert per_length[3, 4 * T] == per_length[3, 8 * T] == 2 * 2 * (3 - 1) * 4 * 8 * sends_halo, per_length
+    total = torch.tensor([per_length[None, 4 * T], per_length[None, 8 * T]])
+    dist.all_reduce(total)
+    assert total[1] == 2 * total[0] > 0, total
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_ranks_positions_equal_the_whole_sequences(world: int, backend: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's kernels in float32 under its interpreter (TRITON_INTERPRET=1, as its kernel tests set it)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the spawned ranks import the kernels
+    mp.spawn(check_rank, args=(world, str(tmp_path / "rendezvous"), backend), nprocs=world)
+
+
+@pytest.mark.parametrize(("window", "spans", "received"), [
+    (None, [[(0, 2), (14, 16)], [(2, 4), (12, 14)], [(4, 6), (10, 12)], [(6, 8), (8, 10)]], [12, 10, 8, 6]),
+    (3, [[(0, 4)], [(4, 8)], [(8, 12)], [(12, 16)]], [0, 2, 2, 2]),
+    (7, [[(0, 4)], [(4, 8)], [(8, 12)], [(12, 16)]], [0, 4, 6, 6])])
+def test_layouts_balance_causal_work_and_receive_only_the_window(window: int | None, spans: list, received: list
+                                                                 ) -> None:
+    """Without a window rank r holds chunks r and 2cp-1-r and receives every earlier position it lacks; with one,
+    a block and the W - 1 positions before it, from as many ranks as hold them."""
+    layout = SequenceLayout(4, T, window)
+    assert [layout.spans(rank) for rank in range(4)] == spans
+    assert [sum(KeyExchange(layout, rank).recv_sizes) for rank in range(4)] == received
+    assert all(sum(KeyExchange(layout, rank).send_sizes) == sum(KeyExchange(layout, other).recv_sizes[rank]
+                                                                for other in range(4)) for rank in range(4))
+
+
+def test_a_length_that_does_not_split_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"train.seq_len=20 must split into 2 x parallel.cp chunks .* multiple of 8"):
+        SequenceLayout(4, 20, None)
+    with pytest.raises(ConfigError, match="train.seq_len=18 must split into parallel.cp blocks: a multiple of 4"):
+        SequenceLayout(4, 18, 5)
