@@ -49,8 +49,8 @@ class ParallelDims:
             raise ConfigError(f"parallel.ep={cfg.ep} x {named} must divide the world size {world_size}")
         replicas = world_size // (cfg.ep * split)
         if replicas % cfg.dp_replicate:
-            raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} must divide the {replicas} data-parallel "
-                              f"ranks holding the same expert shard (world size {world_size} / parallel.ep="
+            raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} must divide the {replicas} ranks "
+                              f"holding the same expert shard (world size {world_size} / parallel.ep="
                               f"{cfg.ep} / {named.replace(' x ', ' / ')})")
         dims = cls(dp, cfg.tp, cfg.ep, world_size, cfg.dp_replicate, cfg.cp)
         if dims.hsdp and dims.dp_shard * dims.ep * dims.cp == 1:  # the flattened 'shard' dimension

@@ -13,10 +13,11 @@ import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from helpers import scattered_documents  # tests/ is on the path
 
-from moe_diff.config import ConfigError
+from moe_diff.config import Config, ConfigError, ParallelConfig, TrainConfig
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.mask import AttentionMask
 from moe_diff.parallel.context_parallel import ContextParallelAttention, KeyExchange, SequenceLayout
+from moe_diff.parallel.dims import ParallelDims
 
 T = 16
 CASES = [(window, packed) for window in (None, 3, 11) for packed in (None, "runs", "scattered")]
@@ -144,3 +145,18 @@ def test_a_length_that_does_not_split_is_refused() -> None:
         SequenceLayout(4, 20, None)
     with pytest.raises(ConfigError, match="train.seq_len=18 must split into parallel.cp blocks: a multiple of 4"):
         SequenceLayout(4, 18, 5)
+
+
+def test_layouts_with_cp_are_checked_against_the_world_size() -> None:
+    with pytest.raises(ConfigError, match="parallel.cp=0 is not allowed: a positive integer"):
+        ParallelConfig(cp=0)
+    with pytest.raises(ConfigError, match=r"parallel.cp=3 x parallel.tp=1 must divide the world size 4"):
+        ParallelDims.from_config(ParallelConfig(cp=3), 4)
+    with pytest.raises(ConfigError, match=r"parallel.ep=2 x parallel.cp=2 x parallel.tp=2 must divide the world "
+                                          "size 4"):
+        ParallelDims.from_config(ParallelConfig(cp=2, tp=2, ep=2), 4)
+    dims = ParallelDims.from_config(ParallelConfig(cp=2, ep=2), 8)
+    assert (dims.dp, dims.cp, dims.dp_shard) == (4, 2, 2)
+    with pytest.raises(ConfigError, match=r"train.seq_len=36 is not allowed: a multiple of parallel.tp=2 x "
+                                          "parallel.cp=4 with parallel.sequence_parallel=true"):
+        Config(parallel=ParallelConfig(tp=2, cp=4, sequence_parallel=True), train=TrainConfig(seq_len=36))

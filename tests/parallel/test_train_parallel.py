@@ -53,7 +53,8 @@ def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
     (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2",
          "train.activation_checkpointing=moe"]),
     (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2", "parallel.vocab_parallel=true",
-         "model.n_kv_heads=4"])])
+         "model.n_kv_heads=4"]),
+    (2, ["parallel.cp=2"])])
 def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout: list[str]) -> None:
     """The training job as users run it, in float32: losses and weights as one process's, then every command
     reads the run (test_gradients.py proves each layout's gradients, in float64)."""
@@ -85,8 +86,8 @@ def resumed_from_step_3(tmp_path: Path, source: Path, processes: int, *overrides
 
 
 def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path) -> None:
-    """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, -> FSDP with ep=2 in two, and -> tp=2 with the
-    vocabulary split in two: each resumed step equals the original."""
+    """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, -> FSDP with ep=2 in two, -> tp=2 with the
+    vocabulary split in two, and -> cp=2 in two: each resumed step equals the original."""
     parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
     held = re.search(r"2 ranks: dp=2 tp=1 ep=2 \(ddp\); rank 0 holds ([\d.]+)M of the model's ([\d.]+)M",
                      (parallel / "console.txt").read_text())
@@ -111,6 +112,8 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     vocab_split = resumed_from_step_3(tmp_path, single, 2, "parallel.tp=2", "parallel.vocab_parallel=true",
                                       "model.n_kv_heads=4")
     assert losses(vocab_split) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
+    context = resumed_from_step_3(tmp_path, single, 2, "parallel.cp=2", "model.n_kv_heads=4")  # cp splits no weight
+    assert losses(context) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
     # the run exported as one checkpoint: its newest step, bit for bit
     assert cli.main(["export", str(parallel), str(tmp_path / "exported")]) == 0
     exported = checkpoint.load(tmp_path / "exported").state_dict()
