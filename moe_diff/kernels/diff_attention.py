@@ -45,10 +45,11 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """The same through torch's scaled_dot_product_attention (fused kernels where the shapes allow), GQA without
     copies; a plain causal mask (a window as long as the keys is one) is passed as is_causal (or, with fewer
-    queries than keys, as torch's lower-right causal bias) so the fused kernels skip the masked blocks."""
+    queries than keys on a GPU, as torch's lower-right causal bias) so the fused kernels skip the masked blocks;
+    on the CPU, which builds that bias densely at every call, the rule's dense mask, built once per forward."""
     # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]  v: [B, Tk, Hk, dv]  ->  [B, Tq, Hq, dv]
     n_queries, n_keys = q.shape[1], k.shape[1]
-    if mask.plain_causal(n_queries, n_keys):
+    if mask.plain_causal(n_queries, n_keys) and (n_queries == n_keys or q.is_cuda):  # on the CPU the bias is dense
         attn_mask, causal = (None, True) if n_queries == n_keys else (causal_lower_right(n_queries, n_keys), False)
     else:
         allowed = shared_rows(mask.dense(n_queries, n_keys, q.device))
@@ -87,7 +88,7 @@ def flex_block_mask(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> Bl
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """The same through torch's FlexAttention, which skips fully masked blocks (a window's cost stays linear in
     length); it is fused only under torch.compile (train.compile, or a compiled decode step)."""
-    # q: [B, T, Hq, d]  k: [B, T, Hk, d]  v: [B, T, Hk, dv]  ->  [B, T, Hq, dv]
+    # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]  v: [B, Tk, Hk, dv]  ->  [B, Tq, Hq, dv]
     block_mask = flex_block_mask(q, k, mask)
     # diff's 2d-wide values at d = 128 overflow the shared memory of FlexAttention's GPU backward: two halves
     values = v.split(FLEX_MAX_VALUE_WIDTH, dim=-1) if v.is_cuda else (v,)

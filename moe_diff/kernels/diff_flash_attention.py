@@ -513,7 +513,7 @@ class FlashAttention(torch.autograd.Function):
 
 def _bounds(mask: AttentionMask, batch: int, n_queries: int, n_keys: int, device: torch.device
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """key_start, query_stop, the documents (each token's document start, int32) and the explicit mask the kernels
+    """key_start, query_stop, the documents (each key's document start, int32) and the explicit mask the kernels
     take, built once per forward."""
     if mask.explicit is not None:
         key_start = torch.zeros(batch, n_queries, dtype=torch.int32, device=device)
@@ -547,7 +547,7 @@ def _attend(q1, q2, k1, k2, v, lam, mask: AttentionMask) -> torch.Tensor:
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    """Standard attention. q: [B, T, Hq, d], k, v: [B, T, Hk, d] -> [B, T, Hq, d]."""
+    """Standard attention. q: [B, Tq, Hq, d], k, v: [B, Tk, Hk, d] -> [B, Tq, Hq, d]."""
     return _attend(q, None, k, None, v, None, mask)
 
 

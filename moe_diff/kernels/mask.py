@@ -90,7 +90,7 @@ class AttentionMask:
         return (self.window is not None and self.window < n_keys) or self.document_ids is not None
 
     def document_starts(self) -> torch.Tensor:
-        """[B, T]: where each token's document begins in its row (document_starts), built once per forward."""
+        """[B, Tk]: where each key's document begins in its row (document_starts), built once per forward."""
         return self.form("document_starts", lambda: document_starts(self.document_ids))
 
     def documents_are_runs(self) -> bool:

@@ -28,9 +28,9 @@ from moe_diff.parallel.tensor_parallel import check_tensor_parallel
 
 
 def parallelize(model: MoEDiffTransformer, job: Runtime) -> MoEDiffTransformer:
-    """Expert parallelism over the ep groups and tensor parallelism over the tp groups (the plan's styles: which
-    modules run their part, and where activations cross ranks), then every parameter laid out as the plan says;
-    the rest of the model stays replicated (data parallel)."""
+    """Expert, tensor and context parallelism over the ep, tp and cp groups (the plan's styles: which modules run
+    their part, and where activations cross ranks), then every parameter laid out as the plan says; the rest of
+    the model stays replicated (data parallel)."""
     if job.dims.tp > 1:
         check_tensor_parallel(model, job.dims.tp, job.vocab_parallel)
     dims = job.dims

@@ -8,7 +8,8 @@ Which positions a rank holds (SequenceLayout): with a window shorter than the se
 receives only the W - 1 positions before it (from as many preceding ranks as hold them): O(W) per layer whatever
 the length; without one, causal attention's work grows with the position, so rank r holds chunks r and 2cp-1-r of
 2cp equal chunks (torch's and torchtitan's load balancing) and receives every earlier position it does not hold:
-O(T). The exchange is one all-to-all per tensor whose split sizes follow from the layout alone (no host read).
+O(T). The exchange is one all-to-all per layer (keys and values together; the document ids once per forward)
+whose split sizes follow from the layout alone (no host read).
 """
 
 from __future__ import annotations
@@ -39,19 +40,20 @@ class SequenceLayout:
     window: int | None
 
     def __post_init__(self) -> None:
-        parts = 2 * self.n_ranks if self.balanced else self.n_ranks
+        parts = 2 * self.n_ranks if self.chunked else self.n_ranks
         if self.seq_len % parts:
-            layout = "2 x parallel.cp chunks (causal load balancing)" if self.balanced else "parallel.cp blocks"
+            layout = "2 x parallel.cp chunks (causal load balancing)" if self.chunked else "parallel.cp blocks"
             raise ConfigError(f"train.seq_len={self.seq_len} must split into {layout}: a multiple of {parts}")
 
     @property
-    def balanced(self) -> bool:
-        """Whether each rank holds two chunks (no window shorter than the sequence) rather than one block."""
-        return self.window is None or self.window >= self.seq_len
+    def chunked(self) -> bool:
+        """Whether each rank holds two chunks (no window, or one longer than a chunk, T / 2cp) rather than one block
+        (whose first rank's work is then at least 3/4 of the others')."""
+        return self.window is None or self.window > self.seq_len // (2 * self.n_ranks)
 
     def spans(self, rank: int) -> list[Span]:
         """The positions `rank` holds, in the order its tensors hold them."""
-        if not self.balanced:
+        if not self.chunked:
             size = self.seq_len // self.n_ranks
             return [(rank * size, (rank + 1) * size)]
         size = self.seq_len // (2 * self.n_ranks)
@@ -62,17 +64,22 @@ class SequenceLayout:
         """The earliest position the query at `position` may see."""
         return 0 if self.window is None else max(0, position - self.window + 1)
 
-    def keys(self, rank: int) -> Span:
-        """The positions whose keys `rank`'s queries may see: from its first span's earliest key to its last span's
-        end."""
-        spans = self.spans(rank)
-        return min(self.first_key(start) for start, _ in spans), max(stop for _, stop in spans)
+    def keys(self, rank: int) -> list[Span]:
+        """The positions whose keys `rank`'s queries may see: each span's, from its earliest key to its end, merged
+        where they meet, in position order."""
+        merged: list[Span] = []
+        for start, stop in sorted((self.first_key(start), stop) for start, stop in self.spans(rank)):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+            else:
+                merged.append((start, stop))
+        return merged
 
-    def owners(self, span: Span) -> list[tuple[int, int, int]]:
-        """`span` cut at the ranks' spans: (start, stop, the rank holding them), in position order."""
+    def owners(self, spans: list[Span]) -> list[tuple[int, int, int]]:
+        """`spans` cut at the ranks' spans: (start, stop, the rank holding them), in position order."""
         held = sorted((start, stop, rank) for rank in range(self.n_ranks) for start, stop in self.spans(rank))
-        return [(max(start, span[0]), min(stop, span[1]), rank) for start, stop, rank in held
-                if start < span[1] and stop > span[0]]
+        return [(max(start, first), min(stop, last), rank) for first, last in spans for start, stop, rank in held
+                if start < last and stop > first]
 
     def own_positions(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
         """`rank`'s positions of a whole-sequence tensor (tokens, targets, positions, document ids), as it holds
@@ -86,17 +93,21 @@ class KeyExchange:
 
     def __init__(self, layout: SequenceLayout, rank: int):
         self.layout, self.rank = layout, rank
-        self.key_span = layout.keys(rank)
+        self.key_spans = layout.keys(rank)
         self._held, index = [], 0  # (start, stop, where the span begins in this rank's tensors)
         for start, stop in layout.spans(rank):
             self._held.append((start, stop, index))
             index += stop - start
-        self.pieces = layout.owners(self.key_span)  # (start, stop, owner) in position order
+        self.pieces = layout.owners(self.key_spans)  # (start, stop, owner) in position order
         self.sends = [[(start, stop) for start, stop, owner in layout.owners(layout.keys(other)) if owner == rank]
                       if other != rank else [] for other in range(layout.n_ranks)]
+        # whether any rank receives anything (the same answer on every rank): a window of 1 moves nothing
+        self.moves = any(owner != other for other in range(layout.n_ranks)
+                         for _, _, owner in layout.owners(layout.keys(other)))
         self.send_sizes = [sum(stop - start for start, stop in spans) for spans in self.sends]
         self.recv_sizes = [sum(stop - start for start, stop, owner in self.pieces if owner == other)
                            if other != rank else 0 for other in range(layout.n_ranks)]
+        self.query_blocks = self._query_blocks()
 
     def _local(self, start: int, stop: int) -> slice:
         """Where positions [start, stop), which this rank holds, lie in its tensors."""
@@ -106,14 +117,14 @@ class KeyExchange:
         raise ValueError(f"rank {self.rank} does not hold positions [{start}, {stop})")
 
     def gather(self, tensors: list[torch.Tensor], group: dist.ProcessGroup) -> list[torch.Tensor]:
-        """Each x [B, T/cp, ...] (this rank's positions) -> [B, K, ...]: the positions of key_span in order, the
+        """Each x [B, T/cp, ...] (this rank's positions) -> [B, K, ...]: the positions of key_spans in order, the
         others' received; differentiable (their gradients go back to their owners). One exchange carries them all,
         so every rank runs the same collectives in the backward too."""
         widths = [t[0, 0].numel() for t in tensors]
         rows = torch.cat([t.transpose(0, 1).reshape(*t.shape[1::-1], -1) for t in tensors], dim=2)  # [T/cp, B, F]
         outgoing = [rows[self._local(start, stop)] for spans in self.sends for start, stop in spans]
         send = torch.cat(outgoing) if outgoing else rows[:0]
-        received = exchange(send.contiguous(), self.recv_sizes, self.send_sizes, group)
+        received = exchange(send.contiguous(), self.recv_sizes, self.send_sizes, group) if self.moves else send
         from_rank = dict(zip(range(self.layout.n_ranks), received.split(self.recv_sizes), strict=True))
         taken = dict.fromkeys(from_rank, 0)
         parts = [received[:0]]  # in the graph even where nothing arrives, so that the backward exchange runs here
@@ -127,16 +138,23 @@ class KeyExchange:
         return [part.view(*part.shape[:2], *t.shape[2:])
                 for part, t in zip(keys.split(widths, dim=2), tensors, strict=True)]
 
-    def query_blocks(self) -> list[tuple[slice, slice]]:
+    def _query_blocks(self) -> list[tuple[slice, slice]]:
         """For each span this rank holds: its queries in this rank's tensors, and the keys they may see in
         gather()'s output (the queries the last of them)."""
-        first = self.key_span[0]
-        return [(self._local(start, stop), slice(self.layout.first_key(start) - first, stop - first))
-                for start, stop in self.layout.spans(self.rank)]
+        blocks = []
+        for start, stop in self.layout.spans(self.rank):
+            index = 0  # where the key span holding this span's keys begins in gather()'s output
+            for first, last in self.key_spans:
+                if first <= start < last:
+                    blocks.append((self._local(start, stop), slice(index + self.layout.first_key(start) - first,
+                                                                   index + stop - first)))
+                index += last - first
+        return blocks
 
 
 @functools.cache
 def key_exchange(n_ranks: int, seq_len: int, window: int | None, rank: int) -> KeyExchange:
+    """The exchange of `rank` for sequences of `seq_len` over `n_ranks` with `window`, planned once."""
     return KeyExchange(SequenceLayout(n_ranks, seq_len, window), rank)
 
 
@@ -158,7 +176,7 @@ class ContextParallelAttention:
         masks = mask.form(("context parallel", q.shape[1]), lambda: self._span_masks(plan, mask))
         outputs = [self.attend(q[:, queries], keys[:, seen], values[:, seen],
                                *(each[:, queries] if each.dim() else each for each in lam), span_mask)
-                   for (queries, seen), span_mask in zip(plan.query_blocks(), masks, strict=True)]
+                   for (queries, seen), span_mask in zip(plan.query_blocks, masks, strict=True)]
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
     def _span_masks(self, plan: KeyExchange, mask: AttentionMask) -> list[AttentionMask]:
@@ -166,7 +184,7 @@ class ContextParallelAttention:
         forward and shared by every layer."""
         documents = plan.gather([mask.document_ids], self.group)[0] if mask.document_ids is not None else None
         return [AttentionMask(mask.window, None if documents is None else documents[:, seen])
-                for _, seen in plan.query_blocks()]
+                for _, seen in plan.query_blocks]
 
 
 class ContextParallel(ParallelStyle):

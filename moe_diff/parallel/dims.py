@@ -14,7 +14,7 @@ FLATTENED = {  # the mesh's flattened dimensions and the dimensions each stands 
     # the ranks holding the same tp shard, reading different rows or positions: data parallelism's group
     "data": ("dp_replicate", "dp_shard", "ep", "cp"),
     "shard": ("dp_shard", "ep", "cp"),  # HSDP: the ranks sharding each parameter between them
-    "expert_shard": ("dp_shard", "cp"),  # HSDP: the ranks sharding each expert shard between them
+    "expert_shard": ("dp_shard", "cp"),  # FSDP: the ranks sharding each expert shard between them in a group
 }
 DATA = "data"
 
@@ -49,7 +49,8 @@ class ParallelDims:
             raise ConfigError(f"parallel.ep={cfg.ep} x {named} must divide the world size {world_size}")
         replicas = world_size // (cfg.ep * split)
         if replicas % cfg.dp_replicate:
-            raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} must divide the {replicas} ranks "
+            holders = "groups of parallel.cp ranks" if cfg.cp > 1 else "ranks"
+            raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} must divide the {replicas} {holders} "
                               f"holding the same expert shard (world size {world_size} / parallel.ep="
                               f"{cfg.ep} / {named.replace(' x ', ' / ')})")
         dims = cls(dp, cfg.tp, cfg.ep, world_size, cfg.dp_replicate, cfg.cp)

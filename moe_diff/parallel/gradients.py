@@ -35,7 +35,8 @@ def sync_gradients(model: nn.Module, job: Runtime) -> None:
     norms under sequence parallelism) by DTensor's redistribution to the parameter's placement, then average
     those that DDP and FSDP leave (_averaged_here) over the data-parallel ranks: expert shards over their
     replicas (each shard's gradient already sums its whole ep group's tokens), the rest over the ranks holding the
-    same tensor-parallel shard; both divided by the number of ranks that read different rows."""
+    same tensor-parallel shard; both divided by the data-parallel ranks (world size / tp: those reading different
+    rows or positions)."""
     if not job.distributed:
         return
     averaged: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}  # (group, dtype) -> local gradients

@@ -32,7 +32,8 @@ class Runtime:
 
     @property
     def data_group(self) -> dist.ProcessGroup | None:
-        """The ranks holding the same tensor-parallel shard and reading different rows (None in one process)."""
+        """The ranks holding the same tensor-parallel shard and reading different rows or positions (None in one
+        process)."""
         return self.group(DATA) if self.distributed else None
 
     def group(self, dim: str) -> dist.ProcessGroup:
@@ -96,8 +97,9 @@ class Runtime:
 
     @property
     def cp_rank(self) -> int:
-        """Which positions of its rows this rank holds (parallel.cp)."""
-        return self.rank // self.dims.tp % self.dims.cp
+        """Which positions of its rows this rank holds (parallel.cp): its rank in the cp group, as the attention
+        that exchanges keys over that group reads it."""
+        return self.group("cp").rank() if self.dims.cp > 1 else 0
 
     @property
     def data_ranks(self) -> int:
@@ -122,8 +124,8 @@ class Runtime:
         return tensor
 
     def sum_over_data(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor summed, in place, over the ranks that read different rows of the batch (one per tp group);
-        unchanged in one process. Not differentiable: for counts."""
+        """The tensor summed, in place, over the ranks that read different rows or positions of the batch (one per
+        tp group); unchanged in one process. Not differentiable: for counts."""
         if self.distributed:
             dist.all_reduce(tensor, group=self.data_group)
         return tensor

@@ -107,6 +107,12 @@ def with_stored_model(cfg: Config, checkpoint_dir: Path, console: Console) -> Co
     return dataclasses.replace(cfg, model=stored)
 
 
+def sequence_layout(cfg: Config, job: runtime.Runtime) -> SequenceLayout | None:
+    """With parallel.cp, which positions of every training sequence each rank holds (ConfigError if the length
+    does not split)."""
+    return SequenceLayout(job.dims.cp, cfg.train.seq_len, cfg.model.sliding_window) if job.dims.cp > 1 else None
+
+
 def progress_bars(console: Console) -> Progress:
     """Bars as the training job shows them: a name, done/total, the bar, a status line (every task has a `status`
     field) and the time left."""
@@ -144,16 +150,15 @@ class Trainer:
         per_rank, remainder = divmod(cfg.train.batch_size, self.runtime.row_readers * cfg.train.grad_accum)
         if remainder or not per_rank:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not allowed: {self.runtime.row_readers} "
-                              f"data-parallel ranks x train.grad_accum={cfg.train.grad_accum} micro-batches must "
-                              "divide it")
+                              f"ranks reading different rows x train.grad_accum={cfg.train.grad_accum} micro-batches "
+                              "must divide it")
+        self.sequence_layout = sequence_layout(cfg, job)  # a length cp cannot split is refused before anything moves
         start = plan_start(cfg.train, console, self.runtime)
         self.run_id, resume_from = start.run_id, start.checkpoint
         if resume_from is not None:
             cfg = with_stored_model(cfg, resume_from, console)
+            self.sequence_layout = sequence_layout(cfg, job)  # the checkpoint's window
         self.cfg, t = cfg, cfg.train
-        # parallel.cp: which positions of every training sequence this rank holds
-        self.sequence_layout = (SequenceLayout(job.dims.cp, cfg.train.seq_len, cfg.model.sliding_window)
-                                if job.dims.cp > 1 else None)
         self.out_dir = Path(t.out_dir)
         torch.manual_seed(t.seed)
 

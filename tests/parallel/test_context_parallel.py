@@ -20,7 +20,9 @@ from moe_diff.parallel.context_parallel import ContextParallelAttention, KeyExch
 from moe_diff.parallel.dims import ParallelDims
 
 T = 16
-CASES = [(window, packed) for window in (None, 3, 11) for packed in (None, "runs", "scattered")]
+# windows of at most a chunk (T / 2cp: blocks, the keys before each from one rank) and longer (chunks r and 2cp-1-r,
+# the keys before each from several), and none
+CASES = [(window, packed) for window in (None, 2, 3, 11) for packed in (None, "runs", "scattered")]
 
 
 class Training:
@@ -114,8 +116,8 @@ def check_bytes(rank: int, world: int) -> None:
     assert total[1] == 2 * total[0] > 0, total
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize(("world", "backend"), [(2, "reference"), (4, "reference"), (2, "sdpa"), (4, "sdpa"),
+                                              (2, "triton")])  # the interpreter is slow: one layout of each kind
 def test_each_ranks_positions_equal_the_whole_sequences(world: int, backend: str, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton's kernels in float32 under its interpreter (TRITON_INTERPRET=1, as its kernel tests set it)."""
@@ -125,14 +127,17 @@ def test_each_ranks_positions_equal_the_whole_sequences(world: int, backend: str
     mp.spawn(check_rank, args=(world, str(tmp_path / "rendezvous"), backend), nprocs=world)
 
 
+CHUNKS = [[(0, 2), (14, 16)], [(2, 4), (12, 14)], [(4, 6), (10, 12)], [(6, 8), (8, 10)]]
+
+
 @pytest.mark.parametrize(("window", "spans", "received"), [
-    (None, [[(0, 2), (14, 16)], [(2, 4), (12, 14)], [(4, 6), (10, 12)], [(6, 8), (8, 10)]], [12, 10, 8, 6]),
-    (3, [[(0, 4)], [(4, 8)], [(8, 12)], [(12, 16)]], [0, 2, 2, 2]),
-    (7, [[(0, 4)], [(4, 8)], [(8, 12)], [(12, 16)]], [0, 4, 6, 6])])
+    (None, CHUNKS, [12, 10, 8, 6]), (2, [[(0, 4)], [(4, 8)], [(8, 12)], [(12, 16)]], [0, 1, 1, 1]),
+    (7, CHUNKS, [6, 8, 8, 6])])
 def test_layouts_balance_causal_work_and_receive_only_the_window(window: int | None, spans: list, received: list
                                                                  ) -> None:
-    """Without a window rank r holds chunks r and 2cp-1-r and receives every earlier position it lacks; with one,
-    a block and the W - 1 positions before it, from as many ranks as hold them."""
+    """Without a window, or with one longer than a chunk, rank r holds chunks r and 2cp-1-r and receives every
+    earlier position it lacks, or the W - 1 before each chunk (never the positions between them it does not need);
+    with a window of at most a chunk, a block and the W - 1 positions before it."""
     layout = SequenceLayout(4, T, window)
     assert [layout.spans(rank) for rank in range(4)] == spans
     assert [sum(KeyExchange(layout, rank).recv_sizes) for rank in range(4)] == received
@@ -144,7 +149,7 @@ def test_a_length_that_does_not_split_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"train.seq_len=20 must split into 2 x parallel.cp chunks .* multiple of 8"):
         SequenceLayout(4, 20, None)
     with pytest.raises(ConfigError, match="train.seq_len=18 must split into parallel.cp blocks: a multiple of 4"):
-        SequenceLayout(4, 18, 5)
+        SequenceLayout(4, 18, 2)  # a window of at most a chunk: blocks
 
 
 def test_layouts_with_cp_are_checked_against_the_world_size() -> None:

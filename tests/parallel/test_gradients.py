@@ -69,9 +69,9 @@ LAYOUTS = {
     # 8 processes: each expert shard sharded over 2 ranks of its HSDP group and replicated over the 2 groups
     "hsdp-ep2-8": (8, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2",
                        "train.batch_size=8"]),
-    # context parallelism (window 16 of 32 positions): a block of 16 and the 15 keys before it from one rank; blocks
-    # of 8, the keys before them from two; without a window, chunks r and 2cp-1-r and every earlier key
-    "cp2": (2, ["parallel.cp=2"]),
+    # context parallelism over 32 positions: window 8, blocks of 16 and the 7 keys before each; window 16, chunks of
+    # 4 (r and 2cp-1-r) and the 15 keys before each, from several ranks; no window, every earlier key
+    "cp2": (2, ["parallel.cp=2", "model.sliding_window=8"]),
     "cp4": (4, ["parallel.cp=4"]),
     "cp4-no-window": (4, ["parallel.cp=4", "model.sliding_window=null"]),
     "cp2-tp2-sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "model.n_kv_heads=4"]),
