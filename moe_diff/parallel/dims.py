@@ -38,7 +38,8 @@ class ParallelDims:
             divisors = [str(d) for d in range(1, world_size + 1) if world_size % d == 0]
             raise ConfigError(f"{named} must divide the world size {world_size} (torchrun --nproc_per_node x "
                               f"nodes): run a multiple of {split} processes under torchrun, or set "
-                              f"{'parallel.cp and ' * (cfg.cp > 1)}parallel.tp to divide it ({', '.join(divisors)})")
+                              + (f"parallel.cp and parallel.tp so that their product divides it ({', '.join(divisors)})"
+                                 if cfg.cp > 1 else f"parallel.tp={' or '.join(divisors)}"))
         if dp * split != world_size:
             raise ConfigError(f"parallel.dp={cfg.dp} x {named} must equal the world size {world_size} "
                               f"(torchrun --nproc_per_node x nodes): run {cfg.dp * split} processes, or set "
