@@ -4,12 +4,13 @@ positions and document ids of the whole sequence); attention receives, once per 
 earlier positions its queries may see and runs the backend on its queries against them (the rule's queries are
 the last of its keys: mask.py), sending their gradients back to their owners in the backward.
 
-Which positions a rank holds (SequenceLayout): with a window shorter than the sequence, one block, so that it
-receives only the W - 1 positions before it (from as many preceding ranks as hold them): O(W) per layer whatever
-the length; without one, causal attention's work grows with the position, so rank r holds chunks r and 2cp-1-r of
-2cp equal chunks (torch's and torchtitan's load balancing) and receives every earlier position it does not hold:
-O(T). The exchange is one all-to-all per layer (keys and values together; the document ids once per forward)
-whose split sizes follow from the layout alone (no host read).
+Which positions a rank holds (SequenceLayout): with a window of at most a chunk (T / 2cp), one block, so that it
+receives only the W - 1 positions before it, from the rank before: O(W) per layer whatever the length; without a
+window, or with a longer one, causal attention's work grows with the position, so rank r holds chunks r and
+2cp-1-r of 2cp equal chunks (torch's and torchtitan's load balancing) and receives, for each chunk, the earlier
+positions it may see and does not hold: the W - 1 before it, or every one (O(T)). The exchange is one all-to-all
+per layer (keys and values together; the document ids once per forward) whose split sizes follow from the layout
+alone (no host read).
 """
 
 from __future__ import annotations
@@ -98,12 +99,13 @@ class KeyExchange:
         for start, stop in layout.spans(rank):
             self._held.append((start, stop, index))
             index += stop - start
-        self.pieces = layout.owners(self.key_spans)  # (start, stop, owner) in position order
-        self.sends = [[(start, stop) for start, stop, owner in layout.owners(layout.keys(other)) if owner == rank]
-                      if other != rank else [] for other in range(layout.n_ranks)]
+        # every rank's keys as (start, stop, owner) in position order; this rank's are the pieces it assembles
+        wanted = [layout.owners(layout.keys(other)) for other in range(layout.n_ranks)]
+        self.pieces = wanted[rank]
+        self.sends = [[(start, stop) for start, stop, owner in pieces if owner == rank] if other != rank else []
+                      for other, pieces in enumerate(wanted)]
         # whether any rank receives anything (the same answer on every rank): a window of 1 moves nothing
-        self.moves = any(owner != other for other in range(layout.n_ranks)
-                         for _, _, owner in layout.owners(layout.keys(other)))
+        self.moves = any(owner != other for other, pieces in enumerate(wanted) for _, _, owner in pieces)
         self.send_sizes = [sum(stop - start for start, stop in spans) for spans in self.sends]
         self.recv_sizes = [sum(stop - start for start, stop, owner in self.pieces if owner == other)
                            if other != rank else 0 for other in range(layout.n_ranks)]
