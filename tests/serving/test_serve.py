@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import servable_model  # tests/ is on the path
+from helpers import VLLM_ENVIRONMENT, servable_model  # tests/ is on the path
 
 from moe_diff.config import ModelConfig
 from moe_diff.data import ByteTokenizer
 from moe_diff.inference.generation import generate
 from moe_diff.model import MoEDiffTransformer
 
-ENVIRONMENT = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # vLLM's CPU backend would reserve most free memory
+ENVIRONMENT = {**os.environ, **VLLM_ENVIRONMENT}
 
 
 def free_port() -> int:

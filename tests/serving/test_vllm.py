@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, servable_model  # tests/ is on the path
+from helpers import CONFIGS, VLLM_ENVIRONMENT, servable_model  # tests/ is on the path
 
 from moe_diff.data import ByteTokenizer
 from moe_diff.inference.generation import generate
@@ -33,7 +33,7 @@ def test_vllm_serves_the_greedy_tokens_of_moe_diff(attention: str, overrides: di
     expected = [generate(model, torch.tensor([ids]), NEW_TOKENS)[0, len(ids):].tolist() for ids in prompts]
     argv = [str(vllm_python), str(GREEDY), str(tmp_path / "exported"), json.dumps(prompts), str(NEW_TOKENS),
             str(tmp_path / "served.json")]
-    served = subprocess.run(argv, timeout=600, capture_output=True, text=True)
+    served = subprocess.run(argv, env={**os.environ, **VLLM_ENVIRONMENT}, timeout=600, capture_output=True, text=True)
     assert served.returncode == 0, served.stderr[-3000:]
     assert json.loads((tmp_path / "served.json").read_text()) == expected
 
@@ -43,7 +43,7 @@ def test_the_benchmark_times_vllm_beside_moe_diff(vllm_python: Path, tmp_path: P
             "model.dim=64", "model.head_dim=32", "model.max_seq_len=64", "train.seq_len=64", "--out",
             str(tmp_path / "bench"), "--batch", "1", "3", "--prompt", "5", "--new-tokens", "4", "--repeats", "1",
             "--systems", "moe-diff", "vllm"]
-    bench = subprocess.run(argv, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600, capture_output=True,
+    bench = subprocess.run(argv, env={**os.environ, **VLLM_ENVIRONMENT}, timeout=600, capture_output=True,
                            text=True)
     assert bench.returncode == 0, bench.stderr[-3000:]
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
