@@ -137,7 +137,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     data = DataConfig(source=args.data) if args.data else None
     diagnose(args.checkpoint, args.out, data=data, tokenizer=args.tokenizer, compare=args.compare,
              trace_path=args.trace, seq_len=args.seq_len, max_tokens=args.tokens, attention=args.attention,
-             console=console, kernels=kernels(args))
+             console=console, kernels=kernels(args), needle_lengths=args.needle_lengths)
     return 0
 
 
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also lambda, attention maps, noise mass, entropy and activation outliers")
     diag.add_argument("--tokens", type=int, default=16384, help="how many validation tokens to route")
     diag.add_argument("--seq-len", type=int, default=256, help="sequence length of the routed windows")
+    diag.add_argument("--needle-lengths", type=int, nargs="+", default=None,
+                      help="with --attention: the needle probe's context lengths in tokens (default 1024, at most "
+                           "the model's max_seq_len)")
     diag.set_defaults(run=run_diagnose)
 
     serve_cmd = commands.add_parser("serve", help="serve a run, checkpoint or export through vLLM's OpenAI-compatible "

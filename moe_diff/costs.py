@@ -13,6 +13,7 @@ import torch
 
 from moe_diff.config import ModelConfig
 from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel.context_parallel import KeyExchange, SequenceLayout
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,17 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
                        attention_params(cfg))
 
 
+def causal_pairs(n_positions: int, window: int | None) -> int:
+    """(query, key) pairs causal attention scores among the first `n_positions` positions: the sum over them of
+    the keys position i sees, min(i + 1, window)."""
+    if window is None or n_positions <= window:
+        return n_positions * (n_positions + 1) // 2
+    return window * (window + 1) // 2 + (n_positions - window) * window
+
+
 def mean_keys_per_query(seq_len: int, window: int | None) -> float:
     """Average over positions i < seq_len of the keys i sees: min(i + 1, window)."""
-    if window is None or seq_len <= window:
-        return (seq_len + 1) / 2
-    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+    return causal_pairs(seq_len, window) / seq_len
 
 
 def attention_flops_per_key(cfg: ModelConfig) -> int:
@@ -113,3 +120,58 @@ def kv_cache_bytes_per_sequence(cfg: ModelConfig, seq_len: int, bytes_per_elemen
     """A sequence's cache: a sliding window keeps only the last `sliding_window` positions."""
     cached = seq_len if cfg.sliding_window is None else min(seq_len, cfg.sliding_window)
     return cached * kv_cache_bytes_per_token(cfg, bytes_per_element)
+
+
+@dataclass(frozen=True)
+class ContextShare:
+    """One rank's part of one layer's attention over a training sequence split by context parallelism."""
+
+    queries: int  # positions it holds
+    keys: int  # positions whose keys and values it attends to, its own included
+    received: int  # of those, the positions other ranks send it in the forward (it sends their gradients back)
+    pairs: int  # (query, key) pairs it scores: its work
+    blocks: int  # elements of its [queries, keys seen] blocks: a materialised score map or a dense mask
+
+
+def context_shares(n_ranks: int, seq_len: int, window: int | None) -> list[ContextShare]:
+    """Every rank's share of one layer's attention over a sequence of `seq_len` split over `n_ranks` ranks (one
+    rank: the whole sequence)."""
+    if n_ranks == 1:
+        return [ContextShare(seq_len, seq_len, 0, causal_pairs(seq_len, window), seq_len * seq_len)]
+    layout = SequenceLayout(n_ranks, seq_len, window)
+    shares = []
+    for rank in range(n_ranks):
+        plan = KeyExchange(layout, rank)
+        spans = layout.spans(rank)
+        shares.append(ContextShare(
+            queries=plan.n_queries,
+            keys=sum(stop - start for start, stop in plan.key_spans),
+            received=sum(plan.recv_sizes),
+            pairs=sum(causal_pairs(stop, window) - causal_pairs(start, window) for start, stop in spans),
+            blocks=sum((q.stop - q.start) * (seen.stop - seen.start) for q, seen in plan.query_blocks)))
+    return shares
+
+
+@dataclass(frozen=True)
+class AttentionWidths:
+    """Per-position widths of one layer's attention tensors on one of `tp` tensor-parallel ranks."""
+
+    query: int  # all query maps' elements
+    key_value: int  # keys and values together: what a rank receives per position it does not hold
+    output: int
+    maps: int  # softmax rows per query position (each keeps a float32 log-sum-exp for the backward)
+
+
+def attention_widths(cfg: ModelConfig, tp: int = 1) -> AttentionWidths:
+    shapes = parameter_shapes(cfg)
+    width = {name: shapes[f"layers.0.attention.{name}.weight"] for name in ("wq", "wk", "wv", "wo")}
+    query = width["wq"][0] // tp
+    return AttentionWidths(query, (width["wk"][0] + width["wv"][0]) // tp, width["wo"][1] // tp,
+                           query // cfg.resolved_head_dim)
+
+
+def fused_attention_bytes(share: ContextShare, widths: AttentionWidths, bytes_per_element: int) -> int:
+    """What a fused attention kernel (Triton, flash-attn, CUDA SDPA) keeps for its backward in one layer: its
+    queries, the keys and values it attends to, its output, and a float32 log-sum-exp per softmax row."""
+    elements = share.queries * (widths.query + widths.output) + share.keys * widths.key_value
+    return elements * bytes_per_element + share.queries * widths.maps * 4

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_diff import costs
-from moe_diff.config import ATTENTION_MODES, ConfigError, ModelConfig, load_config
+from moe_diff.config import ATTENTION_MODES, Config, ConfigError, ModelConfig, load_config
 from moe_diff.device import DTYPES
 from moe_diff.errors import literal
 from moe_diff.training.smoke import forward_check
@@ -51,7 +51,8 @@ def print_info(config: str, overrides: list[str], seq_len: int | None, kv_dtype:
                console: Console) -> None:
     """A config's parameters, the three attention modes' costs on its shapes, and with `forward` one pass of a
     freshly initialised model."""
-    cfg = load_config(config, overrides).model
+    job = load_config(config, overrides)
+    cfg = job.model
     seq_len = seq_len or min(cfg.max_seq_len, DEFAULT_SEQ_LEN)
     kv_bytes = DTYPES[kv_dtype].itemsize
     params = costs.param_counts(cfg)
@@ -82,8 +83,54 @@ def print_info(config: str, overrides: list[str], seq_len: int | None, kv_dtype:
         compare.add_row(label, *(column[i] for column in columns.values()))
     console.print(compare)
 
+    if job.parallel.cp > 1:
+        _print_context_parallel(job, kv_dtype, console)
     if forward:
         _print_forward_check(cfg, min(seq_len, FORWARD_CHECK_SEQ_LEN), console)
+
+
+def _context_column(cfg: ModelConfig, n_ranks: int, seq_len: int, window: int | None, tp: int,
+                    bytes_per_element: int) -> list[str]:
+    """One layout's column: the busiest rank's share of one layer's attention over one sequence."""
+    shares = costs.context_shares(n_ranks, seq_len, window)
+    busiest = max(shares, key=lambda share: (share.pairs, share.keys))
+    widths = costs.attention_widths(cfg, tp)
+    fused = costs.fused_attention_bytes(busiest, widths, bytes_per_element)
+    return [
+        f"{busiest.queries:,}", f"{busiest.keys:,}",
+        _human(max(share.received for share in shares) * widths.key_value * bytes_per_element, "B", 1024),
+        f"{min(share.pairs for share in shares) / busiest.pairs:.0%}",
+        _human(fused, "B", 1024), _human(fused * cfg.n_layers, "B", 1024),
+        _human(busiest.blocks * widths.maps * bytes_per_element, "B", 1024),
+        _human(busiest.blocks, "B", 1024),
+    ]
+
+
+def _print_context_parallel(job: Config, dtype: str, console: Console) -> None:
+    """Each rank's attention memory and exchange over one training sequence, against one rank, for the configured
+    window and without one."""
+    cfg, cp, tp, seq_len = job.model, job.parallel.cp, job.parallel.tp, job.train.seq_len
+    layouts = {"one rank": (1, cfg.sliding_window), f"cp={cp}": (cp, cfg.sliding_window)}
+    if cfg.sliding_window is not None:
+        layouts = {f"one rank, window {cfg.sliding_window}": layouts["one rank"],
+                   f"cp={cp}, window {cfg.sliding_window}": layouts[f"cp={cp}"],
+                   "one rank, no window": (1, None), f"cp={cp}, no window": (cp, None)}
+    table = Table(title=f"Context parallelism: one training sequence of {seq_len:,} tokens (train.seq_len), one "
+                        f"layer, the busiest rank{f' of tp={tp}' if tp > 1 else ''}, {dtype}")
+    table.add_column("")
+    columns = [_context_column(cfg, n_ranks, seq_len, window, tp, DTYPES[dtype].itemsize)
+               for n_ranks, window in layouts.values()]
+    for name in layouts:
+        table.add_column(name, justify="right")
+    labels = ["positions held (queries)", "positions attended (keys, own included)",
+              "keys + values received per layer (gradients sent back alike)",
+              "work of the least busy rank / the busiest",
+              "attention kept for the backward, fused kernel, per layer", f"  all {cfg.n_layers} layers",
+              "score maps, materialising backends (reference), per layer",
+              "dense bool mask, CPU SDPA with a window or documents, per forward"]
+    for i, label in enumerate(labels):
+        table.add_row(label, *(column[i] for column in columns))
+    console.print(table)
 
 
 def _print_forward_check(cfg: ModelConfig, seq_len: int, console: Console) -> None:

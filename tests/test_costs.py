@@ -8,6 +8,7 @@ from moe_diff import costs
 from moe_diff.config import ModelConfig, load_config
 from moe_diff.kernels.mask import attention_mask
 from moe_diff.model import MoEDiffTransformer
+from moe_diff.parallel.context_parallel import SequenceLayout
 
 MODES = ["standard", "diff", "diff_v2"]
 
@@ -78,3 +79,35 @@ def test_kv_cache_size_is_what_attention_reads(attention: str) -> None:
     assert costs.kv_cache_bytes_per_token(cfg, 2) == cfg.n_layers * 2 * cfg.n_kv_heads * d * 2
     assert costs.kv_cache_bytes_per_sequence(cfg, 100, 2) == 8 * costs.kv_cache_bytes_per_token(cfg, 2)
     assert costs.kv_cache_bytes_per_sequence(cfg, 5, 2) == 5 * costs.kv_cache_bytes_per_token(cfg, 2)
+
+
+@pytest.mark.parametrize("n_ranks", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 1, 3, 4, 5, 16])
+def test_context_shares_count_what_each_ranks_queries_see(n_ranks: int, window: int | None) -> None:
+    """Each rank's keys, received positions and scored pairs, counted off the whole sequence's mask rows of the
+    positions it holds; the ranks' work adds up to the whole sequence's."""
+    seq_len = 32
+    visible = attention_mask(seq_len, seq_len, window, torch.device("cpu"))
+    shares = costs.context_shares(n_ranks, seq_len, window)
+    for rank, share in enumerate(shares):
+        held = torch.zeros(seq_len, dtype=torch.bool)
+        spans = SequenceLayout(n_ranks, seq_len, window).spans(rank) if n_ranks > 1 else [(0, seq_len)]
+        for start, stop in spans:
+            held[start:stop] = True
+        seen = visible[held].any(0)
+        assert (share.queries, share.keys, share.received, share.pairs) == (
+            held.sum(), seen.sum(), (seen & ~held).sum(), visible[held].sum())
+        assert share.pairs <= share.blocks <= share.queries * share.keys
+    assert sum(share.pairs for share in shares) == costs.causal_pairs(seq_len, window) == visible.sum()
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_attention_widths_are_the_projections(attention: str) -> None:
+    """What a rank receives per position is a layer's KV cache per token; tp splits every width."""
+    cfg = config(attention)
+    d = cfg.resolved_head_dim
+    widths = costs.attention_widths(cfg)
+    assert widths.key_value * cfg.n_layers == costs.kv_cache_bytes_per_token(cfg, 1)
+    assert widths.maps * d == widths.query == (2 if attention == "diff_v2" else 1) * cfg.n_heads * d
+    assert costs.attention_widths(cfg, tp=2) == costs.AttentionWidths(widths.query // 2, widths.key_value // 2,
+                                                                     widths.output // 2, widths.maps // 2)

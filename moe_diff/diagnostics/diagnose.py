@@ -17,7 +17,7 @@ from moe_diff.config import AUTO_KERNELS, DataConfig, Kernels
 from moe_diff.data import Batch, Tokenizer, check_vocabulary, load_corpus, validation_batches
 from moe_diff.diagnostics.attention import attention_stats, plot_maps
 from moe_diff.diagnostics.compare import compare_traces
-from moe_diff.diagnostics.needle import needle_probe
+from moe_diff.diagnostics.needle import needle_probes
 from moe_diff.diagnostics.report import (
     plot_coactivation,
     plot_comparison,
@@ -34,7 +34,7 @@ from moe_diff.routing.collect import collect_trace
 from moe_diff.routing.trace import RoutingTrace, TraceError, is_trace, load_trace, save_trace
 from moe_diff.runs import METRICS_FILE, read_metrics
 
-NEEDLE_CONTEXT = 1024  # tokens of distractors around the planted key (capped at the model's max_seq_len)
+NEEDLE_CONTEXT = 1024  # default tokens of distractors around the planted key (capped at the model's max_seq_len)
 
 
 @dataclass
@@ -76,12 +76,12 @@ def load_target(path: Path, data: DataConfig | None, tokenizer: str | None, seq_
 def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None, tokenizer: str | None = None,
              compare: str | Path | None = None, trace_path: str | Path | None = None, seq_len: int = 256,
              max_tokens: int = 16384, attention: bool = False, console: Console | None = None,
-             kernels: Kernels = AUTO_KERNELS) -> dict[str, Any]:
+             kernels: Kernels = AUTO_KERNELS, needle_lengths: list[int] | None = None) -> dict[str, Any]:
     """Trace (or read) the routing of `target`, write stats.json, plots and report.html to `out`. A checkpoint runs
     on the validation split of `data`'s sources (default: its run's) read with `tokenizer` (default: its own).
 
-    With `attention`, also lambda, attention maps, noise mass, entropy and activation outliers
-    (of `compare` too when it is a checkpoint).
+    With `attention`, also lambda, attention maps, noise mass, entropy, activation outliers and the needle probe at
+    `needle_lengths` tokens (default NEEDLE_CONTEXT, at most max_seq_len) (of `compare` too when it is a checkpoint).
     """
     console = console or Console()
     ours = load_target(Path(target), data, tokenizer, seq_len, max_tokens, console, kernels)
@@ -104,11 +104,12 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
         if ours.model is None:
             raise TraceError("attention diagnostics need a checkpoint, not a trace file")
         stats["attention"], maps = attention_stats(ours.model, ours.batches[0][0])
-        stats["attention"]["needle"] = needle_probe(ours.model, ours.tokenizer, NEEDLE_CONTEXT)
+        lengths = needle_lengths or [min(NEEDLE_CONTEXT, ours.model.cfg.max_seq_len)]
+        stats["attention"]["needle"] = needle_probes(ours.model, ours.tokenizer, lengths)
         images.append(plot_maps(maps, out))
         if theirs is not None and theirs.model is not None:
             stats["attention_compare"], _ = attention_stats(theirs.model, ours.batches[0][0])
-            stats["attention_compare"]["needle"] = needle_probe(theirs.model, ours.tokenizer, NEEDLE_CONTEXT)
+            stats["attention_compare"]["needle"] = needle_probes(theirs.model, ours.tokenizer, lengths)
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     write_html(stats, images, out, f"Routing of {target}")
     print_summary(stats, console)

@@ -9,10 +9,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moe_diff.config import ConfigError
 from moe_diff.data import Tokenizer
 from moe_diff.model import MoEDiffTransformer
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SHORTEST_CONTEXT = 16  # tokens: room for a few lines around the needle
 
 
 def _line(key: str, value: str) -> str:
@@ -57,3 +59,18 @@ def needle_probe(model: MoEDiffTransformer, tokenizer: Tokenizer, context_tokens
             wins += true_score > max(rivals)
         results.append({"depth": depth, "value_log_likelihood": sum(scores) / trials, "accuracy": wins / trials})
     return {"context_lines": n_lines, "chance": 1 / (candidates + 1), "depths": results}
+
+
+def check_needle_lengths(lengths: list[int], max_seq_len: int) -> None:
+    """Refuse a context length the model cannot read whole (rather than cut it)."""
+    for length in lengths:
+        if not SHORTEST_CONTEXT <= length <= max_seq_len:
+            raise ConfigError(f"--needle-lengths {length} is not allowed: context lengths from {SHORTEST_CONTEXT} to "
+                              f"the model's max_seq_len ({max_seq_len}) tokens")
+
+
+def needle_probes(model: MoEDiffTransformer, tokenizer: Tokenizer, lengths: list[int], trials: int = 4
+                  ) -> dict[str, dict[str, Any]]:
+    """needle_probe at each context length in tokens, keyed by the length."""
+    check_needle_lengths(lengths, model.cfg.max_seq_len)
+    return {str(length): needle_probe(model, tokenizer, length, trials=trials) for length in lengths}

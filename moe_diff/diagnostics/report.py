@@ -125,16 +125,18 @@ def _attention_table(stats: dict[str, Any]) -> str:
             cells += (f"<td>{lam}</td><td>{layer['noise_mass']:.3f}</td><td>{layer['entropy']:.3f}</td>"
                       f"<td>{layer['max_activation']:.1f}</td>")
         rows += f"<tr><td>{i}</td>{cells}</tr>"
+    probes = [(who, run, length, probe) for who, run in runs for length, probe in run.get("needle", {}).items()]
     needle = "".join(
-        f"<tr><td>{who}{html.escape(run['attention'])}</td>" + "".join(
-            f"<td>{d['accuracy']:.2f} ({d['value_log_likelihood']:.1f})</td>" for d in run["needle"]["depths"])
-        + "</tr>" for who, run in runs if "needle" in run)
+        f"<tr><td>{who}{html.escape(run['attention'])}</td><td>{length}</td>" + "".join(
+            f"<td>{d['accuracy']:.2f} ({d['value_log_likelihood']:.1f})</td>" for d in probe["depths"]) + "</tr>"
+        for who, run, length, probe in probes)
     if needle:
-        depths = "".join(f"<th>depth {d['depth']:.0%}</th>" for d in runs[0][1]["needle"]["depths"])
-        needle = (f"<h3>Needle retrieval</h3><p>A key planted among {runs[0][1]['needle']['context_lines']} "
-                  "distractor key-value lines; accuracy is how often the model prefers the planted value to 4 other "
-                  f"values of the context (chance {runs[0][1]['needle']['chance']:.2f}); in brackets the planted "
-                  f"value's log-likelihood.</p><table><tr><th>model</th>{depths}</tr>{needle}</table>")
+        first = probes[0][3]
+        depths = "".join(f"<th>depth {d['depth']:.0%}</th>" for d in first["depths"])
+        needle = ("<h3>Needle retrieval</h3><p>A key planted among distractor key-value lines filling a context of "
+                  "the given length in tokens; accuracy is how often the model prefers the planted value to 4 other "
+                  f"values of the context (chance {first['chance']:.2f}); in brackets the planted value's "
+                  f"log-likelihood.</p><table><tr><th>model</th><th>context</th>{depths}</tr>{needle}</table>")
     return ("<h2>Attention</h2><p>Lambda: the weight of the second map (V2: mean and 10th-90th percentile over "
             "tokens). Noise mass: share of each query's absolute attention outside its 4 strongest keys. Entropy: "
             "of the absolute attention weights, in nats. Max |h|: largest activation in the layer's output.</p>"

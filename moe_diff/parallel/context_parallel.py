@@ -15,8 +15,9 @@ alone (no host read).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_diff.config import ConfigError
 from moe_diff.kernels.mask import AttentionMask
-from moe_diff.parallel.expert_parallel import exchange
+from moe_diff.parallel.collectives import exchange
 
 Span = tuple[int, int]  # positions [start, stop) of the whole sequence
 
@@ -99,6 +100,7 @@ class KeyExchange:
         for start, stop in layout.spans(rank):
             self._held.append((start, stop, index))
             index += stop - start
+        self.n_queries = index  # the positions this rank holds
         # every rank's keys as (start, stop, owner) in position order; this rank's are the pieces it assembles
         wanted = [layout.owners(layout.keys(other)) for other in range(layout.n_ranks)]
         self.pieces = wanted[rank]
@@ -155,25 +157,29 @@ class KeyExchange:
 
 
 @functools.cache
-def key_exchange(n_ranks: int, seq_len: int, window: int | None, rank: int) -> KeyExchange:
-    """The exchange of `rank` for sequences of `seq_len` over `n_ranks` with `window`, planned once."""
-    return KeyExchange(SequenceLayout(n_ranks, seq_len, window), rank)
+def key_exchange(layout: SequenceLayout, rank: int) -> KeyExchange:
+    """`rank`'s exchange for sequences laid out by `layout`, planned once."""
+    return KeyExchange(layout, rank)
 
 
 class ContextParallelAttention:
-    """A layer's attention function on this rank's positions of every sequence, in training: the keys and values
-    its queries may see gathered (KeyExchange), then the backend on each of its spans' queries; outside training,
-    or against a KV cache, the backend on the whole sequence as it is given."""
+    """A layer's attention function on this rank's positions of every sequence while split_sequences gives it their
+    layout: the keys and values its queries may see gathered (KeyExchange), then the backend on each of its spans'
+    queries. Otherwise (sampling, routing traces, a KV cache) the backend on the sequence as it is given."""
 
-    def __init__(self, attend: Callable, module: nn.Module, group: dist.ProcessGroup):
-        self.attend, self.module, self.group = attend, module, group
+    def __init__(self, attend: Callable, group: dist.ProcessGroup):
+        self.attend, self.group = attend, group
+        self.layout: SequenceLayout | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         *lam, mask = rest  # diff: a 0-dim lambda; diff_v2: one per query [B, T, H]; standard: none
-        if not self.module.training or mask.explicit is not None:
+        if self.layout is None or mask.explicit is not None:
             return self.attend(q, k, v, *rest)
-        size = self.group.size()
-        plan = key_exchange(size, q.shape[1] * size, mask.window, self.group.rank())
+        plan = key_exchange(self.layout, self.group.rank())
+        if q.shape[1] != plan.n_queries or mask.window != self.layout.window:
+            raise ValueError(f"context parallelism split sequences of {self.layout.seq_len} positions with window "
+                             f"{self.layout.window} into {plan.n_queries} on this rank; the attention got "
+                             f"{q.shape[1]} with window {mask.window}")
         keys, values = plan.gather([k, v], self.group)
         masks = mask.form(("context parallel", q.shape[1]), lambda: self._span_masks(plan, mask))
         outputs = [self.attend(q[:, queries], keys[:, seen], values[:, seen],
@@ -193,5 +199,21 @@ class ContextParallel(ParallelStyle):
     """Attention over the mesh's cp dimension: the layer's attention function becomes a ContextParallelAttention."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        module.attend = ContextParallelAttention(module.attend, module, device_mesh.get_group())
+        module.attend = ContextParallelAttention(module.attend, device_mesh.get_group())
         return module
+
+
+@contextlib.contextmanager
+def split_sequences(model: nn.Module, layout: SequenceLayout | None) -> Iterator[None]:
+    """Within it, every ContextParallelAttention of `model` reads its inputs as this rank's positions of sequences
+    split by `layout` (the trainer's own, so the two never disagree): hold it over the backward too, where
+    activation checkpointing runs the forward again. Nothing changes with None (no cp)."""
+    attentions = [module.attend for module in model.modules()
+                  if isinstance(getattr(module, "attend", None), ContextParallelAttention)]
+    for attention in attentions:
+        attention.layout = layout
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            attention.layout = None

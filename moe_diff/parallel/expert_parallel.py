@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_diff.config import ConfigError
 from moe_diff.model import Experts, count_ids
+from moe_diff.parallel.collectives import exchange
 
 
 def _exchange_counts(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -23,11 +23,6 @@ def _exchange_counts(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     return received.view(group.size(), -1)
-
-
-def exchange(rows: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> torch.Tensor:
-    """all_to_all_single of rows [sum(send), D] into [sum(recv), D], differentiable (the backward sends back)."""
-    return funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, recv, send, group))
 
 
 class ExpertParallelExperts(Experts):

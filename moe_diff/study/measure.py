@@ -14,7 +14,7 @@ from moe_diff import costs
 from moe_diff.config import Config
 from moe_diff.data import Corpus, Tokenizer, validation_batches
 from moe_diff.diagnostics.attention import attention_stats
-from moe_diff.diagnostics.needle import needle_probe
+from moe_diff.diagnostics.needle import SHORTEST_CONTEXT, needle_probes
 from moe_diff.diagnostics.routing import routing_stats
 from moe_diff.model import MoEDiffTransformer
 from moe_diff.routing.collect import collect_trace
@@ -36,7 +36,7 @@ def needle_lengths(model: MoEDiffTransformer) -> list[int]:
     window, a quarter, half and all of max_seq_len."""
     longest, window = model.cfg.max_seq_len, model.cfg.sliding_window
     lengths = (window // 2, window, 2 * window, longest) if window else (longest // 4, longest // 2, longest)
-    return sorted({min(length, longest) for length in lengths if length >= 16})
+    return sorted({min(length, longest) for length in lengths if length >= SHORTEST_CONTEXT})
 
 
 def routing_summary(stats: dict[str, Any]) -> dict[str, Any]:
@@ -67,8 +67,7 @@ def measure(model: MoEDiffTransformer, cfg: Config, tokenizer: Tokenizer, corpus
     trace = collect_trace(model, batches, corpus.val_names, header)
     attention, _ = attention_stats(model, batches[0][0])
     lengths = list(settings.needle_lengths) or needle_lengths(model)
-    needle = {str(length): needle_probe(model, tokenizer, length, trials=settings.needle_trials)
-              for length in lengths}
+    needle = needle_probes(model, tokenizer, lengths, trials=settings.needle_trials)
     counts = costs.param_counts(model.cfg)
     return {
         "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)),

@@ -24,6 +24,7 @@ from moe_diff import costs
 from moe_diff.config import Config, section_from_dict, without_kernels
 from moe_diff.data import load_corpus, load_tokenizer
 from moe_diff.device import environment, resolve_device
+from moe_diff.diagnostics.needle import check_needle_lengths
 from moe_diff.errors import MoeDiffError, UsageError, literal, teller
 from moe_diff.files import write_json
 from moe_diff.runs import METRICS_FILE, read_metrics
@@ -214,6 +215,7 @@ def run_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Path
     measures = measures or Measures()
     if parallel < 1:
         raise UsageError(f"--parallel {parallel}: a positive number of runs at once")
+    check_needle_lengths(list(measures.needle_lengths), cfg.model.max_seq_len)  # before any run trains
     runs, notes = plan_study(cfg, modes, seeds, out, match)
     out.mkdir(parents=True, exist_ok=True)
     check_plan(out, cfg, match)

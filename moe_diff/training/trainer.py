@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from moe_diff.parallel.apply import (
     shard_fully,
     wrap,
 )
-from moe_diff.parallel.context_parallel import SequenceLayout
+from moe_diff.parallel.context_parallel import SequenceLayout, split_sequences
 from moe_diff.parallel.gradients import accumulating, clip_grad_norm, sync_gradients
 from moe_diff.parallel.pieces import local_tensor
 from moe_diff.parallel.tensor_parallel import sharded_logits
@@ -125,17 +126,24 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device, precision: str) -> float:
-    """Mean next-token loss over every token of the validation batches; leaves the model in training mode."""
+def loss_sums(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device, precision: str) -> torch.Tensor:
+    """[summed next-token loss, tokens] over the batches (float64, on `device`) in evaluation mode; leaves the model
+    in training mode."""
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         batch = batch.to(device)
         with autocast(device, precision):
             out = model(batch.tokens, batch.positions, batch.document_ids)
-        total += cross_entropy(out.logits, batch.targets).item() * batch.targets.numel()
-        count += batch.targets.numel()
+        count = batch.targets.numel()
+        sums += torch.stack([cross_entropy(out.logits, batch.targets).double() * count, sums.new_tensor(count)])
     model.train()
+    return sums
+
+
+def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device, precision: str) -> float:
+    """Mean next-token loss over every token of the validation batches."""
+    total, count = loss_sums(model, batches, device, precision).tolist()
     return total / count
 
 
@@ -233,18 +241,14 @@ class Trainer:
         set_learning_rate(self.optimizer, learning_rate(self.step, t))
         global_batch = make_batch(self.train_windows, self.sampler.next_indices())  # the same on every rank
         micro_size = t.batch_size // t.grad_accum  # sequences of a micro-batch, over all data-parallel ranks
-        per_rank = micro_size // self.runtime.row_readers
         n_layers, n_experts = self.cfg.model.n_layers, self.cfg.model.n_experts
         sums = StepSums(torch.zeros(4, device=self.device), torch.zeros(n_layers, n_experts, device=self.device),
                         torch.zeros(n_layers, dtype=torch.float64, device=self.device), LambdaProbe(self.model))
         for i in range(t.grad_accum):
-            first = i * micro_size + self.runtime.data_rank * per_rank  # this rank's rows of micro-batch i
-            micro = global_batch.slice(first, first + per_rank)
-            if self.sequence_layout is not None:  # and this rank's positions of them
-                micro = micro.map(functools.partial(self.sequence_layout.own_positions, rank=self.runtime.cp_rank))
-            micro = micro.to(self.device)
+            micro = self.rank_part(global_batch, i * micro_size, micro_size)
             last = i == t.grad_accum - 1
-            with accumulating(self.data_parallel, self.runtime, last):
+            with accumulating(self.data_parallel, self.runtime, last), split_sequences(self.model,
+                                                                                       self.sequence_layout):
                 with (autocast(self.device, t.precision),
                       sums.probe if details and last else contextlib.nullcontext(),
                       sharded_logits(self.model) as vocab_parallel_loss):  # parallel.vocab_parallel's own columns
@@ -260,6 +264,31 @@ class Trainer:
         self.runtime.sum_over_data(sums.load)  # the whole batch's expert load, on every rank
         sync_gradients(self.model, self.runtime)
         return sums
+
+    def rank_part(self, batch: Batch, first: int, rows: int) -> Batch:
+        """This rank's share of rows [first, first + rows) of `batch` (the same on every rank), on its device: its
+        rows of them (all of them where they do not split over the ranks reading different rows) and, with
+        parallel.cp, its positions of those."""
+        readers = self.runtime.row_readers
+        per_rank = rows // readers if rows % readers == 0 else rows
+        start = first + (self.runtime.data_rank * per_rank if per_rank < rows else 0)
+        part = batch.slice(start, start + per_rank)
+        if self.sequence_layout is not None:
+            part = part.map(functools.partial(self.sequence_layout.own_positions, rank=self.runtime.cp_rank))
+        return part.to(self.device)
+
+    def validate(self) -> float:
+        """Mean next-token loss over the validation batches, each rank running its share of each as in training (of
+        a short last batch whose rows do not split, every row, each rank counting its part)."""
+        readers, sums = self.runtime.row_readers, torch.zeros(2, dtype=torch.float64, device=self.device)
+        with split_sequences(self.model, self.sequence_layout):
+            for batch in self.val_batches:
+                rows = batch.tokens.shape[0]
+                part = loss_sums(self.data_parallel, [self.rank_part(batch, 0, rows)], self.device,
+                                 self.cfg.train.precision)
+                sums += part if rows % readers == 0 else part / readers
+        total, count = self.runtime.sum_over_data(sums).tolist()
+        return total / count
 
     def balance_counts(self, out: ModelOutput) -> torch.Tensor | None:
         """The expert counts [L, E] the load-balancing loss balances: the choices of this micro-batch on every
@@ -334,7 +363,7 @@ class Trainer:
                         continue
                     logged = record
                 if t.eval_every and self.step % t.eval_every == 0:
-                    val_loss = evaluate(self.data_parallel, self.val_batches, self.device, t.precision)
+                    val_loss = self.validate()
                     record |= {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
                 if t.trace_every and self.step % t.trace_every == 0:
                     self.write_trace()

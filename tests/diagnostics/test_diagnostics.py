@@ -228,10 +228,20 @@ def test_outlier_statistics_find_the_planted_activations() -> None:
 
 
 def test_attention_report_with_a_compared_checkpoint(run, tmp_path: Path) -> None:
-    stats = diagnose_quietly(run["root"] / "model", tmp_path, run, compare=run["root"] / "permuted", attention=True)
+    stats = diagnose_quietly(run["root"] / "model", tmp_path, run, compare=run["root"] / "permuted", attention=True,
+                             needle_lengths=[16, 128])
     assert len(stats["attention"]["layers"]) == len(stats["attention_compare"]["layers"]) == 2
+    assert list(stats["attention"]["needle"]) == list(stats["attention_compare"]["needle"]) == ["16", "128"]
     page = (tmp_path / "report.html").read_text()
     assert "<h2>Attention</h2>" in page and "attention_maps.png" in page
+    assert page.count("<td>128</td>") == 2  # a row per model and length
+    longest = stats["attention"]["needle"]["128"]["context_lines"]
+    assert longest > stats["attention"]["needle"]["16"]["context_lines"]
+    from moe_diff.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--needle-lengths 100000 is not allowed: context lengths from 16 to the "
+                                          r"model's max_seq_len \(\d+\) tokens"):
+        diagnose_quietly(run["root"] / "model", tmp_path, run, attention=True, needle_lengths=[100000])
     assert (tmp_path / "attention_maps.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -68,7 +68,9 @@ def run_script(script: Path, processes: int, *args: str) -> None:
 
 
 def losses(out: Path) -> list[float]:
-    return [record["loss"] for record in read_metrics(out / "metrics.jsonl")]
+    """The training loss of each step, then the validation losses (train.eval_every)."""
+    records = read_metrics(out / "metrics.jsonl")
+    return [record["loss"] for record in records] + [record["val_loss"] for record in records if "val_loss" in record]
 
 
 def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -96,10 +98,10 @@ def assert_layout_equals_one_process(tmp_path: Path, processes: int, layout: lis
     process accumulates as many micro-batches as each rank does. On CUDA both run in float32, whose sums only the
     order across ranks changes."""
     on_device = [f"train.device={device}"] + (["train.precision=float32"] if device == "cuda" else [])
-    same = [setting for setting in layout if setting.startswith(("model.", "train.grad_accum="))]
+    same = [setting for setting in layout if setting.startswith(("model.", "train.grad_accum=", "train.eval_every="))]
     single = run(tmp_path, "single", 1, *on_device, "train.sample_tokens=0", *same)
     parallel = run(tmp_path, "parallel", processes, *on_device, *layout)  # with the default sample at its end
-    assert len(losses(parallel)) == 4
+    assert len(read_metrics(parallel / "metrics.jsonl")) == 4
     assert_close_runs(parallel, single, 4)
     assert_commands_read(parallel, tmp_path)
 

@@ -13,6 +13,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from helpers import scattered_documents  # tests/ is on the path
 
+from moe_diff import costs
 from moe_diff.config import Config, ConfigError, ParallelConfig, TrainConfig
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.mask import AttentionMask
@@ -25,8 +26,11 @@ T = 16
 CASES = [(window, packed) for window in (None, 2, 3, 11) for packed in (None, "runs", "scattered")]
 
 
-class Training:
-    training = True
+def split(backend: str, mode: str, layout: SequenceLayout) -> ContextParallelAttention:
+    """The attention as the ContextParallel style makes it, inside split_sequences for `layout`."""
+    attend = ContextParallelAttention(attention_op(backend, mode), dist.group.WORLD)
+    attend.layout = layout
+    return attend
 
 
 def inputs(mode: str, length: int = T) -> list[torch.Tensor]:
@@ -71,7 +75,7 @@ def check_case(rank: int, world: int, mode: str, backend: str, window: int | Non
     dtype, tolerance = (torch.float32, 2e-5) if backend == "triton" else (torch.float64, 1e-10)
     mine = [(layout.own_positions(t, rank) if spread else t).detach().to(dtype).requires_grad_()
             for t, spread in zip(whole, per_position, strict=True)]
-    attend = ContextParallelAttention(attention_op(backend, mode), Training(), dist.group.WORLD)
+    attend = split(backend, mode, layout)
     own_documents = None if document_ids is None else layout.own_positions(document_ids, rank)
     got = attend(*mine, AttentionMask(window, own_documents))
     label = f"{mode} {backend} window {window} documents {document_ids is not None} rank {rank}"
@@ -104,8 +108,7 @@ def check_bytes(rank: int, world: int) -> None:
                 layout = SequenceLayout(world, length, window)
                 q, k, v = (layout.own_positions(t, rank) for t in inputs("standard", length))
                 sent.clear()
-                ContextParallelAttention(attention_op("reference", "standard"), Training(), dist.group.WORLD)(
-                    q, k, v, AttentionMask(window))
+                split("reference", "standard", layout)(q, k, v, AttentionMask(window))
                 per_length[window, length] = sum(sent)
     finally:
         funcol.all_to_all_single_autograd = all_to_all
@@ -114,10 +117,15 @@ def check_bytes(rank: int, world: int) -> None:
     total = torch.tensor([per_length[None, 4 * T], per_length[None, 8 * T]])
     dist.all_reduce(total)
     assert total[1] == 2 * total[0] > 0, total
+    for (window, length), sent_here in per_length.items():  # what `moe-diff info` reports: all ranks together
+        total = torch.tensor(sent_here)
+        dist.all_reduce(total)
+        received = sum(share.received for share in costs.context_shares(world, length, window))
+        assert total == received * 2 * 2 * 4 * 8, (window, length)  # batch 2, k and v of width 4, float64
 
 
-@pytest.mark.parametrize(("world", "backend"), [(2, "reference"), (4, "reference"), (2, "sdpa"), (4, "sdpa"),
-                                              (2, "triton")])  # the interpreter is slow: one layout of each kind
+@pytest.mark.parametrize(("world", "backend"), [(2, "reference"), (4, "reference"), (2, "sdpa"), (2, "triton")])
+# the exchange is the same for every backend: 4 ranks (keys from several) on the reference; the interpreter is slow
 def test_each_ranks_positions_equal_the_whole_sequences(world: int, backend: str, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton's kernels in float32 under its interpreter (TRITON_INTERPRET=1, as its kernel tests set it)."""
@@ -165,3 +173,19 @@ def test_layouts_with_cp_are_checked_against_the_world_size() -> None:
     with pytest.raises(ConfigError, match=r"train.seq_len=36 is not allowed: a multiple of parallel.tp=2 x "
                                           "parallel.cp=4 with parallel.sequence_parallel=true"):
         Config(parallel=ParallelConfig(tp=2, cp=4, sequence_parallel=True), train=TrainConfig(seq_len=36))
+
+
+def test_a_sequence_the_layout_did_not_split_is_refused() -> None:
+    class RankZero:
+        def rank(self) -> int:
+            return 0
+
+    attend = ContextParallelAttention(attention_op("reference", "standard"), RankZero())
+    attend.layout = SequenceLayout(2, T, None)
+    q, k, v = inputs("standard")  # the whole sequence, not rank 0's half of it
+    with pytest.raises(ValueError, match=f"split sequences of {T} positions with window None into {T // 2} on this "
+                                         f"rank; the attention got {T} with window None"):
+        attend(q, k, v, AttentionMask(None))
+    attend.layout = None  # outside split_sequences (sampling, traces): the sequence as it is given
+    torch.testing.assert_close(attend(q, k, v, AttentionMask(None)),
+                               attention_op("reference", "standard")(q, k, v, AttentionMask(None)))

@@ -43,9 +43,7 @@ def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
             if index.fqn == key}
 
 
-@pytest.mark.parametrize(("processes", "layout"), [
-    (4, ["parallel.ep=2"]), (2, ["parallel.tp=2", "model.n_kv_heads=4"]),
-    (4, ["parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4"]),
+@pytest.mark.parametrize(("processes", "layout"), [  # every dimension in one at least; test_gradients.py has more
     (2, ["parallel.tp=2", "parallel.vocab_parallel=true", "parallel.sequence_parallel=true", "model.n_kv_heads=4",
          "model.tie_embeddings=true"]),
     (2, ["parallel.data_parallel=ddp", "parallel.ep=2", "train.grad_accum=2"]),
@@ -54,7 +52,7 @@ def writers(step: Path, key: str) -> dict[tuple[int, ...], str]:
          "train.activation_checkpointing=moe"]),
     (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2", "parallel.vocab_parallel=true",
          "model.n_kv_heads=4"]),
-    (2, ["parallel.cp=2"])])
+    (4, ["parallel.ep=2", "parallel.cp=2", "train.eval_every=2"])])
 def test_parallel_runs_equal_one_process(tmp_path: Path, processes: int, layout: list[str]) -> None:
     """The training job as users run it, in float32: losses and weights as one process's, then every command
     reads the run (test_gradients.py proves each layout's gradients, in float64)."""
