@@ -16,11 +16,10 @@ STEPS = 3
 TOLERANCE = 1e-9  # per tensor, |piece - one process's| / |one process's whole gradient|, in float64
 
 
-def probe(tmp_path: Path, name: str, processes: int, *overrides: str) -> list[dict]:
-    """Every rank's file of gradient_probe.py."""
-    out = tmp_path / name
+def probe(out: Path, text: str, processes: int, *overrides: str) -> list[dict]:
+    """Every rank's file of gradient_probe.py, training on the corpus at `text`."""
     out.mkdir()
-    run_script(PROBE, processes, str(out), corpus(tmp_path), str(STEPS), *overrides)
+    run_script(PROBE, processes, str(out), text, str(STEPS), *overrides)
     return [torch.load(out / f"rank-{rank}.pt", weights_only=False) for rank in range(processes)]
 
 
@@ -87,24 +86,30 @@ REPLICATED_EXPERTS = {"ddp2-compiled", "hsdp", "hsdp-ep2", "hsdp-ep2-8",  # piec
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory: pytest.TempPathFactory) -> Callable[[tuple[str, ...]], dict]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus every probe trains on (at one path: a document's name, which decides its split, holds it)."""
+    return tmp_path_factory.mktemp("gradients")
+
+
+@pytest.fixture(scope="module")
+def one_process(shared: Path) -> Callable[[tuple[str, ...]], dict]:
     """One process's probe for a set of overrides, run once for every layout that compares against it."""
     probes: dict[tuple[str, ...], dict] = {}
 
     def single(overrides: tuple[str, ...]) -> dict:
         if overrides not in probes:
-            (probes[overrides],) = probe(tmp_path_factory.mktemp("one-process"), "single", 1, *overrides)
+            (probes[overrides],) = probe(shared / f"single-{len(probes)}", corpus(shared), 1, *overrides)
         return probes[overrides]
 
     return single
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_takes_the_gradients_of_one_process(tmp_path: Path, layout: str,
+def test_layout_takes_the_gradients_of_one_process(layout: str, shared: Path,
                                                    one_process: Callable[[tuple[str, ...]], dict]) -> None:
     processes, overrides, *single_overrides = LAYOUTS[layout]
     same = [setting for setting in overrides
             if setting.startswith(("model.", "train.grad_accum=", "train.batch_size="))]
     single = one_process((*same, *(single_overrides[0] if single_overrides else [])))
-    assert_same_gradients(probe(tmp_path, "parallel", processes, *overrides), single,
+    assert_same_gradients(probe(shared / layout, corpus(shared), processes, *overrides), single,
                           layout in REPLICATED_EXPERTS)
