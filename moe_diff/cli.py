@@ -134,6 +134,8 @@ def run_plot_metrics(args: argparse.Namespace) -> int:
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
+    if args.needle_lengths and not args.attention:
+        raise UsageError("--needle-lengths sets the needle probe of --attention: add --attention")
     data = DataConfig(source=args.data) if args.data else None
     diagnose(args.checkpoint, args.out, data=data, tokenizer=args.tokenizer, compare=args.compare,
              trace_path=args.trace, seq_len=args.seq_len, max_tokens=args.tokens, attention=args.attention,

@@ -1,5 +1,6 @@
-"""Parameter counts, forward FLOPs and KV-cache size of a configuration; shapes are read off the model built
-on the meta device, so no memory is spent on them."""
+"""Parameter counts, forward FLOPs, KV-cache size and, under context parallelism, each rank's share of attention
+(positions, keys, exchanged bytes, memory) of a configuration; shapes are read off the model built on the meta
+device, so no memory is spent on them."""
 
 from __future__ import annotations
 
@@ -158,20 +159,23 @@ class AttentionWidths:
 
     query: int  # all query maps' elements
     key_value: int  # keys and values together: what a rank receives per position it does not hold
-    output: int
+    map_outputs: int  # every softmax map's output: the diff modes' two per head before they are combined
     maps: int  # softmax rows per query position (each keeps a float32 log-sum-exp for the backward)
 
 
 def attention_widths(cfg: ModelConfig, tp: int = 1) -> AttentionWidths:
+    """Read off the projections: wq's rows are the queries, wk's and wv's the keys and values, wo's columns the
+    combined output (diff keeps each map's output apart, twice as wide; diff_v2's 2H query heads' likewise)."""
     shapes = parameter_shapes(cfg)
     width = {name: shapes[f"layers.0.attention.{name}.weight"] for name in ("wq", "wk", "wv", "wo")}
     query = width["wq"][0] // tp
-    return AttentionWidths(query, (width["wk"][0] + width["wv"][0]) // tp, width["wo"][1] // tp,
-                           query // cfg.resolved_head_dim)
+    outputs = width["wo"][1] // tp * (1 if cfg.attention == "standard" else 2)
+    return AttentionWidths(query, (width["wk"][0] + width["wv"][0]) // tp, outputs, query // cfg.resolved_head_dim)
 
 
 def fused_attention_bytes(share: ContextShare, widths: AttentionWidths, bytes_per_element: int) -> int:
     """What a fused attention kernel (Triton, flash-attn, CUDA SDPA) keeps for its backward in one layer: its
-    queries, the keys and values it attends to, its output, and a float32 log-sum-exp per softmax row."""
-    elements = share.queries * (widths.query + widths.output) + share.keys * widths.key_value
+    queries, the keys and values it attends to, each map's output, and a float32 log-sum-exp per softmax row.
+    (Triton's diff kernel keeps the second map's output in float32: a little more.)"""
+    elements = share.queries * (widths.query + widths.map_outputs) + share.keys * widths.key_value
     return elements * bytes_per_element + share.queries * widths.maps * 4

@@ -84,15 +84,19 @@ def print_info(config: str, overrides: list[str], seq_len: int | None, kv_dtype:
     console.print(compare)
 
     if job.parallel.cp > 1:
-        _print_context_parallel(job, kv_dtype, console)
+        _print_context_parallel(job, console)
     if forward:
         _print_forward_check(cfg, min(seq_len, FORWARD_CHECK_SEQ_LEN), console)
 
 
 def _context_column(cfg: ModelConfig, n_ranks: int, seq_len: int, window: int | None, tp: int,
                     bytes_per_element: int) -> list[str]:
-    """One layout's column: the busiest rank's share of one layer's attention over one sequence."""
-    shares = costs.context_shares(n_ranks, seq_len, window)
+    """One layout's column: the busiest rank's share of one layer's attention over one sequence ("n/a" where the
+    length does not split into the layout's blocks or chunks)."""
+    try:
+        shares = costs.context_shares(n_ranks, seq_len, window)
+    except ConfigError as error:
+        return [f"n/a: {error}"] + [""] * 7
     busiest = max(shares, key=lambda share: (share.pairs, share.keys))
     widths = costs.attention_widths(cfg, tp)
     fused = costs.fused_attention_bytes(busiest, widths, bytes_per_element)
@@ -101,33 +105,34 @@ def _context_column(cfg: ModelConfig, n_ranks: int, seq_len: int, window: int | 
         _human(max(share.received for share in shares) * widths.key_value * bytes_per_element, "B", 1024),
         f"{min(share.pairs for share in shares) / busiest.pairs:.0%}",
         _human(fused, "B", 1024), _human(fused * cfg.n_layers, "B", 1024),
-        _human(busiest.blocks * widths.maps * bytes_per_element, "B", 1024),
+        _human(busiest.blocks * widths.maps * 4, "B", 1024),  # in float32, the backends' compute type
         _human(busiest.blocks, "B", 1024),
     ]
 
 
-def _print_context_parallel(job: Config, dtype: str, console: Console) -> None:
+def _print_context_parallel(job: Config, console: Console) -> None:
     """Each rank's attention memory and exchange over one training sequence, against one rank, for the configured
-    window and without one."""
+    window and without one, in the precision training runs in on a GPU (train.precision)."""
     cfg, cp, tp, seq_len = job.model, job.parallel.cp, job.parallel.tp, job.train.seq_len
+    dtype = "float32" if job.train.precision == "float32" else "bfloat16"  # auto: bfloat16 autocast on CUDA
     layouts = {"one rank": (1, cfg.sliding_window), f"cp={cp}": (cp, cfg.sliding_window)}
     if cfg.sliding_window is not None:
         layouts = {f"one rank, window {cfg.sliding_window}": layouts["one rank"],
                    f"cp={cp}, window {cfg.sliding_window}": layouts[f"cp={cp}"],
                    "one rank, no window": (1, None), f"cp={cp}, no window": (cp, None)}
     table = Table(title=f"Context parallelism: one training sequence of {seq_len:,} tokens (train.seq_len), one "
-                        f"layer, the busiest rank{f' of tp={tp}' if tp > 1 else ''}, {dtype}")
+                        f"layer, the busiest rank{f' of tp={tp}' if tp > 1 else ''}, activations in {dtype}")
     table.add_column("")
     columns = [_context_column(cfg, n_ranks, seq_len, window, tp, DTYPES[dtype].itemsize)
                for n_ranks, window in layouts.values()]
     for name in layouts:
         table.add_column(name, justify="right")
     labels = ["positions held (queries)", "positions attended (keys, own included)",
-              "keys + values received per layer (gradients sent back alike)",
+              "keys + values a rank receives per layer, at most (gradients sent back alike)",
               "work of the least busy rank / the busiest",
               "attention kept for the backward, fused kernel, per layer", f"  all {cfg.n_layers} layers",
-              "score maps, materialising backends (reference), per layer",
-              "dense bool mask, CPU SDPA with a window or documents, per forward"]
+              "score maps, materialising backends (reference, CPU SDPA), float32, per layer",
+              "dense bool mask, CPU SDPA (training batches carry document ids), per eager forward"]
     for i, label in enumerate(labels):
         table.add_row(label, *(column[i] for column in columns))
     console.print(table)

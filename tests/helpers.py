@@ -13,8 +13,9 @@ from moe_diff.runs import METRICS_FILE, read_metrics
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a small real corpus
-# for vLLM's CPU build in tests: its KV cache takes 1 GiB (by default, most free memory), and its engine core runs in
-# the process that asks for it rather than in one more it starts (which imports vLLM again: about 20 s an engine)
+# for vLLM's CPU build in tests: its KV cache takes 1 GiB (by default, most free memory), and an engine the process
+# builds itself (LLM, as greedy.py and the bench's vllm system do) runs its core in that process rather than in one
+# more it starts, which imports vLLM again (about 20 s an engine); the OpenAI server (AsyncLLM) starts one anyway
 VLLM_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 

@@ -109,5 +109,6 @@ def test_attention_widths_are_the_projections(attention: str) -> None:
     widths = costs.attention_widths(cfg)
     assert widths.key_value * cfg.n_layers == costs.kv_cache_bytes_per_token(cfg, 1)
     assert widths.maps * d == widths.query == (2 if attention == "diff_v2" else 1) * cfg.n_heads * d
+    assert widths.map_outputs == (1 if attention == "standard" else 2) * cfg.n_heads * d
     assert costs.attention_widths(cfg, tp=2) == costs.AttentionWidths(widths.query // 2, widths.key_value // 2,
-                                                                     widths.output // 2, widths.maps // 2)
+                                                                     widths.map_outputs // 2, widths.maps // 2)

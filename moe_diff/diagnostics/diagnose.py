@@ -17,7 +17,7 @@ from moe_diff.config import AUTO_KERNELS, DataConfig, Kernels
 from moe_diff.data import Batch, Tokenizer, check_vocabulary, load_corpus, validation_batches
 from moe_diff.diagnostics.attention import attention_stats, plot_maps
 from moe_diff.diagnostics.compare import compare_traces
-from moe_diff.diagnostics.needle import needle_probes
+from moe_diff.diagnostics.needle import check_needle_lengths, needle_probes
 from moe_diff.diagnostics.report import (
     plot_coactivation,
     plot_comparison,
@@ -103,8 +103,11 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
     if attention:
         if ours.model is None:
             raise TraceError("attention diagnostics need a checkpoint, not a trace file")
-        stats["attention"], maps = attention_stats(ours.model, ours.batches[0][0])
         lengths = needle_lengths or [min(NEEDLE_CONTEXT, ours.model.cfg.max_seq_len)]
+        for model in (ours.model, theirs.model if theirs is not None else None):
+            if model is not None:  # both before either runs
+                check_needle_lengths(lengths, model.cfg.max_seq_len)
+        stats["attention"], maps = attention_stats(ours.model, ours.batches[0][0])
         stats["attention"]["needle"] = needle_probes(ours.model, ours.tokenizer, lengths)
         images.append(plot_maps(maps, out))
         if theirs is not None and theirs.model is not None:

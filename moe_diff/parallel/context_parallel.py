@@ -165,7 +165,8 @@ def key_exchange(layout: SequenceLayout, rank: int) -> KeyExchange:
 class ContextParallelAttention:
     """A layer's attention function on this rank's positions of every sequence while split_sequences gives it their
     layout: the keys and values its queries may see gathered (KeyExchange), then the backend on each of its spans'
-    queries. Otherwise (sampling, routing traces, a KV cache) the backend on the sequence as it is given."""
+    queries. Otherwise (sampling, routing traces, a KV cache: without gradients) the backend on the sequence as it
+    is given."""
 
     def __init__(self, attend: Callable, group: dist.ProcessGroup):
         self.attend, self.group = attend, group
@@ -173,7 +174,12 @@ class ContextParallelAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         *lam, mask = rest  # diff: a 0-dim lambda; diff_v2: one per query [B, T, H]; standard: none
-        if self.layout is None or mask.explicit is not None:
+        if mask.explicit is not None:
+            return self.attend(q, k, v, *rest)
+        if self.layout is None:
+            if torch.is_grad_enabled() and self.group.size() > 1:  # a rank's positions taken for whole sequences
+                raise RuntimeError("a model with context parallelism is trained inside split_sequences(model, "
+                                   "layout), which tells its attention how the sequences were split")
             return self.attend(q, k, v, *rest)
         plan = key_exchange(self.layout, self.group.rank())
         if q.shape[1] != plan.n_queries or mask.window != self.layout.window:

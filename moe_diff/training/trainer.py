@@ -245,7 +245,7 @@ class Trainer:
         sums = StepSums(torch.zeros(4, device=self.device), torch.zeros(n_layers, n_experts, device=self.device),
                         torch.zeros(n_layers, dtype=torch.float64, device=self.device), LambdaProbe(self.model))
         for i in range(t.grad_accum):
-            micro = self.rank_part(global_batch, i * micro_size, micro_size)
+            micro, _ = self.rank_part(global_batch, i * micro_size, micro_size)  # rows that split: all counted
             last = i == t.grad_accum - 1
             with accumulating(self.data_parallel, self.runtime, last), split_sequences(self.model,
                                                                                        self.sequence_layout):
@@ -265,28 +265,29 @@ class Trainer:
         sync_gradients(self.model, self.runtime)
         return sums
 
-    def rank_part(self, batch: Batch, first: int, rows: int) -> Batch:
+    def rank_part(self, batch: Batch, first: int, rows: int) -> tuple[Batch, float]:
         """This rank's share of rows [first, first + rows) of `batch` (the same on every rank), on its device: its
-        rows of them (all of them where they do not split over the ranks reading different rows) and, with
-        parallel.cp, its positions of those."""
+        rows of them and, with parallel.cp, its positions of those; with the share of their loss it counts (rows
+        that do not split over the ranks reading different rows are read whole by each, which counts 1/readers)."""
         readers = self.runtime.row_readers
-        per_rank = rows // readers if rows % readers == 0 else rows
-        start = first + (self.runtime.data_rank * per_rank if per_rank < rows else 0)
+        per_rank, share = (rows // readers, 1.0) if rows % readers == 0 else (rows, 1 / readers)
+        start = first + (self.runtime.data_rank * per_rank if share == 1.0 else 0)
         part = batch.slice(start, start + per_rank)
         if self.sequence_layout is not None:
             part = part.map(functools.partial(self.sequence_layout.own_positions, rank=self.runtime.cp_rank))
-        return part.to(self.device)
+        return part.to(self.device), share
 
     def validate(self) -> float:
-        """Mean next-token loss over the validation batches, each rank running its share of each as in training (of
-        a short last batch whose rows do not split, every row, each rank counting its part)."""
-        readers, sums = self.runtime.row_readers, torch.zeros(2, dtype=torch.float64, device=self.device)
+        """Mean next-token loss over the validation batches, each rank running its share of each micro-batch of them
+        as in training."""
+        t = self.cfg.train
+        micro, sums = t.batch_size // t.grad_accum, torch.zeros(2, dtype=torch.float64, device=self.device)
         with split_sequences(self.model, self.sequence_layout):
             for batch in self.val_batches:
-                rows = batch.tokens.shape[0]
-                part = loss_sums(self.data_parallel, [self.rank_part(batch, 0, rows)], self.device,
-                                 self.cfg.train.precision)
-                sums += part if rows % readers == 0 else part / readers
+                rows = batch.tokens.shape[0]  # the last may be short
+                for first in range(0, rows, micro):
+                    part, share = self.rank_part(batch, first, min(micro, rows - first))
+                    sums += share * loss_sums(self.data_parallel, [part], self.device, t.precision)
         total, count = self.runtime.sum_over_data(sums).tolist()
         return total / count
 

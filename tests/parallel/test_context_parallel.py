@@ -180,6 +180,9 @@ def test_a_sequence_the_layout_did_not_split_is_refused() -> None:
         def rank(self) -> int:
             return 0
 
+        def size(self) -> int:
+            return 2
+
     attend = ContextParallelAttention(attention_op("reference", "standard"), RankZero())
     attend.layout = SequenceLayout(2, T, None)
     q, k, v = inputs("standard")  # the whole sequence, not rank 0's half of it
@@ -187,5 +190,8 @@ def test_a_sequence_the_layout_did_not_split_is_refused() -> None:
                                          f"rank; the attention got {T} with window None"):
         attend(q, k, v, AttentionMask(None))
     attend.layout = None  # outside split_sequences (sampling, traces): the sequence as it is given
-    torch.testing.assert_close(attend(q, k, v, AttentionMask(None)),
-                               attention_op("reference", "standard")(q, k, v, AttentionMask(None)))
+    with torch.no_grad():
+        torch.testing.assert_close(attend(q, k, v, AttentionMask(None)),
+                                   attention_op("reference", "standard")(q, k, v, AttentionMask(None)))
+    with pytest.raises(RuntimeError, match=r"trained inside split_sequences\(model, layout\)"):
+        attend(q, k, v, AttentionMask(None))  # a training forward the trainer did not split

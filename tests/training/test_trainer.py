@@ -298,3 +298,24 @@ def test_a_step_that_does_not_log_reads_nothing_back(tmp_path: Path) -> None:
             assert reads == []
             trainer.train_step(details=True)
             assert "tolist" in reads and "item" in reads
+
+
+def test_each_rank_reads_its_rows_and_positions_and_counts_rows_it_shares_in_part() -> None:
+    """Rows that split over the 2 ranks reading different rows: each its own, counted whole; a short last batch's
+    row that does not: read by both, each counting half. With cp=2, each rank's chunks (r and 3 - r of 4)."""
+    from types import SimpleNamespace
+
+    from moe_diff.data import Batch
+    from moe_diff.parallel.context_parallel import SequenceLayout
+
+    values = 10 * torch.arange(5)[:, None] + torch.arange(4)  # row r, position p: 10r + p
+    batch = Batch(values, values, values, values)
+    for data_rank, cp_rank in ((0, 0), (1, 1)):
+        reader = SimpleNamespace(runtime=SimpleNamespace(row_readers=2, data_rank=data_rank, cp_rank=cp_rank),
+                                 sequence_layout=SequenceLayout(2, 4, None), device=torch.device("cpu"))
+        part, share = Trainer.rank_part(reader, batch, 0, 4)
+        rows = [2 * data_rank, 2 * data_rank + 1]
+        positions = [0, 3] if cp_rank == 0 else [1, 2]
+        assert part.tokens.tolist() == [[10 * r + p for p in positions] for r in rows] and share == 1
+        part, share = Trainer.rank_part(reader, batch, 4, 1)
+        assert part.tokens.tolist() == [[40 + p for p in positions]] and share == 0.5
