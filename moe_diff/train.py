@@ -14,9 +14,11 @@ from rich.table import Table
 from rich.text import Text
 
 from moe_diff.config import Config, load_config
+from moe_diff.data import Batch
 from moe_diff.errors import literal, run_reporting_errors
 from moe_diff.inference.generation import generate, position_limit
-from moe_diff.routing.summary import layer_summary
+from moe_diff.parallel.context_parallel import split_sequences
+from moe_diff.routing.summary import load_summary, router_entropy
 from moe_diff.runs import METRICS_FILE
 from moe_diff.training.job import training_job
 from moe_diff.training.trainer import RunResult, Trainer
@@ -52,7 +54,7 @@ def print_summary(trainer: Trainer, result: RunResult) -> None:
         console.print(Panel(Text(trainer.tokenizer.decode(prompt[0].tolist()), style="dim")
                             + Text(trainer.tokenizer.decode(sample[0, prompt.shape[1]:].tolist())),
                             title=f"sample after step {result.step} (prompt dimmed)"))
-    summary = layer_summary(model(batch.tokens, batch.positions, batch.document_ids).routings)
+    summary = routing_summary(trainer, trainer.val_batches[0])
     table = Table(title=f"Routing of {batch.tokens.numel():,} validation tokens: % of assignments per expert, "
                         "max/mean load, dead experts, router entropy / ln E", box=box.SIMPLE_HEAD)
     for column in ["layer", *(f"e{e}" for e in range(trainer.cfg.model.n_experts)), "max/mean", "dead", "entropy"]:
@@ -66,6 +68,18 @@ def print_summary(trainer: Trainer, result: RunResult) -> None:
     console.print(f"step {result.step}: training loss {loss}{val}; {result.seconds:.0f} s; metrics in "
                   f"{literal(result.out_dir / METRICS_FILE)}")
     model.train()
+
+
+def routing_summary(trainer: Trainer, batch: Batch) -> dict[str, list]:
+    """How the model routes `batch`, every rank routing its share of it as validation does (so that no rank holds a
+    whole long sequence under parallel.cp), the counts and entropies then taken over the job."""
+    job = trainer.runtime
+    part, share = trainer.rank_part(batch, 0, batch.tokens.shape[0])
+    with split_sequences(trainer.model, trainer.sequence_layout):
+        routings = trainer.model(part.tokens, part.positions, part.document_ids).routings
+    counts = job.sum_over_data(share * torch.stack([routing.counts for routing in routings]))
+    entropy = job.sum_over_data(torch.stack([router_entropy(routing.probs) for routing in routings])) / job.data_ranks
+    return load_summary(counts) | {"router_entropy": entropy.tolist()}
 
 
 def main(argv: list[str] | None = None) -> int:
