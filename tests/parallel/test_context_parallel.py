@@ -5,6 +5,7 @@ block and none; packed documents); a window's exchange moves the same bytes at a
 
 import datetime
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -93,25 +94,16 @@ def check_case(rank: int, world: int, mode: str, backend: str, window: int | Non
 def check_bytes(rank: int, world: int) -> None:
     """The bytes this rank sends in one layer's exchange, counted at torch's all-to-all itself, at two sequence
     lengths: the same with a window (its W - 1 keys and values), twice as many at twice the length without one."""
-    sent: list[int] = []
-    all_to_all = funcol.all_to_all_single_autograd
-
-    def counting(rows: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        sent.append(rows.numel() * rows.element_size())
-        return all_to_all(rows, *args, **kwargs)
-
-    funcol.all_to_all_single_autograd = counting
-    try:
-        per_length = {}
+    per_length = {}
+    with mock.patch.object(funcol, "all_to_all_single_autograd", wraps=funcol.all_to_all_single_autograd) as sent:
         for window in (3, None):
             for length in (4 * T, 8 * T):
                 layout = SequenceLayout(world, length, window)
                 q, k, v = (layout.own_positions(t, rank) for t in inputs("standard", length))
-                sent.clear()
+                sent.reset_mock()
                 split("reference", "standard", layout)(q, k, v, AttentionMask(window))
-                per_length[window, length] = sum(sent)
-    finally:
-        funcol.all_to_all_single_autograd = all_to_all
+                per_length[window, length] = sum(call.args[0].numel() * call.args[0].element_size()
+                                                 for call in sent.call_args_list)
     sends_halo = rank < world - 1  # the last rank's positions precede no one's
     assert per_length[3, 4 * T] == per_length[3, 8 * T] == 2 * 2 * (3 - 1) * 4 * 8 * sends_halo, per_length
     total = torch.tensor([per_length[None, 4 * T], per_length[None, 8 * T]])
