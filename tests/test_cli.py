@@ -26,6 +26,25 @@ def test_info_compares_the_three_modes(capsys: pytest.CaptureFixture) -> None:
         assert mode in out
 
 
+def test_info_reports_each_ranks_attention_under_context_parallelism(capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixtral-8x7B diff at 64K tokens over 8 ranks: each rank holds 8,192 positions and receives the window's
+    4,095 earlier ones (8 kv heads x 128 x 2 x bfloat16: 16 MiB); without a window, the rank holding the last
+    chunk attends to every key. A length that only the window's blocks split leaves the no-window column n/a."""
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["info", str(CONFIGS / "mixtral-8x7b-diff.yaml"), "parallel.cp=8", "train.seq_len=65536",
+                 "model.max_seq_len=65536"]) == 0
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.count("│") == 6}
+    assert rows["positions held (queries)"] == ["65,536", "8,192", "65,536", "8,192"]
+    assert rows["positions attended (keys, own included)"] == ["65,536", "12,287", "65,536", "65,536"]
+    assert rows["keys + values a rank receives per layer, at most (gradients sent back alike)"][:2] == ["0 B",
+                                                                                                      "16 MiB"]
+    assert main(["info", str(CONFIGS / "tiny.yaml"), "parallel.cp=4", "train.seq_len=1028",
+                 "model.max_seq_len=1028"]) == 0
+    assert "n/a: train.seq_len=1028 must split into 2 x parallel.cp chunks" in " ".join(capsys.readouterr().out.split())
+
+
 def test_info_with_overrides_and_forward_check(capsys: pytest.CaptureFixture) -> None:
     assert main(["info", str(CONFIGS / "tiny.yaml"), "model.n_layers=1", "model.attention=diff_v2",
                  "--forward", "--seq-len", "16"]) == 0
