@@ -33,6 +33,7 @@ from moe_diff.config import load_config
 from moe_diff.device import environment
 from moe_diff.files import write_json
 from moe_diff.parallel import runtime
+from moe_diff.parallel.context_parallel import context_shares
 from moe_diff.training.trainer import Trainer
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
@@ -92,13 +93,14 @@ def measure(length: int, cp: int, window: int | None, threads_note: str) -> dict
         mp.spawn(rank_step, args=(cp, free_port(), overrides, out), nprocs=cp)
         ranks = [json.loads(Path(out, f"rank-{rank}.json").read_text()) for rank in range(cp)]
     cfg = load_config(str(CONFIG), overrides).model
-    shares = costs.context_shares(cp, length, window)
+    shares = context_shares(cp, length, window)
     widths = costs.attention_widths(cfg)
     return {
         "seq_len": length, "cp": cp, "window": window, "ranks": ranks,
         "max_step_peak_bytes": max(rank["step_peak_bytes"] for rank in ranks),
         "predicted": {  # what `moe-diff info` reports for this layout (float32 here)
-            "fused_attention_bytes_per_layer": max(costs.fused_attention_bytes(share, widths, 4) for share in shares),
+            "fused_attention_bytes_per_layer": max(costs.fused_attention_bytes(share.queries, share.keys, widths, 4)
+                                                   for share in shares),
             "dense_mask_bytes": max(share.blocks for share in shares),  # training batches carry document ids
             "score_maps_bytes_per_layer": max(share.blocks for share in shares) * widths.maps * 4,
             "exchange_bytes_per_layer": [share.received * widths.key_value * 4 for share in shares],

@@ -1,6 +1,5 @@
-"""Parameter counts, forward FLOPs, KV-cache size and, under context parallelism, each rank's share of attention
-(positions, keys, exchanged bytes, memory) of a configuration; shapes are read off the model built on the meta
-device, so no memory is spent on them."""
+"""Parameter counts, forward FLOPs, KV-cache size and attention's widths and memory of a configuration; shapes
+are read off the model built on the meta device, so no memory is spent on them."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import torch
 
 from moe_diff.config import ModelConfig
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.context_parallel import KeyExchange, SequenceLayout
 
 
 @dataclass(frozen=True)
@@ -124,36 +122,6 @@ def kv_cache_bytes_per_sequence(cfg: ModelConfig, seq_len: int, bytes_per_elemen
 
 
 @dataclass(frozen=True)
-class ContextShare:
-    """One rank's part of one layer's attention over a training sequence split by context parallelism."""
-
-    queries: int  # positions it holds
-    keys: int  # positions whose keys and values it attends to, its own included
-    received: int  # of those, the positions other ranks send it in the forward (it sends their gradients back)
-    pairs: int  # (query, key) pairs it scores: its work
-    blocks: int  # elements of its [queries, keys seen] blocks: a materialised score map or a dense mask
-
-
-def context_shares(n_ranks: int, seq_len: int, window: int | None) -> list[ContextShare]:
-    """Every rank's share of one layer's attention over a sequence of `seq_len` split over `n_ranks` ranks (one
-    rank: the whole sequence)."""
-    if n_ranks == 1:
-        return [ContextShare(seq_len, seq_len, 0, causal_pairs(seq_len, window), seq_len * seq_len)]
-    layout = SequenceLayout(n_ranks, seq_len, window)
-    shares = []
-    for rank in range(n_ranks):
-        plan = KeyExchange(layout, rank)
-        spans = layout.spans(rank)
-        shares.append(ContextShare(
-            queries=plan.n_queries,
-            keys=sum(stop - start for start, stop in plan.key_spans),
-            received=sum(plan.recv_sizes),
-            pairs=sum(causal_pairs(stop, window) - causal_pairs(start, window) for start, stop in spans),
-            blocks=sum((q.stop - q.start) * (seen.stop - seen.start) for q, seen in plan.query_blocks)))
-    return shares
-
-
-@dataclass(frozen=True)
 class AttentionWidths:
     """Per-position widths of one layer's attention tensors on one of `tp` tensor-parallel ranks."""
 
@@ -173,9 +141,9 @@ def attention_widths(cfg: ModelConfig, tp: int = 1) -> AttentionWidths:
     return AttentionWidths(query, (width["wk"][0] + width["wv"][0]) // tp, outputs, query // cfg.resolved_head_dim)
 
 
-def fused_attention_bytes(share: ContextShare, widths: AttentionWidths, bytes_per_element: int) -> int:
-    """What a fused attention kernel (Triton, flash-attn, CUDA SDPA) keeps for its backward in one layer: its
-    queries, the keys and values it attends to, each map's output, and a float32 log-sum-exp per softmax row.
-    (Triton's diff kernel keeps the second map's output in float32: a little more.)"""
-    elements = share.queries * (widths.query + widths.map_outputs) + share.keys * widths.key_value
-    return elements * bytes_per_element + share.queries * widths.maps * 4
+def fused_attention_bytes(queries: int, keys: int, widths: AttentionWidths, bytes_per_element: int) -> int:
+    """What a fused attention kernel (Triton, flash-attn, CUDA SDPA) keeps for its backward in one layer, for
+    `queries` positions attending to `keys`: the queries, the keys and values, each map's output, and a float32
+    log-sum-exp per softmax row. (Triton's diff kernel keeps the second map's output in float32: a little more.)"""
+    elements = queries * (widths.query + widths.map_outputs) + keys * widths.key_value
+    return elements * bytes_per_element + queries * widths.maps * 4

@@ -13,6 +13,7 @@ from moe_diff import costs
 from moe_diff.config import ATTENTION_MODES, Config, ConfigError, ModelConfig, load_config
 from moe_diff.device import DTYPES
 from moe_diff.errors import literal
+from moe_diff.parallel.context_parallel import context_shares
 from moe_diff.training.smoke import forward_check
 
 DEFAULT_SEQ_LEN = 4096  # the length FLOPs and cache sizes are given for, unless max_seq_len is shorter
@@ -94,12 +95,12 @@ def _context_column(cfg: ModelConfig, n_ranks: int, seq_len: int, window: int | 
     """One layout's column: the busiest rank's share of one layer's attention over one sequence ("n/a" where the
     length does not split into the layout's blocks or chunks)."""
     try:
-        shares = costs.context_shares(n_ranks, seq_len, window)
+        shares = context_shares(n_ranks, seq_len, window)
     except ConfigError as error:
         return [f"n/a: {error}"] + [""] * 7
     busiest = max(shares, key=lambda share: (share.pairs, share.keys))
     widths = costs.attention_widths(cfg, tp)
-    fused = costs.fused_attention_bytes(busiest, widths, bytes_per_element)
+    fused = costs.fused_attention_bytes(busiest.queries, busiest.keys, widths, bytes_per_element)
     return [
         f"{busiest.queries:,}", f"{busiest.keys:,}",
         _human(max(share.received for share in shares) * widths.key_value * bytes_per_element, "B", 1024),

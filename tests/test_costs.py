@@ -8,7 +8,7 @@ from moe_diff import costs
 from moe_diff.config import ModelConfig, load_config
 from moe_diff.kernels.mask import attention_mask
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.context_parallel import SequenceLayout
+from moe_diff.parallel.context_parallel import SequenceLayout, context_shares
 
 MODES = ["standard", "diff", "diff_v2"]
 
@@ -88,7 +88,7 @@ def test_context_shares_count_what_each_ranks_queries_see(n_ranks: int, window: 
     positions it holds; the ranks' work adds up to the whole sequence's."""
     seq_len = 32
     visible = attention_mask(seq_len, seq_len, window, torch.device("cpu"))
-    shares = costs.context_shares(n_ranks, seq_len, window)
+    shares = context_shares(n_ranks, seq_len, window)
     for rank, share in enumerate(shares):
         held = torch.zeros(seq_len, dtype=torch.bool)
         spans = SequenceLayout(n_ranks, seq_len, window).spans(rank) if n_ranks > 1 else [(0, seq_len)]

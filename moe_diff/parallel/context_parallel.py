@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from moe_diff import costs
 from moe_diff.config import ConfigError
 from moe_diff.kernels.mask import AttentionMask
 from moe_diff.parallel.collectives import exchange
@@ -154,6 +155,36 @@ class KeyExchange:
                                                                    index + stop - first)))
                 index += last - first
         return blocks
+
+
+@dataclass(frozen=True)
+class ContextShare:
+    """One rank's part of one layer's attention over a training sequence split by context parallelism."""
+
+    queries: int  # positions it holds
+    keys: int  # positions whose keys and values it attends to, its own included
+    received: int  # of those, the positions other ranks send it in the forward (it sends their gradients back)
+    pairs: int  # (query, key) pairs it scores: its work
+    blocks: int  # elements of its [queries, keys seen] blocks: a materialised score map or a dense mask
+
+
+def context_shares(n_ranks: int, seq_len: int, window: int | None) -> list[ContextShare]:
+    """Every rank's share of one layer's attention over a sequence of `seq_len` split over `n_ranks` ranks (one
+    rank: the whole sequence)."""
+    if n_ranks == 1:
+        return [ContextShare(seq_len, seq_len, 0, costs.causal_pairs(seq_len, window), seq_len * seq_len)]
+    layout = SequenceLayout(n_ranks, seq_len, window)
+    shares = []
+    for rank in range(n_ranks):
+        plan = KeyExchange(layout, rank)
+        spans = layout.spans(rank)
+        shares.append(ContextShare(
+            queries=plan.n_queries,
+            keys=sum(stop - start for start, stop in plan.key_spans),
+            received=sum(plan.recv_sizes),
+            pairs=sum(costs.causal_pairs(stop, window) - costs.causal_pairs(start, window) for start, stop in spans),
+            blocks=sum((q.stop - q.start) * (seen.stop - seen.start) for q, seen in plan.query_blocks)))
+    return shares
 
 
 @functools.cache

@@ -14,11 +14,10 @@ import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from helpers import scattered_documents  # tests/ is on the path
 
-from moe_diff import costs
 from moe_diff.config import Config, ConfigError, ParallelConfig, TrainConfig
 from moe_diff.kernels import attention_op
 from moe_diff.kernels.mask import AttentionMask
-from moe_diff.parallel.context_parallel import ContextParallelAttention, KeyExchange, SequenceLayout
+from moe_diff.parallel.context_parallel import ContextParallelAttention, KeyExchange, SequenceLayout, context_shares
 from moe_diff.parallel.dims import ParallelDims
 
 T = 16
@@ -112,7 +111,7 @@ def check_bytes(rank: int, world: int) -> None:
     for (window, length), sent_here in per_length.items():  # what `moe-diff info` reports: all ranks together
         total = torch.tensor(sent_here)
         dist.all_reduce(total)
-        received = sum(share.received for share in costs.context_shares(world, length, window))
+        received = sum(share.received for share in context_shares(world, length, window))
         assert total == received * 2 * 2 * 4 * 8, (window, length)  # batch 2, k and v of width 4, float64
 
 
