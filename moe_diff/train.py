@@ -39,10 +39,15 @@ def train(cfg: Config, console: Console | None = None, summary: bool = False,
     return result
 
 
-@torch.no_grad()
-@torch.compiler.set_stance("force_eager")  # blocks compiled for training (train.compile): generation's shapes differ
 def print_summary(trainer: Trainer, result: RunResult) -> None:
     """A sampled continuation of a validation prompt, and how the last model routes it."""
+    # eager: blocks compiled for training (train.compile) would recompile for generation's shapes; a stance set
+    # here, not as a decorator, imports dynamo only when a run ends (2 s a process)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        _print_summary(trainer, result)
+
+
+def _print_summary(trainer: Trainer, result: RunResult) -> None:
     t, model, console = trainer.cfg.train, trainer.model, trainer.console
     batch = trainer.val_batches[0].to(trainer.device)
     model.eval()

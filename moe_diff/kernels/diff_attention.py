@@ -10,7 +10,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as flex
-from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from moe_diff.kernels.mask import AttentionMask, shared_rows
@@ -49,8 +48,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     on the CPU, which builds that bias densely at every call, the rule's dense mask, built once per forward."""
     # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]  v: [B, Tk, Hk, dv]  ->  [B, Tq, Hq, dv]
     n_queries, n_keys = q.shape[1], k.shape[1]
-    if mask.plain_causal(n_queries, n_keys) and (n_queries == n_keys or q.is_cuda):  # on the CPU the bias is dense
-        attn_mask, causal = (None, True) if n_queries == n_keys else (causal_lower_right(n_queries, n_keys), False)
+    if mask.plain_causal(n_queries, n_keys) and n_queries == n_keys:
+        attn_mask, causal = None, True
+    elif mask.plain_causal(n_queries, n_keys) and q.is_cuda:  # on the CPU the bias is dense
+        from torch.nn.attention.bias import causal_lower_right  # imports dynamo: 2 s a process, so only here
+
+        attn_mask, causal = causal_lower_right(n_queries, n_keys), False
     else:
         allowed = shared_rows(mask.dense(n_queries, n_keys, q.device))
         attn_mask, causal = (allowed[:, None] if allowed.dim() == 3 else allowed), False

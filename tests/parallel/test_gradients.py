@@ -60,9 +60,8 @@ LAYOUTS = {
     "fsdp-tp2-ep2-vocab-sp": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "parallel.ep=2",
                                   "parallel.vocab_parallel=true", "parallel.sequence_parallel=true",
                                   "model.n_kv_heads=4"]),
-    "tp2-fsdp2": (4, ["parallel.data_parallel=fsdp", "parallel.tp=2", "model.n_kv_heads=4"]),
-    # HSDP: sharded within 2 groups of 2, replicated over them; with ep=2, the expert shards replicated only
-    "hsdp": (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2"]),
+    # HSDP with ep=2: the other parameters sharded within 2 groups of 2 and replicated over them, the expert shards
+    # replicated only
     "hsdp-ep2": (4, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2"]),
     # 8 processes: each expert shard sharded over 2 ranks of its HSDP group and replicated over the 2 groups
     "hsdp-ep2-8": (8, ["parallel.data_parallel=fsdp", "parallel.dp_replicate=2", "parallel.ep=2",
@@ -81,7 +80,7 @@ LAYOUTS = {
 }
 
 
-REPLICATED_EXPERTS = {"ddp2-compiled", "hsdp", "hsdp-ep2", "hsdp-ep2-8",  # pieces two ranks hold
+REPLICATED_EXPERTS = {"ddp2-compiled", "hsdp-ep2", "hsdp-ep2-8",  # pieces two ranks hold
                       "cp2-compiled", "cp4", "cp4-no-window", "cp2-tp2-sp"}
 
 
