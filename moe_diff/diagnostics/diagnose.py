@@ -104,15 +104,15 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
         if ours.model is None:
             raise TraceError("attention diagnostics need a checkpoint, not a trace file")
         lengths = needle_lengths or [min(NEEDLE_CONTEXT, ours.model.cfg.max_seq_len)]
-        for model in (ours.model, theirs.model if theirs is not None else None):
-            if model is not None:  # both before either runs
-                check_needle_lengths(lengths, model.cfg.max_seq_len)
+        compared = theirs.model if theirs is not None else None
+        for model in [model for model in (ours.model, compared) if model is not None]:  # both before either runs
+            check_needle_lengths(lengths, model.cfg.max_seq_len)
         stats["attention"], maps = attention_stats(ours.model, ours.batches[0][0])
         stats["attention"]["needle"] = needle_probes(ours.model, ours.tokenizer, lengths)
         images.append(plot_maps(maps, out))
-        if theirs is not None and theirs.model is not None:
-            stats["attention_compare"], _ = attention_stats(theirs.model, ours.batches[0][0])
-            stats["attention_compare"]["needle"] = needle_probes(theirs.model, ours.tokenizer, lengths)
+        if compared is not None:
+            stats["attention_compare"], _ = attention_stats(compared, ours.batches[0][0])
+            stats["attention_compare"]["needle"] = needle_probes(compared, ours.tokenizer, lengths)
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     write_html(stats, images, out, f"Routing of {target}")
     print_summary(stats, console)

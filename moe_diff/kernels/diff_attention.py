@@ -48,9 +48,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     on the CPU, which builds that bias densely at every call, the rule's dense mask, built once per forward."""
     # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]  v: [B, Tk, Hk, dv]  ->  [B, Tq, Hq, dv]
     n_queries, n_keys = q.shape[1], k.shape[1]
-    if mask.plain_causal(n_queries, n_keys) and n_queries == n_keys:
+    plain = mask.plain_causal(n_queries, n_keys)
+    if plain and n_queries == n_keys:
         attn_mask, causal = None, True
-    elif mask.plain_causal(n_queries, n_keys) and q.is_cuda:  # on the CPU the bias is dense
+    elif plain and q.is_cuda:  # on the CPU the bias is dense
         from torch.nn.attention.bias import causal_lower_right  # imports dynamo: 2 s a process, so only here
 
         attn_mask, causal = causal_lower_right(n_queries, n_keys), False
