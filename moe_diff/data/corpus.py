@@ -5,6 +5,7 @@ pre-tokenisation to a token file."""
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import sysconfig
@@ -27,7 +28,7 @@ SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-p
 
 @dataclass
 class Document:
-    name: str  # relative path, `path:line` or `path:index`; decides the train/validation split
+    name: str  # path from its source's root, `name:line` or `name:index`; decides the train/validation split
     text: str | None = None
     tokens: np.ndarray | None = None  # pre-tokenised documents (from .bin files), without end-of-text
 
@@ -62,11 +63,28 @@ def source_files(entry: str) -> list[Path]:
     return files
 
 
+def source_root(entry: str) -> Path:
+    """The folder a data.source entry's document names are relative to: a file's own folder, a directory, or a
+    glob's folders before its first wildcard."""
+    path = Path(entry)
+    if path.is_file():
+        return path.parent
+    if path.is_dir():
+        return path
+    fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), path.parts))
+    return Path(*fixed) if fixed else Path()
+
+
 def corpus_files(cfg: DataConfig) -> list[tuple[str, Path]]:
-    """(document name, path) of every file the configured sources name, in order."""
+    """(document name, path) of every file the configured sources name, in order. A name is the file's path from
+    its entry's root (`source_root`), so the split holds wherever the data lies and however it is named."""
     files = []
     for entry in cfg.sources:
-        files += builtin_files() if entry == "builtin" else [(str(p), p) for p in source_files(entry)]
+        if entry == "builtin":
+            files += builtin_files()
+        else:
+            root = source_root(entry)
+            files += [(Path(os.path.relpath(p, root)).as_posix(), p) for p in source_files(entry)]
     return files
 
 
@@ -103,7 +121,7 @@ def read_token_file(path: Path, cfg: DataConfig, tokenizer: Tokenizer) -> np.nda
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _jsonl_documents(path: Path, field: str, check: Utf8Check) -> Iterator[Document]:
+def _jsonl_documents(name: str, path: Path, field: str, check: Utf8Check) -> Iterator[Document]:
     measured = False
     with path.open(encoding="utf-8", errors="replace") as file:
         for number, line in enumerate(file, 1):
@@ -118,7 +136,7 @@ def _jsonl_documents(path: Path, field: str, check: Utf8Check) -> Iterator[Docum
                 raise DataError(f"{path}:{number} is not valid JSON ({error.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise DataError(f"{path}:{number} has no string field {field!r} (data.text_field)")
-            yield Document(f"{path}:{number}", text=record[field])
+            yield Document(f"{name}:{number}", text=record[field])
 
 
 def _token_documents(name: str, tokens: np.ndarray, eot_id: int) -> Iterator[Document]:
@@ -138,7 +156,7 @@ def iter_documents(cfg: DataConfig, tokenizer: Tokenizer, tell: Callable[[str], 
     named = {Path(entry) for entry in cfg.sources if Path(entry).is_file()}
     for name, path in track(files, description="tokenizing") if progress else files:
         if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, cfg.text_field, check)
+            yield from _jsonl_documents(name, path, cfg.text_field, check)
         elif path.suffix == ".bin":
             yield from _token_documents(name, read_token_file(path, cfg, tokenizer), tokenizer.eot_id)
         else:

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,21 @@ def test_builtin_mixes_with_paths_and_sidecars_are_not_documents(tmp_path: Path)
     names = [name for name, _ in corpus_files(DataConfig(source=["builtin", str(tmp_path / "texts")]))]
     assert "os.py" in names and not any(name.endswith("tokens.json") for name in names)
     assert sum(name.endswith(("doc0.txt", "doc1.txt", "tokens.bin")) for name in names) == 3
+
+
+def test_split_does_not_depend_on_where_the_data_lies_or_how_it_is_named(tmp_path: Path, monkeypatch) -> None:
+    """A document's name, which decides its split, is its path from the source's root: the same corpus moved,
+    named by an absolute or a relative path or by a glob, splits the same (JSONL records by line included)."""
+    write_texts(tmp_path / "a" / "texts", n=20)
+    lines = "\n".join(json.dumps({"text": f"record {i} " * 4}) for i in range(20))
+    (tmp_path / "a" / "texts" / "records.jsonl").write_text(lines + "\n")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ways = [str(tmp_path / "a" / "texts"), "b/texts", str(tmp_path / "a" / "texts" / "*"), "b/texts/*"]
+    splits = [load_corpus(DataConfig(source=way, val_fraction=0.3), BYTES) for way in ways]
+    assert len({tuple(corpus.val_names) for corpus in splits}) == 1 and 0 < len(splits[0].val_names) < 40
+    assert corpus_files(DataConfig(source=ways[1]))[0][0] == "doc0.txt"
+    assert all(documents(corpus.val) == documents(splits[0].val) for corpus in splits)
 
 
 def test_split_does_not_depend_on_file_order(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ REPLICATED_EXPERTS = {"ddp2-compiled", "hsdp-ep2", "hsdp-ep2-8",  # pieces two r
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The corpus every probe trains on (at one path: a document's name, which decides its split, holds it)."""
+    """The folder of the corpus every probe trains on, and of their outputs."""
     return tmp_path_factory.mktemp("gradients")
 
 
