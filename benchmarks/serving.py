@@ -85,7 +85,8 @@ class Server:
         port, self.name = free_port(), directory.name
         self.base, self.log = f"http://127.0.0.1:{port}/v1", directory.with_suffix(".log")
         argv = [sys.executable, "-m", "moe_diff.cli", "serve", str(directory), "--port", str(port), "--",
-                "--dtype", settings.dtype, "--max-model-len", str(settings.prompt_tokens + settings.new_tokens)]
+                "--dtype", settings.dtype, "--max-model-len", str(settings.prompt_tokens + settings.new_tokens),
+                *(["--enforce-eager"] if settings.enforce_eager else [])]
         with self.log.open("w") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -161,6 +162,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="serve without vLLM's torch.compile: servers start sooner, steps run slower")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to start")
     parser.add_argument("--time-limit", type=float, default=1800, help="seconds one round of one mode may take")
     settings = parser.parse_args()

@@ -85,15 +85,17 @@ def test_a_cache_without_padding_gives_one_mask_row_equal_to_the_padded_rule() -
 @pytest.mark.parametrize("rows", [2, 3])
 def test_compiled_decode_steps_generate_the_same_tokens(rows: int) -> None:
     """Static-shape steps over the whole rolling buffer: one graph, same greedy tokens. Two rows gather their
-    experts' weights (4 (token, slot) pairs for 4 experts); three sort their pairs by expert in one operator."""
+    experts' weights (4 (token, slot) pairs for 4 experts), also with one mask row for the batch; three sort their
+    pairs by expert in one operator."""
     model = decisive_model("diff", window=4).float()
     prompts = [prompt(2 + 4 * row, seed=row) for row in range(rows)]
     outputs = []
     compiled = torch.stack(list(stream(model, prompts, 9, compile=True, on_forward=outputs.append)), 1)
     assert torch.equal(compiled, generate(model, prompts, 9)[:, -9:])
     assert len(outputs) == 9 and all(out.logits.shape == (rows, 1, 50) for out in outputs[1:])  # prefill, steps
-    unpadded = torch.stack([prompt(5, seed=row) for row in range(rows)])  # one mask row for the batch
-    assert torch.equal(generate(model, unpadded, 6, compile=True), generate(model, unpadded, 6))
+    if rows == 2:  # another graph to compile: once
+        unpadded = torch.stack([prompt(5, seed=row) for row in range(rows)])  # one mask row for the batch
+        assert torch.equal(generate(model, unpadded, 6, compile=True), generate(model, unpadded, 6))
 
 
 def test_rolling_cache_memory_is_flat_in_generated_length() -> None:

@@ -5,7 +5,7 @@ whole steps (loss, router losses, gradient norm), to OUT/rank-R.pt; with them, t
 initialised model, what the table becomes when the last rank changes one element of its experts, and the SHA-256
 table of earlier versions.
 
-usage: python gradient_probe.py OUT CORPUS STEPS [section.key=value ...]"""
+usage: python gradient_probe.py OUT CORPUS STEPS [section.key=value ...] (with model.attention=MODE, that mode only)"""
 
 import sys
 from pathlib import Path
@@ -56,7 +56,7 @@ def main(out: Path, corpus: str, steps: int, overrides: list[str]) -> None:
     console = Console(quiet=True)
     job = None
     written: dict[str, dict] = {}
-    for mode in MODES:
+    for mode in [o.split("=", 1)[1] for o in overrides if o.startswith("model.attention=")] or MODES:
         cfg = load_config(CONFIGS / "tiny.yaml", [*SETTINGS, f"data.source={corpus}", f"model.attention={mode}",
                                                   f"train.out_dir={out / mode}", "train.sample_tokens=0",
                                                   *overrides])

@@ -84,9 +84,9 @@ def resumed_from_step_3(tmp_path: Path, source: Path, processes: int, *overrides
 
 
 def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path) -> None:
-    """ep=2 in two processes -> one process -> tp=2 x ep=2 in four, -> FSDP with ep=2 in two, -> tp=2 with the
-    vocabulary split in two, and -> cp=2 in two: each resumed step equals the original."""
-    parallel = run(tmp_path, "parallel", 2, "parallel.ep=2")
+    """ep=2 in two processes -> one process, -> FSDP x tp=2 x ep=2 with the vocabulary split in four, and -> cp=2 in
+    two: each resumed step equals the original, and the run exports as one checkpoint."""
+    parallel = run(tmp_path, "parallel", 2, "parallel.ep=2", "model.n_kv_heads=4")
     held = re.search(r"2 ranks: dp=2 tp=1 ep=2 \(ddp\); rank 0 holds ([\d.]+)M of the model's ([\d.]+)M",
                      (parallel / "console.txt").read_text())
     assert held and float(held[1]) < float(held[2])  # half of every layer's experts
@@ -94,28 +94,20 @@ def test_checkpoints_move_between_layouts_with_the_same_next_loss(tmp_path: Path
     for key in ("model.layers.1.moe.experts.w2", "optimizer.state.layers.1.moe.experts.w2.exp_avg"):
         assert writers(step, key) == {(0, 0, 0): "__0_0.distcp", (2, 0, 0): "__1_0.distcp"}
     assert len(writers(step, "model.layers.1.attention.wq.weight")) == 1  # replicated: written once
+    final = weights(parallel, 4)
     resumed = resumed_from_step_3(tmp_path, parallel, 1)
-    assert losses(resumed) == pytest.approx(losses(parallel)[3:], rel=1e-5, abs=1e-6)
-    for name, value in weights(resumed, 4).items():
-        torch.testing.assert_close(value, weights(parallel, 4)[name], rtol=1e-4, atol=1e-4, msg=name)
-    single = run(tmp_path, "single", 1, "model.n_kv_heads=4")
-    sharded = resumed_from_step_3(tmp_path, single, 4, "parallel.tp=2", "parallel.ep=2", "model.n_kv_heads=4")
-    assert losses(sharded) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
+    sharded = resumed_from_step_3(tmp_path, parallel, 4, "parallel.data_parallel=fsdp", "parallel.tp=2",
+                                  "parallel.ep=2", "parallel.vocab_parallel=true", "model.n_kv_heads=4")
     assert len(writers(sharded / "checkpoints" / "step-4", "model.layers.0.moe.experts.w1")) == 4  # 2 x 2 pieces
-    fully_sharded = resumed_from_step_3(tmp_path, single, 2, "parallel.data_parallel=fsdp", "parallel.ep=2",
-                                        "model.n_kv_heads=4")
-    assert losses(fully_sharded) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
-    for name, value in weights(fully_sharded, 4).items():
-        torch.testing.assert_close(value, weights(single, 4)[name], rtol=1e-4, atol=1e-4, msg=name)
-    vocab_split = resumed_from_step_3(tmp_path, single, 2, "parallel.tp=2", "parallel.vocab_parallel=true",
-                                      "model.n_kv_heads=4")
-    assert losses(vocab_split) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
-    context = resumed_from_step_3(tmp_path, single, 2, "parallel.cp=2", "model.n_kv_heads=4")  # cp splits no weight
-    assert losses(context) == pytest.approx(losses(single)[3:], rel=1e-5, abs=1e-6)
+    context = resumed_from_step_3(tmp_path, parallel, 2, "parallel.cp=2")  # cp splits no weight
+    for other in (resumed, sharded, context):
+        assert losses(other) == pytest.approx(losses(parallel)[3:], rel=1e-5, abs=1e-6), other.name
+        for name, value in weights(other, 4).items():
+            torch.testing.assert_close(value, final[name], rtol=1e-4, atol=1e-4, msg=f"{other.name}: {name}")
     # the run exported as one checkpoint: its newest step, bit for bit
     assert cli.main(["export", str(parallel), str(tmp_path / "exported")]) == 0
     exported = checkpoint.load(tmp_path / "exported").state_dict()
-    assert all(torch.equal(exported[name], value) for name, value in weights(parallel, 4).items())
+    assert all(torch.equal(exported[name], value) for name, value in final.items())
 
 
 def rewritten(step: Path, name: str, change: Callable[[Path], None]) -> Path:

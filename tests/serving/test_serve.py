@@ -115,7 +115,8 @@ def test_the_serving_benchmark_measures_every_mode(vllm_python: Path, tmp_path: 
                       "train: {seq_len: 32}\n")
     argv = [str(vllm_python), str(Path(__file__).parents[2] / "benchmarks" / "serving.py"), str(config), "--out",
             str(tmp_path / "serving"), "--requests", "3", "--rounds", "2", "--concurrency", "2",
-            "--prompt-tokens", "6", "--new-tokens", "4", "--modes", "standard", "diff"]  # two engines: CI's time
+            "--prompt-tokens", "6", "--new-tokens", "4", "--modes", "standard", "diff",  # two engines: CI's time
+            "--enforce-eager"]
     run = subprocess.run(argv, env=ENVIRONMENT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "serving.json").read_text())

@@ -19,9 +19,9 @@ NEW_TOKENS = 12
 
 
 @pytest.mark.parametrize(("attention", "overrides"), [
-    ("standard", {}), ("diff", {}), ("diff_v2", {}),
+    ("standard", {}), ("diff_v2", {}),
     ("diff", {"expert_bias_rate": 0.01, "tie_embeddings": True, "sliding_window": None}),  # what else vLLM must get
-], ids=["standard", "diff", "diff_v2", "diff-bias-tied-no-window"])
+], ids=["standard", "diff_v2", "diff-bias-tied-no-window"])  # diff with a window: test_serve.py's server
 def test_vllm_serves_the_greedy_tokens_of_moe_diff(attention: str, overrides: dict, vllm_python: Path,
                                                    tmp_path: Path) -> None:
     from moe_diff.hf.export import save_hf
