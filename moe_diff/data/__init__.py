@@ -8,10 +8,10 @@ from moe_diff.data.batches import (
     make_batch,
     validation_batches,
 )
-from moe_diff.data.corpus import Corpus, load_corpus, tokenize_corpus
+from moe_diff.data.corpus import Corpus, load_corpus, split_digest, tokenize_corpus
 from moe_diff.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, check_vocabulary, load_tokenizer
 from moe_diff.errors import DataError
 
 __all__ = ["Batch", "BatchSampler", "ByteTokenizer", "Corpus", "DataError", "HFTokenizer", "PackedSequences",
            "Tokenizer", "check_vocabulary", "fixed_batches", "load_corpus", "load_tokenizer", "make_batch",
-           "tokenize_corpus", "validation_batches"]
+           "split_digest", "tokenize_corpus", "validation_batches"]

@@ -5,6 +5,7 @@ pre-tokenisation to a token file."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -188,6 +189,13 @@ class Corpus:
     val_names: list[str]  # the validation documents' names, in stream order
 
 
+def split_digest(corpus: Corpus) -> str:
+    """16 hex digits naming the split: the validation documents' names and both streams' lengths, so that a resumed
+    run can tell whether it reads the data it was trained on."""
+    described = "\n".join([f"{len(corpus.train)} {len(corpus.val)}", *corpus.val_names])
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
 def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, tell: Callable[[str], None] | None = None) -> Corpus:
     """Tokenise the sources and split their documents into training and validation streams.
 
@@ -233,12 +241,12 @@ def _token_file_corpus(path: Path, cfg: DataConfig, tokenizer: Tokenizer,
     boundaries = ends[ends < len(tokens) - 1] + 1
     vocab_size = max(tokenizer.vocab_size, int(tokens.max()) + 1)
     if not len(boundaries):
-        return _position_split(f"{path}:0", tokens, vocab_size, tokenizer.eot_id, cfg.val_fraction, tell)
+        return _position_split(f"{path.name}:0", tokens, vocab_size, tokenizer.eot_id, cfg.val_fraction, tell)
     cut = int(boundaries[np.abs(boundaries - len(tokens) * (1 - cfg.val_fraction)).argmin()])
     n_train = int(np.searchsorted(ends, cut))
     n_val = len(ends) - n_train + int(tokens[-1] != tokenizer.eot_id)
     return Corpus(tokens[:cut], tokens[cut:], vocab_size, tokenizer.eot_id, (n_train, n_val),
-                  [f"{path}:{n_train + i}" for i in range(n_val)])
+                  [f"{path.name}:{n_train + i}" for i in range(n_val)])
 
 
 def _position_split(name: str, tokens: np.ndarray, vocab_size: int, eot_id: int, val_fraction: float,

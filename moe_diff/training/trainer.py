@@ -31,6 +31,7 @@ from moe_diff.data import (
     load_corpus,
     load_tokenizer,
     make_batch,
+    split_digest,
     validation_batches,
 )
 from moe_diff.device import peak_flops, peak_memory, resolve_device
@@ -173,6 +174,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data)
         corpus = load_corpus(cfg.data, self.tokenizer, tell=teller(console))
         check_vocabulary(cfg.model.vocab_size, self.tokenizer, corpus.vocab_size)
+        self.data_split = split_digest(corpus)
         self.train_windows = PackedSequences(corpus.train, t.seq_len, corpus.eot_id)
         val_windows = PackedSequences(corpus.val, t.seq_len, corpus.eot_id, split="validation")
         self.val_batches = fixed_batches(val_windows, t.batch_size, t.eval_batches)
@@ -203,6 +205,10 @@ class Trainer:
         if resume_from is not None:
             state = checkpoints.load(resume_from, self.model, self.optimizer, self.runtime)
             self.sampler.load_state_dict(state["sampler"])
+            if state.get("data_split", self.data_split) != self.data_split:
+                console.print(f"[yellow]resuming:[/] the data differs from the data {literal(resume_from)} was "
+                              "trained on (other documents, or other validation documents, in data.source): "
+                              "validation losses before and after this step do not compare", soft_wrap=True)
             self.step, streak = state["step"], state["nonfinite_streak"]
             console.print(f"resumed from {literal(resume_from)} at step {self.step}")
         self.nonfinite = NonFiniteSteps(streak, self.device)
@@ -212,7 +218,7 @@ class Trainer:
     def save(self) -> Path:
         """Every rank writes the parts of the model and optimizer state it holds."""
         trainer_state = {checkpoints.RUN_ID: self.run_id, "sampler": self.sampler.state_dict(),
-                         "nonfinite_streak": self.nonfinite.streak}
+                         "nonfinite_streak": self.nonfinite.streak, "data_split": self.data_split}
         return checkpoints.save(self.out_dir / CHECKPOINTS_DIR, self.step, self.model, self.optimizer, self.runtime,
                                 trainer_state, self.cfg, self.cfg.train.keep_checkpoints, self.tokenizer.file_text)
 

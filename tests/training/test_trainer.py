@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_run, losses, small_config  # tests/ is on the path
+from helpers import JSON_PACKAGE, assert_same_run, losses, small_config  # tests/ is on the path
 from rich.console import Console
 
 from moe_diff.checkpoint import CheckpointError, open_model
@@ -107,6 +108,22 @@ def test_sigterm_saves_and_resume_continues(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
     train(small_config(tmp_path / "stopped", "train.save_every=0"))
     assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+def test_a_resume_on_other_data_says_so(tmp_path: Path) -> None:
+    """Each checkpoint records its data's split: resumed on the same files moved elsewhere, the run goes on as
+    before and says nothing; on data with one more document, it says that validation losses do not compare."""
+    shutil.copytree(JSON_PACKAGE, tmp_path / "data", ignore=shutil.ignore_patterns("__pycache__"))
+    train(small_config(tmp_path / "run", f"data.source={tmp_path / 'data'}", "train.max_steps=3"))
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    said = []
+    for source, steps in ((tmp_path / "moved", 4), (tmp_path / "moved", 5)):
+        console = Console(record=True, width=400)
+        train(small_config(tmp_path / "run", f"data.source={source}", f"train.max_steps={steps}"), console)
+        said.append(console.export_text())
+        (tmp_path / "moved" / "added.py").write_text("print('one more document')\n" * 50)
+    assert "resumed from" in said[0] and "the data differs" not in said[0]
+    assert "the data differs from the data" in said[1] and "do not compare" in said[1]
 
 
 def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path: Path) -> None:
