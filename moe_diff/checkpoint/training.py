@@ -6,7 +6,7 @@ A checkpoint `OUT_DIR/checkpoints/step-N/` holds:
   load reads them into any layout, one process included;
 - `experts.json`: a fingerprint of every expert of every layer (`experts.py`), checked at load, so that a
   checkpoint that lost or mixed up the experts of one rank of an expert-parallel job is refused;
-- `trainer.json`: the run's id, step, data position, RNG states and counters;
+- `trainer.json`: the run's id, step, data position and split, RNG states and counters;
 - `tokenizer.json`: the tokenizer file of a run that does not train on bytes;
 - `config.yaml`: the whole resolved job config (its model section builds the model);
 - `manifest.json`, written last: size and SHA-256 of every other file. A directory without
