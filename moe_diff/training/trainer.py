@@ -205,7 +205,11 @@ class Trainer:
         if resume_from is not None:
             state = checkpoints.load(resume_from, self.model, self.optimizer, self.runtime)
             self.sampler.load_state_dict(state["sampler"])
-            if state.get("data_split", self.data_split) != self.data_split:
+            if "data_split" not in state:  # written before checkpoints recorded it, and document names held paths
+                console.print(f"[yellow]resuming:[/] {literal(resume_from)} does not record its data's split; "
+                              "where data.source names files or folders, the validation documents may differ from "
+                              "those it was trained beside", soft_wrap=True)
+            elif state["data_split"] != self.data_split:
                 console.print(f"[yellow]resuming:[/] the data differs from the data {literal(resume_from)} was "
                               "trained on (other documents, or other validation documents, in data.source): "
                               "validation losses before and after this step do not compare", soft_wrap=True)

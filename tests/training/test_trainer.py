@@ -122,8 +122,17 @@ def test_a_resume_on_other_data_says_so(tmp_path: Path) -> None:
         train(small_config(tmp_path / "run", f"data.source={source}", f"train.max_steps={steps}"), console)
         said.append(console.export_text())
         (tmp_path / "moved" / "added.py").write_text("print('one more document')\n" * 50)
-    assert "resumed from" in said[0] and "the data differs" not in said[0]
+    assert "resumed from" in said[0] and "resuming:" not in said[0]
     assert "the data differs from the data" in said[1] and "do not compare" in said[1]
+    trainer_file = tmp_path / "run" / "checkpoints" / "step-5" / "trainer.json"
+    state = json.loads(trainer_file.read_text())
+    del state["data_split"]  # as an older version wrote it
+    trainer_file.write_text(json.dumps(state))
+    checkpoints._write_manifest(trainer_file.parent, 5)
+    console = Console(record=True, width=400)
+    train(small_config(tmp_path / "run", f"data.source={tmp_path / 'moved'}", "train.max_steps=6",
+                       "train.resume=" + str(trainer_file.parent)), console)
+    assert "does not record its data's split" in console.export_text()
 
 
 def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path: Path) -> None:
