@@ -78,14 +78,16 @@ def source_root(entry: str) -> Path:
 
 def corpus_files(cfg: DataConfig) -> list[tuple[str, Path]]:
     """(document name, path) of every file the configured sources name, in order. A name is the file's path from
-    its entry's root (`source_root`), so the split holds wherever the data lies and however it is named."""
-    files = []
+    its entry's root (`source_root`), so the split holds wherever the data lies and however it is named; a file
+    that several entries name keeps its first name, so that all its copies fall on one side of the split."""
+    files, names = [], {}
     for entry in cfg.sources:
         if entry == "builtin":
-            files += builtin_files()
+            named = builtin_files()
         else:
             root = source_root(entry)
-            files += [(Path(os.path.relpath(p, root)).as_posix(), p) for p in source_files(entry)]
+            named = [(Path(os.path.relpath(p, root)).as_posix(), p) for p in source_files(entry)]
+        files += [(names.setdefault(path.resolve(), name), path) for name, path in named]
     return files
 
 

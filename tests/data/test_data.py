@@ -96,6 +96,9 @@ def test_split_does_not_depend_on_where_the_data_lies_or_how_it_is_named(tmp_pat
     splits = [load_corpus(DataConfig(source=way, val_fraction=0.3), BYTES) for way in ways]
     assert len({tuple(corpus.val_names) for corpus in splits}) == 1 and 0 < len(splits[0].val_names) < 40
     assert corpus_files(DataConfig(source=ways[1]))[0][0] == "doc0.txt"
+    overlapping = corpus_files(DataConfig(source=["b/texts", "b/texts/doc1.txt", "b"]))  # one file, one name
+    assert {name for name, _ in overlapping} == {name for name, _ in corpus_files(DataConfig(source="b/texts"))}
+    assert len(overlapping) == 2 * 21 + 1
     assert all(documents(corpus.val) == documents(splits[0].val) for corpus in splits)
 
 

@@ -24,8 +24,9 @@ def probe(out: Path, text: str, processes: int, *overrides: str) -> list[dict]:
     return [torch.load(out / f"rank-{rank}.pt", weights_only=False) for rank in range(processes)]
 
 
-def assert_same_gradients(ranks: list[dict], single: dict, replicated_experts: bool) -> None:
+def assert_same_gradients(ranks: list[dict], single: dict, replicated_experts: bool, modes: set[str]) -> None:
     for rank, written in enumerate(ranks):
+        assert set(written) == modes, f"rank {rank} wrote {sorted(written)}"
         for mode, got in written.items():  # every mode, or the one a layout names
             expected = single[mode]
             assert got["experts"] == expected["experts"], f"rank {rank}, {mode}: the expert table"
@@ -110,5 +111,6 @@ def test_layout_takes_the_gradients_of_one_process(layout: str, shared: Path,
     same = [setting for setting in overrides if setting.startswith(("model.", "train.grad_accum=", "train.batch_size="))
             and not setting.startswith("model.attention=")]  # one process runs every mode
     single = one_process((*same, *(single_overrides[0] if single_overrides else [])))
+    named = {setting.split("=", 1)[1] for setting in overrides if setting.startswith("model.attention=")}
     assert_same_gradients(probe(shared / layout, corpus(shared), processes, *overrides), single,
-                          layout in REPLICATED_EXPERTS)
+                          layout in REPLICATED_EXPERTS, named or set(single))

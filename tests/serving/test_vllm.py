@@ -1,6 +1,7 @@
 """Every attention mode served by vLLM through this package's plugin: on vLLM's CPU build, a batch of prompts of
-different lengths served together (continuous batching), past the sliding window, gives moe_diff.generate's
-greedy tokens on the same exported weights in float32; and the benchmark times vLLM beside moe-diff."""
+different lengths served together (continuous batching), past the sliding window (diff without one, and with
+expert biases and tied embeddings; test_serve.py serves it with the window), gives moe_diff.generate's greedy
+tokens on the same exported weights in float32; and the benchmark times vLLM beside moe-diff."""
 
 import json
 import os
