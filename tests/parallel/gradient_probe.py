@@ -51,12 +51,17 @@ def perturbed_table(trainer: Trainer) -> dict[str, str] | str:
             weight[0].copy_(kept)
 
 
+def probed_modes(overrides: list[str]) -> list[str]:
+    """The attention mode the overrides name (model.attention=MODE), or every mode."""
+    return [o.split("=", 1)[1] for o in overrides if o.startswith("model.attention=")] or list(MODES)
+
+
 def main(out: Path, corpus: str, steps: int, overrides: list[str]) -> None:
     torch.set_default_dtype(torch.float64)
     console = Console(quiet=True)
     job = None
     written: dict[str, dict] = {}
-    for mode in [o.split("=", 1)[1] for o in overrides if o.startswith("model.attention=")] or MODES:
+    for mode in probed_modes(overrides):
         cfg = load_config(CONFIGS / "tiny.yaml", [*SETTINGS, f"data.source={corpus}", f"model.attention={mode}",
                                                   f"train.out_dir={out / mode}", "train.sample_tokens=0",
                                                   *overrides])

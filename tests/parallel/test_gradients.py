@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import corpus, run_script  # tests/parallel is on the path
+from gradient_probe import probed_modes  # tests/parallel is on the path
+from harness import corpus, run_script
 
 PROBE = Path(__file__).with_name("gradient_probe.py")
 STEPS = 3
@@ -111,6 +112,5 @@ def test_layout_takes_the_gradients_of_one_process(layout: str, shared: Path,
     same = [setting for setting in overrides if setting.startswith(("model.", "train.grad_accum=", "train.batch_size="))
             and not setting.startswith("model.attention=")]  # one process runs every mode
     single = one_process((*same, *(single_overrides[0] if single_overrides else [])))
-    named = {setting.split("=", 1)[1] for setting in overrides if setting.startswith("model.attention=")}
     assert_same_gradients(probe(shared / layout, corpus(shared), processes, *overrides), single,
-                          layout in REPLICATED_EXPERTS, named or set(single))
+                          layout in REPLICATED_EXPERTS, set(probed_modes(overrides)))
