@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="needle haystacks per context length and depth")
     study_cmd.add_argument("--needle-lengths", type=int, nargs="*", default=[],
                            help="needle context lengths in tokens (default: half the window, the window, twice it "
-                           "and max_seq_len)")
+                           "and max_seq_len, those too short for a haystack left out)")
     study_cmd.set_defaults(run=run_study)
 
     tokenize = commands.add_parser("tokenize", help="pre-tokenise text into a binary token file")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--seq-len", type=int, default=256, help="sequence length of the routed windows")
     diag.add_argument("--needle-lengths", type=int, nargs="+", default=None,
                       help="with --attention: the needle probe's context lengths in tokens (default 1024, at most "
-                           "the model's max_seq_len)")
+                           "the model's max_seq_len; each at least two lines around the needle)")
     diag.set_defaults(run=run_diagnose)
 
     serve_cmd = commands.add_parser("serve", help="serve a run, checkpoint or export through vLLM's OpenAI-compatible "

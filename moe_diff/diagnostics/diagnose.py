@@ -17,7 +17,7 @@ from moe_diff.config import AUTO_KERNELS, DataConfig, Kernels
 from moe_diff.data import Batch, Tokenizer, check_vocabulary, load_corpus, validation_batches
 from moe_diff.diagnostics.attention import attention_stats, plot_maps
 from moe_diff.diagnostics.compare import compare_traces
-from moe_diff.diagnostics.needle import check_needle_lengths, needle_probes
+from moe_diff.diagnostics.needle import check_needle_lengths, needle_probes, shortest_context
 from moe_diff.diagnostics.report import (
     plot_coactivation,
     plot_comparison,
@@ -73,6 +73,16 @@ def load_target(path: Path, data: DataConfig | None, tokenizer: str | None, seq_
                   batches, text_tokenizer, text_tokenizer.name)
 
 
+def default_needle_length(max_seq_len: int, tokenizer: Tokenizer, console: Console) -> list[int]:
+    """[NEEDLE_CONTEXT tokens, at most max_seq_len], or [] (said) when max_seq_len holds no haystack."""
+    length = min(NEEDLE_CONTEXT, max_seq_len)
+    if length >= shortest_context(tokenizer):
+        return [length]
+    console.print(f"no needle probe: max_seq_len {max_seq_len} holds no haystack (at least "
+                  f"{shortest_context(tokenizer)} tokens)", highlight=False)
+    return []
+
+
 def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None, tokenizer: str | None = None,
              compare: str | Path | None = None, trace_path: str | Path | None = None, seq_len: int = 256,
              max_tokens: int = 16384, attention: bool = False, console: Console | None = None,
@@ -103,10 +113,10 @@ def diagnose(target: str | Path, out: str | Path, data: DataConfig | None = None
     if attention:
         if ours.model is None:
             raise TraceError("attention diagnostics need a checkpoint, not a trace file")
-        lengths = needle_lengths or [min(NEEDLE_CONTEXT, ours.model.cfg.max_seq_len)]
+        lengths = needle_lengths or default_needle_length(ours.model.cfg.max_seq_len, ours.tokenizer, console)
         compared = theirs.model if theirs is not None else None
         for model in [model for model in (ours.model, compared) if model is not None]:  # both before either runs
-            check_needle_lengths(lengths, model.cfg.max_seq_len)
+            check_needle_lengths(lengths, model.cfg.max_seq_len, ours.tokenizer)
         stats["attention"], maps = attention_stats(ours.model, ours.batches[0][0])
         stats["attention"]["needle"] = needle_probes(ours.model, ours.tokenizer, lengths)
         images.append(plot_maps(maps, out))

@@ -13,7 +13,8 @@ def scalars(measured: dict[str, Any]) -> dict[str, float]:
     found: dict[str, float] = {"val_loss": measured["val_loss"], "val_perplexity": measured["val_perplexity"]}
     needle = measured["needle"]
     accuracies = [depth["accuracy"] for probe in needle.values() for depth in probe["depths"]]
-    found["needle_accuracy"] = fmean(accuracies)
+    if accuracies:  # none where max_seq_len holds no haystack
+        found["needle_accuracy"] = fmean(accuracies)
     for length, probe in needle.items():
         found[f"needle_accuracy_{length}"] = fmean(depth["accuracy"] for depth in probe["depths"])
     for kind, stats in measured["attention"]["outliers"].items():

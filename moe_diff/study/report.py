@@ -92,13 +92,17 @@ def plot_loss_curves(study: dict[str, Any], out: Path) -> Path | None:
     return save(figure, out / "loss_curves.png")
 
 
-def plot_needle(study: dict[str, Any], out: Path) -> Path:
+def plot_needle(study: dict[str, Any], out: Path) -> Path | None:
+    """Accuracy by depth and length, over the lengths every run probed; None when there are none."""
+    every = [run["measured"]["needle"] for run in study["runs"]]
+    lengths = [length for length in every[0] if all(length in probes for probes in every)]
+    if not lengths:
+        return None
     plt = pyplot()
     modes = study["modes"]
     figure, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4), squeeze=False)
     for axis, mode in zip(axes[0], modes, strict=True):
         probes = [run["measured"]["needle"] for run in runs_of(study, mode)]
-        lengths = list(probes[0])
         depths = [depth["depth"] for depth in probes[0][lengths[0]]["depths"]]
         grid = np.array([[fmean(probe[length]["depths"][i]["accuracy"] for probe in probes)
                           for i in range(len(depths))] for length in lengths])

@@ -215,7 +215,7 @@ def run_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Path
     measures = measures or Measures()
     if parallel < 1:
         raise UsageError(f"--parallel {parallel}: a positive number of runs at once")
-    check_needle_lengths(list(measures.needle_lengths), cfg.model.max_seq_len)  # before any run trains
+    check_needle_lengths(list(measures.needle_lengths), cfg.model.max_seq_len, load_tokenizer(cfg.data))  # first
     runs, notes = plan_study(cfg, modes, seeds, out, match)
     out.mkdir(parents=True, exist_ok=True)
     check_plan(out, cfg, match)

@@ -229,18 +229,18 @@ def test_outlier_statistics_find_the_planted_activations() -> None:
 
 def test_attention_report_with_a_compared_checkpoint(run, tmp_path: Path) -> None:
     stats = diagnose_quietly(run["root"] / "model", tmp_path, run, compare=run["root"] / "permuted", attention=True,
-                             needle_lengths=[16, 128])
+                             needle_lengths=[78, 128])
     assert len(stats["attention"]["layers"]) == len(stats["attention_compare"]["layers"]) == 2
-    assert list(stats["attention"]["needle"]) == list(stats["attention_compare"]["needle"]) == ["16", "128"]
+    assert list(stats["attention"]["needle"]) == list(stats["attention_compare"]["needle"]) == ["78", "128"]
     page = (tmp_path / "report.html").read_text()
     assert "<h2>Attention</h2>" in page and "attention_maps.png" in page
     assert page.count("<td>128</td>") == 2  # a row per model and length
     longest = stats["attention"]["needle"]["128"]["context_lines"]
-    assert longest > stats["attention"]["needle"]["16"]["context_lines"]
+    assert longest > stats["attention"]["needle"]["78"]["context_lines"] == 2
     from moe_diff.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"--needle-lengths 100000 is not allowed: context lengths from 16 to the "
-                                          r"model's max_seq_len \(\d+\) tokens"):
+    with pytest.raises(ConfigError, match=r"--needle-lengths 100000 is not allowed: context lengths from 78 \(two "
+                                          r"lines around the needle\) to the model's max_seq_len \(\d+\) tokens"):
         diagnose_quietly(run["root"] / "model", tmp_path, run, attention=True, needle_lengths=[100000])
     assert (tmp_path / "attention_maps.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -269,6 +269,63 @@ def test_needle_probe_scores_the_planted_value() -> None:
     assert [d["depth"] for d in result["depths"]] == list(DEPTHS) and result["chance"] == 0.2
     assert all(0 <= d["accuracy"] <= 1 and d["value_log_likelihood"] < 0 for d in result["depths"])
     assert result == needle_probe(model, tokenizer, context_tokens=256, trials=2)  # seeded
+
+
+@pytest.mark.parametrize("length", [78, 1024, 4400, 16384])
+def test_a_needle_context_is_the_longest_that_its_length_holds(length: int) -> None:
+    import random
+
+    from moe_diff.data import ByteTokenizer
+    from moe_diff.diagnostics.needle import context_lines, fitted_haystack, haystack, read_tokens
+
+    tokenizer = ByteTokenizer()
+    context, key, value, others = fitted_haystack(random.Random(1), tokenizer, length, depth=0.5)
+    lines = context.splitlines()[:-1]
+    keys = [line.split()[1].rstrip(":") for line in lines]
+    assert len(lines) == context_lines(length, tokenizer) + 1 and len(set(keys)) == len(keys)  # past 200 lines too
+    assert key in keys and f"key {key}: value {value}" in lines and len(others) == len(lines) - 1
+    assert read_tokens(tokenizer, context, [value, *others]) <= length
+    longer = haystack(random.Random(1), len(lines), depth=0.5)  # one line more reads too much
+    assert read_tokens(tokenizer, longer[0], [longer[2], *longer[3]]) > length
+
+
+def test_needle_lengths_too_short_for_a_haystack_are_refused() -> None:
+    from moe_diff.config import ConfigError
+    from moe_diff.data import ByteTokenizer
+    from moe_diff.diagnostics.needle import check_needle_lengths
+
+    check_needle_lengths([78, 256], 256, ByteTokenizer())
+    with pytest.raises(ConfigError, match=r"--needle-lengths 77 is not allowed: context lengths from 78"):
+        check_needle_lengths([128, 77], 256, ByteTokenizer())
+    with pytest.raises(ConfigError, match=r"max_seq_len \(64\) holds no haystack \(at least 78 tokens\)"):
+        check_needle_lengths([64], 64, ByteTokenizer())
+
+
+def test_a_needle_context_fits_its_length_with_a_subword_tokenizer(tmp_path: Path, monkeypatch) -> None:
+    """BPE merges digits and key letters unevenly: the haystack is drawn again with fewer lines until it fits."""
+    import random
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from moe_diff.data.tokenizers import HFTokenizer
+    from moe_diff.diagnostics import needle
+    from moe_diff.diagnostics.needle import fitted_haystack, read_tokens
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    rng = random.Random(0)
+    bpe.train_from_iterator([f"key {rng.choice('bdfk')}a{rng.choice('lnr')}: value {rng.randrange(10**4)}"
+                             for _ in range(2000)], trainer)
+    bpe.save(str(tmp_path / "tok.json"))
+    tokenizer = HFTokenizer(str(tmp_path / "tok.json"))
+    drawn, haystack = [], needle.haystack
+    monkeypatch.setattr(needle, "haystack", lambda rng, n_lines, depth: drawn.append(n_lines)
+                        or haystack(rng, n_lines, depth))
+    for length, seed in [(300, 0), (1000, 1), (3000, 2)]:
+        context, _, value, others = fitted_haystack(random.Random(seed), tokenizer, length, depth=0.3)
+        assert length * 0.9 < read_tokens(tokenizer, context, [value, *others]) <= length
+    assert len(drawn) > 3  # the first estimate read too much
 
 
 def test_capacity_drops_are_counted_in_the_routing_statistics() -> None:

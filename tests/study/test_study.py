@@ -18,16 +18,16 @@ from moe_diff.costs import param_counts
 from moe_diff.plotting import pyplot
 from moe_diff.runs import METRICS_FILE, read_metrics
 from moe_diff.study import runner
-from moe_diff.study.aggregate import aggregate
+from moe_diff.study.aggregate import aggregate, scalars
 from moe_diff.study.plan import plan_study
-from moe_diff.study.report import plot_loss_curves, verdict
+from moe_diff.study.report import plot_loss_curves, plot_needle, verdict
 from moe_diff.training.job import training_job
 from moe_diff.training.trainer import Trainer
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 SETTINGS = ["model.n_layers=2", "train.max_steps=4", "train.batch_size=4", "train.seq_len=64", "train.log_every=1",
             "train.eval_every=2", "train.eval_batches=1", "train.save_every=2", "train.sample_tokens=0"]
-MEASURES = ["--tokens", "512", "--needle-trials", "1", "--needle-lengths", "64", "160"]
+MEASURES = ["--tokens", "512", "--needle-trials", "1", "--needle-lengths", "80", "160"]
 
 
 def study(out: Path, *flags: str) -> int:
@@ -177,3 +177,40 @@ def test_a_parallel_study_runs_its_runs_in_workers_as_train_would(tmp_path: Path
     numbers = json.loads((tmp_path / "study" / "study.json").read_text())
     assert [run["name"] for run in numbers["runs"]] == ["standard-seed3", "diff-seed3"]
     assert "saved" in (tmp_path / "study" / "runs" / "diff-seed3" / runner.LOG_FILE).read_text()
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"max_seq_len": 1024, "sliding_window": 128}, [128, 256, 1024]),  # half the window (64) holds no haystack
+    ({"max_seq_len": 512, "sliding_window": None}, [128, 256, 512]),
+    ({"max_seq_len": 256, "sliding_window": 512}, [256]),  # every length capped at max_seq_len
+    ({"max_seq_len": 64, "sliding_window": None}, []),  # no haystack fits
+])
+def test_default_needle_lengths_are_those_a_haystack_fits(overrides: dict, expected: list[int]) -> None:
+    from moe_diff.config import ModelConfig
+    from moe_diff.data import ByteTokenizer
+    from moe_diff.model import MoEDiffTransformer
+    from moe_diff.study.measure import needle_lengths
+
+    model = MoEDiffTransformer(ModelConfig(vocab_size=257, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16,
+                                           n_experts=2, top_k=1, **overrides))
+    assert needle_lengths(model, ByteTokenizer()) == expected
+
+
+def test_the_needle_plot_shows_the_lengths_every_run_probed(tmp_path: Path) -> None:
+    def probe(*lengths: int) -> dict:
+        return {str(length): {"chance": 0.2, "depths": [{"depth": 0.5, "accuracy": 0.25}]} for length in lengths}
+
+    study = {"modes": ["standard", "diff"], "runs": [
+        {"mode": "standard", "measured": {"needle": probe(64, 160)}},  # measured before 64 was refused
+        {"mode": "diff", "measured": {"needle": probe(80, 160)}}]}
+    assert pyplot().imread(plot_needle(study, tmp_path)).shape[0] > 0
+    study["runs"][1]["measured"]["needle"] = probe(80)
+    assert plot_needle(study, tmp_path) is None  # no length in common: no plot
+    study["runs"][1]["measured"]["needle"] = {}
+    assert plot_needle(study, tmp_path) is None
+    assert "needle_accuracy" not in scalars({"val_loss": 2.0, "val_perplexity": 7.4, "needle": {},
+                                             "attention": {"outliers": {}, "layers": [{"noise_mass": 0.1,
+                                                                                       "entropy": 1.0}]},
+                                             "routing": {"max_over_mean": [1.0], "dead_experts": [0],
+                                                         "router_entropy": [0.5], "specialisation": {}},
+                                             "costs": {}})
