@@ -132,7 +132,7 @@ def _print_context_parallel(job: Config, console: Console) -> None:
               "keys + values a rank receives per layer, at most (gradients sent back alike)",
               "work of the least busy rank / the busiest",
               "attention kept for the backward, fused kernel, per layer", f"  all {cfg.n_layers} layers",
-              "score maps, materialising backends (reference, CPU SDPA), float32, per layer",
+              "score maps, CPU SDPA (a short window in query blocks), float32, per layer",
               "dense bool mask, CPU SDPA (training batches carry document ids), per eager forward"]
     for i, label in enumerate(labels):
         table.add_row(label, *(column[i] for column in columns))

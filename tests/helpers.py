@@ -1,5 +1,5 @@
 """What several test files share: the small training config, reading a run's losses and final weights, document
-ids that return to a document after others, and a small model vLLM serves."""
+ids that return to a document after others, a small model vLLM serves, and the shapes CPU SDPA is called with."""
 
 import sysconfig
 from pathlib import Path
@@ -27,6 +27,21 @@ def small_config(out_dir: Path, *overrides: str) -> Config:
         "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=3",
         "train.eval_batches=2", "train.save_every=3", "train.sample_tokens=0", f"train.out_dir={out_dir}",
         f"data.source={JSON_PACKAGE}", "data.val_fraction=0.3", *overrides])
+
+
+def sdpa_blocks(monkeypatch) -> list[tuple[int, int]]:
+    """(queries, keys) of every scaled_dot_product_attention call the SDPA backend makes from now on (its inputs
+    are [B, H, T, d])."""
+    from moe_diff.kernels import diff_attention
+
+    calls, call = [], diff_attention.F.scaled_dot_product_attention
+
+    def recorded(q: torch.Tensor, k: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        calls.append((q.shape[2], k.shape[2]))
+        return call(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(diff_attention.F, "scaled_dot_product_attention", recorded)
+    return calls
 
 
 def losses(out_dir: Path) -> list[float]:

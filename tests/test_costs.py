@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+from helpers import sdpa_blocks  # tests/ is on the path
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_diff import costs
 from moe_diff.config import ModelConfig, load_config
-from moe_diff.kernels.mask import attention_mask
+from moe_diff.kernels import attention_op
+from moe_diff.kernels.mask import AttentionMask, attention_mask
 from moe_diff.model import MoEDiffTransformer
-from moe_diff.parallel.context_parallel import SequenceLayout, context_shares
+from moe_diff.parallel.context_parallel import KeyExchange, SequenceLayout, context_shares
 
 MODES = ["standard", "diff", "diff_v2"]
 
@@ -99,6 +101,27 @@ def test_context_shares_count_what_each_ranks_queries_see(n_ranks: int, window: 
             held.sum(), seen.sum(), (seen & ~held).sum(), visible[held].sum())
         assert share.pairs <= share.blocks <= share.queries * share.keys
     assert sum(share.pairs for share in shares) == costs.causal_pairs(seq_len, window) == visible.sum()
+
+
+@pytest.mark.parametrize("n_ranks", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 3, 5, 16])
+def test_one_ranks_blocks_are_the_pairs_cpu_sdpa_scores(n_ranks: int, window: int | None, monkeypatch) -> None:
+    """ContextShare.blocks, which `moe-diff info` turns into score maps and masks, counts the (query, key) elements
+    of the calls SDPA makes on a rank's spans (blocks of 4 queries here, where a window is far shorter)."""
+    from moe_diff.kernels import mask as rule
+
+    monkeypatch.setattr(rule, "QUERY_BLOCK", 4)
+    seq_len = 64
+    shares = context_shares(n_ranks, seq_len, window)
+    for rank, share in enumerate(shares):
+        plan = KeyExchange(SequenceLayout(n_ranks, seq_len, window), rank) if n_ranks > 1 else None
+        blocks = plan.query_blocks if plan else [(slice(0, seq_len), slice(0, seq_len))]
+        calls = sdpa_blocks(monkeypatch)
+        for queries, keys in blocks:
+            q, k = torch.randn(1, queries.stop - queries.start, 2, 4), torch.randn(1, keys.stop - keys.start, 2, 4)
+            attention_op("sdpa", "standard")(q, k, k, AttentionMask(window, torch.zeros(1, k.shape[1], dtype=int)))
+        assert share.blocks == sum(queries * keys for queries, keys in calls)
+        assert len(calls) > len(blocks) if window in (3, 5) else window == 16 or len(calls) == len(blocks)
 
 
 @pytest.mark.parametrize("attention", MODES)

@@ -45,22 +45,38 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     """The same through torch's scaled_dot_product_attention (fused kernels where the shapes allow), GQA without
     copies; a plain causal mask (a window as long as the keys is one) is passed as is_causal (or, with fewer
     queries than keys on a GPU, as torch's lower-right causal bias) so the fused kernels skip the masked blocks;
-    on the CPU, which builds that bias densely at every call, the rule's dense mask, built once per forward."""
+    on the CPU, which builds that bias densely at every call, the rule's dense mask, built once per forward, and a
+    window far shorter than the keys in blocks of queries, each against the keys it reaches (mask.window_blocks):
+    the CPU kernel scores every key it is given."""
     # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]  v: [B, Tk, Hk, dv]  ->  [B, Tq, Hq, dv]
     n_queries, n_keys = q.shape[1], k.shape[1]
     plain = mask.plain_causal(n_queries, n_keys)
     if plain and n_queries == n_keys:
-        attn_mask, causal = None, True
-    elif plain and q.is_cuda:  # on the CPU the bias is dense
+        return sdpa_call(q, k, v, None, causal=True)
+    if plain and q.is_cuda:  # on the CPU the bias is dense
         from torch.nn.attention.bias import causal_lower_right  # imports dynamo: 2 s a process, so only here
 
-        attn_mask, causal = causal_lower_right(n_queries, n_keys), False
-    else:
-        allowed = shared_rows(mask.dense(n_queries, n_keys, q.device))
-        attn_mask, causal = (allowed[:, None] if allowed.dim() == 3 else allowed), False
+        return sdpa_call(q, k, v, causal_lower_right(n_queries, n_keys))
+    blocks = None if q.is_cuda else mask.window_blocks(n_queries, n_keys, q.device)
+    if blocks is not None:
+        return torch.cat([sdpa_call(q[:, queries], k[:, keys], v[:, keys], heads_share(allowed))
+                          for queries, keys, allowed in blocks], dim=1)
+    return sdpa_call(q, k, v, heads_share(mask.dense(n_queries, n_keys, q.device)))
+
+
+def sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+              causal: bool = False) -> torch.Tensor:
+    """scaled_dot_product_attention on [B, T, H, d] tensors."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask, is_causal=causal, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def heads_share(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean rule [Tq, Tk] or [B, Tq, Tk] as SDPA's mask, shared by the heads (one row expanded to B read
+    once)."""
+    allowed = shared_rows(allowed)
+    return allowed[:, None] if allowed.dim() == 3 else allowed
 
 
 FLEX_MAX_VALUE_WIDTH = 128

@@ -37,15 +37,35 @@ def shared_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask[:1] if mask.dim() == 3 and mask.stride(0) == 0 else mask
 
 
+def rule_mask(queries: slice, keys: slice, window: int | None, device: torch.device,
+              document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask, True where the query at key index i in `queries` may attend to key j in `keys`: [Tq, Tk], or
+    [B, Tq, Tk] with the keys' document ids [B, Tk] (all of them)."""
+    allowed = causal_window_mask(torch.arange(queries.start, queries.stop, device=device),
+                                 torch.arange(keys.start, keys.stop, device=device), window)
+    if document_ids is not None:  # tokens of different packed documents never meet
+        allowed = allowed & (document_ids[:, queries, None] == document_ids[:, None, keys])
+    return allowed
+
+
 def attention_mask(n_queries: int, n_keys: int, window: int | None, device: torch.device,
                    document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask, True where query i (key n_keys - n_queries + i) may attend to key j: [Tq, Tk], or [B, Tq, Tk]
     with the keys' document ids [B, Tk]."""
-    key_index = torch.arange(n_keys, device=device)
-    allowed = causal_window_mask(key_index[n_keys - n_queries:], key_index, window)
-    if document_ids is not None:  # tokens of different packed documents never meet
-        allowed = allowed & (document_ids[:, n_keys - n_queries:, None] == document_ids[:, None, :])
-    return allowed
+    return rule_mask(slice(n_keys - n_queries, n_keys), slice(0, n_keys), window, device, document_ids)
+
+
+QUERY_BLOCK = 1024  # queries per block where a short window is run block by block
+
+
+def window_spans(n_queries: int, n_keys: int, window: int | None) -> list[tuple[slice, slice]] | None:
+    """Blocks of QUERY_BLOCK queries, each with the keys the window lets it see (the queries the last of the keys),
+    where the window is far shorter than the keys (they are 2 blocks and a window or more); else None."""
+    if window is None or n_keys < 2 * QUERY_BLOCK + window:
+        return None
+    offset = n_keys - n_queries
+    return [(slice(start, stop), slice(max(0, offset + start - window + 1), offset + stop))
+            for start in range(0, n_queries, QUERY_BLOCK) for stop in [min(start + QUERY_BLOCK, n_queries)]]
 
 
 def run_begins(document_ids: torch.Tensor) -> torch.Tensor:
@@ -107,6 +127,18 @@ class AttentionMask:
         if key not in self._forms:
             self._forms[key] = build()
         return self._forms[key]
+
+    def window_blocks(self, n_queries: int, n_keys: int, device: torch.device
+                      ) -> list[tuple[slice, slice, torch.Tensor]] | None:
+        """window_spans with each block's rule ([Tb, Kb], or [B, Tb, Kb] with documents), built once per forward;
+        None where there are none or a cache gives the mask."""
+        spans = window_spans(n_queries, n_keys, self.window) if self.explicit is None else None
+        if spans is None:
+            return None
+        offset = n_keys - n_queries
+        return self.form(("window blocks", n_queries, n_keys, device), lambda: [
+            (queries, keys, rule_mask(slice(offset + queries.start, offset + queries.stop), keys, self.window,
+                                      device, self.document_ids)) for queries, keys in spans])
 
     def dense(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """True where query i may attend to key j: [Tq, Tk], or [B, Tq, Tk] with documents or a cache."""

@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_diff import costs
 from moe_diff.config import ConfigError
-from moe_diff.kernels.mask import AttentionMask
+from moe_diff.kernels.mask import AttentionMask, window_spans
 from moe_diff.parallel.collectives import exchange
 
 Span = tuple[int, int]  # positions [start, stop) of the whole sequence
@@ -165,14 +165,15 @@ class ContextShare:
     keys: int  # positions whose keys and values it attends to, its own included
     received: int  # of those, the positions other ranks send it in the forward (it sends their gradients back)
     pairs: int  # (query, key) pairs it scores: its work
-    blocks: int  # elements of its [queries, keys seen] blocks: a materialised score map or a dense mask
+    blocks: int  # elements of the [queries, keys] blocks CPU SDPA scores: its score maps and dense mask
 
 
 def context_shares(n_ranks: int, seq_len: int, window: int | None) -> list[ContextShare]:
     """Every rank's share of one layer's attention over a sequence of `seq_len` split over `n_ranks` ranks (one
     rank: the whole sequence)."""
     if n_ranks == 1:
-        return [ContextShare(seq_len, seq_len, 0, costs.causal_pairs(seq_len, window), seq_len * seq_len)]
+        return [ContextShare(seq_len, seq_len, 0, costs.causal_pairs(seq_len, window),
+                             scored(seq_len, seq_len, window))]
     layout = SequenceLayout(n_ranks, seq_len, window)
     shares = []
     for rank in range(n_ranks):
@@ -183,8 +184,17 @@ def context_shares(n_ranks: int, seq_len: int, window: int | None) -> list[Conte
             keys=sum(stop - start for start, stop in plan.key_spans),
             received=sum(plan.recv_sizes),
             pairs=sum(costs.causal_pairs(stop, window) - costs.causal_pairs(start, window) for start, stop in spans),
-            blocks=sum((q.stop - q.start) * (seen.stop - seen.start) for q, seen in plan.query_blocks)))
+            blocks=sum(scored(q.stop - q.start, seen.stop - seen.start, window) for q, seen in plan.query_blocks)))
     return shares
+
+
+def scored(n_queries: int, n_keys: int, window: int | None) -> int:
+    """(query, key) elements CPU SDPA scores for queries that are the last of the keys: every pair, or a short
+    window's blocks (mask.window_spans)."""
+    spans = window_spans(n_queries, n_keys, window)
+    if spans is None:
+        return n_queries * n_keys
+    return sum((queries.stop - queries.start) * (keys.stop - keys.start) for queries, keys in spans)
 
 
 @functools.cache

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import scattered_documents  # tests/ is on the path
+from helpers import scattered_documents, sdpa_blocks  # tests/ is on the path
 
 from moe_diff.kernels import ATTENTION_BACKENDS, attention_op
 from moe_diff.kernels.mask import AttentionMask, attention_mask
@@ -192,3 +192,50 @@ def test_queries_after_earlier_keys_see_what_they_see_in_the_whole(backend: str,
         results.append([out] + [leaf.grad for leaf in leaves if backward])
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["standard", "diff", "diff_v2"])
+@pytest.mark.parametrize(("window", "packed", "n_queries"), [(3, None, 40), (6, "scattered", 40), (5, None, 29),
+                                                            (8, "runs", 33)])
+def test_cpu_sdpa_runs_a_short_window_in_query_blocks(mode: str, window: int, packed: str | None, n_queries: int,
+                                                      monkeypatch) -> None:
+    """With keys of at least 2 blocks and a window (blocks of 8 queries here, of mask.QUERY_BLOCK in use), each
+    block of queries meets only the keys its window reaches, and values and gradients equal the reference's over
+    the whole map: queries as many as the keys, and fewer (a context-parallel rank's)."""
+    from moe_diff.kernels import mask as rule
+
+    monkeypatch.setattr(rule, "QUERY_BLOCK", 8)
+    torch.manual_seed(window)
+    n_keys = 40
+    inputs = last_queries(mode, [t.detach() for t in mode_inputs(mode, 2, 1, n_keys, n_keys)], n_queries)
+    documents = {None: None, "scattered": scattered_documents(n_keys, window),
+                 "runs": torch.arange(n_keys).div(11, rounding_mode="floor").expand(2, n_keys)}[packed]
+    results = []
+    for backend in ("reference", "sdpa"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        calls = sdpa_blocks(monkeypatch)
+        out = attention_op(backend, mode)(*leaves, AttentionMask(window, documents))
+        out.square().sum().backward()
+        results.append([out] + [leaf.grad for leaf in leaves])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    per_attention = math.ceil(n_queries / 8)
+    assert len(calls) == per_attention * (2 if mode == "diff" else 1)
+    assert [queries for queries, _ in calls[:per_attention]] == [8] * (n_queries // 8) + [n_queries % 8] * (
+        n_queries % 8 > 0)
+    assert all(keys <= queries + window - 1 for queries, keys in calls)
+
+
+def test_cpu_sdpa_scores_every_key_where_the_window_is_not_far_shorter(monkeypatch) -> None:
+    """Fewer keys than 2 blocks and a window: one call over the dense mask; no window or a cache's mask: one too."""
+    from moe_diff.kernels import mask as rule
+
+    monkeypatch.setattr(rule, "QUERY_BLOCK", 8)
+    q, k, v = (t.detach() for t in mode_inputs("standard", 2, 1, 19, 19))
+    calls = sdpa_blocks(monkeypatch)
+    for mask in (AttentionMask(4), AttentionMask(None, torch.zeros(2, 19, dtype=torch.long)),
+                 AttentionMask(explicit=attention_mask(19, 19, 2, q.device).expand(2, 19, 19))):
+        attention_op("sdpa", "standard")(q, k, v, mask)
+    assert calls == [(19, 19)] * 3
+    attention_op("sdpa", "standard")(q, k, v, AttentionMask(3))  # 19 keys: 2 blocks of 8 and a window of 3
+    assert calls[3:] == [(8, 8), (8, 10), (3, 5)]
