@@ -7,10 +7,11 @@ sends, with the config's window and without one.
 Every run is the training job's own step (Trainer.compute_gradients) of configs/tiny.yaml with batch 1, in fresh
 processes (gloo), one thread each. Peak memory is the resident set's high-water mark over the step (Linux resets it
 before), less the resident set before it: activations and their gradients, not the model or the corpus. On the
-CPU, SDPA takes a window or document ids as a dense boolean mask [Tq, Tk] per span, built once per forward, and keeps
-each layer's score maps for the backward; their sizes are reported apart, as `moe-diff info` computes them (like
-the exchange), and one process runs only lengths whose maps fit (--single-up-to). Several ranks share 2 cores
-here, so the step times recorded say nothing about speed-up.
+CPU, SDPA takes a window or document ids as a boolean mask per span, built once per forward, and keeps each layer's
+score maps for the backward: over every key without a window (quadratic in length), in blocks of queries with a
+window far shorter than the keys (linear); their sizes are reported apart, as `moe-diff info` computes them (like
+the exchange), and without a window one process runs only lengths whose maps fit (--single-up-to). Several ranks
+share 2 cores here, so the step times recorded say nothing about speed-up.
 """
 
 from __future__ import annotations
@@ -114,15 +115,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--ranks", type=int, default=4, help="cp: processes each sequence is split over")
     parser.add_argument("--single-up-to", type=int, default=8192,
-                        help="the longest sequence one process runs whole (on the CPU, SDPA keeps each layer's "
-                             "score maps for the backward: 16K tokens of the tiny model would take about 26 GB)")
+                        help="the longest sequence one process runs whole without a window (on the CPU, SDPA "
+                             "keeps each layer's score maps for the backward: 16K tokens of the tiny model would "
+                             "take about 26 GB)")
     parser.add_argument("--out", default="benchmarks/results/context-parallel-cpu.json")
     args = parser.parse_args()
     window = load_config(str(CONFIG), []).model.sliding_window
     rows = []
     for length in args.lengths:
         for each_window in (window, None):
-            for cp in (1, args.ranks) if length <= args.single_up_to else (args.ranks,):
+            for cp in (1, args.ranks) if each_window or length <= args.single_up_to else (args.ranks,):
                 row = measure(length, cp, each_window, f"{cp} process(es) on {os.cpu_count()} cores, 1 thread each")
                 rows.append(row)
                 print(f"T={length} window={each_window} cp={cp}: peak {row['max_step_peak_bytes'] / 2**20:.0f} MiB "
