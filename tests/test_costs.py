@@ -107,7 +107,7 @@ def test_context_shares_count_what_each_ranks_queries_see(n_ranks: int, window: 
 @pytest.mark.parametrize("window", [None, 3, 5, 16])
 def test_one_ranks_blocks_are_the_pairs_cpu_sdpa_scores(n_ranks: int, window: int | None, monkeypatch) -> None:
     """ContextShare.blocks, which `moe-diff info` turns into score maps and masks, counts the (query, key) elements
-    of the calls SDPA makes on a rank's spans (blocks of 4 queries here, where a window is far shorter)."""
+    of the calls SDPA makes on a rank's spans (blocks of 4 queries here, where a window is shorter than the keys)."""
     from moe_diff.kernels import mask as rule
 
     monkeypatch.setattr(rule, "QUERY_BLOCK", 4)

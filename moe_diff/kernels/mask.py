@@ -60,8 +60,8 @@ QUERY_BLOCK = 1024  # queries per block where a short window is run block by blo
 
 def window_spans(n_queries: int, n_keys: int, window: int | None) -> list[tuple[slice, slice]] | None:
     """Blocks of QUERY_BLOCK queries, each with the keys the window lets it see (the queries the last of the keys),
-    where the window is far shorter than the keys (they are 2 blocks and a window or more); else None."""
-    if window is None or n_keys < 2 * QUERY_BLOCK + window:
+    where a block sees fewer than all the keys (they are a block and a window or more); else None."""
+    if window is None or n_keys < QUERY_BLOCK + window:
         return None
     offset = n_keys - n_queries
     return [(slice(start, stop), slice(max(0, offset + start - window + 1), offset + stop))

@@ -199,7 +199,7 @@ def test_queries_after_earlier_keys_see_what_they_see_in_the_whole(backend: str,
                                                             (8, "runs", 33)])
 def test_cpu_sdpa_runs_a_short_window_in_query_blocks(mode: str, window: int, packed: str | None, n_queries: int,
                                                       monkeypatch) -> None:
-    """With keys of at least 2 blocks and a window (blocks of 8 queries here, of mask.QUERY_BLOCK in use), each
+    """With keys of at least a block and a window (blocks of 8 queries here, of mask.QUERY_BLOCK in use), each
     block of queries meets only the keys its window reaches, and values and gradients equal the reference's over
     the whole map: queries as many as the keys, and fewer (a context-parallel rank's)."""
     from moe_diff.kernels import mask as rule
@@ -226,16 +226,16 @@ def test_cpu_sdpa_runs_a_short_window_in_query_blocks(mode: str, window: int, pa
     assert all(keys <= queries + window - 1 for queries, keys in calls)
 
 
-def test_cpu_sdpa_scores_every_key_where_the_window_is_not_far_shorter(monkeypatch) -> None:
-    """Fewer keys than 2 blocks and a window: one call over the dense mask; no window or a cache's mask: one too."""
+def test_cpu_sdpa_scores_every_key_where_a_block_sees_them_all(monkeypatch) -> None:
+    """Fewer keys than a block and a window: one call over the dense mask; no window or a cache's mask: one too."""
     from moe_diff.kernels import mask as rule
 
     monkeypatch.setattr(rule, "QUERY_BLOCK", 8)
-    q, k, v = (t.detach() for t in mode_inputs("standard", 2, 1, 19, 19))
+    q, k, v = (t.detach() for t in mode_inputs("standard", 2, 1, 11, 11))
     calls = sdpa_blocks(monkeypatch)
-    for mask in (AttentionMask(4), AttentionMask(None, torch.zeros(2, 19, dtype=torch.long)),
-                 AttentionMask(explicit=attention_mask(19, 19, 2, q.device).expand(2, 19, 19))):
+    for mask in (AttentionMask(4), AttentionMask(None, torch.zeros(2, 11, dtype=torch.long)),
+                 AttentionMask(explicit=attention_mask(11, 11, 2, q.device).expand(2, 11, 11))):
         attention_op("sdpa", "standard")(q, k, v, mask)
-    assert calls == [(19, 19)] * 3
-    attention_op("sdpa", "standard")(q, k, v, AttentionMask(3))  # 19 keys: 2 blocks of 8 and a window of 3
-    assert calls[3:] == [(8, 8), (8, 10), (3, 5)]
+    assert calls == [(11, 11)] * 3
+    attention_op("sdpa", "standard")(q, k, v, AttentionMask(3))  # 11 keys: a block of 8 and a window of 3
+    assert calls[3:] == [(8, 8), (3, 5)]
