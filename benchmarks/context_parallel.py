@@ -8,10 +8,10 @@ Every run is the training job's own step (Trainer.compute_gradients) of configs/
 processes (gloo), one thread each. Peak memory is the resident set's high-water mark over the step (Linux resets it
 before), less the resident set before it: activations and their gradients, not the model or the corpus. On the
 CPU, SDPA takes a window or document ids as a boolean mask per span, built once per forward, and keeps each layer's
-score maps for the backward: over every key without a window (quadratic in length), in blocks of queries with a
-window shorter than the keys (linear); their sizes are reported apart, as `moe-diff info` computes them (like
-the exchange), and without a window one process runs only lengths whose maps fit (--single-up-to). Several ranks
-share 2 cores here, so the step times recorded say nothing about speed-up.
+score maps for the backward: over every key without a window (quadratic in length), in blocks of 1024 queries
+with a window where the keys are a block and a window or more (linear); their sizes are reported apart, as
+`moe-diff info` computes them (like the exchange), and without a window one process runs only lengths whose maps
+fit (--single-up-to). Several ranks share 2 cores here, so the step times recorded say nothing about speed-up.
 """
 
 from __future__ import annotations

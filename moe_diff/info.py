@@ -133,7 +133,8 @@ def _print_context_parallel(job: Config, console: Console) -> None:
               "work of the least busy rank / the busiest",
               "attention kept for the backward, fused kernel, per layer", f"  all {cfg.n_layers} layers",
               "score maps, CPU SDPA (a short window in query blocks), float32, per layer",
-              "dense bool mask, CPU SDPA (training batches carry document ids), per eager forward"]
+              "bool mask, CPU SDPA (whole, or a short window's blocks; training batches carry document ids), "
+              "per eager forward"]
     for i, label in enumerate(labels):
         table.add_row(label, *(column[i] for column in columns))
     console.print(table)

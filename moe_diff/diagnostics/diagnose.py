@@ -34,7 +34,7 @@ from moe_diff.routing.collect import collect_trace
 from moe_diff.routing.trace import RoutingTrace, TraceError, is_trace, load_trace, save_trace
 from moe_diff.runs import METRICS_FILE, read_metrics
 
-NEEDLE_CONTEXT = 1024  # default tokens of distractors around the planted key (capped at the model's max_seq_len)
+NEEDLE_CONTEXT = 1024  # the needle probe's default context: the most tokens it reads (at most max_seq_len)
 
 
 @dataclass

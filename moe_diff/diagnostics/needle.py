@@ -3,6 +3,7 @@ scored by how likely the model finds the planted value against other values it h
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Any
@@ -77,9 +78,17 @@ def context_lines(length: int, tokenizer: Tokenizer) -> int:
     return best
 
 
+@functools.cache
 def shortest_context(tokenizer: Tokenizer) -> int:
-    """Tokens read for the shortest haystack: two distractor lines around the needle."""
-    return _estimate(tokenizer, 2, 0)
+    """The most tokens a haystack of two distractor lines around the needle may read, whichever keys and values it
+    draws (the key's and the value's most tokens added: exact for bytes, an upper bound for a tokenizer that splits
+    words apart before merging): no shorter context is probed."""
+    def tokens(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    value = max(tokens(str(number)) for number in range(1000, 10000))
+    line = max(tokens(_line(key, VALUE)) for key in KEYS) - tokens(VALUE) + value
+    return 3 * line + max(tokens(f"key {key}: value ") for key in KEYS) + value - 1
 
 
 def fitted_haystack(rng: random.Random, tokenizer: Tokenizer, length: int, depth: float
@@ -112,7 +121,7 @@ def needle_probe(model: MoEDiffTransformer, tokenizer: Tokenizer, context_tokens
                  candidates: int = 4, seed: int = 0) -> dict[str, Any]:
     """Per depth: mean log-likelihood of the planted value, and the share of trials in which it beats
     `candidates` distractor values from the same context (chance: 1 / (candidates + 1)); every context is read in
-    `context_tokens` tokens or fewer."""
+    `context_tokens` tokens or fewer, in context_lines distractor lines (with a subword tokenizer, at most)."""
     check_needle_lengths([context_tokens], model.cfg.max_seq_len, tokenizer)
     model.eval()
     rng = random.Random(seed)

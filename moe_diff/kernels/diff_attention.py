@@ -46,8 +46,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     copies; a plain causal mask (a window as long as the keys is one) is passed as is_causal (or, with fewer
     queries than keys on a GPU, as torch's lower-right causal bias) so the fused kernels skip the masked blocks;
     on the CPU, which builds that bias densely at every call, the rule's dense mask, built once per forward, and a
-    window shorter than the keys in blocks of queries, each against the keys it reaches (mask.window_blocks): the
-    CPU kernel scores every key it is given."""
+    window that leaves a block of queries fewer than all the keys in such blocks, each against the keys it reaches
+    (mask.window_blocks): the CPU kernel scores every key it is given."""
     # q: [B, Tq, Hq, d]  k: [B, Tk, Hk, d]  v: [B, Tk, Hk, dv]  ->  [B, Tq, Hq, dv]
     n_queries, n_keys = q.shape[1], k.shape[1]
     plain = mask.plain_causal(n_queries, n_keys)

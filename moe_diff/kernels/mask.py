@@ -8,9 +8,9 @@ keys run from the earliest position they may see (query i is then key Tk - Tq + 
 keys), so every backend skips what lies outside the window there too. Against a KV cache the keys
 are the cached ones and the new ones, in the cache's slot order, so the cache gives the mask explicitly
 ([B, Tq, Tk]: its rule applied to the keys' sequence indices, a left-padded row's padding hidden). Each backend's
-form of the mask (the dense boolean mask, FlexAttention's block mask, the Triton kernel's key bounds, where each
-document begins) is built on first use and kept, so it is built once per forward, not once per layer (in a
-compiled block, once per block).
+form of the mask (the dense boolean mask or a short window's blocks of it, FlexAttention's block mask, the Triton
+kernel's key bounds, where each document begins) is built on first use and kept, so it is built once per forward,
+not once per layer (in a compiled block, once per block).
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ class ContextShare:
     keys: int  # positions whose keys and values it attends to, its own included
     received: int  # of those, the positions other ranks send it in the forward (it sends their gradients back)
     pairs: int  # (query, key) pairs it scores: its work
-    blocks: int  # elements of the [queries, keys] blocks CPU SDPA scores: its score maps and dense mask
+    blocks: int  # elements of the [queries, keys] blocks CPU SDPA scores: its score maps and boolean mask
 
 
 def context_shares(n_ranks: int, seq_len: int, window: int | None) -> list[ContextShare]:

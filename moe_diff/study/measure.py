@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from moe_diff import costs
-from moe_diff.config import Config
+from moe_diff.config import Config, ModelConfig
 from moe_diff.data import Corpus, Tokenizer, validation_batches
 from moe_diff.diagnostics.attention import attention_stats
 from moe_diff.diagnostics.needle import needle_probes, shortest_context
@@ -28,15 +28,15 @@ class Measures:
 
     tokens: int = 16384  # held-out tokens for loss, routing; the first batch of 8 sequences for attention
     needle_trials: int = 4  # haystacks per context length and depth
-    needle_lengths: tuple[int, ...] = ()  # context lengths in tokens; () : needle_lengths(model, tokenizer)
+    needle_lengths: tuple[int, ...] = ()  # context lengths in tokens; () : needle_lengths(model.cfg, tokenizer)
 
 
-def needle_lengths(model: MoEDiffTransformer, tokenizer: Tokenizer) -> list[int]:
+def needle_lengths(cfg: ModelConfig, tokenizer: Tokenizer) -> list[int]:
     """Half the window, the window, twice it and the longest context (each at most max_seq_len); without a
     window, a quarter, half and all of max_seq_len; those too short for a haystack left out."""
-    longest, window = model.cfg.max_seq_len, model.cfg.sliding_window
+    longest, window, shortest = cfg.max_seq_len, cfg.sliding_window, shortest_context(tokenizer)
     lengths = (window // 2, window, 2 * window, longest) if window else (longest // 4, longest // 2, longest)
-    return sorted({capped for length in lengths if (capped := min(length, longest)) >= shortest_context(tokenizer)})
+    return sorted({capped for length in lengths if (capped := min(length, longest)) >= shortest})
 
 
 def routing_summary(stats: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def measure(model: MoEDiffTransformer, cfg: Config, tokenizer: Tokenizer, corpus
     header = {"source": "study", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
     trace = collect_trace(model, batches, corpus.val_names, header)
     attention, _ = attention_stats(model, batches[0][0])
-    lengths = list(settings.needle_lengths) or needle_lengths(model, tokenizer)
+    lengths = list(settings.needle_lengths) or needle_lengths(model.cfg, tokenizer)
     needle = needle_probes(model, tokenizer, lengths, trials=settings.needle_trials)
     counts = costs.param_counts(model.cfg)
     return {

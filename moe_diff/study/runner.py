@@ -29,7 +29,7 @@ from moe_diff.errors import MoeDiffError, UsageError, literal, teller
 from moe_diff.files import write_json
 from moe_diff.runs import METRICS_FILE, read_metrics
 from moe_diff.study.aggregate import aggregate, scalars
-from moe_diff.study.measure import Measures, measure
+from moe_diff.study.measure import Measures, measure, needle_lengths
 from moe_diff.study.plan import PlannedRun, baseline_mode, plan_study
 from moe_diff.study.report import write_report
 from moe_diff.train import train
@@ -68,14 +68,17 @@ def measures_dict(measures: Measures) -> dict[str, Any]:
 
 
 def stored_result(run: PlannedRun, measures: Measures) -> dict[str, Any] | None:
-    """The run's stored results if they are of this config and these measurements, else None."""
+    """The run's stored results if they are of this config and these measurements (the needle probe at the lengths
+    these measurements probe today), else None."""
     path = run.out_dir / RESULT_FILE
     try:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    lengths = list(measures.needle_lengths) or needle_lengths(run.cfg.model, load_tokenizer(run.cfg.data))
     same = (comparable(result.get("config")) == comparable(config_dict(run.cfg))
-            and result.get("measures") == measures_dict(measures))
+            and result.get("measures") == measures_dict(measures)
+            and list(result.get("measured", {}).get("needle", {})) == [str(length) for length in lengths])
     return result if same else None
 
 
@@ -215,7 +218,8 @@ def run_study(cfg: Config, modes: Sequence[str], seeds: Sequence[int], out: Path
     measures = measures or Measures()
     if parallel < 1:
         raise UsageError(f"--parallel {parallel}: a positive number of runs at once")
-    check_needle_lengths(list(measures.needle_lengths), cfg.model.max_seq_len, load_tokenizer(cfg.data))  # first
+    tokenizer = load_tokenizer(cfg.data)
+    check_needle_lengths(list(measures.needle_lengths), cfg.model.max_seq_len, tokenizer)  # before any run trains
     runs, notes = plan_study(cfg, modes, seeds, out, match)
     out.mkdir(parents=True, exist_ok=True)
     check_plan(out, cfg, match)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_diff import checkpoint
-from moe_diff.config import DataConfig, ModelConfig
+from moe_diff.config import ConfigError, DataConfig, ModelConfig
 from moe_diff.data import Batch
 from moe_diff.diagnostics import diagnose, routing_stats
 from moe_diff.diagnostics.compare import max_weight_matching
@@ -237,8 +237,6 @@ def test_attention_report_with_a_compared_checkpoint(run, tmp_path: Path) -> Non
     assert page.count("<td>128</td>") == 2  # a row per model and length
     longest = stats["attention"]["needle"]["128"]["context_lines"]
     assert longest > stats["attention"]["needle"]["78"]["context_lines"] == 2
-    from moe_diff.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"--needle-lengths 100000 is not allowed: context lengths from 78 \(two "
                                           r"lines around the needle\) to the model's max_seq_len \(\d+\) tokens"):
         diagnose_quietly(run["root"] / "model", tmp_path, run, attention=True, needle_lengths=[100000])
@@ -290,7 +288,6 @@ def test_a_needle_context_is_the_longest_that_its_length_holds(length: int) -> N
 
 
 def test_needle_lengths_too_short_for_a_haystack_are_refused() -> None:
-    from moe_diff.config import ConfigError
     from moe_diff.data import ByteTokenizer
     from moe_diff.diagnostics.needle import check_needle_lengths
 
@@ -308,7 +305,7 @@ def test_a_needle_context_fits_its_length_with_a_subword_tokenizer(tmp_path: Pat
     tokenizers = pytest.importorskip("tokenizers")
     from moe_diff.data.tokenizers import HFTokenizer
     from moe_diff.diagnostics import needle
-    from moe_diff.diagnostics.needle import fitted_haystack, read_tokens
+    from moe_diff.diagnostics.needle import check_needle_lengths, fitted_haystack, read_tokens, shortest_context
 
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -326,6 +323,12 @@ def test_a_needle_context_fits_its_length_with_a_subword_tokenizer(tmp_path: Pat
         context, _, value, others = fitted_haystack(random.Random(seed), tokenizer, length, depth=0.3)
         assert length * 0.9 < read_tokens(tokenizer, context, [value, *others]) <= length
     assert len(drawn) > 3  # the first estimate read too much
+    shortest = shortest_context(tokenizer)  # the shortest accepted length holds a haystack whatever is drawn
+    for seed in range(20):
+        context, _, value, others = fitted_haystack(random.Random(seed), tokenizer, shortest, depth=0.5)
+        assert read_tokens(tokenizer, context, [value, *others]) <= shortest
+    with pytest.raises(ConfigError, match=f"--needle-lengths {shortest - 1} is not allowed"):
+        check_needle_lengths([shortest - 1], 4096, tokenizer)
 
 
 def test_capacity_drops_are_counted_in_the_routing_statistics() -> None:

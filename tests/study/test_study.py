@@ -79,6 +79,16 @@ def test_a_stopped_study_resumes_and_its_runs_are_train_runs(tmp_path: Path, mon
         assert (tmp_path / "study" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "One seed has no spread" in page and "Table 5" in page
 
+    stored = tmp_path / "study" / "runs" / "diff-seed3" / runner.RESULT_FILE  # probed at lengths no longer probed
+    result = json.loads(stored.read_text())
+    needle = result["measured"]["needle"]
+    result["measured"]["needle"] = {"64": needle["80"], "160": needle["160"]}
+    stored.write_text(json.dumps(result))
+    checkpoints = {path: path.stat().st_mtime_ns for path in (stored.parent / "checkpoints").rglob("*")}
+    assert study(tmp_path / "study") == 0
+    assert list(json.loads(stored.read_text())["measured"]["needle"]) == ["80", "160"]  # measured again
+    assert {path: path.stat().st_mtime_ns for path in (stored.parent / "checkpoints").rglob("*")} == checkpoints
+
 
 def test_a_study_refuses_other_settings_in_its_directory(tmp_path: Path, capsys) -> None:
     out = tmp_path / "study"
@@ -188,25 +198,16 @@ def test_a_parallel_study_runs_its_runs_in_workers_as_train_would(tmp_path: Path
 def test_default_needle_lengths_are_those_a_haystack_fits(overrides: dict, expected: list[int]) -> None:
     from moe_diff.config import ModelConfig
     from moe_diff.data import ByteTokenizer
-    from moe_diff.model import MoEDiffTransformer
     from moe_diff.study.measure import needle_lengths
 
-    model = MoEDiffTransformer(ModelConfig(vocab_size=257, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16,
-                                           n_experts=2, top_k=1, **overrides))
-    assert needle_lengths(model, ByteTokenizer()) == expected
+    cfg = ModelConfig(vocab_size=257, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16, n_experts=2, top_k=1,
+                      **overrides)
+    assert needle_lengths(cfg, ByteTokenizer()) == expected
 
 
-def test_the_needle_plot_shows_the_lengths_every_run_probed(tmp_path: Path) -> None:
-    def probe(*lengths: int) -> dict:
-        return {str(length): {"chance": 0.2, "depths": [{"depth": 0.5, "accuracy": 0.25}]} for length in lengths}
-
-    study = {"modes": ["standard", "diff"], "runs": [
-        {"mode": "standard", "measured": {"needle": probe(64, 160)}},  # measured before 64 was refused
-        {"mode": "diff", "measured": {"needle": probe(80, 160)}}]}
-    assert pyplot().imread(plot_needle(study, tmp_path)).shape[0] > 0
-    study["runs"][1]["measured"]["needle"] = probe(80)
-    assert plot_needle(study, tmp_path) is None  # no length in common: no plot
-    study["runs"][1]["measured"]["needle"] = {}
+def test_a_study_whose_max_seq_len_holds_no_haystack_has_no_needle_numbers(tmp_path: Path) -> None:
+    study = {"modes": ["standard", "diff"], "runs": [{"mode": "standard", "measured": {"needle": {}}},
+                                                     {"mode": "diff", "measured": {"needle": {}}}]}
     assert plot_needle(study, tmp_path) is None
     assert "needle_accuracy" not in scalars({"val_loss": 2.0, "val_perplexity": 7.4, "needle": {},
                                              "attention": {"outliers": {}, "layers": [{"noise_mass": 0.1,
