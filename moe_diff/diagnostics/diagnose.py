@@ -75,11 +75,11 @@ def load_target(path: Path, data: DataConfig | None, tokenizer: str | None, seq_
 
 def default_needle_length(max_seq_len: int, tokenizer: Tokenizer, console: Console) -> list[int]:
     """[NEEDLE_CONTEXT tokens, at most max_seq_len], or [] (said) when max_seq_len holds no haystack."""
-    length = min(NEEDLE_CONTEXT, max_seq_len)
-    if length >= shortest_context(tokenizer):
+    length, shortest = min(NEEDLE_CONTEXT, max_seq_len), shortest_context(tokenizer)
+    if length >= shortest:
         return [length]
-    console.print(f"no needle probe: max_seq_len {max_seq_len} holds no haystack (at least "
-                  f"{shortest_context(tokenizer)} tokens)", highlight=False)
+    console.print(f"no needle probe: max_seq_len {max_seq_len} holds no haystack (at least {shortest} tokens)",
+                  highlight=False)
     return []
 
 

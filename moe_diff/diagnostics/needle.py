@@ -25,10 +25,15 @@ def _line(key: str, value: str) -> str:
     return f"key {key}: value {value}\n"
 
 
+def key_count(syllables: int) -> int:
+    """How many distinct keys carry `syllables` syllables before their three letters."""
+    return len(KEYS) * len(SYLLABLES) ** syllables
+
+
 def key_syllables(count: int) -> int:
     """How many syllables each key carries before its three letters so that `count` keys are distinct."""
     syllables = 0
-    while len(KEYS) * len(SYLLABLES) ** syllables < count:
+    while key_count(syllables) < count:
         syllables += 1
     return syllables
 
@@ -46,7 +51,7 @@ def key(index: int, syllables: int) -> str:
 def haystack(rng: random.Random, n_lines: int, depth: float) -> tuple[str, str, str, list[str]]:
     """(context with the needle at `depth`, the needle's key, its value, distractor values)."""
     syllables = key_syllables(n_lines + 1)
-    keys = [key(i, syllables) for i in rng.sample(range(len(KEYS) * len(SYLLABLES) ** syllables), n_lines + 1)]
+    keys = [key(i, syllables) for i in rng.sample(range(key_count(syllables)), n_lines + 1)]
     values = [str(rng.randrange(1000, 10000)) for _ in range(n_lines + 1)]
     lines = [_line(k, v) for k, v in zip(keys[1:], values[1:], strict=True)]
     lines.insert(round(depth * n_lines), _line(keys[0], values[0]))
@@ -69,9 +74,9 @@ def context_lines(length: int, tokenizer: Tokenizer) -> int:
     """The most distractor lines (at least 2) whose haystack the model reads in `length` tokens or fewer, keys of
     whatever width that many lines need."""
     best, syllables = 2, 0
-    while syllables == 0 or len(KEYS) * len(SYLLABLES) ** (syllables - 1) < length:  # fewer lines than tokens
-        step = _estimate(tokenizer, 1, syllables) - _estimate(tokenizer, 0, syllables)
-        lines = min((length - _estimate(tokenizer, 0, syllables)) // step, len(KEYS) * len(SYLLABLES) ** syllables - 1)
+    while syllables == 0 or key_count(syllables - 1) < length:  # fewer lines than tokens
+        fixed = _estimate(tokenizer, 0, syllables)
+        lines = min((length - fixed) // (_estimate(tokenizer, 1, syllables) - fixed), key_count(syllables) - 1)
         if key_syllables(lines + 1) == syllables:
             best = max(best, lines)
         syllables += 1

@@ -28,7 +28,11 @@ class Measures:
 
     tokens: int = 16384  # held-out tokens for loss, routing; the first batch of 8 sequences for attention
     needle_trials: int = 4  # haystacks per context length and depth
-    needle_lengths: tuple[int, ...] = ()  # context lengths in tokens; () : needle_lengths(model.cfg, tokenizer)
+    needle_lengths: tuple[int, ...] = ()  # context lengths in tokens; () : needle_lengths(cfg, tokenizer)
+
+    def lengths(self, cfg: ModelConfig, tokenizer: Tokenizer) -> list[int]:
+        """The needle probe's context lengths for a model of `cfg`: those given, else needle_lengths'."""
+        return list(self.needle_lengths) or needle_lengths(cfg, tokenizer)
 
 
 def needle_lengths(cfg: ModelConfig, tokenizer: Tokenizer) -> list[int]:
@@ -66,8 +70,7 @@ def measure(model: MoEDiffTransformer, cfg: Config, tokenizer: Tokenizer, corpus
     header = {"source": "study", "tokenizer": tokenizer.name, "model": vars(model.cfg)}
     trace = collect_trace(model, batches, corpus.val_names, header)
     attention, _ = attention_stats(model, batches[0][0])
-    lengths = list(settings.needle_lengths) or needle_lengths(model.cfg, tokenizer)
-    needle = needle_probes(model, tokenizer, lengths, trials=settings.needle_trials)
+    needle = needle_probes(model, tokenizer, settings.lengths(model.cfg, tokenizer), trials=settings.needle_trials)
     counts = costs.param_counts(model.cfg)
     return {
         "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)),

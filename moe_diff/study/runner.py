@@ -29,7 +29,7 @@ from moe_diff.errors import MoeDiffError, UsageError, literal, teller
 from moe_diff.files import write_json
 from moe_diff.runs import METRICS_FILE, read_metrics
 from moe_diff.study.aggregate import aggregate, scalars
-from moe_diff.study.measure import Measures, measure, needle_lengths
+from moe_diff.study.measure import Measures, measure
 from moe_diff.study.plan import PlannedRun, baseline_mode, plan_study
 from moe_diff.study.report import write_report
 from moe_diff.train import train
@@ -75,10 +75,10 @@ def stored_result(run: PlannedRun, measures: Measures) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    lengths = list(measures.needle_lengths) or needle_lengths(run.cfg.model, load_tokenizer(run.cfg.data))
     same = (comparable(result.get("config")) == comparable(config_dict(run.cfg))
             and result.get("measures") == measures_dict(measures)
-            and list(result.get("measured", {}).get("needle", {})) == [str(length) for length in lengths])
+            and list(result.get("measured", {}).get("needle", {})) == [
+                str(length) for length in measures.lengths(run.cfg.model, load_tokenizer(run.cfg.data))])
     return result if same else None
 
 
